@@ -1,0 +1,35 @@
+# statehost developer entry points. Every target creates .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[server,test]"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	@if $(PY) -c "import statehost.server.__main__" 2>/dev/null; then \
+		$(PY) -m statehost.server serve; \
+	else \
+		echo "statehost serve: server not built yet (see the remote-execution issue); the core library works: make test"; \
+	fi
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) bench/bench_core.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check statehost client server tests bench examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,32 @@
+"""The exception hierarchy of statehost.
+
+::
+
+    StatehostError                      base of every error statehost raises itself
+    ├── BatchAxisError (ValueError)     a state's batch axis conflicts with the mapping
+    └── StateTraceError (RuntimeError)  states used in a way a transform cannot follow
+
+The client and server add their own branches (``ClientError`` and below) in
+their packages; they all derive from :class:`StatehostError`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BatchAxisError", "StatehostError", "StateTraceError"]
+
+
+class StatehostError(Exception):
+    """Base class of every exception raised by statehost itself."""
+
+
+class BatchAxisError(StatehostError, ValueError):
+    """A state's batch axis conflicts with ``state_in_axes`` / ``state_out_axes``.
+
+    Raised by ``pmap`` / ``vmap`` before any state is written, so every state
+    keeps its previous value.
+    """
+
+
+class StateTraceError(StatehostError, RuntimeError):
+    """A state was used in a way a transform cannot follow (for example a
+    JAX tracer written into a ``State`` outside any statehost transform)."""

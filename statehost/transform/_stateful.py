@@ -1,0 +1,330 @@
+"""The machinery every stateful transform shares: probe, plan, cache, run, commit.
+
+A call goes through four steps, in this order (style rule 14):
+
+1. *probe* (cold calls only): trace the function once to find the states it
+   reads and writes (``_probe.probe``), and decide how each one enters and
+   leaves the transformed function (a :class:`Plan`);
+2. build the pure function ``(*args, kwargs, state_values, keys) ->
+   (outputs, new_state_values)`` and transform it (``jax.pmap``, ``jax.vmap``
+   under ``jax.jit``, or ``jax.jit``);
+3. run it on the states' current values;
+4. write the new values into the ``State`` objects, only after everything
+   succeeded: a failing call leaves every state as it was.
+
+Plans are cached on the argument signature (tree structure, shapes, dtypes,
+static arguments) and checked against the current shapes of their states, so
+a warm call runs none of the user's Python.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+from statehost._state import State, StateTrace, StateTraceError, active_trace
+from statehost.nn._module import state_paths
+from statehost.transform._cache import CacheInfo, register
+from statehost.transform._probe import ProbeResult, leaf_signature, probe
+
+__all__ = ["LaneSetup", "Plan", "StatefulCall"]
+
+_MSG_STALE_READ = (
+    "{api}: {fun} read {state} when it was traced to be compiled, but not when it was "
+    "probed with the same argument shapes. The set of states a function touches must be "
+    "decided by its arguments' shapes and static arguments only (as with jax.jit). If it "
+    "depends on Python-side state, pass that as a static argument, or call "
+    "statehost.clear_caches() after changing it."
+)
+_MSG_STALE_WRITE = (
+    "{api}: {fun} wrote {state} when it was traced to be compiled, but not when it was "
+    "probed with the same argument shapes. " + _MSG_STALE_READ.split(". ", 1)[1]
+)
+_MSG_UNHASHABLE_STATIC = (
+    "{api}: the static argument at position {index} ({value!r}) is not hashable. Static "
+    "arguments key the compile cache; pass a hashable value (a tuple instead of a list, for "
+    "example), or make the argument a traced array instead."
+)
+
+
+@dataclass(eq=False)
+class Plan:
+    """How one argument signature runs: which states go in and out, on which axes.
+
+    Attributes:
+        inputs: states whose values are passed in; ``in_axes`` gives each one's
+            mapped axis (``None``: the same value for every lane).
+        rngs: random states; each lane receives its own key.
+        outputs: states written back; ``out_axes`` gives the stacked axis (``None``:
+            written once, unbatched).
+        signature: ``(state, shape signature)`` pairs this plan was made for.
+        lanes: the number of lanes (``None`` for ``jit``).
+        dummy_lanes: whether a per-lane index is fed because nothing else is mapped.
+        compiled: the transformed pure function.
+    """
+
+    inputs: tuple[State, ...]
+    in_axes: tuple[int | None, ...]
+    rngs: tuple[State, ...]
+    outputs: tuple[State, ...]
+    out_axes: tuple[int | None, ...]
+    signature: tuple[tuple[State, Any], ...]
+    lanes: int | None
+    dummy_lanes: bool
+    compiled: Callable[..., Any] | None = None
+
+
+@dataclass
+class LaneSetup:
+    """What a transform knows about its lanes before probing.
+
+    Attributes:
+        lanes: the number of lanes, when the arguments or options tell (``None`` for jit).
+        lane_args: one lane's ``(args, kwargs)`` as abstract values.
+        varying: for each leaf of ``lane_args``, whether it differs across lanes.
+        axis_env: ``[(axis_name, size)]`` to bind while probing, or ``None``.
+        source: what fixed ``lanes`` (for error messages).
+    """
+
+    lanes: int | None
+    lane_args: Any
+    varying: list[bool]
+    axis_env: list[tuple[Any, int]] | None
+    source: str = ""
+
+
+def state_signature(value: Any) -> Any:
+    """A hashable description of a state value's structure, shapes and dtypes."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return leaf_signature(value)
+    leaves, treedef = jax.tree_util.tree_flatten(value)
+    return treedef, tuple(leaf_signature(x) for x in leaves)
+
+
+def describe_fun(fun: Any) -> str:
+    name = getattr(fun, "__qualname__", None) or type(fun).__qualname__
+    return f"'{name}'"
+
+
+class StatefulCall:
+    """Base of the stateful transforms: caching and the call protocol.
+
+    Subclasses provide :meth:`_lane_setup` (lanes and per-lane argument
+    shapes), :meth:`_first_read` (what a state's first read sees in the probe),
+    :meth:`_decide` (the plan from a probe) and :meth:`_transform` (turn the
+    pure function into a compiled one).
+    """
+
+    _api = "transform"
+
+    def __init__(self, fun: Callable[..., Any], static_argnums: tuple[int, ...]):
+        if not callable(fun):
+            raise TypeError(
+                f"statehost.transform.{self._api}: expected a callable (a function, a bound "
+                f"method or a Module with __call__), got {fun!r} of type {type(fun).__name__}."
+            )
+        self.origin_fun = fun
+        self._static_argnums = tuple(sorted(static_argnums))
+        self._init_cache()
+        functools.update_wrapper(self, fun, updated=())
+
+    def _init_cache(self) -> None:
+        self._cache: dict[Hashable, list[Plan]] = {}
+        self._hits = self._misses = self._traces = 0
+        register(self)
+
+    # -- cache ----------------------------------------------------------------
+    def cache_info(self) -> CacheInfo:
+        """Hits, misses, user-function traces and cached entries of this transform.
+
+        Example:
+            >>> import jax.numpy as jnp, statehost
+            >>> f = statehost.transform.jit(lambda x: x + 1)
+            >>> _ = f(jnp.ones(2)); _ = f(jnp.ones(2))
+            >>> f.cache_info().hits
+            1
+        """
+        entries = sum(len(plans) for plans in self._cache.values())
+        return CacheInfo(self._hits, self._misses, self._traces, entries)
+
+    def clear_cache(self) -> None:
+        """Forgets every plan and compiled function of this transform."""
+        self._cache.clear()
+
+    def _count_trace(self) -> None:
+        self._traces += 1
+
+    # -- pickling -------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for key in ("_cache", "_hits", "_misses", "_traces", "__wrapped__"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__wrapped__ = self.origin_fun
+        self._init_cache()
+
+    # -- the call -------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        outer = active_trace()
+        if self._static_argnums:
+            dyn, statics = self._split_static(args)
+        else:
+            dyn, statics = args, ()
+        leaves, treedef = jax.tree_util.tree_flatten((dyn, kwargs))
+        key = (treedef, tuple(map(leaf_signature, leaves)), statics)
+        read = outer.read if outer is not None else _plain_read
+        plan = self._lookup(key, read)
+        if plan is None:
+            self._misses += 1
+            plan = self._make_plan(dyn, kwargs, statics, read)
+            self._cache.setdefault(key, []).append(plan)
+        else:
+            self._hits += 1
+        return self._run(plan, dyn, kwargs, read, outer)
+
+    def _split_static(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        statics = []
+        for i in self._static_argnums:
+            if i >= len(args):
+                raise ValueError(
+                    f"statehost.transform.{self._api}: static argument number {i} was given but "
+                    f"the function was called with only {len(args)} positional arguments."
+                )
+            try:
+                hash(args[i])
+            except TypeError as exc:
+                raise TypeError(
+                    _MSG_UNHASHABLE_STATIC.format(api=self._api, index=i, value=args[i])
+                ) from exc
+            statics.append(args[i])
+        dyn = tuple(a for i, a in enumerate(args) if i not in self._static_argnums)
+        return dyn, tuple(statics)
+
+    def _merge_static(self, dyn: tuple[Any, ...], statics: tuple[Any, ...]) -> list[Any]:
+        args = list(dyn)
+        for i, value in zip(self._static_argnums, statics, strict=True):
+            args.insert(i, value)
+        return args
+
+    def _lookup(self, key: Hashable, read: Callable[[State], Any]) -> Plan | None:
+        for plan in self._cache.get(key, ()):
+            if all(state_signature(read(st)) == sig for st, sig in plan.signature):
+                return plan
+        return None
+
+    # -- cold path --------------------------------------------------------------
+    def _make_plan(
+        self,
+        dyn: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        statics: tuple[Any, ...],
+        read: Callable[[State], Any],
+    ) -> Plan:
+        setup = self._lane_setup(dyn, kwargs)
+        paths = state_paths(self.origin_fun)
+
+        def call(lane: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+            lane_dyn, lane_kwargs = lane
+            return self.origin_fun(*self._merge_static(lane_dyn, statics), **lane_kwargs)
+
+        def first_read(state: State, flag: Any) -> Any:
+            return self._first_read(state, paths.get(state, ()), read(state), flag)
+
+        found = probe(
+            call, setup.lane_args, setup.varying, first_read, setup.axis_env, self._count_trace
+        )
+        plan = self._decide(found, paths, setup, read)
+        plan.compiled = self._transform(self._pure_function(plan, statics), plan, len(dyn))
+        return plan
+
+    def _pure_function(self, plan: Plan, statics: tuple[Any, ...]) -> Callable[..., Any]:
+        """``(*dyn_args, kwargs, state_values, keys[, lane_ids]) -> (out, new_values)``."""
+        known = (*plan.inputs, *plan.rngs)
+        allowed = set(known) | set(plan.outputs)
+        api, fun_name = self._api, describe_fun(self.origin_fun)
+
+        def stale_read(state: State) -> Any:
+            raise StateTraceError(
+                _MSG_STALE_READ.format(api=api, fun=fun_name, state=state._label())
+            )
+
+        def pure(*flat: Any) -> Any:
+            self._count_trace()
+            if plan.dummy_lanes:
+                flat = flat[:-1]
+            *dyn, kwargs, values, keys = flat
+            trace = StateTrace(on_first_read=stale_read)
+            trace.values.update(zip(known, (*values, *keys), strict=True))
+            with trace:
+                out = self.origin_fun(*self._merge_static(tuple(dyn), statics), **kwargs)
+            for state in trace.write_order:
+                if state not in allowed:
+                    raise StateTraceError(
+                        _MSG_STALE_WRITE.format(api=api, fun=fun_name, state=state._label())
+                    )
+            return out, [trace.values[s] for s in plan.outputs]
+
+        return pure
+
+    # -- warm path --------------------------------------------------------------
+    def _run(
+        self,
+        plan: Plan,
+        dyn: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        read: Callable[[State], Any],
+        outer: StateTrace | None,
+    ) -> Any:
+        values = [read(st) for st in plan.inputs]
+        keys, advanced = self._rng_keys(plan, read)
+        extra = (self._lane_ids(plan.lanes),) if plan.dummy_lanes else ()
+        assert plan.compiled is not None
+        out, new_values = plan.compiled(*dyn, kwargs, values, keys, *extra)
+        # Commit only now that the whole call succeeded.
+        if outer is None:
+            for st, v in zip(plan.outputs, new_values, strict=True):
+                st._commit(v)
+            for st, v in zip(plan.rngs, advanced, strict=True):
+                st._commit(v)
+        else:
+            for st, v in zip(plan.outputs, new_values, strict=True):
+                outer.write(st, v)
+            for st, v in zip(plan.rngs, advanced, strict=True):
+                outer.write(st, v)
+        return out
+
+    # -- hooks ------------------------------------------------------------------
+    def _lane_setup(self, dyn: tuple[Any, ...], kwargs: dict[str, Any]) -> LaneSetup:
+        raise NotImplementedError
+
+    def _first_read(self, state: State, path: tuple, value: Any, flag: Any) -> Any:
+        raise NotImplementedError
+
+    def _decide(
+        self,
+        found: ProbeResult,
+        paths: dict[State, tuple],
+        setup: LaneSetup,
+        read: Callable[[State], Any],
+    ) -> Plan:
+        raise NotImplementedError
+
+    def _transform(self, pure: Callable[..., Any], plan: Plan, n_dyn: int) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def _rng_keys(self, plan: Plan, read: Callable[[State], Any]) -> tuple[list[Any], list[Any]]:
+        return [], []
+
+    def _lane_ids(self, lanes: int | None) -> Any:
+        raise NotImplementedError
+
+
+def _plain_read(state: State) -> Any:
+    return state._value

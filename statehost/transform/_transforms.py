@@ -1,0 +1,241 @@
+"""``pmap`` and ``vmap``: the seed's entry points, each building a ``StatefulMapping``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, overload
+
+import jax
+
+from statehost.transform._jit import MISSING
+from statehost.transform._mapping import Mode, StatefulMapping
+
+__all__ = ["PmapMapping", "pmap", "vmap"]
+
+_MSG_TOO_MANY_LANES = (
+    "{api}: the call maps {lanes} lanes, but {where} has only {count} device(s) ({devices}). "
+    "pmap puts one lane on each device. Fix it in one of these ways:\n"
+    "  1. map over at most {count} lanes (reshape the data to ({count}, ...));\n"
+    "  2. use statehost.transform.vmap, which maps any number of lanes on one device;\n"
+    "  3. on a CPU-only host, provision more virtual devices before JAX starts: "
+    "jax.config.update('jax_num_cpu_devices', {lanes})."
+)
+_MSG_DEVICES_MISMATCH = (
+    "{api}: the call maps {lanes} lanes but devices= lists {count} device(s) ({devices}). "
+    "With devices=, the mapped size must equal the number of devices: pass devices={{...}}[:"
+    "{lanes}] or map over {count} lanes."
+)
+
+
+class PmapMapping:
+    """``mapping_fn`` of ``pmap``: ``jax.pmap`` with its device and donation options.
+
+    A small picklable object rather than a closure, so a ``pmap`` can be
+    shipped with cloudpickle (devices travel as ``(platform, id)`` pairs).
+    """
+
+    def __init__(
+        self,
+        devices: Sequence[Any] | None = None,
+        backend: str | None = None,
+        donate_argnums: tuple[int, ...] = (),
+    ):
+        self.devices = list(devices) if devices is not None else None
+        self.backend = backend
+        self.donate_argnums = donate_argnums
+
+    def __call__(
+        self,
+        fun: Callable[..., Any],
+        *,
+        in_axes: Any,
+        out_axes: Any,
+        axis_name: Any,
+        axis_size: int | None,
+    ) -> Callable[..., Any]:
+        return jax.pmap(
+            fun,
+            axis_name=axis_name,
+            in_axes=in_axes,
+            out_axes=out_axes,
+            devices=self.devices,
+            backend=self.backend,
+            axis_size=axis_size,
+            donate_argnums=self.donate_argnums,
+        )
+
+    def check_lanes(self, lanes: int, api: str) -> None:
+        """Raises a clear error when ``lanes`` cannot be placed one per device."""
+        if self.devices is not None:
+            if lanes != len(self.devices):
+                raise ValueError(
+                    _MSG_DEVICES_MISMATCH.format(
+                        api=api, lanes=lanes, count=len(self.devices), devices=self.devices
+                    )
+                )
+            return
+        devices = jax.local_devices(backend=self.backend)
+        if lanes > len(devices):
+            where = f"backend {self.backend!r}" if self.backend else "this host"
+            kinds = sorted({d.platform for d in devices})
+            raise ValueError(
+                _MSG_TOO_MANY_LANES.format(
+                    api=api, lanes=lanes, where=where, count=len(devices), devices=", ".join(kinds)
+                )
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.devices is not None:
+            state["devices"] = [(d.platform, d.id) for d in self.devices]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.devices is not None:
+            by_key = {(d.platform, d.id): d for d in jax.devices()}
+            self.devices = [by_key[tuple(key)] for key in self.devices]
+
+    def __repr__(self) -> str:
+        return (
+            f"jax.pmap(devices={self.devices!r}, backend={self.backend!r}, "
+            f"donate_argnums={self.donate_argnums!r})"
+        )
+
+
+def _as_tuple(value: int | Sequence[int]) -> tuple[int, ...]:
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+@overload
+def pmap(fun: Callable[..., Any], axis_name: Any = ..., **options: Any) -> StatefulMapping: ...
+@overload
+def pmap(fun: Any = ..., axis_name: Any = ..., **options: Any) -> Callable[..., StatefulMapping]: ...
+
+
+def pmap(
+    fun: Any = MISSING,
+    axis_name: Any = None,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    static_broadcasted_argnums: int | Sequence[int] = (),
+    devices: Sequence[Any] | None = None,
+    backend: str | None = None,
+    axis_size: int | None = None,
+    donate_argnums: int | Sequence[int] = (),
+    state_in_axes: Any = None,
+    state_out_axes: Any = None,
+    unexpected_out_state_mapping: Mode = "auto",
+) -> Any:
+    """``jax.pmap`` that keeps ``State`` objects consistent across devices.
+
+    Arguments:
+        fun: the function, bound method or ``Module``; omit it to get a decorator.
+        axis_name, in_axes, out_axes, static_broadcasted_argnums, devices, backend,
+            axis_size, donate_argnums: as in ``jax.pmap``.
+        state_in_axes, state_out_axes, unexpected_out_state_mapping: see
+            :class:`StatefulMapping`.
+
+    Returns:
+        A :class:`StatefulMapping`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> @pmap(axis_name="i")
+        ... def total(x):
+        ...     return jax.lax.psum(x, "i")
+        >>> total(jnp.ones(1)).tolist()
+        [1.0]
+    """
+    static = _as_tuple(static_broadcasted_argnums)
+    donate = _as_tuple(donate_argnums)
+    clash = set(static) & set(donate)
+    if clash:
+        raise ValueError(
+            f"pmap: argument {sorted(clash)[0]} is both in static_broadcasted_argnums and "
+            f"donate_argnums; a static argument has no buffer to donate."
+        )
+    # Positions in the pure function that pmap sees: static arguments are removed.
+    shifted = tuple(i - sum(s < i for s in static) for i in donate)
+    options = dict(
+        in_axes=in_axes,
+        out_axes=out_axes,
+        state_in_axes=state_in_axes,
+        state_out_axes=state_out_axes,
+        unexpected_out_state_mapping=unexpected_out_state_mapping,
+        axis_name=axis_name,
+        axis_size=axis_size,
+        mapping_fn=PmapMapping(devices, backend, shifted),
+        static_argnums=static,
+        name="pmap",
+    )
+    if fun is MISSING:
+        return lambda f: StatefulMapping(f, **options)
+    return StatefulMapping(fun, **options)
+
+
+@overload
+def vmap(fun: Callable[..., Any], /, **options: Any) -> StatefulMapping: ...
+@overload
+def vmap(fun: Any = ..., /, **options: Any) -> Callable[..., StatefulMapping]: ...
+
+
+def vmap(
+    fun: Any = MISSING,
+    /,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    axis_name: Any = None,
+    axis_size: int | None = None,
+    spmd_axis_name: Any = None,
+    state_in_axes: Any = None,
+    state_out_axes: Any = None,
+    unexpected_out_state_mapping: Mode = "auto",
+) -> Any:
+    """``jax.vmap`` that passes ``State`` objects in and out of the lanes.
+
+    Arguments:
+        fun: the function, bound method or ``Module``; omit it to get a decorator.
+        in_axes, out_axes, axis_name, axis_size, spmd_axis_name: as in ``jax.vmap``.
+        state_in_axes, state_out_axes, unexpected_out_state_mapping: see
+            :class:`StatefulMapping`.
+
+    Returns:
+        A :class:`StatefulMapping`, compiled with ``jax.jit`` on first call.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> vmap(lambda x: x * 2)(jnp.arange(3.0)).tolist()
+        [0.0, 2.0, 4.0]
+    """
+    mapping_fn = jax.vmap
+    if spmd_axis_name is not None:
+        mapping_fn = _VmapWithSpmd(spmd_axis_name)
+    options = dict(
+        in_axes=in_axes,
+        out_axes=out_axes,
+        state_in_axes=state_in_axes,
+        state_out_axes=state_out_axes,
+        unexpected_out_state_mapping=unexpected_out_state_mapping,
+        axis_name=axis_name,
+        axis_size=axis_size,
+        mapping_fn=mapping_fn,
+        name="vmap",
+    )
+    if fun is MISSING:
+        return lambda f: StatefulMapping(f, **options)
+    return StatefulMapping(fun, **options)
+
+
+class _VmapWithSpmd:
+    """``jax.vmap`` with ``spmd_axis_name``, compiled like the plain one."""
+
+    func = jax.vmap
+
+    def __init__(self, spmd_axis_name: Any):
+        self.spmd_axis_name = spmd_axis_name
+
+    def __call__(self, fun: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+        return jax.vmap(fun, spmd_axis_name=self.spmd_axis_name, **kwargs)
