@@ -175,8 +175,11 @@ def _describe_leaf(x: Any) -> str:
             return f"ShapedArray({x.aval.str_short()})"
         return repr(x)
     dims = ",".join(str(d) for d in x.shape)
-    text = f"ShapedArray({np.dtype(x.dtype).name}[{dims}])"
-    if x.size <= _SMALL_ARRAY and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    # np.dtype() rejects JAX's extended dtypes, such as the key<fry> of jax.random.key.
+    is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    dtype = str(x.dtype) if is_key else np.dtype(x.dtype).name
+    text = f"ShapedArray({dtype}[{dims}])"
+    if x.size <= _SMALL_ARRAY and not is_key:
         values = np.array2string(np.asarray(x), separator=", ").replace("\n", "")
         text += f" = {' '.join(values.split())}"
     return text

@@ -30,7 +30,7 @@ from statehost.transform._axes import (
     normalize_state_axes,
     per_arg_axes,
 )
-from statehost.transform._probe import ProbeResult, lane_placeholder
+from statehost.transform._probe import ProbeResult, drop_axis, lane_placeholder
 from statehost.transform._stateful import LaneSetup, Plan, StatefulCall, state_signature
 
 __all__ = ["StatefulMapping"]
@@ -263,6 +263,35 @@ class StatefulMapping(StatefulCall):
             return shape[axis]
         return 0
 
+    def _run_probe(self, call, setup, paths, read, per_lane=frozenset(), seen=None):
+        """Probes with undeclared states broadcast; under 'auto', retries once with the
+        lane-sized ones per lane if that fails (a per-lane buffer often only type-checks
+        per lane), and remembers buffers already found to be per lane."""
+        lanes = setup.lanes
+
+        def lane_sized(st: State) -> bool:
+            leaves = jax.tree_util.tree_leaves(read(st))
+            return bool(leaves) and all(np.ndim(x) and np.shape(x)[0] == lanes for x in leaves)
+
+        known = frozenset(st for st in self._per_lane if lanes is not None and lane_sized(st))
+        seen_now: list[State] = []
+        try:
+            return super()._run_probe(call, setup, paths, read, known, seen_now)
+        except Exception:
+            if self.unexpected_out_state_mapping != "auto" or lanes is None:
+                raise
+            candidates = frozenset(
+                st
+                for st in seen_now
+                if st not in known
+                and not isinstance(st, RandomState)
+                and not is_match(match_axis(self._state_in, paths.get(st, ()), st))
+                and lane_sized(st)
+            )
+            if not candidates:
+                raise
+            return super()._run_probe(call, setup, paths, read, known | candidates)
+
     # -- plan --------------------------------------------------------------------
     def _decide(
         self,
@@ -357,6 +386,7 @@ class StatefulMapping(StatefulCall):
             return 0
         leaves = jax.tree_util.tree_leaves(value)
         sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+        self._per_lane.add(st)
         if sizes == {lanes}:
             inputs[st] = 0  # each lane reads and writes its own slice
         elif st not in _AUTO_STACK_WARNED:
@@ -426,6 +456,5 @@ def _lane_leaf(leaf: Any, axis: int | None, what: str, api: str) -> tuple[Any, i
             f"(rank {len(shape)}). Use an axis below {len(shape)}, or None to pass it to every "
             f"lane unmapped."
         )
-    axis %= len(shape)
-    lane_shape = shape[:axis] + shape[axis + 1 :]
+    lane_shape = drop_axis(shape, axis)
     return jax.ShapeDtypeStruct(lane_shape, dtype, weak_type=weak), shape[axis]

@@ -22,7 +22,7 @@ from jax.extend import core as jex
 
 from statehost._state import State, StateTrace
 
-__all__ = ["ProbeResult", "lane_placeholder", "probe", "value_aval"]
+__all__ = ["ProbeResult", "drop_axis", "lane_placeholder", "leaf_signature", "probe"]
 
 # Collectives whose result is the same on every lane of the axes they reduce over.
 _UNIFORM_COLLECTIVES = frozenset(
@@ -49,17 +49,20 @@ class ProbeResult:
     out_tree: Any
 
 
-def value_aval(value: Any) -> Any:
-    """Shape/dtype of a state value (a pytree), without touching its data."""
-    return jax.tree_util.tree_map(jax.typeof, value)
-
-
 def _zeros(aval: Any) -> jax.Array:
     if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):
         data_shape = jax.random.key_data(jax.random.key(0, impl=aval.dtype._impl)).shape
         data = jnp.zeros(aval.shape + data_shape, jnp.uint32)
         return jax.random.wrap_key_data(data, impl=aval.dtype._impl)
     return jnp.zeros(aval.shape, aval.dtype)
+
+
+def drop_axis(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    """``shape`` without ``axis`` (negative axes count from the end); ``None`` keeps it."""
+    if axis is None:
+        return tuple(shape)
+    ax = axis % len(shape)
+    return tuple(shape[:ax]) + tuple(shape[ax + 1 :])
 
 
 def lane_placeholder(value: Any, axis: int | None, flag: Any) -> Any:
@@ -71,10 +74,7 @@ def lane_placeholder(value: Any, axis: int | None, flag: Any) -> Any:
 
     def one(leaf: Any) -> Any:
         aval = jax.typeof(leaf)
-        shape = aval.shape
-        if axis is not None:
-            shape = shape[:axis] + shape[axis + 1 :]
-        z = _zeros(aval.update(shape=shape))
+        z = _zeros(aval.update(shape=drop_axis(aval.shape, axis)))
         return jax.lax.select(flag, z, z) if flag is not None else z
 
     return jax.tree_util.tree_map(one, value)

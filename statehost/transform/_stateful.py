@@ -20,16 +20,25 @@ a warm call runs none of the user's Python.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
+from jax.extend import core as jex
 
 from statehost._state import State, StateTrace, StateTraceError, active_trace
 from statehost.nn._module import state_paths
 from statehost.transform._cache import CacheInfo, register
-from statehost.transform._probe import ProbeResult, leaf_signature, probe
+from statehost.transform._probe import (
+    ProbeResult,
+    drop_axis,
+    lane_placeholder,
+    leaf_signature,
+    probe,
+)
 
 __all__ = ["LaneSetup", "Plan", "StatefulCall"]
 
@@ -135,6 +144,8 @@ class StatefulCall:
     def _init_cache(self) -> None:
         self._cache: dict[Hashable, list[Plan]] = {}
         self._hits = self._misses = self._traces = 0
+        # States an 'auto' mapping found to be per-lane read-modify-write buffers.
+        self._per_lane: weakref.WeakSet[State] = weakref.WeakSet()
         register(self)
 
     # -- cache ----------------------------------------------------------------
@@ -161,7 +172,7 @@ class StatefulCall:
     # -- pickling -------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("_cache", "_hits", "_misses", "_traces", "__wrapped__"):
+        for key in ("_cache", "_hits", "_misses", "_traces", "_per_lane", "__wrapped__"):
             state.pop(key, None)
         return state
 
@@ -234,15 +245,47 @@ class StatefulCall:
             lane_dyn, lane_kwargs = lane
             return self.origin_fun(*self._merge_static(lane_dyn, statics), **lane_kwargs)
 
-        def first_read(state: State, flag: Any) -> Any:
-            return self._first_read(state, paths.get(state, ()), read(state), flag)
+        found = self._run_probe(call, setup, paths, read)
+        plan = self._decide(found, paths, setup, read)
+        # Trace the pure function once, here, and give JAX a function that replays
+        # the jaxpr: when JAX re-traces (the states come back from pmap with a new
+        # sharding, say), it replays the jaxpr and never runs the user's Python again.
+        pure = self._pure_function(plan, statics)
+        lane_inputs = (
+            *setup.lane_args[0],
+            setup.lane_args[1],
+            [_lane_aval(read(st), axis) for st, axis in zip(plan.inputs, plan.in_axes)],
+            [_lane_aval(read(st), None) for st in plan.rngs],
+            *((jax.ShapeDtypeStruct((), np.int32),) if plan.dummy_lanes else ()),
+        )
+        closed, out_shape = jax.make_jaxpr(pure, axis_env=setup.axis_env or [], return_shape=True)(
+            *lane_inputs
+        )
+        plan.compiled = self._transform(_replay(closed, out_shape), plan, len(dyn))
+        return plan
 
-        found = probe(
+    def _run_probe(
+        self,
+        call: Callable[[Any], Any],
+        setup: LaneSetup,
+        paths: dict[State, tuple],
+        read: Callable[[State], Any],
+        per_lane: frozenset[State] = frozenset(),
+        seen: list[State] | None = None,
+    ) -> ProbeResult:
+        """Probes once; ``per_lane`` states are seen one slice (axis 0) per lane."""
+
+        def first_read(state: State, flag: Any) -> Any:
+            if seen is not None:
+                seen.append(state)
+            value = read(state)
+            if state in per_lane:
+                return lane_placeholder(value, 0, flag)
+            return self._first_read(state, paths.get(state, ()), value, flag)
+
+        return probe(
             call, setup.lane_args, setup.varying, first_read, setup.axis_env, self._count_trace
         )
-        plan = self._decide(found, paths, setup, read)
-        plan.compiled = self._transform(self._pure_function(plan, statics), plan, len(dyn))
-        return plan
 
     def _pure_function(self, plan: Plan, statics: tuple[Any, ...]) -> Callable[..., Any]:
         """``(*dyn_args, kwargs, state_values, keys[, lane_ids]) -> (out, new_values)``."""
@@ -328,3 +371,25 @@ class StatefulCall:
 
 def _plain_read(state: State) -> Any:
     return state._value
+
+
+def _lane_aval(value: Any, axis: int | None) -> Any:
+    """One lane's ``ShapeDtypeStruct`` of a state value (``axis`` removed)."""
+
+    def one(leaf: Any) -> jax.ShapeDtypeStruct:
+        aval = jax.typeof(leaf)
+        shape = drop_axis(aval.shape, axis)
+        return jax.ShapeDtypeStruct(shape, aval.dtype, weak_type=aval.weak_type)
+
+    return jax.tree_util.tree_map(one, value)
+
+
+def _replay(closed: Any, out_shape: Any) -> Callable[..., Any]:
+    """A function of the same pytree arguments that evaluates ``closed``."""
+    evaluate = jex.jaxpr_as_fun(closed)
+    out_tree = jax.tree_util.tree_structure(out_shape)
+
+    def replay(*args: Any) -> Any:
+        return jax.tree_util.tree_unflatten(out_tree, evaluate(*jax.tree_util.tree_leaves(args)))
+
+    return replay
