@@ -112,7 +112,8 @@ def probe(
         seen.update(reads=list(trace.read_order), writes=written, sizes=sizes, out=out)
         return jax.tree_util.tree_leaves(out), new_values
 
-    closed = jax.make_jaxpr(body, axis_env=axis_env or [])(lane_args, jax.ShapeDtypeStruct((), bool))
+    flag = jax.ShapeDtypeStruct((), bool)
+    closed = jax.make_jaxpr(body, axis_env=axis_env or [])(lane_args, flag)
     writes: list[State] = seen["writes"]
     out_tree = jax.tree_util.tree_structure(seen["out"])
     varying: dict[State, bool] = {}

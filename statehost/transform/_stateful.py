@@ -254,7 +254,7 @@ class StatefulCall:
         lane_inputs = (
             *setup.lane_args[0],
             setup.lane_args[1],
-            [_lane_aval(read(st), axis) for st, axis in zip(plan.inputs, plan.in_axes)],
+            [_lane_aval(read(st), ax) for st, ax in zip(plan.inputs, plan.in_axes, strict=True)],
             [_lane_aval(read(st), None) for st in plan.rngs],
             *((jax.ShapeDtypeStruct((), np.int32),) if plan.dummy_lanes else ()),
         )

@@ -110,7 +110,9 @@ def _as_tuple(value: int | Sequence[int]) -> tuple[int, ...]:
 @overload
 def pmap(fun: Callable[..., Any], axis_name: Any = ..., **options: Any) -> StatefulMapping: ...
 @overload
-def pmap(fun: Any = ..., axis_name: Any = ..., **options: Any) -> Callable[..., StatefulMapping]: ...
+def pmap(
+    fun: Any = ..., axis_name: Any = ..., **options: Any
+) -> Callable[..., StatefulMapping]: ...
 
 
 def pmap(

@@ -272,7 +272,7 @@ def test_seed_custom_mapping_fn_with_donation():
         state_in_axes={0: PARAM},
         state_out_axes={0: PARAM},
         axis_name="devices",
-        mapping_fn=lambda fun, *a, **kw: jax.pmap(fun, donate_argnums=(0,), *a, **kw),
+        mapping_fn=lambda fun, *a, **kw: jax.pmap(fun, donate_argnums=(0,), *a, **kw),  # noqa: B026
     )
     f(jnp.ones((8, 4)))
     np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 2.0))
