@@ -118,6 +118,16 @@ class State:
     def __getstate__(self) -> dict[str, Any]:
         return {"value": self._value, "id": self._id, "name": self.name, "tag": self.tag}
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> State:
+        """A deep copy is a different state: same value and kind, a new ``id``."""
+        import copy
+
+        twin = copy.copy(self)
+        twin._value = copy.deepcopy(self._value, memo)
+        twin._id = uuid.uuid4().hex
+        twin._writes = 0
+        return twin
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._value = state["value"]
         self._id = state["id"]

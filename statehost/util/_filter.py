@@ -140,6 +140,9 @@ class Any(Filter):  # noqa: A001 - the seed's name
     def __call__(self, path: Path, state: object) -> bool:
         return any(f(path, state) for f in self.filters)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(repr(f) for f in self.filters)})"
+
 
 class All(Filter):
     """Selects states matched by every one of ``filters``."""
@@ -151,6 +154,9 @@ class All(Filter):
 
     def __call__(self, path: Path, state: object) -> bool:
         return all(f(path, state) for f in self.filters)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(repr(f) for f in self.filters)})"
 
 
 class Not(Filter):
