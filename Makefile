@@ -24,8 +24,13 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The bench extra (brainstate) must not move the venv's jax/jaxlib, which the test suite
+# runs on: pin them to what is installed. If brainstate cannot be installed under that pin,
+# the bench still runs and its brainstate row says why.
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m pip freeze --all | grep -iE '^(jax|jaxlib)==' > $(VENV)/bench-constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/bench-constraints.txt -e ".[bench]" || \
+		echo "make bench: the bench extra did not install with the venv's jax pinned; see above"
 	$(PY) bench/bench_core.py
 
 lint: $(STAMP)
