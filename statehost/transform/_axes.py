@@ -14,7 +14,13 @@ import jax
 
 from statehost.util._filter import to_predicate
 
-__all__ = ["AxisSpec", "broadcast_prefix", "match_axis", "normalize_state_axes"]
+__all__ = [
+    "AxisSpec",
+    "argnums",
+    "broadcast_prefix",
+    "match_axis",
+    "normalize_state_axes",
+]
 
 AxisSpec = tuple[tuple[int | None, Any], ...]
 
@@ -104,5 +110,21 @@ def check_axes_value(value: Any, *, api: str, arg: str) -> None:
         )
 
 
-def drop_static(values: Sequence[Any], static: tuple[int, ...]) -> tuple[Any, ...]:
-    return tuple(v for i, v in enumerate(values) if i not in static)
+def argnums(
+    static: int | Sequence[int], donate: int | Sequence[int], *, api: str, static_name: str
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Normalises static and donated argument numbers.
+
+    Returns ``(static, donate, shifted)`` where ``shifted`` are the donated
+    positions once static arguments are removed (what the compiled function sees).
+    """
+    static_t = (static,) if isinstance(static, int) else tuple(static)
+    donate_t = (donate,) if isinstance(donate, int) else tuple(donate)
+    clash = set(static_t) & set(donate_t)
+    if clash:
+        raise ValueError(
+            f"{api}: argument {sorted(clash)[0]} is both in {static_name} and donate_argnums; "
+            f"a static argument has no buffer to donate. Remove it from one of the two."
+        )
+    shifted = tuple(i - sum(s < i for s in static_t) for i in donate_t)
+    return static_t, donate_t, shifted

@@ -13,6 +13,7 @@ from typing import Any, overload
 import jax
 
 from statehost._state import State
+from statehost.transform._axes import argnums
 from statehost.transform._probe import ProbeResult, lane_placeholder
 from statehost.transform._stateful import LaneSetup, Plan, StatefulCall, state_signature
 
@@ -35,14 +36,9 @@ class StatefulFunction(StatefulCall):
         static_argnums: Sequence[int] = (),
         donate_argnums: Sequence[int] = (),
     ):
-        static = _as_tuple(static_argnums)
-        donate = _as_tuple(donate_argnums)
-        clash = set(static) & set(donate)
-        if clash:
-            raise ValueError(
-                f"jit: argument {sorted(clash)[0]} is both static and donated; a static "
-                f"argument has no buffer to donate. Remove it from one of the two."
-            )
+        static, donate, self._donate_shifted = argnums(
+            static_argnums, donate_argnums, api="jit", static_name="static_argnums"
+        )
         self.static_argnums = static
         self.donate_argnums = donate
         super().__init__(fun, static)
@@ -74,12 +70,7 @@ class StatefulFunction(StatefulCall):
         )
 
     def _transform(self, pure: Callable[..., Any], plan: Plan, n_dyn: int) -> Callable[..., Any]:
-        shifted = tuple(i - sum(s < i for s in self.static_argnums) for i in self.donate_argnums)
-        return jax.jit(pure, donate_argnums=shifted)
-
-
-def _as_tuple(value: int | Sequence[int]) -> tuple[int, ...]:
-    return (value,) if isinstance(value, int) else tuple(value)
+        return jax.jit(pure, donate_argnums=self._donate_shifted)
 
 
 def _abstract(leaf: Any) -> Any:

@@ -7,6 +7,7 @@ from typing import Any, overload
 
 import jax
 
+from statehost.transform._axes import argnums
 from statehost.transform._jit import MISSING
 from statehost.transform._mapping import Mode, StatefulMapping
 
@@ -103,10 +104,6 @@ class PmapMapping:
         )
 
 
-def _as_tuple(value: int | Sequence[int]) -> tuple[int, ...]:
-    return (value,) if isinstance(value, int) else tuple(value)
-
-
 @overload
 def pmap(fun: Callable[..., Any], axis_name: Any = ..., **options: Any) -> StatefulMapping: ...
 @overload
@@ -150,16 +147,10 @@ def pmap(
         >>> total(jnp.ones(1)).tolist()
         [1.0]
     """
-    static = _as_tuple(static_broadcasted_argnums)
-    donate = _as_tuple(donate_argnums)
-    clash = set(static) & set(donate)
-    if clash:
-        raise ValueError(
-            f"pmap: argument {sorted(clash)[0]} is both in static_broadcasted_argnums and "
-            f"donate_argnums; a static argument has no buffer to donate."
-        )
-    # Positions in the pure function that pmap sees: static arguments are removed.
-    shifted = tuple(i - sum(s < i for s in static) for i in donate)
+    static, _, shifted = argnums(
+        static_broadcasted_argnums, donate_argnums, api="pmap",
+        static_name="static_broadcasted_argnums",
+    )
     options = dict(
         in_axes=in_axes,
         out_axes=out_axes,

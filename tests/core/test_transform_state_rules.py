@@ -261,3 +261,42 @@ def test_writing_a_tracer_outside_a_statehost_transform_is_refused():
     with pytest.raises(StateTraceError, match=r"statehost\.transform\.jit"):
         jax.jit(f)(1.0)
     assert float(s.value) == 0.0
+
+
+# -- errors of the call protocol ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("second_trace", "verb"), [("read", "read"), ("write", "wrote")])
+def test_states_touched_only_on_the_compile_trace_are_reported(second_trace, verb):
+    s = statehost.State(jnp.zeros(()))
+    runs = []
+
+    def f(x):
+        runs.append(1)
+        if len(runs) == 2:
+            if second_trace == "read":
+                return x + s.value
+            s.value = x
+        return x
+
+    with pytest.raises(StateTraceError, match=rf"{verb} statehost\.State when it was traced"):
+        jit(f)(1.0)
+    assert float(s.value) == 0.0
+
+
+def test_static_and_donated_argument_clash():
+    with pytest.raises(ValueError, match=r"both in static_argnums and donate_argnums"):
+        jit(lambda x: x, static_argnums=0, donate_argnums=0)
+    with pytest.raises(ValueError, match=r"both in static_broadcasted_argnums and donate_argnums"):
+        pmap(lambda x: x, static_broadcasted_argnums=0, donate_argnums=(0,))
+
+
+def test_static_argnum_past_the_arguments():
+    f = jit(lambda x, n=1: x * n, static_argnums=1)
+    with pytest.raises(ValueError, match=r"static argument number 1 was given but .* only 1"):
+        f(jnp.ones(2))
+
+
+def test_non_callable_is_rejected():
+    with pytest.raises(TypeError, match=r"expected a callable"):
+        vmap(3)
