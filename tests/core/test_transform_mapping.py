@@ -11,20 +11,7 @@ import statehost
 from statehost import BatchAxisError
 from statehost.transform import StatefulMapping, pmap, vmap
 from statehost.util.filter import OfType, PathContains
-
-PARAM = OfType(statehost.ParamState)
-MAPPINGS = [pmap, vmap]
-
-
-class Affine(statehost.nn.Module):
-    def __init__(self, lanes, width=4):
-        super().__init__()
-        self.weight = statehost.ParamState(jnp.ones((lanes, width)))
-
-    def __call__(self, delta):
-        self.weight.value = self.weight.value + delta
-        return self.weight.value
-
+from tests.core.models import MAPPINGS, PARAM, Affine
 
 # -- 1. state_in_axes / state_out_axes -------------------------------------------
 

@@ -11,19 +11,7 @@ import statehost
 from statehost import BatchAxisError, StateTraceError
 from statehost.transform import jit, pmap, vmap
 from statehost.util.filter import OfType
-
-PARAM = OfType(statehost.ParamState)
-MAPPINGS = [pmap, vmap]
-
-
-class Affine(statehost.nn.Module):
-    def __init__(self, lanes, width=4):
-        super().__init__()
-        self.weight = statehost.ParamState(jnp.ones((lanes, width)))
-
-    def __call__(self, delta):
-        self.weight.value = self.weight.value + delta
-        return self.weight.value
+from tests.core.models import MAPPINGS, PARAM, Affine
 
 
 def _affine_map(transform, model):
