@@ -15,11 +15,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 serve: $(STAMP)
-	@if $(PY) -c "import statehost.server.__main__" 2>/dev/null; then \
-		$(PY) -m statehost.server serve; \
-	else \
-		echo "statehost serve: server not built yet (see the remote-execution issue); the core library works: make test"; \
-	fi
+	$(PY) -m statehost.server serve $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -32,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -c $(VENV)/bench-constraints.txt -e ".[bench]" || \
 		echo "make bench: the bench extra did not install with the venv's jax pinned; see above"
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_remote.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check statehost client server tests bench examples

@@ -6,7 +6,8 @@ The core library: ``State`` and its kinds, ``nn.Module``, ``random``,
 """
 
 from statehost import nn, random, transform, util
-from statehost._errors import BatchAxisError, StatehostError, StateTraceError
+from statehost._connect import connect
+from statehost._errors import BatchAxisError, StatehostError, StateTraceError, WireError
 from statehost._state import HiddenState, LongTermState, ParamState, ShortTermState, State
 from statehost.transform._cache import clear_caches
 
@@ -21,7 +22,9 @@ __all__ = [
     "State",
     "StateTraceError",
     "StatehostError",
+    "WireError",
     "clear_caches",
+    "connect",
     "nn",
     "random",
     "transform",

@@ -4,7 +4,8 @@
 
     StatehostError                      base of every error statehost raises itself
     ├── BatchAxisError (ValueError)     a state's batch axis conflicts with the mapping
-    └── StateTraceError (RuntimeError)  states used in a way a transform cannot follow
+    ├── StateTraceError (RuntimeError)  states used in a way a transform cannot follow
+    └── WireError (ValueError)          bytes that are not a valid statehost frame
 
 The client and server add their own branches (``ClientError`` and below) in
 their packages; they all derive from :class:`StatehostError`.
@@ -12,7 +13,7 @@ their packages; they all derive from :class:`StatehostError`.
 
 from __future__ import annotations
 
-__all__ = ["BatchAxisError", "StatehostError", "StateTraceError"]
+__all__ = ["BatchAxisError", "StateTraceError", "StatehostError", "WireError"]
 
 
 class StatehostError(Exception):
@@ -30,3 +31,8 @@ class BatchAxisError(StatehostError, ValueError):
 class StateTraceError(StatehostError, RuntimeError):
     """A state was used in a way a transform cannot follow (for example a
     JAX tracer written into a ``State`` outside any statehost transform)."""
+
+
+class WireError(StatehostError, ValueError):
+    """Bytes that do not follow the statehost wire format (bad magic, truncated
+    frame, lengths that overrun the body, a header that is not a JSON object)."""

@@ -5,12 +5,14 @@ from statehost.random._rand import (
     RandomState,
     bernoulli,
     choice,
+    default_stream,
     normal,
     permutation,
     randint,
     seed,
     split_key,
     uniform,
+    use_default_stream,
 )
 
 __all__ = [
@@ -18,10 +20,12 @@ __all__ = [
     "RandomState",
     "bernoulli",
     "choice",
+    "default_stream",
     "normal",
     "permutation",
     "randint",
     "seed",
     "split_key",
     "uniform",
+    "use_default_stream",
 ]

@@ -7,7 +7,9 @@ each lane its own key and advance the stream once per call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -21,12 +23,14 @@ __all__ = [
     "RandomState",
     "bernoulli",
     "choice",
+    "default_stream",
     "normal",
     "permutation",
     "randint",
     "seed",
     "split_key",
     "uniform",
+    "use_default_stream",
 ]
 
 Shape = int | Sequence[int] | None
@@ -126,42 +130,82 @@ class RandomState(State):
 # The default stream that module-level draws use (the seed's API requires it).
 DEFAULT = RandomState(None, name="statehost.random.DEFAULT")
 
+# A stand-in for DEFAULT in the current context: the server runs each client's calls
+# with that client's own default stream, so module-level draws there match the
+# client's local ones. A ContextVar keeps worker threads apart.
+_OVERRIDE: contextvars.ContextVar[RandomState | None] = contextvars.ContextVar(
+    "statehost_default_stream", default=None
+)
+
+
+def default_stream() -> RandomState:
+    """The stream module-level draws use here: ``DEFAULT`` unless overridden."""
+    override = _OVERRIDE.get()
+    return DEFAULT if override is None else override
+
+
+@contextlib.contextmanager
+def use_default_stream(state: RandomState) -> Iterator[RandomState]:
+    """Makes ``state`` the default stream inside the ``with`` block (this context only).
+
+    Arguments:
+        state: the ``RandomState`` that ``statehost.random.normal`` & co. draw from.
+
+    Example:
+        >>> import statehost
+        >>> mine = statehost.random.RandomState(0)
+        >>> with statehost.random.use_default_stream(mine):
+        ...     _ = statehost.random.normal()
+        >>> mine.write_count
+        1
+    """
+    if not isinstance(state, RandomState):
+        raise TypeError(
+            f"statehost.random.use_default_stream(state=...): expected a RandomState, got "
+            f"{type(state).__name__}. Fix: pass statehost.random.RandomState(seed)."
+        )
+    token = _OVERRIDE.set(state)
+    try:
+        yield state
+    finally:
+        _OVERRIDE.reset(token)
+
 
 def seed(seed_or_key: Any = None) -> None:
     """Re-seeds the default stream."""
-    DEFAULT.seed(seed_or_key)
+    default_stream().seed(seed_or_key)
 
 
 def split_key(n: int | None = None) -> jax.Array:
     """Advances the default stream; returns one key, or ``n`` keys stacked."""
-    return DEFAULT.split_key(n)
+    return default_stream().split_key(n)
 
 
 def normal(loc: Any = 0.0, scale: Any = 1.0, size: Shape = None, dtype: Any = None):
     """Gaussian draws from the default stream."""
-    return DEFAULT.normal(loc, scale, size, dtype)
+    return default_stream().normal(loc, scale, size, dtype)
 
 
 def uniform(low: Any = 0.0, high: Any = 1.0, size: Shape = None, dtype: Any = None):
     """Uniform draws from the default stream."""
-    return DEFAULT.uniform(low, high, size, dtype)
+    return default_stream().uniform(low, high, size, dtype)
 
 
 def randint(low: Any, high: Any = None, size: Shape = None, dtype: Any = jnp.int32):
     """Integer draws from the default stream."""
-    return DEFAULT.randint(low, high, size, dtype)
+    return default_stream().randint(low, high, size, dtype)
 
 
 def bernoulli(p: Any = 0.5, size: Shape = None):
     """Boolean draws from the default stream."""
-    return DEFAULT.bernoulli(p, size)
+    return default_stream().bernoulli(p, size)
 
 
 def permutation(x: Any, axis: int = 0):
     """A shuffled copy of ``x`` from the default stream."""
-    return DEFAULT.permutation(x, axis)
+    return default_stream().permutation(x, axis)
 
 
 def choice(a: Any, size: Shape = None, replace: bool = True, p: Any = None):
     """Samples from ``a`` with the default stream."""
-    return DEFAULT.choice(a, size, replace, p)
+    return default_stream().choice(a, size, replace, p)

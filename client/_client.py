@@ -1,0 +1,325 @@
+"""``Client`` and ``connect``: run statehost transforms on a remote ``statehost serve``.
+
+The client keeps, per state id, the write counter at which the server last
+received (or sent) its value. A call uploads only states the server lacks or
+that were set locally since; a call with ``pull=False`` marks the states it
+wrote as newer on the server, and ``pull`` brings them back.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from statehost._config import token_path
+from statehost._state import State
+from statehost._wire import Frame, encode, local_versions, pack, version_problems
+from statehost.client._errors import ProtocolError, StateNotFoundError, VersionMismatchError
+from statehost.client._http import Http
+from statehost.client._remote import RemoteDevice, RemoteMapping
+from statehost.nn import Module
+from statehost.random import default_stream
+from statehost.transform import StatefulMapping as _LocalStatefulMapping
+from statehost.transform import jit as _local_jit
+from statehost.transform import pmap as _local_pmap
+from statehost.transform import vmap as _local_vmap
+from statehost.transform._jit import MISSING
+
+__all__ = ["Client", "connect"]
+
+_MSG_LOST_STATES = (
+    "{what}: the server closed this client's session (idle past its TTL, or restarted), "
+    "and with it the newest values of {count} state(s) that were left on the server by "
+    "pull=False calls ({names}). Those values are gone. Fix: keep sessions alive with regular "
+    "calls, or use pull=True (or client.pull) before long pauses."
+)
+
+
+def _to_host(tree: Any) -> Any:
+    """``jax.Array`` leaves as numpy arrays, so their data travels out of band."""
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, tree
+    )
+
+
+def _collect(obj: Any, api: str) -> list[State]:
+    if isinstance(obj, State):
+        return [obj]
+    if isinstance(obj, Module):
+        return list(obj.states().values())
+    if isinstance(obj, RemoteMapping):
+        return list(obj.packed().states)
+    if isinstance(obj, Mapping):
+        return [s for v in obj.values() for s in _collect(v, api)]
+    if isinstance(obj, list | tuple):
+        return [s for v in obj for s in _collect(v, api)]
+    raise TypeError(
+        f"{api}: expected a State, a Module, or a list/tuple/dict of them; got "
+        f"{type(obj).__name__}. Example: client.{api.split('.')[-1]}(model)."
+    )
+
+
+class Client:
+    """A connection to one ``statehost serve``; use one per server and reuse it.
+
+    Arguments:
+        base_url: the server's URL, e.g. ``"http://127.0.0.1:8470"``.
+        timeout: seconds to wait for any answer (a long call needs a long timeout).
+        auth: the bearer token (``statehost.connect`` finds one for you).
+        transport: an ``httpx`` transport to use instead of the network (tests).
+
+    Example:
+        >>> client = statehost.connect("http://127.0.0.1:8470")    # doctest: +SKIP
+        >>> step = client.pmap(model, axis_name="i", in_axes=0)   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        timeout: float = 60.0,
+        auth: str | None = None,
+        transport: Any = None,
+    ):
+        self.url = base_url.rstrip("/")
+        self._http = Http(self.url, auth, timeout, transport)
+        self._synced: dict[str, int] = {}
+        self._stale: set[str] = set()
+        self._digests: set[str] = set()
+        self._tracked: weakref.WeakValueDictionary[str, State] = weakref.WeakValueDictionary()
+        self._session: str | None = None
+        try:
+            self.info = self._http.json("GET", "/v1/info")
+            self._check_versions(self.info.get("versions", {}))
+            self._open_session()
+        except BaseException:
+            self._http.close()
+            raise
+
+    # -- lifecycle --------------------------------------------------------------
+    def _check_versions(self, server: dict[str, Any]) -> None:
+        problems = version_problems(local_versions(), server, me="client", them="server")
+        if problems:
+            raise VersionMismatchError(
+                f"statehost.connect({self.url!r}): client and server cannot exchange pickles: "
+                + "; ".join(problems)
+                + ". Fix: install the server's versions in the client environment "
+                "(or the other way round)."
+            )
+
+    def _open_session(self) -> None:
+        self._session = self._http.json("POST", "/v1/sessions")["id"]
+        self._synced.clear()
+        self._stale.clear()
+        self._digests.clear()
+
+    def close(self) -> None:
+        """Closes the session (the server frees its states) and the connection."""
+        if self._http._client is None:
+            return
+        try:
+            if self._session is not None:
+                self._http.json("DELETE", f"/v1/sessions/{self._session}")
+        except Exception:  # closing must not fail because the server went away
+            pass
+        finally:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        self._http.client  # raises if closed  # noqa: B018
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._http._client is None else f"session {self._session[:8]}"
+        return f"statehost.Client({self.url!r}, {state})"
+
+    # -- devices and transforms -----------------------------------------------
+    def devices(self) -> list[RemoteDevice]:
+        """The server's devices, usable as ``devices=`` of ``client.pmap``."""
+        return [RemoteDevice(**d) for d in self.info["devices"]]
+
+    def _wrap(self, factory: Callable[..., Any], fun: Any, pull: bool, args, kwargs) -> Any:
+        if fun is MISSING:
+            return lambda f: RemoteMapping(self, factory(f, *args, **kwargs), pull=pull)
+        return RemoteMapping(self, factory(fun, *args, **kwargs), pull=pull)
+
+    def pmap(self, fun: Any = MISSING, *args: Any, pull: bool = True, **kwargs: Any) -> Any:
+        """``statehost.transform.pmap`` run on the server: same arguments, plus ``pull``.
+
+        Arguments:
+            pull: True (default) writes the updated state values into the local
+                ``State`` objects after each call; False leaves them on the server
+                until ``client.pull``.
+
+        Returns:
+            A :class:`RemoteMapping` (or a decorator, when ``fun`` is omitted).
+        """
+        return self._wrap(_local_pmap, fun, pull, args, kwargs)
+
+    def vmap(self, fun: Any = MISSING, *, pull: bool = True, **kwargs: Any) -> Any:
+        """``statehost.transform.vmap`` run on the server: same arguments, plus ``pull``."""
+        return self._wrap(_local_vmap, fun, pull, (), kwargs)
+
+    def jit(self, fun: Any = MISSING, *, pull: bool = True, **kwargs: Any) -> Any:
+        """``statehost.transform.jit`` run on the server: same arguments, plus ``pull``."""
+        return self._wrap(_local_jit, fun, pull, (), kwargs)
+
+    def StatefulMapping(self, fun: Any, *args: Any, pull: bool = True, **kwargs: Any) -> Any:  # noqa: N802
+        """``statehost.transform.StatefulMapping`` run on the server, plus ``pull``."""
+        return RemoteMapping(self, _LocalStatefulMapping(fun, *args, **kwargs), pull=pull)
+
+    # -- state sync -----------------------------------------------------------
+    def _needs_upload(self, state: State) -> bool:
+        return self._synced.get(state.id) != state.write_count
+
+    def _records(self, states: Iterable[State]) -> Any:
+        return pack(
+            [(type(s), s.id, s.name, s.tag, _to_host(s.value)) for s in states], refs=False
+        )
+
+    def _mark_synced(self, counts: Mapping[str, int]) -> None:
+        for state_id, count in counts.items():
+            self._synced[state_id] = count
+            self._stale.discard(state_id)
+
+    def _apply(self, frame: Frame, known: Mapping[str, State]) -> set[str]:
+        """Writes the values a frame brought back into the local states."""
+        pulled = set()
+        for state_id, value in frame.section("states") or []:
+            state = known.get(state_id) or self._tracked.get(state_id)
+            if state is None:
+                continue
+            state.value = jax.device_put(value)
+            self._synced[state_id] = state.write_count
+            self._stale.discard(state_id)
+            pulled.add(state_id)
+        return pulled
+
+    def push(self, module_or_states: Any) -> None:
+        """Uploads the values of these states, replacing the server's.
+
+        Arguments:
+            module_or_states: a ``Module``, a ``State``, or a list/dict of them.
+        """
+        states = {s.id: s for s in _collect(module_or_states, "statehost.Client.push")}
+        counts = {i: s.write_count for i, s in states.items()}
+        header = {"session": self._session, "uploads": list(states)}
+        self._frame("/v1/states/push", header, {"states": self._records(states.values())})
+        self._tracked.update(states)
+        self._mark_synced(counts)
+
+    def pull(self, module_or_states: Any) -> None:
+        """Writes the server's current values into these local states.
+
+        Arguments:
+            module_or_states: a ``Module``, a ``State``, or a list/dict of them.
+        """
+        states = {s.id: s for s in _collect(module_or_states, "statehost.Client.pull")}
+        frame = self._frame("/v1/states/pull", {"session": self._session, "ids": list(states)})
+        self._apply(frame, states)
+
+    def _frame(self, path: str, header: dict[str, Any], sections: Any = None) -> Frame:
+        return self._http.frame(path, encode(header, sections))
+
+    # -- the call --------------------------------------------------------------
+    def _call(self, mapping: RemoteMapping, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        packed = mapping.packed()
+        call_args = pack(_to_host((args, kwargs)))
+        stream = default_stream()
+        refs = {s.id: s for s in packed.states}
+        refs.update((s.id, s) for s in call_args.states)
+        refs[stream.id] = stream
+        for attempt in range(3):
+            uploads = [s for s in refs.values() if self._needs_upload(s)]
+            counts = {s.id: s.write_count for s in uploads}
+            header = {
+                "session": self._session,
+                "function": {"digest": packed.digest},
+                "refs": list(refs),
+                "uploads": list(counts),
+                "default_stream": stream.id,
+                "pull": mapping.pull,
+                "pull_ids": [i for i in refs if i in self._stale] if mapping.pull else [],
+            }
+            sections = {"args": call_args}
+            if packed.digest not in self._digests:
+                sections["function"] = packed.section
+            if uploads:
+                sections["states"] = self._records(uploads)
+            try:
+                frame = self._frame("/v1/call", header, sections)
+                break
+            except ProtocolError as exc:
+                kind = exc.body.get("type")
+                if attempt == 2 or kind not in {"FunctionNotCachedError", "SessionNotFoundError"}:
+                    raise
+                if kind == "FunctionNotCachedError":
+                    self._digests.discard(packed.digest)
+                else:
+                    self._reopen(refs, "client call")
+        self._digests.add(packed.digest)
+        self._tracked.update(refs)
+        self._mark_synced(counts)
+        pulled = self._apply(frame, refs)
+        self._stale.update(set(frame.header.get("written", [])) - pulled)
+        return frame.section("results")
+
+    def _reopen(self, refs: Mapping[str, State], what: str) -> None:
+        lost = [refs[i] for i in refs if i in self._stale]
+        if lost:
+            names = ", ".join(s.name or s.id[:8] for s in lost[:5])
+            raise StateNotFoundError(
+                _MSG_LOST_STATES.format(what=what, count=len(lost), names=names),
+                body={"missing": [s.id for s in lost]},
+            )
+        self._open_session()
+
+
+def _token_for(url: str) -> str | None:
+    token = os.environ.get("STATEHOST_TOKEN")
+    if token:
+        return token
+    host = urllib.parse.urlsplit(url).hostname or ""
+    loopback = host in {"localhost", "::1"} or host.startswith("127.")
+    path = token_path()
+    if loopback and path.is_file():
+        return path.read_text().strip() or None
+    return None
+
+
+def connect(
+    url: str = "http://127.0.0.1:8470",
+    token: str | None = None,
+    timeout: float = 60.0,
+    *,
+    transport: Any = None,
+) -> Client:
+    """Connects to a ``statehost serve`` and checks that versions match.
+
+    Arguments:
+        url: the server's URL.
+        token: the bearer token. When omitted: ``$STATEHOST_TOKEN``, else (for a
+            loopback URL) the token the local server wrote to
+            ``$XDG_CONFIG_HOME/statehost/token``.
+        timeout: seconds to wait for any answer.
+        transport: an ``httpx`` transport to use instead of the network (tests).
+
+    Returns:
+        A :class:`Client`; close it, or use it as a context manager.
+
+    Example:
+        >>> with statehost.connect("http://127.0.0.1:8470") as client:  # doctest: +SKIP
+        ...     print(client.devices())
+    """
+    return Client(
+        base_url=url, timeout=timeout, auth=token or _token_for(url), transport=transport
+    )

@@ -1,0 +1,109 @@
+"""The ``statehost`` command: ``statehost serve`` starts the device-owning server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from statehost._config import token_path
+from statehost.server.settings import Settings, is_loopback, parse_size
+
+__all__ = ["main"]
+
+_MSG_INSECURE = (
+    "statehost serve: refusing to listen on {host} (not loopback) with no tokens configured: "
+    "anyone who can reach the port could run code on this machine. Fix it in one of these "
+    "ways:\n"
+    "  1. configure tokens: STATEHOST_TOKENS=<token>[,<token>...] or --token <token>;\n"
+    "  2. listen on loopback only (--host 127.0.0.1) and reach it through an SSH tunnel;\n"
+    "  3. pass --insecure to accept a generated token shown only on this console."
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="statehost", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the server that owns this machine's devices")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8470)")
+    serve.add_argument("--cpu-devices", type=int,
+                       help="virtual CPU devices when no accelerator is present (default 8)")
+    serve.add_argument("--data-dir", type=Path, help="where the server keeps its files")
+    serve.add_argument("--token", action="append", dest="tokens",
+                       help="accept this bearer token (repeatable; default: generate one)")
+    serve.add_argument("--insecure", action="store_true", default=None,
+                       help="allow a non-loopback --host without configured tokens")
+    serve.add_argument("--max-body", type=parse_size, help="largest request body (default 4GiB)")
+    serve.add_argument("--session-ttl", type=float,
+                       help="seconds before an idle session's states are freed (default 3600)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def _write_token(token: str) -> Path:
+    path = token_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".token.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(
+        host=args.host, port=args.port, cpu_devices=args.cpu_devices, data_dir=args.data_dir,
+        tokens=tuple(args.tokens) if args.tokens else None, insecure=args.insecure,
+        max_body=args.max_body, session_ttl=args.session_ttl,
+    )
+    if not settings.tokens and not is_loopback(settings.host) and not settings.insecure:
+        print(_MSG_INSECURE.format(host=settings.host), file=sys.stderr)
+        return 2
+
+    # Must happen before any JAX backend starts; it only affects the CPU backend, so a
+    # machine with accelerators keeps using them.
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", settings.cpu_devices)
+
+    import uvicorn
+
+    from statehost.server.app import create_app
+
+    token_note = ""
+    if not settings.tokens:
+        token = secrets.token_urlsafe(32)
+        settings = Settings(**{**settings.__dict__, "tokens": (token,)})
+        token_note = f" (token also written to {_write_token(token)})"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    devices = jax.devices()
+    kinds = ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in devices}))
+    shown = "localhost" if settings.host in {"0.0.0.0", "::"} else settings.host
+    url = f"http://{shown}:{settings.port}"
+    print(f"statehost serve: {len(devices)} device(s) [{kinds}] on {url}", flush=True)
+    print(f"  connect with: client = statehost.connect({url!r}, "
+          f"token={settings.tokens[0]!r}){token_note}", flush=True)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port,
+        log_level=args.log_level, timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

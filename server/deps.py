@@ -1,0 +1,115 @@
+"""Dependencies: settings, the runtime, bearer-token auth and reading a frame body."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from statehost._errors import WireError
+from statehost._wire import CONTENT_TYPE, Frame, decode, local_versions, version_problems
+from statehost.server.errors import ApiError
+from statehost.server.runtime import Runtime
+from statehost.server.settings import Settings
+
+__all__ = ["FrameBody", "RuntimeDep", "SettingsDep", "get_runtime", "get_settings",
+           "read_frame", "require_token"]
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def require_token(request: Request, settings: SettingsDep) -> None:
+    """Every route but ``/v1/health``: ``Authorization: Bearer <token>``."""
+    where = f"{request.method} {request.url.path}"
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise ApiError(
+            401, "AuthError",
+            f"{where}: no token. Send 'Authorization: Bearer <token>' (statehost.connect(url, "
+            "token=...) does it; on the server's own machine it reads "
+            "$XDG_CONFIG_HOME/statehost/token).",
+        )
+    token = token.strip()
+    if scheme.lower() != "bearer" or not any(
+        hmac.compare_digest(token.encode(), t.encode()) for t in settings.tokens
+    ):
+        raise ApiError(
+            401, "AuthError",
+            f"{where}: the token is not accepted by this server. Fix: use the token the server "
+            "printed at start (or one from STATEHOST_TOKENS).",
+        )
+
+
+async def read_frame(request: Request, settings: SettingsDep) -> Frame:
+    """Reads and decodes a frame body, refusing oversized bodies before reading them whole."""
+    where = f"{request.method} {request.url.path}"
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip() != CONTENT_TYPE:
+        raise ApiError(
+            415, "ProtocolError",
+            f"{where}: expected Content-Type {CONTENT_TYPE}, got {ctype or 'none'!r}.",
+        )
+    limit = settings.max_body
+    declared = request.headers.get("content-length")
+    too_big = ApiError(
+        413, "PayloadTooLargeError",
+        f"{where}: the body is larger than this server's limit of {limit} bytes "
+        f"(max_body). Fix: send less per call, or start the server with a larger --max-body.",
+        limit=limit,
+    )
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "ProtocolError", f"{where}: bad Content-Length {declared!r}.")
+        if int(declared) > limit:
+            raise too_big
+        body = bytearray(int(declared))
+    else:
+        body = bytearray()
+    pos = 0
+    async for chunk in request.stream():
+        end = pos + len(chunk)
+        if end > limit:
+            raise too_big
+        if declared is None:
+            body += chunk
+        else:
+            body[pos:end] = chunk
+        pos = end
+    if pos != len(body):
+        raise ApiError(
+            400, "ProtocolError",
+            f"{where}: the body ended after {pos} of {len(body)} bytes (truncated upload).",
+        )
+    try:
+        frame = decode(body)
+    except WireError as exc:
+        raise ApiError(400, "ProtocolError", f"{where}: {exc}") from exc
+    request.state.body_bytes = pos
+    theirs = frame.header.get("versions")
+    problems = version_problems(
+        local_versions(), theirs if isinstance(theirs, dict) else {}, me="server", them="client"
+    )
+    if problems:
+        raise ApiError(
+            400, "VersionMismatchError",
+            f"{where}: the client and the server cannot exchange pickles: "
+            + "; ".join(problems)
+            + ". Fix: install matching versions on both sides.",
+            server=local_versions(), client=theirs,
+        )
+    return frame
+
+
+FrameBody = Annotated[Frame, Depends(read_frame)]

@@ -1,0 +1,44 @@
+"""Prometheus metrics of one server (one registry per app, so tests can run many)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.calls = Counter(
+            "statehost_calls", "Calls by outcome (ok, user_error, bad_request, ...).",
+            ["outcome"], registry=r,
+        )
+        self.call_seconds = Histogram(
+            "statehost_call_seconds", "Wall time of /v1/call on the server.",
+            buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25,
+                     0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.compiles = Counter(
+            "statehost_compiles", "Calls that had to trace and compile (a plan-cache miss).", registry=r
+        )
+        self.function_cache = Counter(
+            "statehost_function_cache", "Callable cache lookups.", ["result"], registry=r
+        )
+        self.wire_bytes = Counter(
+            "statehost_wire_bytes", "Frame bytes by direction (in/out) and part.",
+            ["direction", "part"], registry=r,
+        )
+        self.resident_bytes = Gauge(
+            "statehost_resident_state_bytes", "Bytes of state values held on the devices.",
+            registry=r,
+        )
+        self.resident_states = Gauge(
+            "statehost_resident_states", "States held on the devices.", registry=r
+        )
+        self.sessions = Gauge("statehost_sessions", "Open client sessions.", registry=r)
+        self.queue_depth = Gauge(
+            "statehost_queue_depth", "Calls waiting for a worker or a state lock.", registry=r
+        )

@@ -1,0 +1,21 @@
+"""Sending a frame back: one body when small, streamed chunks when large."""
+
+from __future__ import annotations
+
+from fastapi.responses import Response, StreamingResponse
+
+from statehost._wire import CONTENT_TYPE, Encoded
+
+__all__ = ["frame_response"]
+
+_STREAM_ABOVE = 1 << 20
+
+
+def frame_response(encoded: Encoded) -> Response:
+    if encoded.nbytes <= _STREAM_ABOVE:
+        return Response(encoded.to_bytes(), media_type=CONTENT_TYPE)
+    return StreamingResponse(
+        encoded.chunks(4 << 20),
+        media_type=CONTENT_TYPE,
+        headers={"content-length": str(encoded.nbytes)},
+    )

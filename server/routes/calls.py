@@ -1,0 +1,56 @@
+"""``POST /v1/call``: run a shipped transform on the resident states."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Response
+
+from statehost.server.deps import FrameBody, RuntimeDep, require_token
+from statehost.server.engine import run_call
+from statehost.server.errors import ApiError
+from statehost.server.routes._frames import frame_response
+
+router = APIRouter(prefix="/v1", tags=["calls"], dependencies=[Depends(require_token)])
+
+_OUTCOMES = {
+    "RemoteExecutionError": "user_error",
+    "StateNotFoundError": "state_not_found",
+    "FunctionNotCachedError": "function_not_cached",
+}
+
+
+def _lock_keys(header: dict) -> set[str]:
+    keys = {k for k in header.get("refs", []) if isinstance(k, str)}
+    keys |= {k for k in header.get("uploads", []) if isinstance(k, str)}
+    if isinstance(header.get("default_stream"), str):
+        keys.add(header["default_stream"])
+    return keys
+
+
+@router.post("/call", response_class=Response)
+async def call(frame: FrameBody, rt: RuntimeDep) -> Response:
+    start = time.perf_counter()
+    m = rt.metrics
+    for part, section in (("function", "function"), ("args", "args"), ("state", "states")):
+        m.wire_bytes.labels("in", part).inc(frame.section_nbytes(section))
+    session = rt.session(frame.header.get("session"), "POST /v1/call")
+    keys = _lock_keys(frame.header)
+    try:
+        result = await rt.scheduler.run(
+            keys, run_call, frame, session, rt.store, rt.functions, keys
+        )
+    except ApiError as exc:
+        m.calls.labels(_OUTCOMES.get(exc.type, "bad_request")).inc()
+        raise
+    except Exception:
+        m.calls.labels("server_error").inc()
+        raise
+    finally:
+        m.call_seconds.observe(time.perf_counter() - start)
+    m.calls.labels("ok").inc()
+    m.compiles.inc(result.compiled)
+    m.wire_bytes.labels("out", "results").inc(result.bytes_out.get("results", 0))
+    m.wire_bytes.labels("out", "state").inc(result.bytes_out.get("states", 0))
+    session.calls += 1
+    return frame_response(result.frame)

@@ -1,0 +1,24 @@
+"""``POST /v1/sessions`` and ``DELETE /v1/sessions/{id}``: a client's lifetime on the server."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+
+from statehost.server.deps import RuntimeDep, require_token
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)])
+
+
+@router.post("", status_code=201)
+def open_session(rt: RuntimeDep) -> dict[str, object]:
+    session = rt.sessions.create()
+    rt.refresh_gauges()
+    return {"id": session.id, "ttl": rt.settings.session_ttl}
+
+
+@router.delete("/{session_id}", status_code=204)
+def close_session(session_id: str, rt: RuntimeDep) -> Response:
+    session = rt.session(session_id, f"DELETE /v1/sessions/{session_id}")
+    rt.sessions.pop(session.id)
+    rt.free(session)
+    return Response(status_code=204)

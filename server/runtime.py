@@ -1,0 +1,61 @@
+"""Everything one running server holds: settings, states, sessions, callables, scheduler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from statehost.server.errors import ApiError
+from statehost.server.functions import FunctionCache
+from statehost.server.metrics import Metrics
+from statehost.server.scheduler import Scheduler
+from statehost.server.settings import Settings
+from statehost.server.store import Session, SessionTable, StateStore
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("statehost.server")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: StateStore = field(default_factory=StateStore)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        self.sessions = SessionTable(self.settings.session_ttl)
+        self.functions = FunctionCache(self.settings.function_cache_size)
+        self.scheduler = Scheduler(self.settings.workers)
+
+    def session(self, session_id: object, where: str) -> Session:
+        """The open session ``session_id``, or a 404 that says how to get a new one."""
+        session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is None:
+            raise ApiError(
+                404, "SessionNotFoundError",
+                f"{where}: session {session_id!r} is not open (deleted, or idle for more than "
+                f"{self.settings.session_ttl:g} s). Fix: open a new one with POST /v1/sessions "
+                "(statehost.connect does this for you).",
+            )
+        return session
+
+    def free(self, session: Session) -> int:
+        """Frees a session's states and the callables that refer to them."""
+        ids = self.store.free(session)
+        self.functions.evict_states(ids)
+        self.scheduler.forget(ids)
+        self.refresh_gauges()
+        return len(ids)
+
+    def expire_sessions(self) -> None:
+        for session in self.sessions.pop_expired():
+            count = self.free(session)
+            log.info("session %s expired; freed %d state(s)", session.id[:8], count)
+
+    def refresh_gauges(self) -> None:
+        m = self.metrics
+        m.sessions.set(len(self.sessions))
+        m.resident_states.set(len(self.store))
+        m.resident_bytes.set(self.store.nbytes())
+        m.queue_depth.set(self.scheduler.queued)

@@ -1,0 +1,115 @@
+"""Server settings: one frozen object, built from ``STATEHOST_*`` variables and CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Settings", "is_loopback", "parse_size"]
+
+_UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_size(text: str | int) -> int:
+    """``"4GiB"`` -> 4294967296; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    raw = text.strip().upper().replace(" ", "")
+    digits = raw.rstrip("KMGTIB")
+    unit = raw[len(digits):]
+    if not digits or unit not in _UNITS:
+        raise ValueError(
+            f"statehost settings: size {text!r} is not understood. "
+            "Fix: write bytes (4294967296) or a number with a unit (4GiB, 512MiB, 100MB)."
+        )
+    return int(float(digits) * _UNITS[unit])
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the server reads at start.
+
+    Each field can be set from the environment as ``STATEHOST_<FIELD>`` (upper
+    case); ``tokens`` is comma-separated. CLI flags override the environment.
+
+    Arguments:
+        host, port: where uvicorn listens (loopback by default).
+        cpu_devices: virtual CPU devices to provision when no accelerator exists.
+        data_dir: where the server keeps its files.
+        tokens: accepted bearer tokens; empty means "generate one at start".
+        insecure: allow a non-loopback host with no tokens configured.
+        max_body: request bodies larger than this get 413 (bytes).
+        session_ttl: seconds after which an idle session and its states are freed.
+        workers: threads running device work.
+        function_cache_size: unpickled callables kept, least recently used evicted.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8470
+    cpu_devices: int = 8
+    data_dir: Path = Path("~/.local/share/statehost").expanduser()
+    tokens: tuple[str, ...] = ()
+    insecure: bool = False
+    max_body: int = 4 * 2**30
+    session_ttl: float = 3600.0
+    workers: int = 4
+    function_cache_size: int = 256
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``STATEHOST_*`` variables, then ``overrides`` (None means unset)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"STATEHOST_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f.name, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        object.__setattr__(self, "tokens", tuple(t for t in self.tokens if t))
+        if self.cpu_devices < 1:
+            raise ValueError(f"statehost settings: cpu_devices={self.cpu_devices} must be >= 1.")
+        if self.max_body < 1:
+            raise ValueError(f"statehost settings: max_body={self.max_body} must be positive.")
+        if self.session_ttl <= 0:
+            raise ValueError(f"statehost settings: session_ttl={self.session_ttl} must be > 0.")
+
+
+def _convert(name: str, raw: str) -> Any:
+    try:
+        if name == "tokens":
+            return tuple(t.strip() for t in raw.split(",") if t.strip())
+        if name == "insecure":
+            if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
+                raise ValueError("expected true or false")
+            return raw.lower() in {"1", "true", "yes"}
+        if name == "max_body":
+            return parse_size(raw)
+        if name in {"port", "cpu_devices", "workers", "function_cache_size"}:
+            return int(raw)
+        if name == "session_ttl":
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise ValueError(
+            f"statehost settings: STATEHOST_{name.upper()}={raw!r} is invalid ({exc}). "
+            "Fix the variable or unset it."
+        ) from exc

@@ -1,0 +1,88 @@
+"""Starting a real ``statehost serve`` subprocess on a free loopback port, for tests.
+
+``running_server`` yields a :class:`Served` with the URL, the token and the
+environment the server ran with; the server is stopped (SIGTERM, then kill)
+on exit, and its output is shown if it fails to start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+__all__ = ["Served", "free_port", "running_server"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Served:
+    url: str
+    token: str
+    process: subprocess.Popen
+    env: dict[str, str]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_server(
+    tmp_path: Path, *args: str, token: str | None = "test-token", cpu_devices: int = 8,
+    env: dict[str, str] | None = None, timeout: float = 60.0,
+) -> Iterator[Served]:
+    """Runs ``python -m statehost.server serve`` until the ``with`` block ends."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
+    full_env.update({"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "JAX_PLATFORMS": "cpu"})
+    full_env.update(env or {})
+    if token is not None:
+        full_env["STATEHOST_TOKENS"] = token
+    log = tmp_path / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "statehost.server", "serve", "--port", str(port),
+           "--cpu-devices", str(cpu_devices), "--data-dir", str(tmp_path / "data"), *args]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    served = Served(f"http://127.0.0.1:{port}", token or "", process, full_env, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"statehost serve exited with {process.returncode}:\n"
+                                   f"{served.output()}")
+            try:
+                if httpx.get(served.url + "/v1/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"statehost serve did not start in {timeout} s:\n"
+                                   f"{served.output()}")
+            time.sleep(0.1)
+        if token is None:
+            token_file = tmp_path / "xdg" / "statehost" / "token"
+            served.token = token_file.read_text().strip()
+        yield served
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
