@@ -20,9 +20,14 @@ import numpy as np
 from statehost._config import token_path
 from statehost._state import State
 from statehost._wire import Frame, encode, local_versions, pack, version_problems
-from statehost.client._errors import ProtocolError, StateNotFoundError, VersionMismatchError
+from statehost.client._errors import (
+    ProtocolError,
+    RemoteExecutionError,
+    StateNotFoundError,
+    VersionMismatchError,
+)
 from statehost.client._http import Http
-from statehost.client._remote import RemoteDevice, RemoteMapping
+from statehost.client._remote import RemoteDevice, RemoteMapping, localize_traceback
 from statehost.nn import Module
 from statehost.random import default_stream
 from statehost.transform import StatefulMapping as _LocalStatefulMapping
@@ -258,6 +263,9 @@ class Client:
             try:
                 frame = self._frame("/v1/call", header, sections)
                 break
+            except RemoteExecutionError as exc:
+                # The same error with file names filled in; chaining would print it twice.
+                raise _localized(exc, mapping) from None
             except ProtocolError as exc:
                 kind = exc.body.get("type")
                 if attempt == 2 or kind not in {"FunctionNotCachedError", "SessionNotFoundError"}:
@@ -282,6 +290,16 @@ class Client:
                 body={"missing": [s.id for s in lost]},
             )
         self._open_session()
+
+
+def _localized(exc: RemoteExecutionError, mapping: RemoteMapping) -> RemoteExecutionError:
+    """The same error, with the user's file names in its remote traceback."""
+    remote = exc.remote_traceback
+    if not remote:
+        return exc
+    fixed = localize_traceback(remote, mapping.transform.origin_fun)
+    body = {**exc.body, "traceback": fixed}
+    return RemoteExecutionError(str(exc).replace(remote, fixed), status=exc.status, body=body)
 
 
 def _token_for(url: str) -> str | None:

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
+import linecache
+import re
+import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +23,11 @@ from statehost._wire import Section, pack
 if TYPE_CHECKING:
     from statehost.client._client import Client
 
-__all__ = ["RemoteDevice", "RemoteMapping"]
+__all__ = ["RemoteDevice", "RemoteMapping", "localize_traceback"]
+
+# cloudpickle ships code with co_filename "<dynamic-code>" (cloudpickle.py, _code_reduce),
+# so the server's traceback cannot name the user's files; the client can.
+_DYNAMIC_FRAME = re.compile(r'^  File "<dynamic-code>", line (\d+), in (\S+)$', re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ class RemoteMapping:
 
     @property
     def transform(self) -> Any:
-        """The local transform this mapping ships (a ``StatefulMapping`` or ``StatefulFunction``)."""
+        """The local transform this mapping ships (``StatefulMapping`` / ``StatefulFunction``)."""
         return self._transform
 
     def packed(self) -> _Packed:
@@ -82,3 +90,59 @@ class RemoteMapping:
 
     def __repr__(self) -> str:
         return f"Remote({self._transform!r} on {self._client.url}, pull={self.pull})"
+
+
+def _code_objects(obj: Any, seen: set[int], out: dict[tuple[str, int], types.CodeType]) -> None:
+    """Collects the code objects reachable from a function, method, class or Module."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, types.MethodType):
+        _code_objects(obj.__func__, seen, out)
+        _code_objects(type(obj.__self__), seen, out)
+    elif isinstance(obj, types.FunctionType):
+        _code_objects(obj.__code__, seen, out)
+        for cell in obj.__closure__ or ():
+            try:
+                _code_objects(cell.cell_contents, seen, out)
+            except ValueError:  # an empty cell
+                pass
+    elif isinstance(obj, types.CodeType):
+        first, last = obj.co_firstlineno, max(
+            (line for _, _, line in obj.co_lines() if line is not None),
+            default=obj.co_firstlineno)
+        for line in range(first, last + 1):
+            out.setdefault((obj.co_name, line), obj)
+        for const in obj.co_consts:
+            if isinstance(const, types.CodeType):
+                _code_objects(const, seen, out)
+    elif isinstance(obj, type):
+        if obj.__module__.startswith(("statehost", "builtins", "jax")):
+            return
+        for klass in obj.__mro__:
+            for member in vars(klass).values():
+                if inspect.isfunction(member):
+                    _code_objects(member, seen, out)
+    elif callable(obj):
+        _code_objects(type(obj), seen, out)
+
+
+def localize_traceback(text: str, fun: Any) -> str:
+    """Names the user's files and source lines in a remote traceback.
+
+    Frames of code shipped by value read ``File "<dynamic-code>"`` on the
+    server; each is matched to the user's function by name and line.
+    """
+    codes: dict[tuple[str, int], types.CodeType] = {}
+    _code_objects(fun, set(), codes)
+
+    def fix(match: re.Match[str]) -> str:
+        line, name = int(match.group(1)), match.group(2)
+        code = codes.get((name, line))
+        if code is None:
+            return match.group(0)
+        source = linecache.getline(code.co_filename, line).strip()
+        frame = f'  File "{code.co_filename}", line {line}, in {name}'
+        return frame + (f"\n    {source}" if source else "")
+
+    return _DYNAMIC_FRAME.sub(fix, text)

@@ -13,8 +13,8 @@ from statehost.server.errors import ApiError
 from statehost.server.runtime import Runtime
 from statehost.server.settings import Settings
 
-__all__ = ["FrameBody", "RuntimeDep", "SettingsDep", "get_runtime", "get_settings",
-           "read_frame", "require_token"]
+__all__ = ["FrameBody", "RuntimeDep", "SettingsDep", "VersionsDep", "get_runtime",
+           "get_settings", "get_versions", "read_frame", "require_token"]
 
 
 def get_settings(request: Request) -> Settings:
@@ -27,6 +27,14 @@ def get_runtime(request: Request) -> Runtime:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_versions() -> dict[str, object]:
+    """The versions this server reports and checks (a dependency, so tests can override)."""
+    return local_versions()
+
+
+VersionsDep = Annotated[dict, Depends(get_versions)]
 
 
 def require_token(request: Request, settings: SettingsDep) -> None:
@@ -52,7 +60,7 @@ def require_token(request: Request, settings: SettingsDep) -> None:
         )
 
 
-async def read_frame(request: Request, settings: SettingsDep) -> Frame:
+async def read_frame(request: Request, settings: SettingsDep, versions: VersionsDep) -> Frame:
     """Reads and decodes a frame body, refusing oversized bodies before reading them whole."""
     where = f"{request.method} {request.url.path}"
     ctype = request.headers.get("content-type", "")
@@ -99,7 +107,7 @@ async def read_frame(request: Request, settings: SettingsDep) -> Frame:
     request.state.body_bytes = pos
     theirs = frame.header.get("versions")
     problems = version_problems(
-        local_versions(), theirs if isinstance(theirs, dict) else {}, me="server", them="client"
+        versions, theirs if isinstance(theirs, dict) else {}, me="server", them="client"
     )
     if problems:
         raise ApiError(
@@ -107,7 +115,7 @@ async def read_frame(request: Request, settings: SettingsDep) -> Frame:
             f"{where}: the client and the server cannot exchange pickles: "
             + "; ".join(problems)
             + ". Fix: install matching versions on both sides.",
-            server=local_versions(), client=theirs,
+            server=versions, client=theirs,
         )
     return frame
 

@@ -180,6 +180,7 @@ class CallResult:
     frame: Encoded
     bytes_out: dict[str, int]
     compiled: int
+    cached: bool
 
 
 def _transform(
@@ -237,7 +238,7 @@ def run_call(
         if stream_id is not None and not isinstance(stream, RandomState):
             raise ApiError(404, "StateNotFoundError", _MSG_MISSING_STATES.format(
                 where=where, ids=stream_id), missing=[stream_id])
-        transform, _ = _transform(frame, staging, cache, session, stream_id or "")
+        transform, cached = _transform(frame, staging, cache, session, stream_id or "")
         args, kwargs = _unpickle(frame, "args", staging.load_ref, where)
         outside = staging.loaded - locked
         if outside:
@@ -266,7 +267,7 @@ def run_call(
     compiled = transform.cache_info().misses - misses
     reply = encode({"written": written, "compiled": compiled}, sections)
     sizes = {name: s.nbytes for name, s in sections.items()}
-    return CallResult(reply, sizes, compiled)
+    return CallResult(reply, sizes, compiled, cached)
 
 
 def _values(ids: list[str], staging: _Staging) -> Any:

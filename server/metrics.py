@@ -22,7 +22,8 @@ class Metrics:
             registry=r,
         )
         self.compiles = Counter(
-            "statehost_compiles", "Calls that had to trace and compile (a plan-cache miss).", registry=r
+            "statehost_compiles", "Calls that had to trace and compile (a plan-cache miss).",
+            registry=r,
         )
         self.function_cache = Counter(
             "statehost_function_cache", "Callable cache lookups.", ["result"], registry=r

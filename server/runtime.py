@@ -48,8 +48,9 @@ class Runtime:
         self.refresh_gauges()
         return len(ids)
 
-    def expire_sessions(self) -> None:
-        for session in self.sessions.pop_expired():
+    def expire_sessions(self, now: float | None = None) -> None:
+        """Frees every session idle past the TTL (as of ``now``, a ``time.monotonic()``)."""
+        for session in self.sessions.pop_expired(now):
             count = self.free(session)
             log.info("session %s expired; freed %d state(s)", session.id[:8], count)
 

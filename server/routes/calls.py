@@ -50,6 +50,7 @@ async def call(frame: FrameBody, rt: RuntimeDep) -> Response:
         m.call_seconds.observe(time.perf_counter() - start)
     m.calls.labels("ok").inc()
     m.compiles.inc(result.compiled)
+    m.function_cache.labels("hit" if result.cached else "miss").inc()
     m.wire_bytes.labels("out", "results").inc(result.bytes_out.get("results", 0))
     m.wire_bytes.labels("out", "state").inc(result.bytes_out.get("states", 0))
     session.calls += 1

@@ -7,8 +7,7 @@ from typing import Any
 import jax
 from fastapi import APIRouter, Depends
 
-from statehost._wire import local_versions
-from statehost.server.deps import SettingsDep, require_token
+from statehost.server.deps import SettingsDep, VersionsDep, require_token
 
 router = APIRouter(prefix="/v1", tags=["info"], dependencies=[Depends(require_token)])
 
@@ -22,9 +21,9 @@ def _memory(device: Any) -> int | None:
 
 
 @router.get("/info")
-def info(settings: SettingsDep) -> dict[str, Any]:
+def info(settings: SettingsDep, versions: VersionsDep) -> dict[str, Any]:
     return {
-        "versions": local_versions(),
+        "versions": versions,
         "devices": [
             {"id": d.id, "platform": d.platform, "kind": d.device_kind, "memory": _memory(d)}
             for d in jax.devices()

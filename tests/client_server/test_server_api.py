@@ -1,0 +1,115 @@
+"""The HTTP surface of the app: auth on every route, info, sessions, metrics, versions."""
+
+import httpx
+import pytest
+
+import statehost
+from statehost._wire import CONTENT_TYPE, encode, local_versions
+from statehost.server import Settings, create_app
+from statehost.server.deps import get_versions
+from statehost.server.testing import InProcessTransport
+from tests.client_server.conftest import TOKEN, URL
+
+ROUTES = [
+    ("GET", "/v1/info"),
+    ("POST", "/v1/sessions"),
+    ("DELETE", "/v1/sessions/abc"),
+    ("POST", "/v1/call"),
+    ("POST", "/v1/states/push"),
+    ("POST", "/v1/states/pull"),
+    ("GET", "/metrics"),
+]
+
+
+@pytest.fixture
+def http(transport):
+    with httpx.Client(base_url=URL, transport=transport) as http:
+        yield http
+
+
+def test_health_is_open(http):
+    assert http.get("/v1/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("method, path", ROUTES)
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", f"Basic {TOKEN}"])
+def test_every_other_route_needs_the_token(http, method, path, auth):
+    headers = {"authorization": auth} if auth else {}
+    response = http.request(method, path, headers=headers)
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["type"] == "AuthError"
+    assert ("no token" if auth is None else "not accepted") in error["message"]
+
+
+def test_info_lists_versions_devices_and_limits(http):
+    info = http.get("/v1/info", headers={"authorization": f"Bearer {TOKEN}"}).json()
+    assert info["versions"] == local_versions()
+    assert [d["id"] for d in info["devices"]] == list(range(8))
+    assert {"id", "platform", "kind", "memory"} <= set(info["devices"][0])
+    assert info["limits"]["max_body"] == 64 * 2**20
+
+
+def test_connect_with_a_wrong_token_raises_auth_error(transport):
+    with pytest.raises(statehost.client.AuthError, match="not accepted"):
+        statehost.connect(URL, token="wrong", transport=transport)
+
+
+def test_connect_refuses_a_server_with_other_versions():
+    app = create_app(Settings(tokens=(TOKEN,)))
+    other = {**local_versions(), "jax": "0.4.30", "python": "3.9"}
+    app.dependency_overrides[get_versions] = lambda: other
+    transport = InProcessTransport(app)
+    try:
+        with pytest.raises(statehost.client.VersionMismatchError) as info:
+            statehost.connect(URL, token=TOKEN, transport=transport)
+        message = str(info.value)
+        assert "jax: client has" in message and "server has 0.4.30" in message
+        assert "python" in message and "server has 3.9" in message
+    finally:
+        transport.shutdown()
+
+
+def test_server_refuses_frames_from_other_versions(http):
+    auth = {"authorization": f"Bearer {TOKEN}", "content-type": CONTENT_TYPE}
+    frame = encode({"session": "x"})
+    body = bytearray(frame.to_bytes())
+    good = f'"jax":"{local_versions()["jax"]}"'.encode()
+    body = body.replace(good, good.replace(b'"jax":"0.', b'"jax":"9.'))
+    response = http.post("/v1/call", content=bytes(body), headers=auth)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "VersionMismatchError"
+    assert "server has" in error["message"] and "client has 9." in error["message"]
+
+
+def test_sessions_open_and_close(http, app):
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    session = http.post("/v1/sessions", headers=auth).json()
+    assert session["ttl"] == 3600.0
+    assert http.delete(f"/v1/sessions/{session['id']}", headers=auth).status_code == 204
+    again = http.delete(f"/v1/sessions/{session['id']}", headers=auth)
+    assert again.status_code == 404
+    assert again.json()["error"]["type"] == "SessionNotFoundError"
+    assert "POST /v1/sessions" in again.json()["error"]["message"]
+
+
+def test_metrics_expose_the_documented_names(client):
+    import jax.numpy as jnp
+
+    client.jit(lambda x: x + 1)(jnp.ones(2))
+    text = client._http.client.get("/metrics").text
+    for name in ["statehost_calls_total", "statehost_call_seconds_bucket",
+                 "statehost_compiles_total", "statehost_wire_bytes_total",
+                 "statehost_resident_state_bytes", "statehost_sessions",
+                 "statehost_queue_depth"]:
+        assert name in text, name
+    assert 'statehost_calls_total{outcome="ok"} 1.0' in text
+    assert "statehost_sessions 1.0" in text
+
+
+def test_wrong_content_type_is_refused(http):
+    response = http.post("/v1/call", content=b"{}", headers={
+        "authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
+    assert response.status_code == 415
+    assert CONTENT_TYPE in response.json()["error"]["message"]

@@ -1,0 +1,119 @@
+"""``statehost serve`` as a user runs it: a real uvicorn subprocess on a loopback port."""
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import statehost
+from tests.core.models import PARAM, Affine
+from tests.serving import free_port, running_server
+
+PMAP = dict(axis_name="i", in_axes=0, out_axes=0, state_in_axes={0: PARAM},
+            state_out_axes={0: PARAM})
+
+
+def _metric(served, name, **labels):
+    text = httpx.get(served.url + "/metrics",
+                     headers={"authorization": f"Bearer {served.token}"}).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("serve")) as served:
+        yield served
+
+
+def test_generated_token_is_private_and_found_by_the_client(tmp_path, monkeypatch):
+    with running_server(tmp_path, token=None) as served:
+        token_file = tmp_path / "xdg" / "statehost" / "token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert f"statehost.connect('{served.url}', token='{served.token}')" in served.output()
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+        with statehost.connect(served.url) as client:
+            assert client.jit(lambda x: x * 2)(jnp.arange(3)).tolist() == [0, 2, 4]
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "elsewhere"))
+        with pytest.raises(statehost.client.AuthError, match="no token"):
+            statehost.connect(served.url)
+
+
+def test_non_loopback_host_without_tokens_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "statehost.server", "serve", "--host", "0.0.0.0",
+         "--port", str(free_port())],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in result.stderr
+    assert "--insecure" in result.stderr and "STATEHOST_TOKENS" in result.stderr
+    assert not (tmp_path / "statehost" / "token").exists()
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "statehost"
+    result = subprocess.run([str(script), "serve", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0
+    assert "--cpu-devices" in result.stdout and "--max-body" in result.stdout
+
+
+def test_state_stays_resident_and_nothing_recompiles(served):
+    with statehost.connect(served.url, token=served.token) as client:
+        model = Affine(8)
+        step = client.pmap(model, **PMAP)
+        step(jnp.ones((8, 4)))
+        state_bytes = _metric(served, "statehost_wire_bytes_total", direction="in",
+                              part="state")
+        compiles = _metric(served, "statehost_compiles_total")
+        for _ in range(10):
+            step(jnp.ones((8, 4)))
+        assert _metric(served, "statehost_wire_bytes_total", direction="in",
+                       part="state") == state_bytes
+        assert _metric(served, "statehost_compiles_total") == compiles
+        np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 12.0))
+
+        lazy = client.pmap(model, pull=False, **PMAP)
+        for _ in range(5):
+            lazy(jnp.ones((8, 4)))
+        np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 12.0))
+        client.pull(model)
+        np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 17.0))
+
+
+def test_a_long_call_does_not_block_the_http_loop(served):
+    def slow(x):
+        def wait(v):
+            time.sleep(2.0)
+            return v
+
+        return jax.pure_callback(wait, jax.ShapeDtypeStruct(x.shape, x.dtype), x) + 1
+
+    answers = []
+    with statehost.connect(served.url, token=served.token) as client:
+        call = threading.Thread(target=lambda: answers.append(client.jit(slow)(jnp.ones(2))))
+        call.start()
+        during = []
+        while call.is_alive():
+            ok = httpx.get(served.url + "/v1/health", timeout=10).status_code == 200
+            during.append(ok and call.is_alive())
+            time.sleep(0.05)
+        call.join()
+    assert any(during), "no health answer arrived while the call ran"
+    assert answers[0].tolist() == [2.0, 2.0]

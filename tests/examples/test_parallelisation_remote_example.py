@@ -1,0 +1,164 @@
+"""Runs ``examples/parallelisation_remote.py`` against a real ``statehost serve``.
+
+The example is the seed notebook driven through ``statehost.connect``; it must
+print the seed's values, as ``examples/parallelisation.py`` does (the expected
+values and the parsing helpers come from that example's test). Where the
+remote run differs by design it is pinned here: outputs come back as numpy
+arrays (``array(...)``, which has no ``weak_type``), ``client.pmap`` returns a
+``RemoteMapping`` around the seed's ``StatefulMapping``, and the states pulled
+back into the local model are ``jax.Array`` again.
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.examples.test_parallelisation_example import (
+    REPO_ROOT,
+    SAMPLE_SHARED,
+    _lines,
+    _numbers,
+    _section,
+)
+from tests.serving import running_server
+
+EXAMPLE = REPO_ROOT / "examples" / "parallelisation_remote.py"
+
+# A printed numpy array (a call's output) or jax.Array (a pulled state value):
+# its class, its numbers, then its keyword arguments (dtype=..., ...).
+_ARRAY = re.compile(r"^(array|Array)\((\[.*?\]), (dtype=[^)]*)\)$", re.MULTILINE | re.DOTALL)
+
+
+def _run_example(env):
+    """Runs the example with exactly ``env`` (plus PATH-like basics); returns stdout."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "STATEHOST_"))}
+    full.update(env, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE)],
+        cwd=REPO_ROOT,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def stdout(tmp_path_factory):
+    """The example's standard output, run once against one server for the whole module."""
+    with running_server(tmp_path_factory.mktemp("serve")) as served:
+        try:
+            return _run_example({"STATEHOST_URL": served.url, "STATEHOST_TOKEN": served.token})
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- server output ---\n{served.output()}") from None
+
+
+@pytest.fixture(scope="module")
+def arrays(stdout):
+    """Every printed array as (class name, numbers, keyword text), in print order."""
+    found = [(cls, _numbers(body), kwargs) for cls, body, kwargs in _ARRAY.findall(stdout)]
+    # add_with_scale, sample_normal, sample_shared, and the final model.weight.value.
+    assert len(found) == 4, stdout
+    return found
+
+
+def test_local_device_count(stdout):
+    assert _lines(stdout)[0] == "local device count: 8"
+
+
+def test_server_device_count(stdout):
+    assert _lines(stdout)[1] == "server device count: 8"
+
+
+def test_updated_shape(stdout):
+    assert "updated shape: (8, 4)" in _lines(stdout)
+
+
+def test_final_weights_pulled_into_the_local_model(stdout):
+    text = _section(stdout, "final weights:", "weights after pairwise update:")
+
+    np.testing.assert_array_equal(_numbers(text), np.arange(1.0, 33.0))
+    assert text.count("\n") == 8  # printed as 8 rows
+
+
+def test_weights_after_pairwise_update_on_two_server_devices(stdout):
+    text = _section(stdout, "weights after pairwise update:", "array(")
+
+    np.testing.assert_array_equal(_numbers(text), [2.0] * 4 + [0.0] * 4)
+    assert text.strip().startswith("[[") and text.count("\n") == 2
+
+
+def test_add_with_scale(arrays):
+    cls, values, kwargs = arrays[0]
+
+    np.testing.assert_array_equal(values, np.arange(8) + 0.5)
+    # The seed shows "dtype=float32, weak_type=True": numpy arrays have no weak type.
+    assert (cls, kwargs) == ("array", "dtype=float32")
+
+
+def test_sample_normal_prints_eight_finite_numbers(arrays):
+    cls, values, kwargs = arrays[1]
+
+    assert values.shape == (8,)
+    assert all(math.isfinite(v) for v in values)
+    assert len(set(values)) == 8  # one key per device
+    assert (cls, kwargs) == ("array", "dtype=float32")
+
+
+def test_sample_shared(arrays):
+    cls, values, kwargs = arrays[2]
+
+    np.testing.assert_allclose(values, SAMPLE_SHARED, rtol=0, atol=1e-5)
+    assert (cls, kwargs) == ("array", "dtype=float32")
+
+
+def test_remote_mapping_wraps_a_stateful_mapping(stdout):
+    lines = _lines(stdout)
+
+    assert "<class 'statehost.client._remote.RemoteMapping'>" in lines
+    assert "transform: <class 'statehost.transform.StatefulMapping'>" in lines
+
+
+def test_origin_fun_repr(stdout):
+    text = _section(stdout, "origin fun:", "state_in_axes:")
+
+    assert text.lstrip().startswith("Affine(")
+    assert "weight=ParamState(" in text
+    assert "float32[2,4]" in text
+
+
+def test_state_in_axes(stdout):
+    assert "state_in_axes: {0: OfType(<class 'statehost.ParamState'>)}" in _lines(stdout)
+
+
+def test_final_weight_value_after_custom_mapping(arrays):
+    cls, values, kwargs = arrays[3]
+
+    np.testing.assert_array_equal(values, np.full(32, 2.0))
+    assert (cls, kwargs) == ("Array", "dtype=float32")  # pulled back as a jax.Array
+
+
+def test_final_weight_value_is_printed_as_8_rows(stdout):
+    last = stdout[stdout.rindex("Array(") :]
+
+    assert last.count("[2., 2., 2., 2.]") == 8
+
+
+def test_example_finds_the_token_a_local_server_wrote(tmp_path):
+    """With no $STATEHOST_TOKEN, connect reads $XDG_CONFIG_HOME/statehost/token."""
+    with running_server(tmp_path, token=None) as served:
+        env = {"STATEHOST_URL": served.url, "XDG_CONFIG_HOME": served.env["XDG_CONFIG_HOME"]}
+        try:
+            out = _run_example(env)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- server output ---\n{served.output()}") from None
+
+    assert "updated shape: (8, 4)" in _lines(out)
+    assert out.rstrip().endswith("dtype=float32)")
