@@ -58,7 +58,7 @@ def test_stateful_mapping_with_custom_mapping_fn(client):
     mapping = client.StatefulMapping(
         model, in_axes=0, out_axes=0, state_in_axes={0: PARAM}, state_out_axes={0: PARAM},
         axis_name="devices",
-        mapping_fn=lambda fun, *a, **kw: jax.pmap(fun, donate_argnums=(0,), *a, **kw),
+        mapping_fn=lambda fun, **kw: jax.pmap(fun, donate_argnums=(0,), **kw),
     )
     mapping(jnp.ones((LANES, 4)))
     mapping(jnp.ones((LANES, 4)))
