@@ -195,6 +195,7 @@ def main() -> None:
         host="127.0.0.1",
         port=args.port,
         log_level=args.log_level,
+        access_log=False,
         timeout_graceful_shutdown=30,
     )
 

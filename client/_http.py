@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from statehost._errors import WireError
-from statehost._wire import CONTENT_TYPE, Encoded, Frame, decode
+from statehost._wire import CONTENT_TYPE, Encoded, Frame, decode, fresh_buffer
 from statehost.client._errors import (
     BY_TYPE,
     ClientClosedError,
@@ -126,23 +126,26 @@ class Http:
             raise ProtocolError(f"{what}: the server's answer is not a frame ({exc}).") from exc
 
 
-def _read(response: httpx.Response) -> bytearray:
-    """The whole body, into one buffer allocated once when the length is known."""
+def _read(response: httpx.Response) -> Any:
+    """The whole body, into one buffer allocated once when the length is known.
+
+    ``iter_raw()`` without a chunk size hands over httpcore's own reads; with
+    one, httpx joins them into new ``bytes`` first (a copy: 0.6 vs 1.0 GB/s).
+    """
     length = response.headers.get("content-length")
     if length is None or not length.isdigit():
         body = bytearray()
         for chunk in response.iter_raw():
             body += chunk
         return body
-    body = bytearray(int(length))
-    view = memoryview(body)
+    view = fresh_buffer(int(length))
     pos = 0
-    for chunk in response.iter_raw(_CHUNK):
+    for chunk in response.iter_raw():
         end = pos + len(chunk)
-        if end > len(body):
+        if end > view.nbytes:
             raise ClientError(f"the server sent more than its Content-Length {length}")
         view[pos:end] = chunk
         pos = end
-    if pos != len(body):
+    if pos != view.nbytes:
         raise TransportError(f"the answer ended after {pos} of {length} bytes")
-    return body
+    return view

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import secrets
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds before an idle session's states are freed (default 3600)")
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--access-log", action="store_true",
+                       help="log every request (costs about 0.15 ms per request)")
     return parser
 
 
@@ -57,6 +60,24 @@ def _write_token(token: str) -> Path:
     return path
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Caps glibc's per-thread malloc arenas (as MALLOC_ARENA_MAX would).
+
+    Device work runs on several threads; with one arena per thread, each call's
+    fresh multi-MiB output lands in memory that must be page-faulted in again
+    instead of reusing what the previous call freed. A 128 MiB resident step took
+    about twice as long on the server as locally; with 2 arenas it matches. Must
+    run before the backend starts its threads; a no-op off glibc.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX from malloc.h
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(
         host=args.host, port=args.port, cpu_devices=args.cpu_devices, data_dir=args.data_dir,
@@ -67,6 +88,7 @@ def serve(args: argparse.Namespace) -> int:
         print(_MSG_INSECURE.format(host=settings.host), file=sys.stderr)
         return 2
 
+    _limit_malloc_arenas()
     # Must happen before any JAX backend starts; it only affects the CPU backend, so a
     # machine with accelerators keeps using them.
     import jax
@@ -93,7 +115,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port,
-        log_level=args.log_level, timeout_graceful_shutdown=30,
+        log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=30,
     )
     return 0
 

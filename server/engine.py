@@ -252,31 +252,31 @@ def run_call(
             ctx = use_default_stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:
                 out = transform(*args, **kwargs)
-            out = jax.device_get(out)
+            written = [s.id for s in touched if s._writes != writes[s.id]]
+            wanted = []
+            if header.get("pull"):
+                wanted = list(dict.fromkeys(written + list(header.get("pull_ids", []))))
+            # One device_get for outputs and states: their copies to host overlap.
+            out, values = jax.device_get((out, _current(wanted, staging)))
         except Exception as exc:
             raise _user_error(exc, where) from exc
     except BaseException:
         staging.rollback()
         raise
     staging.commit()
-    written = [s.id for s in touched if s._writes != writes[s.id]]
-    sections = {"results": pack(out, refs=False)}
+    sections = {"results": pack(out, refs=False, code=False)}
     if header.get("pull"):
-        wanted = list(dict.fromkeys(written + list(header.get("pull_ids", []))))
-        sections["states"] = _values(wanted, staging)
+        sections["states"] = pack(values, refs=False, code=False)
     compiled = transform.cache_info().misses - misses
     reply = encode({"written": written, "compiled": compiled}, sections)
     sizes = {name: s.nbytes for name, s in sections.items()}
     return CallResult(reply, sizes, compiled, cached)
 
 
-def _values(ids: list[str], staging: _Staging) -> Any:
-    pairs = []
-    for state_id in ids:
-        state = staging.lookup(state_id)
-        if state is not None:
-            pairs.append((state_id, jax.device_get(state._value)))
-    return pack(pairs, refs=False)
+def _current(ids: list[str], staging: _Staging) -> list[tuple[str, Any]]:
+    """``(id, value)`` of each state in ``ids`` that this session can see."""
+    states = [(i, staging.lookup(i)) for i in ids]
+    return [(i, s._value) for i, s in states if s is not None]
 
 
 # -- push and pull --------------------------------------------------------------
@@ -304,4 +304,5 @@ def pull_states(frame: Frame, session: Session, store: StateStore) -> Encoded:
     if missing:
         raise ApiError(404, "StateNotFoundError", _MSG_MISSING_STATES.format(
             where="POST /v1/states/pull", ids=", ".join(missing)), missing=missing)
-    return encode({}, {"states": _values(ids, staging)})
+    values = jax.device_get(_current(ids, staging))
+    return encode({}, {"states": pack(values, refs=False, code=False)})
