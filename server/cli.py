@@ -110,8 +110,12 @@ def serve(args: argparse.Namespace) -> int:
     shown = "localhost" if settings.host in {"0.0.0.0", "::"} else settings.host
     url = f"http://{shown}:{settings.port}"
     print(f"statehost serve: {len(devices)} device(s) [{kinds}] on {url}", flush=True)
-    print(f"  connect with: client = statehost.connect({url!r}, "
-          f"token={settings.tokens[0]!r}){token_note}", flush=True)
+    if token_note:
+        print(f"  connect with: client = statehost.connect({url!r}, "
+              f"token={settings.tokens[0]!r}){token_note}", flush=True)
+    else:  # configured tokens are the operator's secrets: never echo them
+        print(f"  connect with: client = statehost.connect({url!r}, token=<one of the "
+              f"{len(settings.tokens)} configured token(s)>)", flush=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port,

@@ -117,3 +117,9 @@ def test_a_long_call_does_not_block_the_http_loop(served):
         call.join()
     assert any(during), "no health answer arrived while the call ran"
     assert answers[0].tolist() == [2.0, 2.0]
+
+
+def test_configured_tokens_are_never_printed(served):
+    output = served.output()
+    assert "configured token(s)" in output
+    assert served.token not in output
