@@ -23,6 +23,7 @@ from statehost._wire import Frame, encode, local_versions, pack, version_problem
 from statehost.client._errors import (
     ProtocolError,
     RemoteExecutionError,
+    StateConflictError,
     StateNotFoundError,
     VersionMismatchError,
 )
@@ -95,6 +96,7 @@ class Client:
         self.url = base_url.rstrip("/")
         self._http = Http(self.url, auth, timeout, transport)
         self._synced: dict[str, int] = {}
+        self._base: dict[str, int] = {}  # the server version each local value is based on
         self._stale: set[str] = set()
         self._digests: set[str] = set()
         self._tracked: weakref.WeakValueDictionary[str, State] = weakref.WeakValueDictionary()
@@ -121,6 +123,7 @@ class Client:
     def _open_session(self) -> None:
         self._session = self._http.json("POST", "/v1/sessions")["id"]
         self._synced.clear()
+        self._base.clear()
         self._stale.clear()
         self._digests.clear()
 
@@ -152,35 +155,45 @@ class Client:
         """The server's devices, usable as ``devices=`` of ``client.pmap``."""
         return [RemoteDevice(**d) for d in self.info["devices"]]
 
-    def _wrap(self, factory: Callable[..., Any], fun: Any, pull: bool, args, kwargs) -> Any:
+    def _wrap(self, factory: Callable[..., Any], fun: Any, extra: dict, args, kwargs) -> Any:
         if fun is MISSING:
-            return lambda f: RemoteMapping(self, factory(f, *args, **kwargs), pull=pull)
-        return RemoteMapping(self, factory(fun, *args, **kwargs), pull=pull)
+            return lambda f: RemoteMapping(self, factory(f, *args, **kwargs), **extra)
+        return RemoteMapping(self, factory(fun, *args, **kwargs), **extra)
 
-    def pmap(self, fun: Any = MISSING, *args: Any, pull: bool = True, **kwargs: Any) -> Any:
-        """``statehost.transform.pmap`` run on the server: same arguments, plus ``pull``.
+    def pmap(self, fun: Any = MISSING, *args: Any, pull: bool = True, retries: int = 0,
+             **kwargs: Any) -> Any:
+        """``statehost.transform.pmap`` run on the server: same arguments, plus two.
 
         Arguments:
             pull: True (default) writes the updated state values into the local
                 ``State`` objects after each call; False leaves them on the server
                 until ``client.pull``.
+            retries: on a :class:`StateConflictError` (a local value based on an
+                outdated version), pull the conflicting states and run again, up to
+                this many times. The local changes to those states are dropped.
 
         Returns:
             A :class:`RemoteMapping` (or a decorator, when ``fun`` is omitted).
         """
-        return self._wrap(_local_pmap, fun, pull, args, kwargs)
+        return self._wrap(_local_pmap, fun, {"pull": pull, "retries": retries}, args, kwargs)
 
-    def vmap(self, fun: Any = MISSING, *, pull: bool = True, **kwargs: Any) -> Any:
-        """``statehost.transform.vmap`` run on the server: same arguments, plus ``pull``."""
-        return self._wrap(_local_vmap, fun, pull, (), kwargs)
+    def vmap(self, fun: Any = MISSING, *, pull: bool = True, retries: int = 0,
+             **kwargs: Any) -> Any:
+        """``statehost.transform.vmap`` run on the server: same arguments, plus ``pull``,
+        ``retries`` (see :meth:`pmap`)."""
+        return self._wrap(_local_vmap, fun, {"pull": pull, "retries": retries}, (), kwargs)
 
-    def jit(self, fun: Any = MISSING, *, pull: bool = True, **kwargs: Any) -> Any:
-        """``statehost.transform.jit`` run on the server: same arguments, plus ``pull``."""
-        return self._wrap(_local_jit, fun, pull, (), kwargs)
+    def jit(self, fun: Any = MISSING, *, pull: bool = True, retries: int = 0,
+            **kwargs: Any) -> Any:
+        """``statehost.transform.jit`` run on the server: same arguments, plus ``pull``,
+        ``retries`` (see :meth:`pmap`)."""
+        return self._wrap(_local_jit, fun, {"pull": pull, "retries": retries}, (), kwargs)
 
-    def StatefulMapping(self, fun: Any, *args: Any, pull: bool = True, **kwargs: Any) -> Any:  # noqa: N802
-        """``statehost.transform.StatefulMapping`` run on the server, plus ``pull``."""
-        return RemoteMapping(self, _LocalStatefulMapping(fun, *args, **kwargs), pull=pull)
+    def StatefulMapping(self, fun: Any, *args: Any, pull: bool = True, retries: int = 0,  # noqa: N802
+                        **kwargs: Any) -> Any:
+        """``statehost.transform.StatefulMapping`` run on the server, plus ``pull``, ``retries``."""
+        return RemoteMapping(self, _LocalStatefulMapping(fun, *args, **kwargs), pull=pull,
+                             retries=retries)
 
     # -- state sync -----------------------------------------------------------
     def _needs_upload(self, state: State) -> bool:
@@ -199,12 +212,15 @@ class Client:
     def _apply(self, frame: Frame, known: Mapping[str, State]) -> set[str]:
         """Writes the values a frame brought back into the local states."""
         pulled = set()
+        versions = frame.header.get("state_versions", {})
         for state_id, value in frame.section("states") or []:
             state = known.get(state_id) or self._tracked.get(state_id)
             if state is None:
                 continue
             state.value = jax.device_put(value)
             self._synced[state_id] = state.write_count
+            if state_id in versions:
+                self._base[state_id] = versions[state_id]
             self._stale.discard(state_id)
             pulled.add(state_id)
         return pulled
@@ -217,10 +233,12 @@ class Client:
         """
         states = {s.id: s for s in _collect(module_or_states, "statehost.Client.push")}
         counts = {i: s.write_count for i, s in states.items()}
-        header = {"session": self._session, "uploads": list(states)}
-        self._frame("/v1/states/push", header, {"states": self._records(states.values())})
+        header = {"session": self._session, "uploads": {i: self._base.get(i) for i in states}}
+        frame = self._frame("/v1/states/push", header,
+                            {"states": self._records(states.values())})
         self._tracked.update(states)
         self._mark_synced(counts)
+        self._base.update(frame.header.get("state_versions", {}))
 
     def pull(self, module_or_states: Any) -> None:
         """Writes the server's current values into these local states.
@@ -237,6 +255,17 @@ class Client:
 
     # -- the call --------------------------------------------------------------
     def _call(self, mapping: RemoteMapping, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        for attempt in range(mapping.retries + 1):
+            try:
+                return self._call_once(mapping, args, kwargs)
+            except StateConflictError as exc:
+                if attempt == mapping.retries:
+                    raise
+                ids = [c["id"] for c in exc.conflicts]
+                self.pull([self._tracked[i] for i in ids if i in self._tracked])
+        raise AssertionError("unreachable")
+
+    def _call_once(self, mapping: RemoteMapping, args: tuple[Any, ...], kwargs: dict[str, Any]):
         packed = mapping.packed()
         call_args = pack(_to_host((args, kwargs)))
         stream = default_stream()
@@ -250,7 +279,7 @@ class Client:
                 "session": self._session,
                 "function": {"digest": packed.digest},
                 "refs": list(refs),
-                "uploads": list(counts),
+                "uploads": {i: self._base.get(i) for i in counts},
                 "default_stream": stream.id,
                 "pull": mapping.pull,
                 "pull_ids": [i for i in refs if i in self._stale] if mapping.pull else [],
@@ -278,7 +307,12 @@ class Client:
         self._tracked.update(refs)
         self._mark_synced(counts)
         pulled = self._apply(frame, refs)
-        self._stale.update(set(frame.header.get("written", [])) - pulled)
+        written = set(frame.header.get("written", []))
+        uploaded = frame.header.get("uploaded_versions", {})
+        for state_id in counts:
+            if state_id not in pulled and state_id in uploaded:
+                self._base[state_id] = uploaded[state_id]
+        self._stale.update(written - pulled)
         return frame.section("results")
 
     def _reopen(self, refs: Mapping[str, State], what: str) -> None:

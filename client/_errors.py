@@ -12,6 +12,8 @@
         ├── ProtocolError               a malformed frame or request (HTTP 400/415)
         │   └── PayloadError            the server could not unpickle what was sent
         ├── StateNotFoundError          the server has no such state (HTTP 404)
+        ├── NotFoundError               no such name, or not visible to this token (HTTP 404)
+        ├── StateConflictError          an upload based on an outdated version (HTTP 409)
         ├── RemoteExecutionError        the user's function raised on the server (HTTP 422)
         └── ServerError                 the server failed (HTTP 5xx)
 """
@@ -26,11 +28,13 @@ __all__ = [
     "AuthError",
     "ClientClosedError",
     "ClientError",
+    "NotFoundError",
     "PayloadError",
     "PayloadTooLargeError",
     "ProtocolError",
     "RemoteExecutionError",
     "ServerError",
+    "StateConflictError",
     "StateNotFoundError",
     "TransportError",
     "VersionMismatchError",
@@ -89,6 +93,22 @@ class StateNotFoundError(ClientError):
         return list(self.body.get("missing", []))
 
 
+class NotFoundError(ClientError):
+    """No object, function or namespace of that name is visible to this token."""
+
+
+class StateConflictError(ClientError):
+    """The server refused a lost update: a state changed there since this client synced.
+
+    ``conflicts`` lists ``{"id", "name", "server_version", "base_version", "writer"}``.
+    Nothing was committed. ``client.pull`` re-bases; ``retries=N`` does it for you.
+    """
+
+    @property
+    def conflicts(self) -> list[dict[str, Any]]:
+        return list(self.body.get("conflicts", []))
+
+
 class RemoteExecutionError(ClientError):
     """The function raised on the server; every state kept its previous value.
 
@@ -116,6 +136,8 @@ BY_TYPE: dict[str, type[ClientError]] = {
     "ProtocolError": ProtocolError,
     "PayloadError": PayloadError,
     "StateNotFoundError": StateNotFoundError,
+    "StateConflictError": StateConflictError,
+    "NotFound": NotFoundError,
     "RemoteExecutionError": RemoteExecutionError,
     "ServerError": ServerError,
 }

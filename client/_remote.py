@@ -61,11 +61,14 @@ class RemoteMapping:
     ``jax.jit`` keeps its first trace: build a new mapping to ship changed code.
     """
 
-    def __init__(self, client: Client, transform: Any, *, pull: bool = True):
+    def __init__(self, client: Client, transform: Any, *, pull: bool = True, retries: int = 0):
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"client transform: retries={retries!r} must be an int >= 0.")
         self._client = client
         self._transform = transform
         self._packed: _Packed | None = None
         self.pull = bool(pull)
+        self.retries = retries
         functools.update_wrapper(self, transform, updated=())
 
     @property

@@ -28,6 +28,23 @@ async def _sweep(rt: Runtime) -> None:
         rt.expire_sessions()
 
 
+async def flush(rt: Runtime) -> int:
+    """Writes every dirty named state, holding its lock so the value is a committed one."""
+    dirty = rt.store.dirty()
+    if not dirty:
+        return 0
+    return await rt.scheduler.run(dirty, rt.registry.flush, dirty)
+
+
+async def _flusher(rt: Runtime) -> None:
+    while True:
+        await asyncio.sleep(rt.settings.flush_interval)
+        try:
+            await flush(rt)
+        except Exception:  # a full disk must not stop the server; the next round retries
+            log.exception("flushing named states failed")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the app; nothing is started until its lifespan runs (uvicorn does that).
 
@@ -42,14 +59,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(_sweep(runtime))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.registry.reload)
+        tasks = [asyncio.create_task(_sweep(runtime)), asyncio.create_task(_flusher(runtime))]
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            written = await flush(runtime)
+            log.info("shutdown: flushed %d named state(s)", written)
             runtime.scheduler.shutdown()
+            runtime.registry.db.close()
 
     app = FastAPI(title="statehost", version=__version__, lifespan=lifespan)
     app.state.settings = settings

@@ -7,7 +7,6 @@ cost about 0.4 ms on a small machine (measured with bench/bench_remote.py).
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -21,12 +20,14 @@ from statehost._wire import (
     local_versions,
     version_problems,
 )
+from statehost.server.auth import Principal, resolve
 from statehost.server.errors import ApiError
 from statehost.server.runtime import Runtime
 from statehost.server.settings import Settings
 
-__all__ = ["FrameBody", "RuntimeDep", "SettingsDep", "VersionsDep", "get_runtime",
-           "get_settings", "get_versions", "read_frame", "require_token"]
+__all__ = ["FrameBody", "PrincipalDep", "RuntimeDep", "SettingsDep", "VersionsDep",
+           "get_runtime", "get_settings", "get_versions", "read_frame", "require_submit",
+           "require_token"]
 
 
 async def get_settings(request: Request) -> Settings:
@@ -49,8 +50,8 @@ async def get_versions() -> dict[str, object]:
 VersionsDep = Annotated[dict, Depends(get_versions)]
 
 
-async def require_token(request: Request, settings: SettingsDep) -> None:
-    """Every route but ``/v1/health``: ``Authorization: Bearer <token>``."""
+async def require_token(request: Request, settings: SettingsDep, rt: RuntimeDep) -> Principal:
+    """Every route but ``/v1/health``: ``Authorization: Bearer <token>``; sets the principal."""
     where = f"{request.method} {request.url.path}"
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -62,13 +63,30 @@ async def require_token(request: Request, settings: SettingsDep) -> None:
             "$XDG_CONFIG_HOME/statehost/token).",
         )
     token = token.strip()
-    if scheme.lower() != "bearer" or not any(
-        hmac.compare_digest(token.encode(), t.encode()) for t in settings.tokens
-    ):
+    principal = resolve(token, settings.tokens, rt.registry.db) if scheme.lower() == "bearer" \
+        else None
+    if principal is None:
         raise ApiError(
             401, "AuthError",
             f"{where}: the token is not accepted by this server. Fix: use the token the server "
-            "printed at start (or one from STATEHOST_TOKENS).",
+            "printed at start, one from STATEHOST_TOKENS, or one made with "
+            "`statehost token create`.",
+        )
+    request.state.principal = principal
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(require_token)]
+
+
+async def require_submit(principal: PrincipalDep, request: Request) -> None:
+    """Routes that take pickles (code): the token needs scope ``submit``."""
+    if not principal.has("submit"):
+        raise ApiError(
+            403, "AuthError",
+            f"{request.method} {request.url.path}: this token has scope {principal.scope!r}; "
+            "sending code needs 'submit'. Fix: use a token made with --scope submit, or the "
+            "JSON API (/docs) for read and invoke.",
         )
 
 

@@ -23,6 +23,7 @@ from statehost._wire import Encoded, Frame, encode, pack
 from statehost.random import RandomState, use_default_stream
 from statehost.server.errors import ApiError
 from statehost.server.functions import CachedFunction, FunctionCache
+from statehost.server.runtime import Runtime
 from statehost.server.store import Session, StateStore
 from statehost.transform import StatefulFunction, StatefulMapping
 
@@ -35,6 +36,11 @@ _MSG_MISSING_STATES = (
     "when the session is deleted or idle past its TTL, and a state made by another session "
     "is not visible here. Fix: push the values again (client.push(module)) or re-run the "
     "call, which uploads states the server lacks."
+)
+_MSG_CONFLICT = (
+    "{where}: refused a lost update, nothing was committed. {lines}. Someone committed a newer "
+    "value since this client last synced. Fix: client.pull(...) the state (dropping the local "
+    "change) and re-run, or pass retries=N to client.pmap/vmap/jit to do that automatically."
 )
 _MSG_MISSING_MODULE = (
     "{where}: unpickling the callable needs module {module!r}, which the server cannot "
@@ -54,21 +60,36 @@ class _Staging:
     old: dict[str, tuple[State, Any, int]] = field(default_factory=dict)
     new: dict[str, State] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
 
     def lookup(self, state_id: str) -> State | None:
         return self.new.get(state_id) or self.store.get(state_id, self.session)
 
-    def stage(self, records: Any, where: str) -> list[str]:
-        """Puts uploaded ``(cls, id, name, tag, value)`` records in place; returns ids."""
+    def stage(self, records: Any, where: str, bases: Any = None) -> list[str]:
+        """Puts uploaded ``(cls, id, name, tag, value)`` records in place; returns ids.
+
+        ``bases`` maps a state id to the version its uploaded value was based on;
+        an upload based on an older version than the server's is a lost update,
+        refused with 409 (:data:`_MSG_CONFLICT`), and nothing is staged.
+        """
         if records is None:
             return []
         if not isinstance(records, list):
             raise ApiError(400, "ProtocolError", f"{where}: the states section is not a list.")
+        bases = bases if isinstance(bases, dict) else {}
         ids = []
         for record in records:
             cls, state_id, name, tag, value = _check_record(record, where)
-            value = jax.device_put(value)
             state = self.lookup(state_id)
+            meta = self.store.meta(state_id) if state is not None else None
+            if meta is not None and bases.get(state_id) != meta.version:
+                self.conflicts.append({
+                    "id": state_id, "name": meta.name or name or state_id[:8],
+                    "server_version": meta.version, "base_version": bases.get(state_id),
+                    "writer": meta.writer,
+                })
+                continue
+            value = jax.device_put(value)
             if state is None:
                 state = cls.__new__(cls)
                 state.__setstate__({"value": value, "id": state_id, "name": name, "tag": tag})
@@ -77,6 +98,12 @@ class _Staging:
                 self.old.setdefault(state_id, (state, state._value, state._writes))
                 state._value = value
             ids.append(state_id)
+        if self.conflicts:
+            lines = "; ".join(
+                f"{c['name']}: the server has version {c['server_version']} (by {c['writer']}), "
+                f"the upload is based on version {c['base_version']}" for c in self.conflicts)
+            raise ApiError(409, "StateConflictError", _MSG_CONFLICT.format(
+                where=where, lines=lines), conflicts=self.conflicts)
         return ids
 
     def load_ref(self, ref: Any) -> State:
@@ -219,15 +246,15 @@ def _transform(
     return transform, False
 
 
-def run_call(
-    frame: Frame, session: Session, store: StateStore, cache: FunctionCache, locked: set[str]
-) -> CallResult:
+def run_call(frame: Frame, session: Session, rt: Runtime, locked: set[str]) -> CallResult:
     """Runs ``POST /v1/call``; every state is unchanged if anything fails."""
     header = frame.header
     where = "POST /v1/call"
-    staging = _Staging(store, session)
+    staging = _Staging(rt.store, session)
+    cache = rt.functions
     try:
-        staging.stage(_unpickle(frame, "states", None, where), where)
+        uploaded = staging.stage(_unpickle(frame, "states", None, where), where,
+                                 header.get("uploads"))
         refs = header.get("refs", [])
         missing = [i for i in refs if staging.lookup(i) is None]
         if missing:
@@ -264,11 +291,17 @@ def run_call(
         staging.rollback()
         raise
     staging.commit()
+    # An upload is a commit (version + 1), and so is the call's write after it.
+    rt.commit([i for i in uploaded if i not in staging.new], session, durable=False)
+    as_uploaded = {i: rt.store.meta(i).version for i in uploaded}
+    rt.commit(written, session)
+    versions = {s.id: rt.store.meta(s.id).version for s in touched}
     sections = {"results": pack(out, refs=False, code=False)}
     if header.get("pull"):
         sections["states"] = pack(values, refs=False, code=False)
     compiled = transform.cache_info().misses - misses
-    reply = encode({"written": written, "compiled": compiled}, sections)
+    reply = encode({"written": written, "compiled": compiled, "state_versions": versions,
+                    "uploaded_versions": as_uploaded}, sections)
     sizes = {name: s.nbytes for name, s in sections.items()}
     return CallResult(reply, sizes, compiled, cached)
 
@@ -280,29 +313,32 @@ def _current(ids: list[str], staging: _Staging) -> list[tuple[str, Any]]:
 
 
 # -- push and pull --------------------------------------------------------------
-def push_states(frame: Frame, session: Session, store: StateStore) -> Encoded:
+def push_states(frame: Frame, session: Session, rt: Runtime) -> Encoded:
     """``POST /v1/states/push``: stores uploaded values (all of them, or none)."""
-    staging = _Staging(store, session)
+    staging = _Staging(rt.store, session)
+    where = "POST /v1/states/push"
     try:
-        ids = staging.stage(_unpickle(frame, "states", None, "POST /v1/states/push"),
-                            "POST /v1/states/push")
+        ids = staging.stage(_unpickle(frame, "states", None, where), where,
+                            frame.header.get("uploads"))
     except BaseException:
         staging.rollback()
         raise
     staging.commit()
-    return encode({"stored": ids})
+    rt.commit([i for i in ids if i not in staging.new], session)
+    return encode({"stored": ids, "state_versions": {i: rt.store.meta(i).version for i in ids}})
 
 
-def pull_states(frame: Frame, session: Session, store: StateStore) -> Encoded:
+def pull_states(frame: Frame, session: Session, rt: Runtime) -> Encoded:
     """``POST /v1/states/pull``: the current values of ``header.ids``."""
     ids = frame.header.get("ids")
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ApiError(400, "ProtocolError",
                        "POST /v1/states/pull: header.ids must be a list of state ids.")
-    staging = _Staging(store, session)
+    staging = _Staging(rt.store, session)
     missing = [i for i in ids if staging.lookup(i) is None]
     if missing:
         raise ApiError(404, "StateNotFoundError", _MSG_MISSING_STATES.format(
             where="POST /v1/states/pull", ids=", ".join(missing)), missing=missing)
     values = jax.device_get(_current(ids, staging))
-    return encode({}, {"states": pack(values, refs=False, code=False)})
+    versions = {i: rt.store.meta(i).version for i in ids}
+    return encode({"state_versions": versions}, {"states": pack(values, refs=False, code=False)})

@@ -57,6 +57,9 @@ class Settings:
         session_ttl: seconds after which an idle session and its states are freed.
         workers: threads running device work.
         function_cache_size: unpickled callables kept, least recently used evicted.
+        durability: default durability of new namespaces: sync, interval or none.
+        flush_interval: seconds between flushes of dirty named states (``interval``).
+        json_max_elements: largest array the JSON API answers as nested lists.
     """
 
     host: str = "127.0.0.1"
@@ -69,6 +72,9 @@ class Settings:
     session_ttl: float = 3600.0
     workers: int = 4
     function_cache_size: int = 256
+    durability: str = "interval"
+    flush_interval: float = 5.0
+    json_max_elements: int = 1_000_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -89,6 +95,12 @@ class Settings:
             raise ValueError(f"statehost settings: cpu_devices={self.cpu_devices} must be >= 1.")
         if self.max_body < 1:
             raise ValueError(f"statehost settings: max_body={self.max_body} must be positive.")
+        if self.durability not in ("sync", "interval", "none"):
+            raise ValueError(f"statehost settings: durability={self.durability!r} must be one "
+                             "of sync, interval, none.")
+        if self.flush_interval <= 0:
+            raise ValueError(f"statehost settings: flush_interval={self.flush_interval} must "
+                             "be > 0.")
         if self.session_ttl <= 0:
             raise ValueError(f"statehost settings: session_ttl={self.session_ttl} must be > 0.")
 
@@ -103,9 +115,10 @@ def _convert(name: str, raw: str) -> Any:
             return raw.lower() in {"1", "true", "yes"}
         if name == "max_body":
             return parse_size(raw)
-        if name in {"port", "cpu_devices", "workers", "function_cache_size"}:
+        if name in {"port", "cpu_devices", "workers", "function_cache_size",
+                    "json_max_elements"}:
             return int(raw)
-        if name == "session_ttl":
+        if name in {"session_ttl", "flush_interval"}:
             return float(raw)
         return raw
     except ValueError as exc:

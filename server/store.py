@@ -1,8 +1,10 @@
-"""Resident states and the client sessions that own them.
+"""Resident states, their versions, and the client sessions that own anonymous ones.
 
 A state's value stays a ``jax.Array`` on this server's devices, sharded as the
-last call left it. Each anonymous state belongs to the session that sent it;
-other sessions cannot see it, and it is freed with its session.
+last call left it. An anonymous state belongs to the session that sent it;
+other sessions cannot see it, and it is freed with its session. A named state
+belongs to a namespace: every session whose token may read that namespace
+sees it, and it lives until deleted. Every commit of a state bumps its version.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from dataclasses import dataclass, field
 import jax
 
 from statehost import State
+from statehost.server.auth import Principal
 
-__all__ = ["Session", "SessionTable", "StateStore", "state_nbytes"]
+__all__ = ["Meta", "Session", "SessionTable", "StateStore", "state_nbytes"]
+
+_ANONYMOUS = Principal(None, "admin", "anonymous")
 
 
 def state_nbytes(state: State) -> int:
@@ -28,8 +33,22 @@ class Session:
     id: str
     created: float
     last_seen: float
+    principal: Principal = _ANONYMOUS
     calls: int = 0
     states: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Meta:
+    """What the store knows of a state besides its value."""
+
+    owner: str  # the session id of an anonymous state; "" for a named one
+    namespace: str | None = None
+    name: str | None = None  # "object" or "object.path" for a named state
+    version: int = 0
+    writer: str = ""
+    updated: float = 0.0
+    durable: int = 0  # the last version written to disk
 
 
 class SessionTable:
@@ -40,9 +59,9 @@ class SessionTable:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def create(self) -> Session:
+    def create(self, principal: Principal = _ANONYMOUS) -> Session:
         now = time.monotonic()
-        session = Session(secrets.token_hex(16), now, now)
+        session = Session(secrets.token_hex(16), now, now, principal)
         with self._lock:
             self._sessions[session.id] = session
         return session
@@ -72,39 +91,91 @@ class SessionTable:
 
 
 class StateStore:
-    """id -> resident ``State``, each owned by one session."""
+    """id -> resident ``State`` and its :class:`Meta`."""
 
     def __init__(self) -> None:
         self._states: dict[str, State] = {}
-        self._owner: dict[str, str] = {}
+        self._meta: dict[str, Meta] = {}
         self._lock = threading.Lock()
 
     def get(self, state_id: str, session: Session) -> State | None:
         """The state if it exists and ``session`` may see it."""
         state = self._states.get(state_id)
-        if state is None or self._owner.get(state_id) != session.id:
+        meta = self._meta.get(state_id)
+        if state is None or meta is None:
             return None
-        return state
+        if meta.owner == session.id:
+            return state
+        if meta.namespace is not None and session.principal.can(meta.namespace, "read"):
+            return state
+        return None
+
+    def meta(self, state_id: str) -> Meta | None:
+        return self._meta.get(state_id)
+
+    def by_id(self, state_id: str) -> State | None:
+        return self._states.get(state_id)
 
     def add(self, state: State, session: Session) -> None:
+        """A new anonymous state of ``session`` (version 1: its first value)."""
         with self._lock:
             self._states[state.id] = state
-            self._owner[state.id] = session.id
+            self._meta[state.id] = Meta(session.id, version=1, writer=session.principal.label,
+                                        updated=time.time())
             session.states.add(state.id)
 
-    def free(self, session: Session) -> list[str]:
-        """Drops every state ``session`` owns; returns their ids."""
+    def add_named(self, state: State, meta: Meta) -> None:
         with self._lock:
-            ids = [i for i in session.states if self._owner.get(i) == session.id]
+            self._states[state.id] = state
+            self._meta[state.id] = meta
+
+    def name(self, state_id: str, namespace: str, name: str, session: Session) -> Meta:
+        """Moves a state into ``namespace`` under ``name`` (it outlives the session)."""
+        with self._lock:
+            meta = self._meta[state_id]
+            meta.owner, meta.namespace, meta.name = "", namespace, name
+            session.states.discard(state_id)
+            return meta
+
+    def bump(self, ids: list[str], writer: str) -> dict[str, int]:
+        """Records a commit of each state in ``ids``; returns their new versions."""
+        now = time.time()
+        out = {}
+        with self._lock:
+            for state_id in ids:
+                meta = self._meta.get(state_id)
+                if meta is not None:
+                    meta.version += 1
+                    meta.writer, meta.updated = writer, now
+                    out[state_id] = meta.version
+        return out
+
+    def remove(self, ids: list[str]) -> None:
+        with self._lock:
+            for state_id in ids:
+                self._states.pop(state_id, None)
+                self._meta.pop(state_id, None)
+
+    def free(self, session: Session) -> list[str]:
+        """Drops every anonymous state ``session`` owns; returns their ids."""
+        with self._lock:
+            ids = [i for i in session.states if self._meta.get(i, Meta("")).owner == session.id]
             for i in ids:
                 self._states.pop(i, None)
-                self._owner.pop(i, None)
+                self._meta.pop(i, None)
             session.states.clear()
         return ids
 
-    def nbytes(self) -> int:
+    def dirty(self) -> list[str]:
+        """Named states whose newest version is not on disk yet."""
         with self._lock:
-            states = list(self._states.values())
+            return [i for i, m in self._meta.items()
+                    if m.namespace is not None and m.version > m.durable]
+
+    def nbytes(self, namespace: str | None = None) -> int:
+        with self._lock:
+            states = [s for i, s in self._states.items()
+                      if namespace is None or self._meta[i].namespace == namespace]
         return sum(state_nbytes(s) for s in states)
 
     def __len__(self) -> int:

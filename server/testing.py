@@ -20,7 +20,9 @@ class InProcessTransport(httpx.BaseTransport):
 
     Example:
         >>> from statehost.server import Settings, create_app
-        >>> transport = InProcessTransport(create_app(Settings(tokens=("t",))))
+        >>> import tempfile
+        >>> app = create_app(Settings(tokens=("t",), data_dir=tempfile.mkdtemp()))
+        >>> transport = InProcessTransport(app)
         >>> httpx.Client(transport=transport).get("http://x/v1/health").json()
         {'status': 'ok'}
         >>> transport.shutdown()

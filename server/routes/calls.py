@@ -6,17 +6,22 @@ import time
 
 from fastapi import APIRouter, Depends, Response
 
-from statehost.server.deps import FrameBody, RuntimeDep, require_token
+from statehost.server.deps import FrameBody, RuntimeDep, require_submit, require_token
 from statehost.server.engine import run_call
 from statehost.server.errors import ApiError
 from statehost.server.routes._frames import frame_response
 
-router = APIRouter(prefix="/v1", tags=["calls"], dependencies=[Depends(require_token)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["calls"],
+    dependencies=[Depends(require_token), Depends(require_submit)],
+)
 
 _OUTCOMES = {
     "RemoteExecutionError": "user_error",
     "StateNotFoundError": "state_not_found",
     "FunctionNotCachedError": "function_not_cached",
+    "StateConflictError": "conflict",
 }
 
 
@@ -37,9 +42,7 @@ async def call(frame: FrameBody, rt: RuntimeDep) -> Response:
     session = rt.session(frame.header.get("session"), "POST /v1/call")
     keys = _lock_keys(frame.header)
     try:
-        result = await rt.scheduler.run(
-            keys, run_call, frame, session, rt.store, rt.functions, keys
-        )
+        result = await rt.scheduler.run(keys, run_call, frame, session, rt, keys)
     except ApiError as exc:
         m.calls.labels(_OUTCOMES.get(exc.type, "bad_request")).inc()
         raise

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 
-from statehost.server.deps import RuntimeDep, require_token
+from statehost.server.deps import PrincipalDep, RuntimeDep, require_token
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)])
 
 
 @router.post("", status_code=201)
-def open_session(rt: RuntimeDep) -> dict[str, object]:
-    session = rt.sessions.create()
+def open_session(rt: RuntimeDep, principal: PrincipalDep) -> dict[str, object]:
+    session = rt.sessions.create(principal)
     rt.refresh_gauges()
     return {"id": session.id, "ttl": rt.settings.session_ttl}
 

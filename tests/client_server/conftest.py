@@ -12,8 +12,8 @@ URL = "http://statehost.test"
 
 
 @pytest.fixture
-def app():
-    return create_app(Settings(tokens=(TOKEN,), max_body=64 * 2**20))
+def app(tmp_path):
+    return create_app(Settings(tokens=(TOKEN,), max_body=64 * 2**20, data_dir=tmp_path / "data"))
 
 
 @pytest.fixture

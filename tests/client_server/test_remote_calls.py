@@ -125,12 +125,27 @@ def test_pull_false_leaves_values_remote_until_pull(client):
 
 def test_push_replaces_the_server_value(client):
     model = Affine(LANES)
-    step = client.pmap(model, pull=False, **_pmap_options())
-    step(jnp.ones((LANES, 4)))
+    client.push(model)
     model.weight.value = jnp.full((LANES, 4), 7.0)
     client.push(model)
     model.weight.value = jnp.zeros((LANES, 4))
     client.pull(model.weight)
+    np.testing.assert_array_equal(model.weight.value, np.full((LANES, 4), 7.0))
+
+
+def test_a_push_based_on_an_outdated_version_is_refused(client):
+    model = Affine(LANES)
+    client.pmap(model, pull=False, **_pmap_options())(jnp.ones((LANES, 4)))  # server: 2.0
+    model.weight.value = jnp.full((LANES, 4), 7.0)  # based on 1.0: would lose the call's write
+    with pytest.raises(statehost.client.StateConflictError, match="refused a lost update") as e:
+        client.push(model)
+    assert e.value.status == 409
+    assert e.value.conflicts[0]["server_version"] == e.value.conflicts[0]["base_version"] + 1
+    client.pull(model)
+    np.testing.assert_array_equal(model.weight.value, np.full((LANES, 4), 2.0))
+    model.weight.value = jnp.full((LANES, 4), 7.0)  # now based on the newest version
+    client.push(model)
+    client.pull(model)
     np.testing.assert_array_equal(model.weight.value, np.full((LANES, 4), 7.0))
 
 

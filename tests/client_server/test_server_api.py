@@ -55,8 +55,8 @@ def test_connect_with_a_wrong_token_raises_auth_error(transport):
         statehost.connect(URL, token="wrong", transport=transport)
 
 
-def test_connect_refuses_a_server_with_other_versions():
-    app = create_app(Settings(tokens=(TOKEN,)))
+def test_connect_refuses_a_server_with_other_versions(tmp_path):
+    app = create_app(Settings(tokens=(TOKEN,), data_dir=tmp_path))
     other = {**local_versions(), "jax": "0.4.30", "python": "3.9"}
     app.dependency_overrides[get_versions] = lambda: other
     transport = InProcessTransport(app)

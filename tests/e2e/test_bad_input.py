@@ -143,7 +143,7 @@ def call_frame(client, resident: Resident, *, refs=None, sections=None) -> bytes
         "session": client._session,  # the client's own session: its states are visible
         "function": {"digest": packed.digest},
         "refs": [state.id] if refs is None else refs,
-        "uploads": [state.id],
+        "uploads": {state.id: client._base[state.id]},  # the version it is based on
         "default_stream": None,
         "pull": True,
         "pull_ids": [],

@@ -1,0 +1,227 @@
+"""Named states: objects put under ``namespace/name``, their persistence and reload.
+
+``put`` moves a client's states into a namespace and records the object's
+structure (a pickle whose states are references); ``get`` sends both back.
+Values are written to safetensors files (``persist.py``) according to the
+namespace's durability: ``sync`` before a commit is acknowledged, ``interval``
+by a background flush and at shutdown, ``none`` never. On start, ``reload``
+puts every named state back on the devices with the sharding it had.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import jax
+import numpy as np
+
+from statehost import State
+from statehost.server.db import Database, ObjectRow, StateRow
+from statehost.server.errors import ApiError
+from statehost.server.persist import (
+    DamagedStateError,
+    describe_sharding,
+    load_value,
+    place,
+    save_value,
+)
+from statehost.server.store import Meta, Session, StateStore, state_nbytes
+
+__all__ = ["Registry", "split_name"]
+
+log = logging.getLogger("statehost.server")
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+def split_name(full: Any, where: str) -> tuple[str, str]:
+    """``"team/net"`` -> ``("team", "net")``, or a 400 that shows the expected form."""
+    parts = full.split("/") if isinstance(full, str) else []
+    if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
+        raise ApiError(
+            400, "ProtocolError",
+            f"{where}: {full!r} is not a name of the form 'namespace/name' (letters, digits, "
+            "'_', '-', '.'; e.g. 'team/net').",
+        )
+    return parts[0], parts[1]
+
+
+def _leaves(value: Any) -> list[dict[str, Any]]:
+    return [{"shape": list(np.shape(x)), "dtype": str(np.asarray(x).dtype)
+             if not hasattr(x, "dtype") else str(x.dtype)}
+            for x in jax.tree_util.tree_leaves(value)]
+
+
+class Registry:
+    """Named objects and states of one server, backed by SQLite and safetensors files."""
+
+    def __init__(self, data_dir: Path, store: StateStore, default_durability: str):
+        self.data_dir = data_dir
+        self.db = Database(data_dir / "statehost.db")
+        self.store = store
+        self.default_durability = default_durability
+        self.damaged: dict[str, str] = {}
+
+    # -- access -------------------------------------------------------------------
+    def visible(self, session_or_principal: Any, namespace: str, scope: str, where: str) -> None:
+        """404 for a namespace the caller cannot read (never 403: names stay hidden)."""
+        principal = getattr(session_or_principal, "principal", session_or_principal)
+        if not principal.can(namespace, "read"):
+            raise ApiError(404, "NotFound",
+                           f"{where}: no namespace {namespace!r} visible to this token.")
+        if not principal.can(namespace, scope):
+            raise ApiError(403, "AuthError",
+                           f"{where}: this token may only {principal.scope} in {namespace!r}; "
+                           f"this needs scope {scope!r}. Fix: use a token with that scope.")
+
+    def durability(self, namespace: str) -> str:
+        return self.db.ensure_namespace(namespace, self.default_durability)
+
+    # -- put / get ----------------------------------------------------------------
+    def put(self, session: Session, full: str, kind: str, structure: bytes,
+            paths: dict[str, str]) -> dict[str, Any]:
+        """Names the (already uploaded) states of an object and stores its structure."""
+        where = "POST /v1/objects/put"
+        namespace, name = split_name(full, where)
+        self.visible(session, namespace, "submit", where)
+        states = {}
+        for state_id in paths:
+            state = self.store.get(state_id, session)
+            if state is None:
+                raise ApiError(404, "StateNotFoundError",
+                               f"{where}: state {state_id} of {full!r} is not on the server.",
+                               missing=[state_id])
+            states[state_id] = state
+        self.durability(namespace)
+        now = time.time()
+        rows = []
+        for state_id, state in states.items():
+            path = paths[state_id]
+            meta = self.store.name(state_id, namespace, name if not path else f"{name}.{path}",
+                                   session)
+            rows.append(self._row(state, meta, namespace, name, path))
+        old = self.db.get_object(namespace, name)
+        self.db.put_object(ObjectRow(namespace, name, kind, structure, list(paths),
+                                     list(paths.values()), old.created if old else now, now),
+                           rows)
+        if old is not None:
+            self.store.remove([i for i in old.state_ids if i not in paths])
+        self.flush(list(states))
+        return {"name": full, "states": {i: self.store.meta(i).version for i in states}}
+
+    def _row(self, state: State, meta: Meta, namespace: str, obj: str, path: str) -> StateRow:
+        file = f"states/{namespace}/{state.id}.safetensors"
+        return StateRow(state.id, namespace, obj, path, cloudpickle.dumps(type(state)),
+                        state.name, state.tag, _leaves(state._value), state_nbytes(state),
+                        meta.version, meta.writer, meta.updated, describe_sharding(state._value),
+                        file, 0)
+
+    def get(self, session: Session, full: str) -> tuple[ObjectRow, list[StateRow]]:
+        where = "POST /v1/objects/get"
+        namespace, name = split_name(full, where)
+        self.visible(session, namespace, "read", where)
+        obj = self.db.get_object(namespace, name)
+        if obj is None:
+            raise ApiError(404, "NotFound", f"{where}: no object {full!r}. "
+                           f"client.list({namespace!r}) shows what exists.")
+        rows = {r.id: r for r in self.db.states(namespace) if r.object == name}
+        return obj, [rows[i] for i in obj.state_ids if i in rows]
+
+    def describe(self, row: StateRow) -> dict[str, Any]:
+        meta = self.store.meta(row.id)
+        state = self.store.by_id(row.id)
+        status = "ok" if state is not None else "damaged" if row.id in self.damaged else "lost"
+        out = {
+            "name": row.full_name, "id": row.id, "kind": _class_name(row.cls),
+            "leaves": _leaves(state._value) if state is not None else row.leaves,
+            "bytes": state_nbytes(state) if state is not None else row.nbytes,
+            "version": meta.version if meta else row.version,
+            "writer": meta.writer if meta else row.writer,
+            "updated_at": meta.updated if meta else row.updated,
+            "durable_version": meta.durable if meta else row.durable_version,
+            "status": status,
+        }
+        if row.id in self.damaged:
+            out["problem"] = self.damaged[row.id]
+        return out
+
+    def delete(self, namespace: str, name: str) -> list[str]:
+        ids = self.db.delete_object(namespace, name)
+        self.store.remove(ids)
+        for state_id in ids:
+            (self.data_dir / "states" / namespace / f"{state_id}.safetensors").unlink(
+                missing_ok=True)
+        return ids
+
+    # -- persistence ----------------------------------------------------------------
+    def after_commit(self, ids: list[str]) -> None:
+        """Makes a commit durable now where the namespace asks for ``sync``."""
+        sync = []
+        for state_id in ids:
+            meta = self.store.meta(state_id)
+            if meta is not None and meta.namespace and self.durability(meta.namespace) == "sync":
+                sync.append(state_id)
+        if sync:
+            self.flush(sync)
+
+    def flush(self, ids: list[str]) -> int:
+        """Writes the current values of these named states; returns how many were written."""
+        rows = []
+        for state_id in ids:
+            state, meta = self.store.by_id(state_id), self.store.meta(state_id)
+            if state is None or meta is None or meta.namespace is None:
+                continue
+            if self.durability(meta.namespace) == "none":
+                continue
+            version, value = meta.version, state._value
+            path = self.data_dir / "states" / meta.namespace / f"{state_id}.safetensors"
+            save_value(path, value, meta={"version": str(version)})
+            rows.append((state_id, version, meta.writer, meta.updated, version,
+                         json.dumps(describe_sharding(value))))
+            meta.durable = max(meta.durable, version)
+        if rows:
+            self.db.record_versions(rows)
+        return len(rows)
+
+    def reload(self) -> None:
+        """Puts every named state back on the devices; damaged files are reported, not fatal."""
+        count = 0
+        for row in self.db.states():
+            path = self.data_dir / row.file
+            try:
+                value, meta = load_value(path)
+                cls = cloudpickle.loads(row.cls)
+            except DamagedStateError as exc:
+                self._damaged(row, str(exc))
+                continue
+            except Exception as exc:  # the class cannot be unpickled here
+                self._damaged(row, f"its class cannot be loaded ({type(exc).__name__}: {exc})")
+                continue
+            version = int(meta.get("version", row.version))
+            state = cls.__new__(cls)
+            state.__setstate__({"value": place(value, row.sharding), "id": row.id,
+                                "name": row.label, "tag": row.tag})
+            self.store.add_named(state, Meta("", row.namespace, row.full_name, version,
+                                             row.writer, row.updated, version))
+            count += 1
+        log.info("reloaded %d named state(s); %d damaged", count, len(self.damaged))
+
+    def _damaged(self, row: StateRow, why: str) -> None:
+        self.damaged[row.id] = why
+        log.error("named state %s/%s (id %s) is damaged and was not loaded: %s",
+                  row.namespace, row.full_name, row.id, why)
+
+
+def _class_name(blob: bytes) -> str:
+    try:
+        cls = cloudpickle.loads(blob)
+        return f"{cls.__module__}.{cls.__qualname__}"
+    except Exception:
+        return "unknown"
+
