@@ -102,8 +102,8 @@ class Client:
         self._tracked: weakref.WeakValueDictionary[str, State] = weakref.WeakValueDictionary()
         self._session: str | None = None
         try:
-            self.info = self._http.json("GET", "/v1/info")
-            self._check_versions(self.info.get("versions", {}))
+            self.server_info = self._http.json("GET", "/v1/info")
+            self._check_versions(self.server_info.get("versions", {}))
             self._open_session()
         except BaseException:
             self._http.close()
@@ -153,7 +153,7 @@ class Client:
     # -- devices and transforms -----------------------------------------------
     def devices(self) -> list[RemoteDevice]:
         """The server's devices, usable as ``devices=`` of ``client.pmap``."""
-        return [RemoteDevice(**d) for d in self.info["devices"]]
+        return [RemoteDevice(**d) for d in self.server_info["devices"]]
 
     def _wrap(self, factory: Callable[..., Any], fun: Any, extra: dict, args, kwargs) -> Any:
         if fun is MISSING:
@@ -249,6 +249,102 @@ class Client:
         states = {s.id: s for s in _collect(module_or_states, "statehost.Client.pull")}
         frame = self._frame("/v1/states/pull", {"session": self._session, "ids": list(states)})
         self._apply(frame, states)
+
+    # -- named objects ----------------------------------------------------------
+    def put(self, name: str, obj: Any) -> None:
+        """Registers ``obj`` (a Module, a State, or a dict of States) as ``"namespace/name"``.
+
+        The server keeps one copy of its states under that name, with versions,
+        across sessions and restarts; values it lacks are uploaded.
+
+        Example:
+            >>> client.put("team/net", model)              # doctest: +SKIP
+            >>> net = other_client.get("team/net")         # doctest: +SKIP
+        """
+        if isinstance(obj, Module):
+            paths = {s.id: ".".join(map(str, p)) for p, s in obj.states().items()}
+            kind = "module"
+        elif isinstance(obj, State):
+            paths, kind = {obj.id: ""}, "state"
+        elif isinstance(obj, Mapping) and all(isinstance(v, State) for v in obj.values()):
+            paths, kind = {v.id: str(k) for k, v in obj.items()}, "dict"
+        else:
+            raise TypeError(
+                f"statehost.Client.put({name!r}, ...): expected a Module, a State or a dict of "
+                f"States, got {type(obj).__name__}. Example: client.put('team/net', model)."
+            )
+        states = {s.id: s for s in _collect(obj, "statehost.Client.put")}
+        uploads = [s for s in states.values() if self._needs_upload(s)]
+        counts = {s.id: s.write_count for s in uploads}
+        header = {"session": self._session, "name": name, "kind": kind, "paths": paths,
+                  "uploads": {s.id: self._base.get(s.id) for s in uploads}}
+        sections = {"structure": pack(obj, oob=False)}
+        if uploads:
+            sections["states"] = self._records(uploads)
+        frame = self._frame("/v1/objects/put", header, sections)
+        self._tracked.update(states)
+        self._mark_synced(counts)
+        self._base.update(frame.header.get("state_versions", {}))
+
+    def get(self, name: str, *, pull: bool = True) -> Any:
+        """The object put as ``"namespace/name"``, its states being the server's.
+
+        Arguments:
+            pull: fetch the values now (default); with False the local states hold
+                ``None`` until ``client.pull`` (calls work without it).
+        """
+        frame = self._frame("/v1/objects/get", {"session": self._session, "name": name,
+                                                "pull": pull})
+        versions = frame.header.get("state_versions", {})
+        values = dict(frame.section("states") or [])
+        made: dict[str, State] = {}
+
+        def load(ref: Any) -> State:
+            _, state_id, cls, label, tag = ref
+            if state_id not in made:
+                state = self._tracked.get(state_id)
+                if state is None:
+                    state = cls.__new__(cls)
+                    value = jax.device_put(values[state_id]) if state_id in values else None
+                    state.__setstate__({"value": value, "id": state_id, "name": label,
+                                        "tag": tag})
+                elif state_id in values:
+                    state.value = jax.device_put(values[state_id])
+                made[state_id] = state
+            return made[state_id]
+
+        obj = frame.section("structure", load)
+        for state_id, state in made.items():
+            self._tracked[state_id] = state
+            self._synced[state_id] = state.write_count
+            if state_id in values:
+                self._base[state_id] = versions[state_id]
+                self._stale.discard(state_id)
+            else:
+                self._stale.add(state_id)
+        return obj
+
+    def list(self, namespace: str) -> list[dict[str, Any]]:
+        """The objects of a namespace, each with its states' metadata."""
+        return self._http.json("GET", f"/v1/namespaces/{namespace}/objects")["objects"]
+
+    def info(self, name: str) -> dict[str, Any]:
+        """Metadata of ``"namespace/name"``: states with shapes, dtypes, bytes, version,
+        last writer, updated-at and status."""
+        namespace, _, obj = name.partition("/")
+        return self._http.json("GET", f"/v1/namespaces/{namespace}/objects/{obj}")
+
+    def delete(self, name: str) -> None:
+        """Deletes ``"namespace/name"`` and its states on the server."""
+        namespace, _, obj = name.partition("/")
+        self._http.json("DELETE", f"/v1/namespaces/{namespace}/objects/{obj}")
+
+    def checkpoint(self, name: str) -> int:
+        """Writes ``"namespace/name"`` (or a whole ``"namespace"``) to disk now."""
+        namespace, _, obj = name.partition("/")
+        params = {"name": obj} if obj else {}
+        return self._http.json("POST", f"/v1/namespaces/{namespace}/checkpoint",
+                               params=params)["flushed"]
 
     def _frame(self, path: str, header: dict[str, Any], sections: Any = None) -> Frame:
         return self._http.frame(path, encode(header, sections))

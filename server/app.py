@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from statehost import __version__
+from statehost.server.app_flush import flush, flusher
 from statehost.server.errors import install_handlers
-from statehost.server.routes import calls, health, info, metrics, sessions, states
+from statehost.server.routes import calls, health, info, metrics, objects, sessions, states
 from statehost.server.runtime import Runtime
 from statehost.server.settings import Settings
 
@@ -26,23 +27,6 @@ async def _sweep(rt: Runtime) -> None:
     while True:
         await asyncio.sleep(period)
         rt.expire_sessions()
-
-
-async def flush(rt: Runtime) -> int:
-    """Writes every dirty named state, holding its lock so the value is a committed one."""
-    dirty = rt.store.dirty()
-    if not dirty:
-        return 0
-    return await rt.scheduler.run(dirty, rt.registry.flush, dirty)
-
-
-async def _flusher(rt: Runtime) -> None:
-    while True:
-        await asyncio.sleep(rt.settings.flush_interval)
-        try:
-            await flush(rt)
-        except Exception:  # a full disk must not stop the server; the next round retries
-            log.exception("flushing named states failed")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -60,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.get_running_loop().run_in_executor(None, runtime.registry.reload)
-        tasks = [asyncio.create_task(_sweep(runtime)), asyncio.create_task(_flusher(runtime))]
+        tasks = [asyncio.create_task(_sweep(runtime)), asyncio.create_task(flusher(runtime))]
         try:
             yield
         finally:
@@ -76,7 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="statehost", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.runtime = runtime
-    for module in (health, info, sessions, calls, states, metrics):
+    for module in (health, info, sessions, calls, states, objects, metrics):
         app.include_router(module.router)
+    app.include_router(objects.frames)
     install_handlers(app)
     return app

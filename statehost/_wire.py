@@ -125,7 +125,7 @@ def state_ref(state: State) -> StateRef:
 class _RefPickler(cloudpickle.Pickler):
     """A cloudpickle pickler that turns every ``State`` into ``state_ref(state)``."""
 
-    def __init__(self, file: io.BytesIO, buffer_callback: Callable[[Any], Any]):
+    def __init__(self, file: io.BytesIO, buffer_callback: Callable[[Any], Any] | None):
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
         self.seen: dict[str, State] = {}
 
@@ -136,7 +136,7 @@ class _RefPickler(cloudpickle.Pickler):
         return None
 
 
-def pack(obj: Any, *, refs: bool = True, code: bool = True) -> Section:
+def pack(obj: Any, *, refs: bool = True, code: bool = True, oob: bool = True) -> Section:
     """Pickles ``obj`` (protocol 5, cloudpickle) with array data out of band.
 
     Arguments:
@@ -147,6 +147,8 @@ def pack(obj: Any, *, refs: bool = True, code: bool = True) -> Section:
         code: pickle with cloudpickle (functions and classes by value). With
             False, data is pickled by the standard C pickler, about twice as
             fast; cloudpickle is still used if that fails.
+        oob: send array data out of band; False keeps everything in one pickle
+            (for payloads stored as one blob).
 
     Returns:
         A :class:`Section`; ``states`` holds the States met, in pickling order.
@@ -159,7 +161,7 @@ def pack(obj: Any, *, refs: bool = True, code: bool = True) -> Section:
 
     file = io.BytesIO()
     if refs:
-        pickler = _RefPickler(file, keep)
+        pickler = _RefPickler(file, keep if oob else None)
         pickler.dump(obj)
         return Section(file.getvalue(), buffers, list(pickler.seen.values()))
     if not code:
