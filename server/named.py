@@ -67,6 +67,7 @@ class Registry:
         self.store = store
         self.default_durability = default_durability
         self.damaged: dict[str, str] = {}
+        self._durability: dict[str, str] = {}  # a cache: asked on every commit
 
     # -- access -------------------------------------------------------------------
     def visible(self, session_or_principal: Any, namespace: str, scope: str, where: str) -> None:
@@ -81,7 +82,15 @@ class Registry:
                            f"this needs scope {scope!r}. Fix: use a token with that scope.")
 
     def durability(self, namespace: str) -> str:
-        return self.db.ensure_namespace(namespace, self.default_durability)
+        known = self._durability.get(namespace)
+        if known is None:
+            known = self._durability[namespace] = self.db.ensure_namespace(
+                namespace, self.default_durability)
+        return known
+
+    def set_durability(self, namespace: str, durability: str) -> None:
+        self.db.set_durability(namespace, durability)
+        self._durability[namespace] = durability
 
     # -- put / get ----------------------------------------------------------------
     def put(self, session: Session, full: str, kind: str, structure: bytes,

@@ -134,5 +134,5 @@ def set_namespace(namespace: str, body: dict[str, str], rt: RuntimeDep,
     if durability not in ("sync", "interval", "none"):
         raise ApiError(422, "ValidationError",
                        f"{where}: durability must be sync, interval or none; got {durability!r}.")
-    rt.registry.db.set_durability(namespace, durability)
+    rt.registry.set_durability(namespace, durability)
     return {"namespace": namespace, "durability": durability}
