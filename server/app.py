@@ -12,7 +12,17 @@ from fastapi import FastAPI
 from statehost import __version__
 from statehost.server.app_flush import flush, flusher
 from statehost.server.errors import install_handlers
-from statehost.server.routes import calls, health, info, metrics, objects, sessions, states
+from statehost.server.routes import (
+    calls,
+    functions,
+    health,
+    info,
+    metrics,
+    namespaces,
+    objects,
+    sessions,
+    states,
+)
 from statehost.server.runtime import Runtime
 from statehost.server.settings import Settings
 
@@ -60,7 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="statehost", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.runtime = runtime
-    for module in (health, info, sessions, calls, states, objects, metrics):
+    for module in (health, info, sessions, calls, states, objects, metrics, namespaces,
+                   functions):
         app.include_router(module.router)
     app.include_router(objects.frames)
     install_handlers(app)
