@@ -346,6 +346,21 @@ class Client:
         return self._http.json("POST", f"/v1/namespaces/{namespace}/checkpoint",
                                params=params)["flushed"]
 
+    def register(self, name: str, mapping: RemoteMapping) -> dict[str, Any]:
+        """Stores ``mapping`` (from ``client.pmap/vmap/jit``) on the server as
+        ``"namespace/name"``, to be run with JSON by anyone with scope ``invoke``
+        (``POST /v1/namespaces/{ns}/functions/{name}/invoke``). Every state it uses must
+        be a named state of that namespace (``client.put`` them first).
+
+        Returns:
+            The function's input signature as the server recorded it.
+        """
+        packed = mapping.packed()
+        header = {"session": self._session, "name": name,
+                  "function": {"digest": packed.digest}, "refs": [s.id for s in packed.states]}
+        frame = self._frame("/v1/functions/register", header, {"function": packed.section})
+        return frame.header.get("signature", {})
+
     def _frame(self, path: str, header: dict[str, Any], sections: Any = None) -> Frame:
         return self._http.frame(path, encode(header, sections))
 
