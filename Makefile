@@ -29,6 +29,7 @@ bench: $(STAMP)
 		echo "make bench: the bench extra did not install with the venv's jax pinned; see above"
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_remote.py
+	$(PY) bench/bench_named.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check statehost client server tests bench examples

@@ -1,4 +1,8 @@
-"""The ``statehost`` command: ``statehost serve`` starts the device-owning server."""
+"""The ``statehost`` command.
+
+``statehost serve`` starts the device-owning server; ``statehost token create|list|revoke``
+manages the per-namespace tokens it accepts (stored hashed in the server's database).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ import logging
 import os
 import secrets
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from statehost._config import token_path
+from statehost.server.db import SCOPES, Database, hash_token
 from statehost.server.settings import Settings, is_loopback, parse_size
 
 __all__ = ["main"]
@@ -46,7 +52,88 @@ def _parser() -> argparse.ArgumentParser:
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--access-log", action="store_true",
                        help="log every request (costs about 0.15 ms per request)")
+
+    token = commands.add_parser("token", help="create, list or revoke namespace tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser(
+        "create", help="make a token for one namespace and scope; it is printed only once")
+    create.add_argument("--namespace", required=True, help="the namespace the token acts on")
+    create.add_argument("--scope", required=True, choices=SCOPES,
+                        help="what it may do; each scope includes the ones before it")
+    create.add_argument("--label", default="", help="a note shown by 'token list'")
+    listing = token_commands.add_parser("list", help="show tokens (never the tokens themselves)")
+    revoke = token_commands.add_parser("revoke", help="revoke tokens by hash prefix")
+    revoke.add_argument("prefix", metavar="HASH_PREFIX",
+                        help="start of the token's hash, as 'token list' shows it")
+    for sub in (create, listing, revoke):
+        sub.add_argument("--data-dir", type=Path,
+                         help="the server's data directory (default: STATEHOST_DATA_DIR or "
+                              "~/.local/share/statehost)")
     return parser
+
+
+_HASH_SHOWN = 12
+_MIN_PREFIX = 4
+
+
+def _open_db(args: argparse.Namespace) -> Database:
+    return Database(Settings.from_env(data_dir=args.data_dir).data_dir / "statehost.db")
+
+
+def _when(stamp: float | None) -> str:
+    return "-" if stamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def token_command(args: argparse.Namespace) -> int:
+    if args.token_command == "revoke":
+        prefix = args.prefix.strip().lower()
+        if len(prefix) < _MIN_PREFIX or any(c not in "0123456789abcdef" for c in prefix):
+            print(f"statehost token revoke: {args.prefix!r} is not a hash prefix. Fix: give at "
+                  f"least {_MIN_PREFIX} hex digits of the hash shown by 'statehost token list'.",
+                  file=sys.stderr)
+            return 1
+    db = _open_db(args)
+    try:
+        if args.token_command == "create":
+            token = db.create_token(args.namespace, args.scope, args.label)
+            print(f"statehost token create: {args.scope} token for namespace "
+                  f"{args.namespace!r} (hash {hash_token(token)[:_HASH_SHOWN]}) in {db.path}. "
+                  "It is shown only this once; store it now.", file=sys.stderr)
+            print(token, flush=True)
+            return 0
+        if args.token_command == "list":
+            rows = db.tokens()
+            if not rows:
+                print(f"no tokens in {db.path}", file=sys.stderr)
+                return 0
+            table = [("HASH", "NAMESPACE", "SCOPE", "LABEL", "CREATED", "REVOKED")]
+            table += [(r.hash[:_HASH_SHOWN], r.namespace, r.scope, r.label or "-",
+                       _when(r.created), _when(r.revoked)) for r in rows]
+            widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+            for row in table:
+                cells = (cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                print("  ".join(cells).rstrip())
+            return 0
+        if args.token_command == "revoke":
+            matches = [r for r in db.tokens() if r.hash.startswith(prefix)]
+            live = [r for r in matches if r.revoked is None]
+            if len(live) > 1:
+                print(f"statehost token revoke: {prefix!r} matches {len(live)} live tokens "
+                      f"({', '.join(r.hash[:_HASH_SHOWN] for r in live)}). Fix: give a longer "
+                      "prefix.", file=sys.stderr)
+                return 1
+            if not live:
+                why = "is already revoked" if matches else "matches no token"
+                print(f"statehost token revoke: {prefix!r} {why} in {db.path}. See "
+                      "'statehost token list'.", file=sys.stderr)
+                return 1
+            db.revoke_token(live[0].hash)
+            print(f"revoked {live[0].hash[:_HASH_SHOWN]} ({live[0].scope} on "
+                  f"{live[0].namespace!r})")
+            return 0
+    finally:
+        db.close()
+    raise AssertionError(args.token_command)
 
 
 def _write_token(token: str) -> Path:
@@ -128,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "token":
+        return token_command(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

@@ -214,7 +214,12 @@ def load_value(path: Path) -> tuple[PyTree, dict[str, str]]:
 
 
 def _describe(leaf: Any) -> dict:
-    sharding = leaf.sharding if isinstance(leaf, jax.Array) else None
+    # An uncommitted array (jax.device_put without a device) may move to wherever a
+    # computation wants it; placing it back on its device would commit it, and pmap then
+    # refuses it. So it is restored uncommitted, as "default".
+    if not isinstance(leaf, jax.Array) or not leaf.committed:
+        return {"kind": "default"}
+    sharding = leaf.sharding
     if isinstance(sharding, SingleDeviceSharding):
         return {"kind": "single", "device_id": next(iter(sharding.device_set)).id}
     if isinstance(sharding, NamedSharding):

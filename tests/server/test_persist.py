@@ -310,3 +310,13 @@ def test_place_falls_back_to_the_default_device(shardings):
     assert isinstance(placed, jax.Array)
     assert placed.devices() == {jax.devices()[0]}
     np.testing.assert_array_equal(placed, np.arange(8.0).reshape(8, 1))
+
+
+def test_an_uncommitted_value_comes_back_uncommitted():
+    value = jax.device_put(np.ones((8, 4), np.float32))
+    assert not value.committed
+    assert describe_sharding(value) == [{"kind": "default"}]
+    placed = place(np.asarray(value), describe_sharding(value))
+    assert not placed.committed
+    committed = jax.device_put(np.ones(3), jax.devices()[1])
+    assert describe_sharding(committed) == [{"kind": "single", "device_id": 1}]
