@@ -36,6 +36,10 @@ class Metrics:
             "statehost_resident_state_bytes", "Bytes of state values held on the devices.",
             registry=r,
         )
+        self.namespace_bytes = Gauge(
+            "statehost_namespace_state_bytes", "Bytes of named state values per namespace.",
+            ["namespace"], registry=r,
+        )
         self.resident_states = Gauge(
             "statehost_resident_states", "States held on the devices.", registry=r
         )

@@ -121,7 +121,9 @@ class Registry:
                            rows)
         if old is not None:
             self.store.remove([i for i in old.state_ids if i not in paths])
-        self.flush(list(states))
+        # A put is a commit like any other: written now under "sync", by the next flush
+        # under "interval" (reload reports a state never flushed as lost, not damaged).
+        self.after_commit(list(states))
         return {"name": full, "states": {i: self.store.meta(i).version for i in states}}
 
     def _row(self, state: State, meta: Meta, namespace: str, obj: str, path: str) -> StateRow:
@@ -203,6 +205,11 @@ class Registry:
         count = 0
         for row in self.db.states():
             path = self.data_dir / row.file
+            if row.durable_version == 0 and not path.exists():
+                self._damaged(row, f"never written to disk: the server stopped before the "
+                              f"first flush of this state (namespace durability "
+                              f"{self.durability(row.namespace)!r})")
+                continue
             try:
                 value, meta = load_value(path)
                 cls = cloudpickle.loads(row.cls)

@@ -2,7 +2,7 @@
 
 One file holds one pytree: leaves are tensors ``"0"``, ``"1"``, ... and the safetensors
 metadata holds the pickled treedef, the leaves' real dtypes, the caller's ``meta`` and a
-sha256 over all of it. Files are replaced atomically, so a crash leaves the old or the new
+CRC-32 over all of it. Files are replaced atomically, so a crash leaves the old or the new
 file, never a mix. Sharding is described as JSON, apart from the values, so a restarted
 server can put each leaf back where it was, or on its default device if that is gone.
 """
@@ -10,12 +10,12 @@ server can put each leaf back where it was, or on its default device if that is 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import pickle
 import secrets
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ _FORMAT = "statehost-state/1"
 _RESERVED = "statehost."
 # Metadata keys of a state file; the checksum covers all but the last.
 _FORMAT_KEY, _TREEDEF, _DTYPES, _META, _SHA256 = (
-    _RESERVED + k for k in ("format", "treedef", "dtypes", "meta", "sha256")
+    _RESERVED + k for k in ("format", "treedef", "dtypes", "meta", "crc32")
 )
 # dtypes safetensors' numpy API stores as themselves; others (bfloat16, float8 from
 # ml_dtypes) are stored as an unsigned view of the same width and viewed back on load.
@@ -75,13 +75,16 @@ def _to_storable(index: int, arr: np.ndarray) -> np.ndarray:
 
 
 def _digest(tensors: dict[str, np.ndarray], header: dict[str, str]) -> str:
-    h = hashlib.sha256()
+    # CRC-32 finds torn or corrupted files at ~6 GB/s (sha256: 1.8 GB/s, which made a
+    # 128 MiB flush 70 ms slower). It guards against accidents, not against an attacker:
+    # whoever can write the data directory can change the server's state anyway.
+    crc = 0
     for key in (_FORMAT_KEY, _TREEDEF, _DTYPES, _META):
-        h.update(header[key].encode() + b"\0")
+        crc = zlib.crc32(header[key].encode() + b"\0", crc)
     for name, arr in tensors.items():
-        h.update(f"{name}:{arr.dtype.str}:{arr.shape}\0".encode())
-        h.update(np.asarray(arr, order="C"))  # the buffer itself, no tobytes() copy
-    return h.hexdigest()
+        crc = zlib.crc32(f"{name}:{arr.dtype.str}:{arr.shape}\0".encode(), crc)
+        crc = zlib.crc32(np.asarray(arr, order="C"), crc)  # the buffer itself, no copy
+    return f"{crc:08x}"
 
 
 def save_value(path: Path, value: PyTree, *, meta: dict[str, str] | None = None) -> int:

@@ -71,4 +71,6 @@ class Runtime:
         m.sessions.set(len(self.sessions))
         m.resident_states.set(len(self.store))
         m.resident_bytes.set(self.store.nbytes())
+        for namespace in self.registry.db.namespaces():
+            m.namespace_bytes.labels(namespace).set(self.store.nbytes(namespace))
         m.queue_depth.set(self.scheduler.queued)

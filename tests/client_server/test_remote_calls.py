@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import statehost
+import statehost.client
 from statehost.transform import jit, pmap, vmap
 from tests.client_server.conftest import metric
 from tests.core.models import PARAM, Affine

@@ -4,6 +4,7 @@ import httpx
 import pytest
 
 import statehost
+import statehost.client
 from statehost._wire import CONTENT_TYPE, encode, local_versions
 from statehost.server import Settings, create_app
 from statehost.server.deps import get_versions
@@ -113,3 +114,21 @@ def test_wrong_content_type_is_refused(http):
         "authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
     assert response.status_code == 415
     assert CONTENT_TYPE in response.json()["error"]["message"]
+
+
+def test_openapi_documents_the_json_api(http):
+    assert http.get("/docs").status_code == 200
+    paths = http.get("/openapi.json").json()["paths"]
+    for path in ["/v1/namespaces/{namespace}/states", "/v1/namespaces/{namespace}/objects",
+                 "/v1/health", "/v1/info"]:
+        assert path in paths, sorted(paths)
+    assert any(p.endswith("/value") for p in paths)
+    assert any(p.endswith("/invoke") for p in paths)
+
+
+def test_named_state_bytes_per_namespace(client):
+    import jax.numpy as jnp
+
+    client.put("team/w", statehost.ParamState(jnp.ones(1000)))
+    text = client._http.client.get("/metrics").text
+    assert 'statehost_namespace_state_bytes{namespace="team"} 4000.0' in text

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import statehost
+import statehost.client
 from statehost.client import StateConflictError, TransportError
 from tests.core.models import PARAM, Affine
 from tests.serving import running_server

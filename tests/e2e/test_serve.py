@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import statehost
+import statehost.client
 from tests.core.models import PARAM, Affine
 from tests.serving import free_port, running_server
 
