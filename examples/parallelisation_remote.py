@@ -72,7 +72,7 @@ pairwise_update = client.pmap(
     state_out_axes={0: OfType(brainstate.ParamState)},
 )
 
-deltas = jnp.stack([jnp.ones((4,)), -jnp.ones((4,))], axis=0)
+deltas = jnp.stack([jnp.ones((4,)), -jnp.ones((4,))], axis=0)[:len(logical_devices)]  # a 1-GPU server has one
 pairwise_update(deltas)
 print('weights after pairwise update:', model.weight.value)
 

@@ -157,6 +157,7 @@ class Registry:
             "updated_at": meta.updated if meta else row.updated,
             "durable_version": meta.durable if meta else row.durable_version,
             "status": status,
+            "devices": _devices(state._value) if state is not None else [],
         }
         if row.id in self.damaged:
             out["problem"] = self.damaged[row.id]
@@ -232,6 +233,17 @@ class Registry:
         self.damaged[row.id] = why
         log.error("named state %s/%s (id %s) is damaged and was not loaded: %s",
                   row.namespace, row.full_name, row.id, why)
+
+
+def _devices(value: Any) -> list[str]:
+    """Where a value's arrays live, as ``platform:id`` (``host`` for non-device data)."""
+    found = set()
+    for leaf in jax.tree_util.tree_leaves(value):
+        if isinstance(leaf, jax.Array):
+            found |= {f"{d.platform}:{d.id}" for d in leaf.sharding.device_set}
+        else:
+            found.add("host")
+    return sorted(found)
 
 
 def _class_name(blob: bytes) -> str:
