@@ -73,6 +73,9 @@ def main() -> int:
     platform = jax.devices()[0].platform
     check("local jax sees an accelerator", platform != "cpu",
           f"jax {jax.__version__}: {len(jax.devices())} x {jax.devices()[0].device_kind}")
+    # Subprocesses run in this folder, not the repository root: `python -m` puts the
+    # working directory first on sys.path, and the root's bare statehost/ folder would hide
+    # an installed (or staged) statehost with its client and server.
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -82,7 +85,7 @@ def main() -> int:
     server = subprocess.Popen(
         [sys.executable, "-m", "statehost.server", "serve", "--port", str(port),
          "--data-dir", str(tmp / "data"), "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
     )
     try:
         for _ in range(600):
@@ -104,7 +107,7 @@ def main() -> int:
             example = subprocess.run(
                 [sys.executable, str(ROOT / "examples" / "parallelisation_remote.py")],
                 env={**env, "STATEHOST_URL": url, "STATEHOST_TOKEN": TOKEN},
-                capture_output=True, text=True, timeout=600, cwd=ROOT,
+                capture_output=True, text=True, timeout=600, cwd=tmp,
             )
             tail = [ln for ln in example.stdout.splitlines() if ln.strip()][-1:] or [""]
             check("examples/parallelisation_remote.py", example.returncode == 0,
@@ -148,7 +151,7 @@ def main() -> int:
             [sys.executable, str(ROOT / "bench" / "bench_remote.py"), "--cases", "tiny,resident",
              "--calls", "300", "--big-calls", "20", "--log-level", "warning"],
             env={**env, "BENCH_PLATFORM": platform if platform != "gpu" else "cuda"},
-            capture_output=True, text=True, timeout=600, cwd=ROOT,
+            capture_output=True, text=True, timeout=600, cwd=tmp,
         )
         check("bench/bench_remote.py tiny,resident", bench.returncode == 0,
               "table below" if bench.returncode == 0 else bench.stderr.strip()[-300:])
