@@ -13,6 +13,7 @@ from statehost import __version__
 from statehost.server.app_flush import flush, flusher
 from statehost.server.errors import install_handlers
 from statehost.server.routes import (
+    admin,
     calls,
     functions,
     health,
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.runtime = runtime
     for module in (health, info, sessions, calls, states, objects, metrics, namespaces,
-                   functions):
+                   functions, admin):
         app.include_router(module.router)
     app.include_router(objects.frames)
     install_handlers(app)
