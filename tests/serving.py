@@ -20,7 +20,18 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["Served", "free_port", "running_server"]
+__all__ = ["Served", "free_port", "metric_value", "running_server"]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """A sample's value in Prometheus text (0.0 when the sample was never set)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
 
 
 def free_port() -> int:
@@ -39,6 +50,12 @@ class Served:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The current value of one of the server's Prometheus samples."""
+        text = httpx.get(self.url + "/metrics",
+                         headers={"authorization": f"Bearer {self.token}"}).text
+        return metric_value(text, name, **labels)
 
 
 @contextlib.contextmanager

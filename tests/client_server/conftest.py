@@ -1,11 +1,11 @@
 """The real app and the real client, joined by an in-process transport (no sockets)."""
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import statehost
 from statehost.server import Settings, create_app
 from statehost.server.testing import InProcessTransport
+from tests.serving import metric_value
 
 TOKEN = "in-process-token"
 URL = "http://statehost.test"
@@ -31,9 +31,4 @@ def client(transport):
 
 def metric(client, name, **labels):
     """The current value of a Prometheus sample (0.0 if it was never set)."""
-    text = client._http.client.get("/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return metric_value(client._http.client.get("/metrics").text, name, **labels)

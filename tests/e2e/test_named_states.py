@@ -8,11 +8,9 @@ import textwrap
 import threading
 import time
 
-import httpx
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import statehost
 import statehost.client
@@ -26,13 +24,7 @@ LANES = 8
 
 
 def _metric(served, name, **labels):
-    text = httpx.get(served.url + "/metrics",
-                     headers={"authorization": f"Bearer {served.token}"}).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return served.metric(name, **labels)
 
 
 def _state_bytes_in(served):

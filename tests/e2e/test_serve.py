@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import statehost
 import statehost.client
@@ -25,13 +24,7 @@ PMAP = dict(axis_name="i", in_axes=0, out_axes=0, state_in_axes={0: PARAM},
 
 
 def _metric(served, name, **labels):
-    text = httpx.get(served.url + "/metrics",
-                     headers={"authorization": f"Bearer {served.token}"}).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return served.metric(name, **labels)
 
 
 @pytest.fixture(scope="module")
