@@ -59,9 +59,5 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._locked, sorted(set(keys)), fn, args)
 
-    async def run_free(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs ``fn(*args)`` on a worker thread without taking state locks."""
-        return await self.run((), fn, *args)
-
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)

@@ -34,7 +34,6 @@ class Session:
     created: float
     last_seen: float
     principal: Principal = _ANONYMOUS
-    calls: int = 0
     states: set[str] = field(default_factory=set)
 
 

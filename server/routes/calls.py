@@ -56,5 +56,4 @@ async def call(frame: FrameBody, rt: RuntimeDep) -> Response:
     m.function_cache.labels("hit" if result.cached else "miss").inc()
     m.wire_bytes.labels("out", "results").inc(result.bytes_out.get("results", 0))
     m.wire_bytes.labels("out", "state").inc(result.bytes_out.get("states", 0))
-    session.calls += 1
     return frame_response(result.frame)
