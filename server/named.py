@@ -106,6 +106,15 @@ class Registry:
                 raise ApiError(404, "StateNotFoundError",
                                f"{where}: state {state_id} of {full!r} is not on the server.",
                                missing=[state_id])
+            row = self.db.state(state_id)
+            if row is not None and (row.namespace, row.object) != (namespace, name):
+                raise ApiError(
+                    409, "ProtocolError",
+                    f"{where}: state {row.full_name!r} already belongs to "
+                    f"'{row.namespace}/{row.object}'; one state cannot live under two names. "
+                    f"Fix: put a copy (copy.deepcopy(obj) gives new states), or "
+                    f"client.delete('{row.namespace}/{row.object}') first.",
+                )
             states[state_id] = state
         self.durability(namespace)
         now = time.time()

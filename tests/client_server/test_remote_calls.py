@@ -260,3 +260,13 @@ def test_closing_frees_the_session_and_its_states(app, transport):
 def test_push_rejects_things_that_are_not_states(client):
     with pytest.raises(TypeError, match=r"client.push\(model\)"):
         client.push(42)
+
+
+def test_a_state_cannot_live_under_two_names(client):
+    model = Affine(LANES)
+    client.put("team/net", model)
+    client.put("team/net", model)  # the same name again is an update, not a clash
+    with pytest.raises(statehost.client.ProtocolError, match="already belongs to 'team/net'"):
+        client.put("team/other", model)
+    client.put("team/other", copy.deepcopy(model))
+    assert [o["name"] for o in client.list("team")] == ["net", "other"]
