@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from statehost import __version__
+from statehost._wire import local_versions
 from statehost.server.app_flush import flush, flusher
 from statehost.server.errors import install_handlers
 from statehost.server.routes import (
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="statehost", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.runtime = runtime
+    app.state.versions = local_versions()
     for module in (health, info, sessions, calls, states, objects, metrics, namespaces,
                    functions, admin):
         app.include_router(module.router)

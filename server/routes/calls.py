@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 
-from statehost.server.deps import FrameBody, RuntimeDep, require_submit, require_token
+from statehost.server.deps import FrameBody, require_submit, require_token
 from statehost.server.engine import run_call
 from statehost.server.errors import ApiError
 from statehost.server.routes._frames import frame_response
@@ -34,7 +34,8 @@ def _lock_keys(header: dict) -> set[str]:
 
 
 @router.post("/call", response_class=Response)
-async def call(frame: FrameBody, rt: RuntimeDep) -> Response:
+async def call(request: Request, frame: FrameBody) -> Response:
+    rt = request.app.state.runtime  # not a dependency: see deps.py on the per-call path
     start = time.perf_counter()
     m = rt.metrics
     for part, section in (("function", "function"), ("args", "args"), ("state", "states")):

@@ -7,7 +7,6 @@ import statehost
 import statehost.client
 from statehost._wire import CONTENT_TYPE, encode, local_versions
 from statehost.server import Settings, create_app
-from statehost.server.deps import get_versions
 from statehost.server.testing import InProcessTransport
 from tests.client_server.conftest import TOKEN, URL
 
@@ -59,7 +58,7 @@ def test_connect_with_a_wrong_token_raises_auth_error(transport):
 def test_connect_refuses_a_server_with_other_versions(tmp_path):
     app = create_app(Settings(tokens=(TOKEN,), data_dir=tmp_path))
     other = {**local_versions(), "jax": "0.4.30", "python": "3.9"}
-    app.dependency_overrides[get_versions] = lambda: other
+    app.state.versions = other
     transport = InProcessTransport(app)
     try:
         with pytest.raises(statehost.client.VersionMismatchError) as info:
