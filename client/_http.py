@@ -1,13 +1,23 @@
-"""HTTP for the client: one pooled httpx connection, frames in and out, error mapping.
+"""HTTP for the client: pooled connections, frames in and out, error mapping.
 
-Large request bodies go out as 1 MiB memoryview chunks with a Content-Length
-(several times faster in httpx than one big ``bytes``); large responses are
-read into one preallocated buffer, never joined from pieces.
+JSON requests go through ``httpx``. Frames, the per-call path, go through the
+standard library's ``http.client`` on kept-alive connections: on a small
+machine an httpx round trip costs about 200 µs more client CPU than the same
+request through ``http.client`` (353 vs 161 µs for a 400-byte echo), and
+``readinto`` fills a preallocated buffer without httpx's re-chunking. When a
+transport is injected (tests, in-process apps), frames go through httpx too.
+
+Large request bodies go out as 1 MiB memoryview chunks with a Content-Length;
+large responses are read into one preallocated buffer, never joined from pieces.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import select
+import threading
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,24 +56,37 @@ def _translate(what: str, url: str, timeout: float) -> Iterator[None]:
         ) from exc
     except httpx.HTTPError as exc:
         raise TransportError(f"{what}: the connection to {url} failed ({exc}).") from exc
+    except TimeoutError as exc:
+        raise TransportError(
+            f"{what}: no answer from {url} within {timeout:g} s. "
+            "Fix: pass a larger timeout= to statehost.connect, or check the server's load."
+        ) from exc
+    except ConnectionRefusedError as exc:
+        raise TransportError(
+            f"{what}: cannot connect to {url} ({exc}). Is `statehost serve` running there? "
+            "Start it with `make serve` or `statehost serve`."
+        ) from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise TransportError(f"{what}: the connection to {url} failed "
+                             f"({type(exc).__name__}: {exc}).") from exc
 
 
-def _raise_for(response: httpx.Response, body: bytes, what: str) -> None:
-    if response.status_code < 400:
+def _raise_for(status: int, body: bytes, what: str) -> None:
+    if status < 400:
         return
     try:
         error = httpx.Response(200, content=body).json()["error"]
         kind, message = str(error["type"]), str(error["message"])
     except Exception:
         error, kind = {}, ""
-        message = f"HTTP {response.status_code}: {body[:500]!r}"
+        message = f"HTTP {status}: {body[:500]!r}"
     cls = BY_TYPE.get(kind)
     if cls is None:
-        cls = ServerError if response.status_code >= 500 else ProtocolError
+        cls = ServerError if status >= 500 else ProtocolError
     text = message if message.startswith(what) else f"{what}: {message}"
     if error.get("traceback"):
         text += f"\n\nRemote traceback:\n{error['traceback']}"
-    raise cls(text, status=response.status_code, body=error)
+    raise cls(text, status=status, body=error)
 
 
 class Http:
@@ -86,6 +109,7 @@ class Http:
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
             transport=transport,
         )
+        self._frames = _FramePool(self.base_url, headers, timeout) if transport is None else None
 
     @property
     def client(self) -> httpx.Client:
@@ -100,12 +124,14 @@ class Http:
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._frames is not None:
+            self._frames.close()
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         what = f"{method} {path}"
         with _translate(what, self.base_url, self.timeout):
             response = self.client.request(method, path, **kwargs)
-        _raise_for(response, response.content, what)
+        _raise_for(response.status_code, response.content, what)
         return response.json() if response.content else None
 
     def frame(self, path: str, encoded: Encoded) -> Frame:
@@ -116,10 +142,15 @@ class Http:
         else:
             content = encoded.chunks(_CHUNK)
         headers = {"content-type": CONTENT_TYPE, "content-length": str(encoded.nbytes)}
+        self.client  # raises ClientClosedError after close()  # noqa: B018
         with _translate(what, self.base_url, self.timeout):
-            with self.client.stream("POST", path, content=content, headers=headers) as response:
-                body = _read(response)
-        _raise_for(response, bytes(body[:65536]) if response.status_code >= 400 else b"", what)
+            if self._frames is not None:
+                status, body = self._frames.post(path, content, headers)
+            else:
+                with self.client.stream("POST", path, content=content,
+                                        headers=headers) as response:
+                    status, body = response.status_code, _read(response)
+        _raise_for(status, bytes(body[:65536]) if status >= 400 else b"", what)
         try:
             return decode(body)
         except WireError as exc:
@@ -148,4 +179,78 @@ def _read(response: httpx.Response) -> Any:
         pos = end
     if pos != view.nbytes:
         raise TransportError(f"the answer ended after {pos} of {length} bytes")
+    return view
+
+
+class _FramePool:
+    """Kept-alive ``http.client`` connections to one server, for frame POSTs."""
+
+    def __init__(self, base_url: str, headers: dict[str, str], timeout: float):
+        parts = urllib.parse.urlsplit(base_url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if self._https else 80)
+        self._prefix = parts.path.rstrip("/")
+        self._headers = headers
+        self._timeout = timeout
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not _dropped(conn):
+                    return conn
+                conn.close()
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=self._timeout)
+
+    def post(self, path: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
+        conn = self._connection()
+        try:
+            conn.request("POST", self._prefix + path, body=body,
+                         headers={**self._headers, **headers})
+            response = conn.getresponse()
+            data = _read_stdlib(response)
+        except BaseException:
+            conn.close()
+            raise
+        if response.will_close:
+            conn.close()
+        else:
+            with self._lock:
+                self._idle.append(conn)
+        return response.status, data
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._idle:
+                conn.close()
+            self._idle.clear()
+
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """True when the server closed this idle connection (it reads as ready, at EOF)."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+def _read_stdlib(response: http.client.HTTPResponse) -> Any:
+    length = response.getheader("content-length")
+    if length is None or not length.isdigit():
+        return response.read()
+    view = fresh_buffer(int(length))
+    pos = 0
+    while pos < view.nbytes:
+        n = response.readinto(view[pos:])
+        if not n:
+            raise TransportError(f"the answer ended after {pos} of {length} bytes")
+        pos += n
     return view

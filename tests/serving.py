@@ -61,10 +61,10 @@ class Served:
 @contextlib.contextmanager
 def running_server(
     tmp_path: Path, *args: str, token: str | None = "test-token", cpu_devices: int = 8,
-    env: dict[str, str] | None = None, timeout: float = 60.0,
+    env: dict[str, str] | None = None, timeout: float = 60.0, port: int | None = None,
 ) -> Iterator[Served]:
     """Runs ``python -m statehost.server serve`` until the ``with`` block ends."""
-    port = free_port()
+    port = port or free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
     full_env.update({"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "JAX_PLATFORMS": "cpu"})
     full_env.update(env or {})

@@ -117,3 +117,33 @@ def test_configured_tokens_are_never_printed(served):
     output = served.output()
     assert "configured token(s)" in output
     assert served.token not in output
+
+
+def test_the_client_reconnects_after_a_server_restart(tmp_path):
+    """Kept-alive connections die with the server; the next call opens a new one (and a new
+    session, re-uploading the states whose newest values are local)."""
+    port = free_port()
+    model = Affine(8)
+    with running_server(tmp_path, port=port) as served:
+        client = statehost.connect(served.url, token=served.token)
+        step = client.pmap(model, **PMAP)
+        step(jnp.ones((8, 4)))
+    with running_server(tmp_path, port=port):
+        step(jnp.ones((8, 4)))
+        np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 3.0))
+        client.close()
+    with pytest.raises(statehost.client.TransportError, match="cannot connect"):
+        statehost.connect(served.url, token=served.token)
+
+
+def test_a_call_longer_than_the_timeout_raises_transport_error(served):
+    def slow(x):
+        def wait(v):
+            time.sleep(1.5)
+            return v
+
+        return jax.pure_callback(wait, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    with statehost.connect(served.url, token=served.token, timeout=0.5) as client:
+        with pytest.raises(statehost.client.TransportError, match="no answer .* within 0.5 s"):
+            client.jit(slow)(jnp.ones(2))
