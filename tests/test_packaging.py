@@ -1,0 +1,30 @@
+"""The built wheel ships every module: an editable install would hide a subpackage missing
+from pyproject's package list, a normal install (the Docker image's) would not."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAYOUT = {"statehost": "statehost", "client": "statehost/client", "server": "statehost/server"}
+
+
+def test_the_wheel_contains_every_module_of_the_three_packages(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
+         str(REPO_ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("statehost-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    expected = {
+        f"{target}/{path.relative_to(REPO_ROOT / folder).as_posix()}"
+        for folder, target in LAYOUT.items()
+        for path in (REPO_ROOT / folder).rglob("*.py")
+    }
+    assert expected - shipped == set(), "add the missing subpackages to pyproject.toml"
+    metadata = next(n for n in shipped if n.endswith(".dist-info/entry_points.txt"))
+    assert "statehost = statehost.server.cli:main" in zipfile.ZipFile(wheel).read(
+        metadata).decode()
