@@ -38,21 +38,28 @@ def _numbers(text):
     return np.array([float(x) for x in _NUMBER.findall(text)])
 
 
-@pytest.fixture(scope="module")
-def stdout():
-    """The example's standard output (it runs once for the whole module)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env["JAX_PLATFORMS"] = "cpu"  # the notebook provisions 8 CPU devices
+def run_example(example, env=None):
+    """Runs an example script on 8 CPU devices with ``env`` added (JAX_*, XLA_* and
+    STATEHOST_* variables of this process removed); returns its standard output."""
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith(("JAX_", "XLA_", "STATEHOST_"))}
+    full.update(env or {}, JAX_PLATFORMS="cpu")  # the notebook provisions 8 CPU devices
     result = subprocess.run(
-        [sys.executable, str(EXAMPLE)],
+        [sys.executable, str(example)],
         cwd=REPO_ROOT,
-        env=env,
+        env=full,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+@pytest.fixture(scope="module")
+def stdout():
+    """The example's standard output (it runs once for the whole module)."""
+    return run_example(EXAMPLE)
 
 
 @pytest.fixture(scope="module")

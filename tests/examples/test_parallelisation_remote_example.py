@@ -10,10 +10,7 @@ back into the local model are ``jax.Array`` again.
 """
 
 import math
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,6 +21,7 @@ from tests.examples.test_parallelisation_example import (
     _lines,
     _numbers,
     _section,
+    run_example,
 )
 from tests.serving import running_server
 
@@ -35,19 +33,7 @@ _ARRAY = re.compile(r"^(array|Array)\((\[.*?\]), (dtype=[^)]*)\)$", re.MULTILINE
 
 
 def _run_example(env):
-    """Runs the example with exactly ``env`` (plus PATH-like basics); returns stdout."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "STATEHOST_"))}
-    full.update(env, JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE)],
-        cwd=REPO_ROOT,
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return run_example(EXAMPLE, env)
 
 
 @pytest.fixture(scope="module")
