@@ -15,13 +15,17 @@ import re
 import numpy as np
 import pytest
 
-from tests.examples.test_parallelisation_example import (
+# The two notebook checks that read the same lines either way run again here, on this
+# module's ``stdout`` fixture (the remote example's output).
+from tests.examples.test_parallelisation_example import (  # noqa: F401
     REPO_ROOT,
     SAMPLE_SHARED,
     _lines,
     _numbers,
     _section,
     run_example,
+    test_origin_fun_repr,
+    test_state_in_axes,
 )
 from tests.serving import running_server
 
@@ -110,18 +114,6 @@ def test_remote_mapping_wraps_a_stateful_mapping(stdout):
 
     assert "<class 'statehost.client._remote.RemoteMapping'>" in lines
     assert "transform: <class 'statehost.transform.StatefulMapping'>" in lines
-
-
-def test_origin_fun_repr(stdout):
-    text = _section(stdout, "origin fun:", "state_in_axes:")
-
-    assert text.lstrip().startswith("Affine(")
-    assert "weight=ParamState(" in text
-    assert "float32[2,4]" in text
-
-
-def test_state_in_axes(stdout):
-    assert "state_in_axes: {0: OfType(<class 'statehost.ParamState'>)}" in _lines(stdout)
 
 
 def test_final_weight_value_after_custom_mapping(arrays):
