@@ -58,48 +58,69 @@ class Served:
         return metric_value(text, name, **labels)
 
 
+def _start(cmd: list[str], env: dict[str, str], url: str, token: str, log: Path,
+           timeout: float) -> Served:
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    served = Served(url, token, process, env, log)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"statehost serve exited with {process.returncode}:\n"
+                               f"{served.output()}")
+        try:
+            if httpx.get(url + "/v1/health", timeout=1.0).status_code == 200:
+                return served
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            _stop(process)
+            raise RuntimeError(f"statehost serve did not start in {timeout} s:\n"
+                               f"{served.output()}")
+        time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @contextlib.contextmanager
 def running_server(
     tmp_path: Path, *args: str, token: str | None = "test-token", cpu_devices: int = 8,
     env: dict[str, str] | None = None, timeout: float = 60.0, port: int | None = None,
 ) -> Iterator[Served]:
-    """Runs ``python -m statehost.server serve`` until the ``with`` block ends."""
-    port = port or free_port()
+    """Runs ``python -m statehost.server serve`` until the ``with`` block ends.
+
+    Without ``port``, a free one is picked; if another process takes it before the server
+    binds it (an outgoing connection's ephemeral port can), another port is tried.
+    """
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
     full_env.update({"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "JAX_PLATFORMS": "cpu"})
     full_env.update(env or {})
     if token is not None:
         full_env["STATEHOST_TOKENS"] = token
-    log = tmp_path / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "statehost.server", "serve", "--port", str(port),
-           "--cpu-devices", str(cpu_devices), "--data-dir", str(tmp_path / "data"), *args]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    served = Served(f"http://127.0.0.1:{port}", token or "", process, full_env, log)
+    for attempt in range(3):
+        chosen = port or free_port()
+        cmd = [sys.executable, "-m", "statehost.server", "serve", "--port", str(chosen),
+               "--cpu-devices", str(cpu_devices), "--data-dir", str(tmp_path / "data"), *args]
+        log = tmp_path / f"server-{chosen}.log"
+        try:
+            served = _start(cmd, full_env, f"http://127.0.0.1:{chosen}", token or "", log,
+                            timeout)
+            break
+        except RuntimeError as exc:
+            if port is not None or attempt == 2 or "address already in use" not in str(exc):
+                raise
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"statehost serve exited with {process.returncode}:\n"
-                                   f"{served.output()}")
-            try:
-                if httpx.get(served.url + "/v1/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"statehost serve did not start in {timeout} s:\n"
-                                   f"{served.output()}")
-            time.sleep(0.1)
         if token is None:
             token_file = tmp_path / "xdg" / "statehost" / "token"
             served.token = token_file.read_text().strip()
         yield served
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        _stop(served.process)
