@@ -50,11 +50,12 @@ from bench_remote import (  # noqa: E402
 )
 
 import statehost  # noqa: E402
+from statehost.server.persistence import Durability  # noqa: E402
 
 PUT = "client.put (new state)"
 BIG = 128 << 20  # bytes of the put/get state
 COMMIT = 16 << 20  # bytes of the state each commit rewrites
-DURABILITIES = ("sync", "interval", "none")
+DURABILITIES = tuple(Durability)
 
 
 # -- case 1: put and get --------------------------------------------------------------

@@ -11,8 +11,8 @@ from fastapi import FastAPI
 
 from statehost import __version__
 from statehost._wire import local_versions
-from statehost.server.app_flush import flush, flusher
 from statehost.server.errors import install_handlers
+from statehost.server.persistence import flush, flusher
 from statehost.server.routes import (
     admin,
     calls,
@@ -55,7 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.get_running_loop().run_in_executor(None, runtime.registry.reload)
+        await asyncio.get_running_loop().run_in_executor(None, runtime.persistence.reload,
+                                                          runtime.store)
         tasks = [asyncio.create_task(_sweep(runtime)), asyncio.create_task(flusher(runtime))]
         try:
             yield
@@ -67,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             written = await flush(runtime)
             log.info("shutdown: flushed %d named state(s)", written)
             runtime.scheduler.shutdown()
-            runtime.registry.db.close()
+            runtime.persistence.close()
 
     app = FastAPI(title="statehost", version=__version__, lifespan=lifespan)
     app.state.settings = settings

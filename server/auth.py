@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from statehost.server.db import SCOPES, Database
+from statehost.server.persistence.database import SCOPES, Database
 
 __all__ = ["Principal", "resolve"]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from statehost._config import token_path
-from statehost.server.db import SCOPES, Database, hash_token
+from statehost.server.persistence.database import SCOPES, Database, hash_token
 from statehost.server.settings import Settings, is_loopback, parse_size
 
 __all__ = ["main"]

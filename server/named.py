@@ -1,20 +1,15 @@
-"""Named states: objects put under ``namespace/name``, their persistence and reload.
+"""Named objects: put under ``namespace/name``, read back, described, deleted.
 
 ``put`` moves a client's states into a namespace and records the object's
 structure (a pickle whose states are references); ``get`` sends both back.
-Values are written to safetensors files (``persist.py``) according to the
-namespace's durability: ``sync`` before a commit is acknowledged, ``interval``
-by a background flush and at shutdown, ``none`` never. On start, ``reload``
-puts every named state back on the devices with the sharding it had.
+Making them durable (state files, durability, reload) is ``persistence/``'s job.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -22,15 +17,9 @@ import jax
 import numpy as np
 
 from statehost import State
-from statehost.server.db import Database, ObjectRow, StateRow
 from statehost.server.errors import ApiError
-from statehost.server.persist import (
-    DamagedStateError,
-    describe_sharding,
-    load_value,
-    place,
-    save_value,
-)
+from statehost.server.persistence import ObjectRow, Persistence, StateRow, state_file
+from statehost.server.persistence.files import describe_sharding
 from statehost.server.store import Meta, Session, StateStore, state_nbytes
 
 __all__ = ["Registry", "split_name"]
@@ -59,15 +48,12 @@ def _leaves(value: Any) -> list[dict[str, Any]]:
 
 
 class Registry:
-    """Named objects and states of one server, backed by SQLite and safetensors files."""
+    """Named objects and states of one server; ``persistence`` keeps them on disk."""
 
-    def __init__(self, data_dir: Path, store: StateStore, default_durability: str):
-        self.data_dir = data_dir
-        self.db = Database(data_dir / "statehost.db")
+    def __init__(self, store: StateStore, persistence: Persistence):
         self.store = store
-        self.default_durability = default_durability
-        self.damaged: dict[str, str] = {}
-        self._durability: dict[str, str] = {}  # a cache: asked on every commit
+        self.persistence = persistence
+        self.db = persistence.db
 
     # -- access -------------------------------------------------------------------
     def visible(self, session_or_principal: Any, namespace: str, scope: str, where: str) -> None:
@@ -80,17 +66,6 @@ class Registry:
             raise ApiError(403, "AuthError",
                            f"{where}: this token may only {principal.scope} in {namespace!r}; "
                            f"this needs scope {scope!r}. Fix: use a token with that scope.")
-
-    def durability(self, namespace: str) -> str:
-        known = self._durability.get(namespace)
-        if known is None:
-            known = self._durability[namespace] = self.db.ensure_namespace(
-                namespace, self.default_durability)
-        return known
-
-    def set_durability(self, namespace: str, durability: str) -> None:
-        self.db.set_durability(namespace, durability)
-        self._durability[namespace] = durability
 
     # -- put / get ----------------------------------------------------------------
     def put(self, session: Session, full: str, kind: str, structure: bytes,
@@ -116,7 +91,7 @@ class Registry:
                     f"client.delete('{row.namespace}/{row.object}') first.",
                 )
             states[state_id] = state
-        self.durability(namespace)
+        self.persistence.durability(namespace)
         now = time.time()
         rows = []
         for state_id, state in states.items():
@@ -129,14 +104,16 @@ class Registry:
                                      list(paths.values()), old.created if old else now, now),
                            rows)
         if old is not None:
-            self.store.remove([i for i in old.state_ids if i not in paths])
+            gone = [i for i in old.state_ids if i not in paths]
+            self.store.remove(gone)
+            self.persistence.forget(namespace, gone)
         # A put is a commit like any other: written now under "sync", by the next flush
         # under "interval" (reload reports a state never flushed as lost, not damaged).
-        self.after_commit(list(states))
+        self.persistence.after_commit(list(states))
         return {"name": full, "states": {i: self.store.meta(i).version for i in states}}
 
     def _row(self, state: State, meta: Meta, namespace: str, obj: str, path: str) -> StateRow:
-        file = f"states/{namespace}/{state.id}.safetensors"
+        file = state_file(namespace, state.id)
         return StateRow(state.id, namespace, obj, path, cloudpickle.dumps(type(state)),
                         state.name, state.tag, _leaves(state._value), state_nbytes(state),
                         meta.version, meta.writer, meta.updated, describe_sharding(state._value),
@@ -156,7 +133,8 @@ class Registry:
     def describe(self, row: StateRow) -> dict[str, Any]:
         meta = self.store.meta(row.id)
         state = self.store.by_id(row.id)
-        status = "ok" if state is not None else "damaged" if row.id in self.damaged else "lost"
+        damaged = self.persistence.damaged
+        status = "ok" if state is not None else "damaged" if row.id in damaged else "lost"
         out = {
             "name": row.full_name, "id": row.id, "kind": _class_name(row.cls),
             "leaves": _leaves(state._value) if state is not None else row.leaves,
@@ -168,80 +146,15 @@ class Registry:
             "status": status,
             "devices": _devices(state._value) if state is not None else [],
         }
-        if row.id in self.damaged:
-            out["problem"] = self.damaged[row.id]
+        if row.id in damaged:
+            out["problem"] = damaged[row.id]
         return out
 
     def delete(self, namespace: str, name: str) -> list[str]:
         ids = self.db.delete_object(namespace, name)
         self.store.remove(ids)
-        for state_id in ids:
-            (self.data_dir / "states" / namespace / f"{state_id}.safetensors").unlink(
-                missing_ok=True)
+        self.persistence.forget(namespace, ids)
         return ids
-
-    # -- persistence ----------------------------------------------------------------
-    def after_commit(self, ids: list[str]) -> None:
-        """Makes a commit durable now where the namespace asks for ``sync``."""
-        sync = []
-        for state_id in ids:
-            meta = self.store.meta(state_id)
-            if meta is not None and meta.namespace and self.durability(meta.namespace) == "sync":
-                sync.append(state_id)
-        if sync:
-            self.flush(sync)
-
-    def flush(self, ids: list[str]) -> int:
-        """Writes the current values of these named states; returns how many were written."""
-        rows = []
-        for state_id in ids:
-            state, meta = self.store.by_id(state_id), self.store.meta(state_id)
-            if state is None or meta is None or meta.namespace is None:
-                continue
-            if self.durability(meta.namespace) == "none":
-                continue
-            version, value = meta.version, state._value
-            path = self.data_dir / "states" / meta.namespace / f"{state_id}.safetensors"
-            save_value(path, value, meta={"version": str(version)})
-            rows.append((state_id, version, meta.writer, meta.updated, version,
-                         json.dumps(describe_sharding(value))))
-            meta.durable = max(meta.durable, version)
-        if rows:
-            self.db.record_versions(rows)
-        return len(rows)
-
-    def reload(self) -> None:
-        """Puts every named state back on the devices; damaged files are reported, not fatal."""
-        count = 0
-        for row in self.db.states():
-            path = self.data_dir / row.file
-            if row.durable_version == 0 and not path.exists():
-                self._damaged(row, f"never written to disk: the server stopped before the "
-                              f"first flush of this state (namespace durability "
-                              f"{self.durability(row.namespace)!r})")
-                continue
-            try:
-                value, meta = load_value(path)
-                cls = cloudpickle.loads(row.cls)
-            except DamagedStateError as exc:
-                self._damaged(row, str(exc))
-                continue
-            except Exception as exc:  # the class cannot be unpickled here
-                self._damaged(row, f"its class cannot be loaded ({type(exc).__name__}: {exc})")
-                continue
-            version = int(meta.get("version", row.version))
-            state = cls.__new__(cls)
-            state.__setstate__({"value": place(value, row.sharding), "id": row.id,
-                                "name": row.label, "tag": row.tag})
-            self.store.add_named(state, Meta("", row.namespace, row.full_name, version,
-                                             row.writer, row.updated, version))
-            count += 1
-        log.info("reloaded %d named state(s); %d damaged", count, len(self.damaged))
-
-    def _damaged(self, row: StateRow, why: str) -> None:
-        self.damaged[row.id] = why
-        log.error("named state %s/%s (id %s) is damaged and was not loaded: %s",
-                  row.namespace, row.full_name, row.id, why)
 
 
 def _devices(value: Any) -> list[str]:

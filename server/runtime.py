@@ -9,6 +9,7 @@ from statehost.server.errors import ApiError
 from statehost.server.functions import FunctionCache
 from statehost.server.metrics import Metrics
 from statehost.server.named import Registry
+from statehost.server.persistence import Persistence
 from statehost.server.scheduler import Scheduler
 from statehost.server.settings import Settings
 from statehost.server.store import Session, SessionTable, StateStore
@@ -28,18 +29,17 @@ class Runtime:
         self.sessions = SessionTable(self.settings.session_ttl)
         self.functions = FunctionCache(self.settings.function_cache_size)
         self.scheduler = Scheduler(self.settings.workers)
-        self.registry = Registry(self.settings.data_dir, self.store, self.settings.durability)
+        self.persistence = Persistence(self.settings.data_dir, self.store,
+                                       self.settings.durability)
+        self.registry = Registry(self.store, self.persistence)
 
     def commit(self, ids: list[str], session: Session, durable: bool = True) -> dict[str, int]:
         """Records a commit of these states (versions) and makes it durable where asked."""
         versions = self.store.bump(ids, session.principal.label)
         if durable:
-            self.registry.after_commit(ids)
+            self.persistence.after_commit(ids)
         return versions
 
-    def flush_dirty(self) -> int:
-        """Writes every named state changed since its last write (call under its locks)."""
-        return self.registry.flush(self.store.dirty())
     def session(self, session_id: object, where: str) -> Session:
         """The open session ``session_id``, or a 404 that says how to get a new one."""
         session = self.sessions.get(session_id) if isinstance(session_id, str) else None

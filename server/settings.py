@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from statehost.server.persistence.durability import Durability
+
 __all__ = ["Settings", "is_loopback", "parse_size"]
 
 _UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
@@ -72,7 +74,7 @@ class Settings:
     session_ttl: float = 3600.0
     workers: int = 4
     function_cache_size: int = 256
-    durability: str = "interval"
+    durability: Durability = Durability.INTERVAL
     flush_interval: float = 5.0
     json_max_elements: int = 1_000_000
 
@@ -95,9 +97,10 @@ class Settings:
             raise ValueError(f"statehost settings: cpu_devices={self.cpu_devices} must be >= 1.")
         if self.max_body < 1:
             raise ValueError(f"statehost settings: max_body={self.max_body} must be positive.")
-        if self.durability not in ("sync", "interval", "none"):
+        if not Durability.is_valid(self.durability):
             raise ValueError(f"statehost settings: durability={self.durability!r} must be one "
-                             "of sync, interval, none.")
+                             f"of {Durability.choices()}.")
+        object.__setattr__(self, "durability", Durability(self.durability))
         if self.flush_interval <= 0:
             raise ValueError(f"statehost settings: flush_interval={self.flush_interval} must "
                              "be > 0.")

@@ -24,12 +24,12 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
 
 from statehost._wire import Frame, Section, decode, encode
-from statehost.server.db import FunctionRow
 from statehost.server.deps import FrameBody, PrincipalDep, RuntimeDep, require_submit, require_token
 from statehost.server.engine import _unpickle, _user_error
 from statehost.server.errors import ApiError
 from statehost.server.functions import CachedFunction
 from statehost.server.named import split_name
+from statehost.server.persistence import FunctionRow
 from statehost.server.routes._frames import frame_response
 from statehost.server.routes.namespaces import to_json
 from statehost.transform import StatefulFunction, StatefulMapping

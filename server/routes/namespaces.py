@@ -21,9 +21,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from statehost.server.db import StateRow
 from statehost.server.deps import PrincipalDep, RuntimeDep, require_token
 from statehost.server.errors import ApiError
+from statehost.server.persistence import StateRow
 
 __all__ = ["NPY", "ValueBody", "read_body", "router", "to_json"]
 
@@ -55,7 +55,7 @@ def _find(rt: Any, principal: Any, namespace: str, name: str, scope: str,
 def _resident(rt: Any, row: StateRow, where: str) -> Any:
     state = rt.store.by_id(row.id)
     if state is None:
-        why = rt.registry.damaged.get(row.id, "it is not loaded")
+        why = rt.persistence.damaged.get(row.id, "it is not loaded")
         raise ApiError(409, "StateDamagedError",
                        f"{where}: state {row.full_name!r} is not available ({why}).")
     return state

@@ -8,11 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Response
 
 from statehost._wire import Section, encode, pack
-from statehost.server.app_flush import flush_ids
 from statehost.server.deps import FrameBody, PrincipalDep, RuntimeDep, require_submit, require_token
 from statehost.server.engine import push_states
 from statehost.server.errors import ApiError
 from statehost.server.named import split_name
+from statehost.server.persistence import Durability, flush_ids
 from statehost.server.routes._frames import frame_response
 
 frames = APIRouter(
@@ -97,7 +97,7 @@ def object_info(namespace: str, name: str, rt: RuntimeDep,
         raise ApiError(404, "NotFound", f"{where}: no object {name!r} in {namespace!r}.")
     rows = [r for r in rt.registry.db.states(namespace) if r.object == name]
     return {"name": f"{namespace}/{name}", "kind": obj.kind, "created_at": obj.created,
-            "updated_at": obj.updated, "durability": rt.registry.durability(namespace),
+            "updated_at": obj.updated, "durability": rt.persistence.durability(namespace),
             "states": [rt.registry.describe(r) for r in rows]}
 
 
@@ -131,8 +131,8 @@ def set_namespace(namespace: str, body: dict[str, str], rt: RuntimeDep,
     where = f"PUT /v1/namespaces/{namespace}"
     _visible(rt, principal, namespace, "admin", where)
     durability = body.get("durability")
-    if durability not in ("sync", "interval", "none"):
-        raise ApiError(422, "ValidationError",
-                       f"{where}: durability must be sync, interval or none; got {durability!r}.")
-    rt.registry.set_durability(namespace, durability)
+    if not Durability.is_valid(durability):
+        raise ApiError(422, "ValidationError", f"{where}: durability must be one of "
+                       f"{Durability.choices()}; got {durability!r}.")
+    rt.persistence.set_durability(namespace, durability)
     return {"namespace": namespace, "durability": durability}

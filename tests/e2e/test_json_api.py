@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import statehost
-from statehost.server.db import Database
+from statehost.server.persistence import Database
 from tests.serving import running_server
 
 NPY = "application/x-npy"

@@ -1,4 +1,5 @@
-"""statehost.server.persist: state files (round trip, atomic writes, damage) and sharding."""
+"""statehost.server.persistence.files: state files (round trip, atomic writes, damage),
+sharding."""
 
 import json
 import struct
@@ -10,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from statehost.random import RandomState
-from statehost.server.persist import (
+from statehost.server.persistence.files import (
     DamagedStateError,
     describe_sharding,
     load_value,

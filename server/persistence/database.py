@@ -1,6 +1,6 @@
 """The server's metadata in SQLite (WAL): namespaces, tokens, named objects, states, functions.
 
-Array data lives in safetensors files (``persist.py``); this database says
+Array data lives in safetensors files (``files.py``); this database says
 which states exist, under which names, at which version, and where their
 files are. One connection, guarded by a lock, shared by the worker threads.
 """
@@ -23,7 +23,6 @@ __all__ = ["SCOPES", "Database", "FunctionRow", "ObjectRow", "StateRow", "TokenR
 
 # Each scope includes the ones before it.
 SCOPES = ("read", "invoke", "submit", "admin")
-DURABILITIES = ("sync", "interval", "none")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -253,10 +252,6 @@ class Database:
                          namespace, name)
         return _function(rows[0]) if rows else None
 
-    def delete_function(self, namespace: str, name: str) -> bool:
-        with self._tx() as c:
-            return c.execute("DELETE FROM functions WHERE namespace = ? AND name = ?",
-                             (namespace, name)).rowcount > 0
 
 
 def _state_tuple(s: StateRow) -> tuple:

@@ -35,7 +35,7 @@ PyTree = Any
 _FORMAT = "statehost-state/1"
 _RESERVED = "statehost."
 # Metadata keys of a state file; the checksum covers all but the last.
-_FORMAT_KEY, _TREEDEF, _DTYPES, _META, _SHA256 = (
+_FORMAT_KEY, _TREEDEF, _DTYPES, _META, _CRC32 = (
     _RESERVED + k for k in ("format", "treedef", "dtypes", "meta", "crc32")
 )
 # dtypes safetensors' numpy API stores as themselves; others (bfloat16, float8 from
@@ -117,7 +117,7 @@ def save_value(path: Path, value: PyTree, *, meta: dict[str, str] | None = None)
         _DTYPES: json.dumps([a.dtype.name for a in arrays]),
         _META: json.dumps(meta, sort_keys=True),
     }
-    header[_SHA256] = _digest(tensors, header)
+    header[_CRC32] = _digest(tensors, header)
     data = _st_save(tensors, metadata={**meta, **header})
 
     path = Path(path)
@@ -160,7 +160,7 @@ def _check_layout(path: Path, data: bytes) -> dict[str, str]:
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         raise _damaged(path, f"unreadable header ({exc!r})") from exc
-    keys = (_FORMAT_KEY, _TREEDEF, _DTYPES, _META, _SHA256)
+    keys = (_FORMAT_KEY, _TREEDEF, _DTYPES, _META, _CRC32)
     if stored.get(_FORMAT_KEY) != _FORMAT or not all(k in stored for k in keys):
         raise _damaged(path, f"unreadable header: not a {_FORMAT} file")
     if end > len(data) - 8 - size:
@@ -202,7 +202,7 @@ def load_value(path: Path) -> tuple[PyTree, dict[str, str]]:
     tensors = {str(i): loaded.get(str(i)) for i in range(len(loaded))}
     if any(t is None for t in tensors.values()):
         raise _damaged(path, f"inconsistent tensor table: names are not 0..{len(loaded) - 1}")
-    if _digest(tensors, stored) != stored[_SHA256]:
+    if _digest(tensors, stored) != stored[_CRC32]:
         raise _damaged(path, "checksum mismatch: tensor data or metadata changed after writing")
     try:
         treedef = pickle.loads(base64.b64decode(stored[_TREEDEF]))

@@ -1,0 +1,19 @@
+"""Persistence of named states: the SQLite index, state files, durability, flush, reload."""
+
+from statehost.server.persistence.database import (
+    SCOPES,
+    Database,
+    FunctionRow,
+    ObjectRow,
+    StateRow,
+    TokenRow,
+    hash_token,
+)
+from statehost.server.persistence.durability import Durability
+from statehost.server.persistence.files import DamagedStateError
+from statehost.server.persistence.flusher import flush, flush_ids, flusher
+from statehost.server.persistence.service import Persistence, StateRecord, state_file
+
+__all__ = ["SCOPES", "DamagedStateError", "Database", "Durability", "FunctionRow", "ObjectRow",
+           "Persistence", "StateRecord", "StateRow", "TokenRow", "flush", "flush_ids",
+           "flusher", "hash_token", "state_file"]
