@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextvars
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -26,6 +26,7 @@ __all__ = [
     "ParamState",
     "ShortTermState",
     "State",
+    "StateSnapshot",
     "StateTrace",
 ]
 
@@ -114,6 +115,30 @@ class State:
         self._value = new
         self._writes += 1
 
+    # -- for hosts that stage and undo values (the server) ---------------------
+    @classmethod
+    def restore(cls, value: PyTree, *, id: str, name: str | None = None,
+                tag: str | None = None) -> State:
+        """A state of this class with a given identity, as unpickling rebuilds one.
+
+        Example:
+            >>> import statehost
+            >>> w = statehost.ParamState.restore(1.0, id="0" * 32, name="w")
+            >>> (w.id, w.value, w.write_count)
+            ('00000000000000000000000000000000', 1.0, 0)
+        """
+        state = cls.__new__(cls)
+        state.__setstate__({"value": value, "id": id, "name": name, "tag": tag})
+        return state
+
+    def snapshot(self) -> StateSnapshot:
+        """The current value and write count, for :meth:`revert`."""
+        return StateSnapshot(self._value, self._writes)
+
+    def revert(self, snapshot: StateSnapshot) -> None:
+        """Puts back the value and write count of ``snapshot`` (undoes writes since)."""
+        self._value, self._writes = snapshot.value, snapshot.writes
+
     # -- pickling -------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         return {"value": self._value, "id": self._id, "name": self.name, "tag": self.tag}
@@ -142,6 +167,13 @@ class State:
 
     def __repr__(self) -> str:
         return format_state(self, indent=0)
+
+
+class StateSnapshot(NamedTuple):
+    """A state's value and write count at one moment (see :meth:`State.snapshot`)."""
+
+    value: PyTree
+    writes: int
 
 
 class ParamState(State):

@@ -1,8 +1,18 @@
 """State-aware transforms: ``StatefulMapping``, ``pmap``, ``vmap``, ``jit``."""
 
 from statehost.transform._cache import CacheInfo
+from statehost.transform._commit import PendingWrites, defer_writes
 from statehost.transform._jit import StatefulFunction, jit
 from statehost.transform._mapping import StatefulMapping
 from statehost.transform._transforms import pmap, vmap
 
-__all__ = ["CacheInfo", "StatefulFunction", "StatefulMapping", "jit", "pmap", "vmap"]
+__all__ = [
+    "CacheInfo",
+    "PendingWrites",
+    "StatefulFunction",
+    "StatefulMapping",
+    "defer_writes",
+    "jit",
+    "pmap",
+    "vmap",
+]

@@ -65,8 +65,15 @@ _MSG_UNBATCHED_VARYING = (
     "instead, e.g. state_out_axes={{0: ...}}."
 )
 _MSG_STATE_AXIS_RANGE = (
-    "{api}: state_in_axes maps {state} at path {path} on axis {axis}, but its value has shape "
-    "{shape}. Use an axis below {ndim}, or a filter that does not select this state."
+    "{api}: state_in_axes maps {state} at path {path} on axis {axis}, but its value{leaf} has "
+    "shape {shape}. Use an axis from {low} to {high}, or a filter that does not select this "
+    "state."
+)
+_MSG_STATE_AXIS_SCALAR = (
+    "{api}: state_in_axes maps {state} at path {path} on axis {axis}, but its value{leaf} is a "
+    "scalar (shape ()), which has no axis to map over. A scalar state cannot be mapped: "
+    "use a filter that does not select it (it is then shared by every lane), or give it a "
+    "leading axis of the mapped size."
 )
 _MSG_LANE_MISMATCH = (
     "{api}: inconsistent sizes along the mapped axes: {what} has size {size} but {first} "
@@ -251,17 +258,20 @@ class StatefulMapping(StatefulCall):
         return lane_placeholder(value, None, None)
 
     def _check_state_axis(self, state: State, path: tuple, value: Any, axis: int) -> int:
-        for leaf in jax.tree_util.tree_leaves(value):
-            shape = np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape
-            if not -len(shape) <= axis < len(shape):
-                raise BatchAxisError(
-                    _MSG_STATE_AXIS_RANGE.format(
-                        api=self._api, state=state._label(), path=_fmt_path(path), axis=axis,
-                        shape=tuple(shape), ndim=len(shape),
-                    )
-                )
-            return shape[axis]
-        return 0
+        """The size of ``axis`` in every leaf of ``value``; raises if a leaf lacks the axis."""
+        size = 0
+        leaves = jax.tree_util.tree_leaves_with_path(value)
+        for key, leaf in leaves:
+            shape = tuple(np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape)
+            if -len(shape) <= axis < len(shape):
+                size = size or shape[axis]
+                continue
+            fields = dict(api=self._api, state=state._label(), path=_fmt_path(path), axis=axis,
+                          shape=shape, low=-len(shape), high=len(shape) - 1,
+                          leaf=f" leaf {jax.tree_util.keystr(key)}" if len(leaves) > 1 else "")
+            template = _MSG_STATE_AXIS_SCALAR if not shape else _MSG_STATE_AXIS_RANGE
+            raise BatchAxisError(template.format(**fields))
+        return size
 
     def _run_probe(self, call, setup, paths, read, per_lane=frozenset(), seen=None):
         """Probes with undeclared states broadcast; under 'auto', retries once with the

@@ -32,6 +32,7 @@ from jax.extend import core as jex
 from statehost._state import State, StateTrace, StateTraceError, active_trace
 from statehost.nn._module import state_paths
 from statehost.transform._cache import CacheInfo, register
+from statehost.transform._commit import pending_writes
 from statehost.transform._probe import (
     ProbeResult,
     drop_axis,
@@ -190,7 +191,15 @@ class StatefulCall:
             dyn, statics = args, ()
         leaves, treedef = jax.tree_util.tree_flatten((dyn, kwargs))
         key = (treedef, tuple(map(leaf_signature, leaves)), statics)
-        read = outer.read if outer is not None else _plain_read
+        # Where new state values go: the enclosing trace, a host's pending commit, or
+        # straight into the State objects.
+        pending = pending_writes() if outer is None else None
+        if outer is not None:
+            read, write = outer.read, outer.write
+        elif pending is not None:
+            read, write = pending.read, pending.write
+        else:
+            read, write = _plain_read, State._commit
         plan = self._lookup(key, read)
         if plan is None:
             self._misses += 1
@@ -198,7 +207,7 @@ class StatefulCall:
             self._cache.setdefault(key, []).append(plan)
         else:
             self._hits += 1
-        return self._run(plan, dyn, kwargs, read, outer)
+        return self._run(plan, dyn, kwargs, read, write)
 
     def _split_static(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         statics = []
@@ -323,7 +332,7 @@ class StatefulCall:
         dyn: tuple[Any, ...],
         kwargs: dict[str, Any],
         read: Callable[[State], Any],
-        outer: StateTrace | None,
+        write: Callable[[State, Any], None],
     ) -> Any:
         values = [read(st) for st in plan.inputs]
         keys, advanced = self._rng_keys(plan, read)
@@ -331,16 +340,10 @@ class StatefulCall:
         assert plan.compiled is not None
         out, new_values = plan.compiled(*dyn, kwargs, values, keys, *extra)
         # Commit only now that the whole call succeeded.
-        if outer is None:
-            for st, v in zip(plan.outputs, new_values, strict=True):
-                st._commit(v)
-            for st, v in zip(plan.rngs, advanced, strict=True):
-                st._commit(v)
-        else:
-            for st, v in zip(plan.outputs, new_values, strict=True):
-                outer.write(st, v)
-            for st, v in zip(plan.rngs, advanced, strict=True):
-                outer.write(st, v)
+        for st, v in zip(plan.outputs, new_values, strict=True):
+            write(st, v)
+        for st, v in zip(plan.rngs, advanced, strict=True):
+            write(st, v)
         return out
 
     # -- hooks ------------------------------------------------------------------

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import statehost
-from statehost._wire import (
+from statehost.wire import (
     MAGIC,
+    PROTOCOL,
     decode,
     encode,
     local_versions,
@@ -27,11 +28,11 @@ def test_frame_round_trip_keeps_arrays_out_of_band():
     frame = decode(encoded.to_bytes())
     assert frame.header["kind"] == "test"
     assert frame.header["versions"] == local_versions()
-    out = frame.section("args")
+    out = frame.sections["args"].load()
     np.testing.assert_array_equal(out["x"], big)
     assert out["n"] == 3
     assert frame.section_nbytes("args") == section.nbytes
-    assert frame.section("missing") is None
+    assert "missing" not in frame.sections and frame.section_nbytes("missing") == 0
 
 
 def test_chunks_join_to_the_same_bytes_and_respect_the_size():
@@ -58,7 +59,7 @@ def test_states_become_references_and_come_back_as_the_receivers_objects():
     out = unpack([memoryview(section.payload), *section.buffers], load)
     assert out["w"] is resident and out["again"] is resident
     assert seen == [state_ref(w)] * 2  # pickle does not memoize persistent ids
-    assert seen[0][:2] == ("state", w.id)
+    assert seen[0].id == w.id and seen[0].cls is statehost.ParamState and seen[0].name == "w"
 
 
 def test_states_are_refused_where_none_may_appear():
@@ -110,8 +111,38 @@ def test_version_problems_name_both_sides():
     assert version_problems(mine, dict(mine), me="client", them="server") == []
     patch = {**mine, "statehost": "99.0"}  # statehost itself may differ
     assert version_problems(mine, patch, me="client", them="server") == []
-    other = {**mine, "jax": "0.4.30", "cloudpickle": "2.2.1", "protocol": 2}
+    other = {**mine, "jax": "0.4.30", "cloudpickle": "2.2.1", "protocol": PROTOCOL + 1}
     problems = version_problems(mine, other, me="client", them="server")
     assert len(problems) == 3
     assert f"jax: client has {mine['jax']}, server has 0.4.30" in problems
     assert version_problems(mine, {}, me="client", them="server")[0].endswith("server has unknown")
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"[" * 100_000 + b"]" * 100_000, "nests deeper than 8 levels"),
+    (b'{"a":' * 9 + b"1" + b"}" * 9, "nests deeper than 8 levels"),
+])
+def test_deep_headers_are_refused_before_parsing(header, message):
+    body = MAGIC + struct.pack("<I", len(header)) + header + b"\0\0\0\0"
+    with pytest.raises(statehost.WireError, match=message):
+        decode(body)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    frame = decode(encode({"note": "[[[[[[[[[[[[[[{{{{{{{{{\\\"[["}).to_bytes())
+    assert frame.header["note"].startswith("[[[")
+
+
+def test_huge_declared_headers_are_refused():
+    body = MAGIC + struct.pack("<I", 2**31) + b"{}"
+    with pytest.raises(statehost.WireError, match="more than the limit"):
+        decode(body)
+
+
+@pytest.mark.parametrize("layout", ['{"a":["0",1]}', '{"a":[0,1.5]}', '{"a":[true,1]}', '[]'])
+def test_section_layouts_must_be_integer_pairs(layout):
+    body = bytearray(encode({}).to_bytes())
+    body = body.replace(b'"sections":{}', b'"sections":' + layout.encode())
+    body[4:8] = struct.pack("<I", len(body) - 12)
+    with pytest.raises(statehost.WireError, match="do not fit 0 buffers"):
+        decode(bytes(body))

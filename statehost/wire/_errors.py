@@ -1,0 +1,43 @@
+"""The error kinds both sides know: each name's HTTP status and meaning, in one table.
+
+An error answer's body is ``{"error": {"type": NAME, "message": ..., "traceback"?: ...}}``.
+The server raises one exception class per kind (``statehost.server.errors``); the
+client raises one exception class per kind (``statehost.client``). Both derive
+their tables from :data:`ERROR_KINDS`, and a test checks that they cover it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["ERROR_KINDS", "ErrorKind"]
+
+
+class ErrorKind(NamedTuple):
+    name: str
+    status: int
+    meaning: str
+
+
+ERROR_KINDS: dict[str, ErrorKind] = {kind.name: kind for kind in (
+    ErrorKind("ProtocolError", 400, "a malformed frame, header or request"),
+    ErrorKind("PayloadError", 400, "a pickle the server could not load"),
+    ErrorKind("VersionMismatchError", 400, "client and server cannot exchange pickles"),
+    ErrorKind("AuthError", 401, "no token, or a token the server does not accept"),
+    ErrorKind("ForbiddenError", 403, "the token's scope does not allow this"),
+    ErrorKind("NotFoundError", 404, "no such name, route or object visible to this token"),
+    ErrorKind("SessionNotFoundError", 404, "no such open session for this token"),
+    ErrorKind("StateNotFoundError", 404, "no such state visible to this session"),
+    ErrorKind("MethodNotAllowedError", 405, "the route does not take this method"),
+    ErrorKind("FunctionNotCachedError", 409, "the server no longer has that callable"),
+    ErrorKind("StateConflictError", 409, "an upload based on an outdated version"),
+    ErrorKind("StateDamagedError", 409, "a named state that could not be loaded"),
+    ErrorKind("NameConflictError", 409, "a state that already belongs to another name"),
+    ErrorKind("PreconditionFailedError", 412, "If-Match names another version"),
+    ErrorKind("PayloadTooLargeError", 413, "a body over the server's limit"),
+    ErrorKind("UnsupportedMediaTypeError", 415, "a body of the wrong content type"),
+    ErrorKind("ValidationError", 422, "a well-formed request with invalid values"),
+    ErrorKind("RemoteExecutionError", 422, "the user's function raised"),
+    ErrorKind("ServerError", 500, "a fault of the server itself"),
+    ErrorKind("StorageError", 503, "the server could not write to its disk; nothing applied"),
+)}

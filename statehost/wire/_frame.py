@@ -1,0 +1,210 @@
+"""Frames: the bytes of one request or response body.
+
+A frame is::
+
+    b"SHF1" | u32 header length | JSON header | u32 buffer count | (u64 length, bytes)*
+
+The header is a JSON object with the message's fields, the sender's versions
+(``versions``) and where each *section* starts (``sections``: name -> [first
+buffer, buffer count]). A section (``_pickle.Section``) is one pickle followed by
+its out-of-band buffers, so arrays are never copied into one big ``bytes`` or
+encoded as text. All integers are little-endian.
+
+Decoding copies nothing and refuses, with one :class:`WireError` per fault,
+anything that is not a well-formed frame: bad magic, lengths that overrun the
+body, a header that is not a JSON object, too large or nested too deep.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from statehost._errors import WireError
+from statehost.wire._pickle import Section
+from statehost.wire._versions import local_versions
+
+__all__ = [
+    "CONTENT_TYPE",
+    "MAGIC",
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_DEPTH",
+    "Encoded",
+    "Frame",
+    "decode",
+    "encode",
+    "fresh_buffer",
+]
+
+MAGIC = b"SHF1"
+CONTENT_TYPE = "application/vnd.statehost.frame"
+# A header lists state ids and small metadata; 8 MiB holds ~200k ids. Deeper nesting
+# than this is never produced by statehost and would only exhaust the JSON parser.
+MAX_HEADER_BYTES = 8 << 20
+MAX_HEADER_DEPTH = 8
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+# Pieces smaller than this are coalesced into one chunk when streaming.
+_SMALL = 64 * 1024
+
+
+def fresh_buffer(nbytes: int) -> memoryview:
+    """A writable buffer for a body of ``nbytes``: ``np.empty``, not ``bytearray(n)``.
+
+    ``bytearray`` zero-fills, and numpy asks Linux for transparent huge pages on
+    large allocations, so filling a fresh 128 MiB buffer took 64 ms as a
+    ``bytearray`` and 11 ms as ``np.empty`` on a 2-core machine.
+    """
+    import numpy as np
+
+    return memoryview(np.empty(nbytes, np.uint8))
+
+
+class Encoded:
+    """An encoded frame as a list of pieces; stream it with :meth:`chunks`."""
+
+    def __init__(self, pieces: list[Any]):
+        self.pieces = pieces
+        self.nbytes = sum(memoryview(p).nbytes for p in pieces)
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes | memoryview]:
+        """Yields the frame in pieces of at most ``size`` bytes, small pieces coalesced."""
+        pending = bytearray()
+        for piece in self.pieces:
+            view = memoryview(piece).cast("B")
+            if view.nbytes < _SMALL:
+                pending += view
+                if len(pending) >= size:
+                    yield bytes(pending)
+                    pending = bytearray()
+                continue
+            if pending:
+                yield bytes(pending)
+                pending = bytearray()
+            for start in range(0, view.nbytes, size):
+                yield view[start : start + size]
+        if pending:
+            yield bytes(pending)
+
+    def to_bytes(self) -> bytes:
+        """The whole frame as one ``bytes`` (fine for small frames; large ones: ``chunks``)."""
+        return b"".join(memoryview(p).cast("B") for p in self.pieces)
+
+
+def encode(header: Mapping[str, Any], sections: Mapping[str, Section] | None = None) -> Encoded:
+    """Encodes a frame: ``header`` plus the sender's versions and the sections' layout."""
+    full = dict(header)
+    full["versions"] = local_versions()
+    layout: dict[str, list[int]] = {}
+    buffers: list[Any] = []
+    for name, section in (sections or {}).items():
+        layout[name] = [len(buffers), 1 + len(section.buffers)]
+        buffers.append(section.payload)
+        buffers.extend(section.buffers)
+    full["sections"] = layout
+    head = json.dumps(full, separators=(",", ":")).encode()
+    pieces: list[Any] = [MAGIC + _U32.pack(len(head)) + head + _U32.pack(len(buffers))]
+    for buf in buffers:
+        pieces.append(_U64.pack(memoryview(buf).nbytes))
+        pieces.append(buf)
+    return Encoded(pieces)
+
+
+@dataclass
+class Frame:
+    """A decoded frame: the JSON header and views of its sections' buffers (no copies)."""
+
+    header: dict[str, Any]
+    sections: dict[str, Section]
+
+    def section_nbytes(self, name: str) -> int:
+        section = self.sections.get(name)
+        return 0 if section is None else section.nbytes
+
+
+def _fail(what: str) -> WireError:
+    return WireError(
+        f"statehost wire: {what}. The body is not a valid statehost frame "
+        f"(b'SHF1' | u32 header length | JSON header | u32 buffer count | (u64 length, bytes)*). "
+        "Fix: send frames built by statehost's client, and send the whole body."
+    )
+
+
+def _depth(text: bytes) -> int:
+    """The deepest nesting of JSON arrays/objects, counted without parsing (strings skipped)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_HEADER_DEPTH:
+                return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def decode(data: bytes | bytearray | memoryview) -> Frame:
+    """Decodes a frame without copying its buffers; raises ``WireError`` if malformed."""
+    view = memoryview(data).cast("B")
+    total = view.nbytes
+    if total < 8:
+        raise _fail(f"the body has {total} bytes, fewer than the 8-byte preamble")
+    if bytes(view[:4]) != MAGIC:
+        raise _fail(f"the body starts with {bytes(view[:4])!r}, not {MAGIC!r}")
+    (head_len,) = _U32.unpack_from(view, 4)
+    if head_len > MAX_HEADER_BYTES:
+        raise _fail(f"the header claims {head_len} bytes, more than the limit of "
+                    f"{MAX_HEADER_BYTES}")
+    pos = 8 + head_len
+    if pos + 4 > total:
+        raise _fail(f"the header claims {head_len} bytes but the body has only {total}")
+    text = bytes(view[8:pos])
+    if _depth(text) > MAX_HEADER_DEPTH:
+        raise _fail(f"the header nests deeper than {MAX_HEADER_DEPTH} levels")
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise _fail(f"the header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise _fail(f"the header is a JSON {type(header).__name__}, not an object")
+    (count,) = _U32.unpack_from(view, pos)
+    pos += 4
+    buffers = []
+    for index in range(count):
+        if pos + 8 > total:
+            raise _fail(f"the body ends before the length of buffer {index} of {count}")
+        (size,) = _U64.unpack_from(view, pos)
+        pos += 8
+        if pos + size > total:
+            raise _fail(
+                f"buffer {index} claims {size} bytes but only {total - pos} remain (truncated?)"
+            )
+        buffers.append(view[pos : pos + size])
+        pos += size
+    if pos != total:
+        raise _fail(f"{total - pos} bytes follow the last buffer")
+    layout = header.get("sections", {})
+    if not isinstance(layout, dict) or not all(
+        isinstance(v, list) and len(v) == 2 and all(type(n) is int for n in v)
+        and 0 <= v[0] and 1 <= v[1] and v[0] + v[1] <= count
+        for v in layout.values()
+    ):
+        raise _fail(f"the header's sections {layout!r:.200} do not fit {count} buffers")
+    sections = {name: Section(buffers[first], buffers[first + 1 : first + n])
+                for name, (first, n) in layout.items()}
+    return Frame(header, sections)
