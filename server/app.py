@@ -55,8 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.get_running_loop().run_in_executor(None, runtime.persistence.reload,
-                                                          runtime.store)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, runtime.persistence.reload, runtime.store)
+        await loop.run_in_executor(None, runtime.tokens.start)
         tasks = [asyncio.create_task(_sweep(runtime)), asyncio.create_task(flusher(runtime))]
         try:
             yield
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             written = await flush(runtime)
             log.info("shutdown: flushed %d named state(s)", written)
             runtime.scheduler.shutdown()
+            runtime.tokens.stop()
             runtime.persistence.close()
 
     app = FastAPI(title="statehost", version=__version__, lifespan=lifespan)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from statehost.server.auth import TokenTable
 from statehost.server.errors import ApiError
 from statehost.server.functions import FunctionCache
 from statehost.server.metrics import Metrics
@@ -32,6 +33,7 @@ class Runtime:
         self.persistence = Persistence(self.settings.data_dir, self.store,
                                        self.settings.durability)
         self.registry = Registry(self.store, self.persistence)
+        self.tokens = TokenTable(self.persistence.db.path)
 
     def commit(self, ids: list[str], session: Session, durable: bool = True) -> dict[str, int]:
         """Records a commit of these states (versions) and makes it durable where asked."""
@@ -71,6 +73,6 @@ class Runtime:
         m.sessions.set(len(self.sessions))
         m.resident_states.set(len(self.store))
         m.resident_bytes.set(self.store.nbytes())
-        for namespace in self.registry.db.namespaces():
+        for namespace in self.persistence.namespaces():
             m.namespace_bytes.labels(namespace).set(self.store.nbytes(namespace))
         m.queue_depth.set(self.scheduler.queued)

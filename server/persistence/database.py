@@ -167,11 +167,6 @@ class Database:
                       (hash_token(token), namespace, scope, label, time.time()))
         return token
 
-    def find_token(self, token: str) -> TokenRow | None:
-        rows = self._all("SELECT * FROM tokens WHERE hash = ? AND revoked IS NULL",
-                         hash_token(token))
-        return TokenRow(*rows[0]) if rows else None
-
     def tokens(self) -> list[TokenRow]:
         return [TokenRow(*r) for r in self._all("SELECT * FROM tokens ORDER BY created")]
 

@@ -83,7 +83,9 @@ class Persistence:
         self.store = store
         self.default_durability = Durability(default_durability)
         self.damaged: dict[str, str] = {}  # state id -> why reload could not load it
-        self._durability: dict[str, Durability] = {}  # a cache: asked on every commit
+        # Every namespace and its durability: asked on every commit and by the gauges, so
+        # kept in memory (only this server writes the namespaces table).
+        self._durability = {ns: Durability(d) for ns, d in self.db.namespaces().items()}
 
     def close(self) -> None:
         self.db.close()
@@ -96,6 +98,10 @@ class Persistence:
             known = self._durability[namespace] = Durability(
                 self.db.ensure_namespace(namespace, self.default_durability))
         return known
+
+    def namespaces(self) -> dict[str, Durability]:
+        """Every namespace the database knows, with its durability; never touches SQLite."""
+        return dict(self._durability)
 
     def set_durability(self, namespace: str, durability: Durability | str) -> None:
         durability = Durability(durability)
