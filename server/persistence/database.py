@@ -19,6 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from statehost.server.persistence.permissions import (
+    FILE_MODE,
+    make_private_dir,
+    make_private_file,
+    tighten,
+)
+
 __all__ = ["SCOPES", "Database", "FunctionRow", "ObjectRow", "StateRow", "TokenRow", "hash_token"]
 
 # Each scope includes the ones before it.
@@ -112,7 +119,12 @@ class Database:
     """The metadata store; every method is one transaction."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path.parent)
+        # SQLite gives its -wal and -shm files the database file's mode: make that 0600
+        # before SQLite creates it 0644. Ones left by older versions are tightened too.
+        make_private_file(path)
+        for suffix in ("-wal", "-shm"):
+            tighten(path.with_name(path.name + suffix), FILE_MODE)
         self.path = path
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
