@@ -33,7 +33,7 @@ class Runtime:
         self.persistence = Persistence(self.settings.data_dir, self.store,
                                        self.settings.durability)
         self.registry = Registry(self.store, self.persistence)
-        self.tokens = TokenTable(self.persistence.db.path)
+        self.tokens = TokenTable(self.persistence.db_path)
 
     def commit(self, ids: list[str], session: Session, durable: bool = True) -> dict[str, int]:
         """Records a commit of these states (versions) and makes it durable where asked."""

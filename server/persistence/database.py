@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from statehost._errors import StatehostError
 from statehost.server.persistence.permissions import (
     FILE_MODE,
     make_private_dir,
@@ -26,7 +27,8 @@ from statehost.server.persistence.permissions import (
     tighten,
 )
 
-__all__ = ["SCOPES", "Database", "FunctionRow", "ObjectRow", "StateRow", "TokenRow", "hash_token"]
+__all__ = ["SCOPES", "DamagedDatabaseError", "Database", "FunctionRow", "ObjectRow", "StateRow",
+           "TokenRow", "hash_token"]
 
 # Each scope includes the ones before it.
 SCOPES = ("read", "invoke", "submit", "admin")
@@ -52,6 +54,29 @@ CREATE TABLE IF NOT EXISTS functions (
     state_ids TEXT NOT NULL, signature TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (namespace, name));
 """
+
+
+_MSG_DAMAGED = (
+    "statehost: the metadata database {path} is damaged: {what}. The server does not start on "
+    "it: it says which named states exist, and running on it would hide or lose them. The "
+    "state values are kept apart, in {states}. To recover:\n"
+    "  1. stop every statehost process that uses {data_dir}, and keep a copy of it "
+    "(e.g. cp -a {data_dir} {data_dir}.bak);\n"
+    "  2. run `statehost repair --data-dir {data_dir}`: it moves the damaged database aside and "
+    "rebuilds the named objects and states from the state files;\n"
+    "  3. tokens and registered functions are not in state files: recreate tokens with "
+    "`statehost token create` and register functions again.\n"
+    "Or restore {path} from a backup."
+)
+
+
+class DamagedDatabaseError(StatehostError, RuntimeError):
+    """The metadata database is unreadable, fails its integrity check, or lost its rows."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = path, what
+        super().__init__(_MSG_DAMAGED.format(path=path, what=what, data_dir=path.parent,
+                                             states=path.parent / "states"))
 
 
 def hash_token(token: str) -> str:
@@ -127,9 +152,20 @@ class Database:
             tighten(path.with_name(path.name + suffix), FILE_MODE)
         self.path = path
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            problems = [r[0] for r in self._conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise DamagedDatabaseError(path, "its integrity check failed ("
+                                           + "; ".join(problems) + ")")
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed", ...
+            self._conn.close()
+            raise DamagedDatabaseError(path, f"SQLite cannot read it ({exc})") from exc
+        except BaseException:
+            self._conn.close()
+            raise
         self._lock = threading.Lock()
 
     def close(self) -> None:
