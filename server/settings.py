@@ -61,6 +61,8 @@ class Settings:
         function_cache_size: unpickled callables kept, least recently used evicted.
         durability: default durability of new namespaces: sync, interval or none.
         flush_interval: seconds between flushes of dirty named states (``interval``).
+        max_unflushed_commits: while writing a namespace's states to disk fails, new commits
+            are refused once one of its states is this many commits ahead of its disk copy.
         json_max_elements: largest array the JSON API answers as nested lists.
     """
 
@@ -76,6 +78,7 @@ class Settings:
     function_cache_size: int = 256
     durability: Durability = Durability.INTERVAL
     flush_interval: float = 5.0
+    max_unflushed_commits: int = 1000
     json_max_elements: int = 1_000_000
 
     @classmethod
@@ -104,6 +107,9 @@ class Settings:
         if self.flush_interval <= 0:
             raise ValueError(f"statehost settings: flush_interval={self.flush_interval} must "
                              "be > 0.")
+        if self.max_unflushed_commits < 1:
+            raise ValueError(f"statehost settings: max_unflushed_commits="
+                             f"{self.max_unflushed_commits} must be >= 1.")
         if self.session_ttl <= 0:
             raise ValueError(f"statehost settings: session_ttl={self.session_ttl} must be > 0.")
 
@@ -119,7 +125,7 @@ def _convert(name: str, raw: str) -> Any:
         if name == "max_body":
             return parse_size(raw)
         if name in {"port", "cpu_devices", "workers", "function_cache_size",
-                    "json_max_elements"}:
+                    "json_max_elements", "max_unflushed_commits"}:
             return int(raw)
         if name in {"session_ttl", "flush_interval"}:
             return float(raw)

@@ -1,0 +1,28 @@
+"""``StorageError``: a call refused or not applied because the server cannot write its disk."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+__all__ = ["StorageError", "describe_failure"]
+
+
+class StorageError(Exception):
+    """The server could not make named states durable, so the call was not applied.
+
+    Its message says so and why (``No space left on device``, ...), and never names a
+    server path: callers see it, operators find the path in the server log.
+    """
+
+    status = 503
+    type = "StorageError"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Why a disk write failed, without the file names ``str(OSError)`` carries."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno)
+    if isinstance(exc, sqlite3.Error):
+        return f"the metadata database: {exc}"  # SQLite's messages name no files
+    return type(exc).__name__
