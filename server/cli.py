@@ -24,6 +24,7 @@ from typing import Any
 
 from statehost._config import token_path
 from statehost.server.persistence.database import SCOPES, Database, hash_token
+from statehost.server.persistence.repair import repair_arguments, repair_command
 from statehost.server.settings import Settings, is_loopback, parse_size
 
 __all__ = ["main"]
@@ -91,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="the server's data directory (default: STATEHOST_DATA_DIR or "
                               "~/.local/share/statehost)")
 
+    repair_arguments(commands.add_parser(
+        "repair", help="rebuild a damaged server database from its state files"))
     ls = commands.add_parser("ls", help="list a running server's namespaces, objects and states")
     doctor = commands.add_parser(
         "doctor", help="check that this client and a running server can work together")
@@ -444,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "token":
         return token_command(args)
+    if args.command == "repair":
+        return repair_command(args)
     if args.command == "ls":
         return ls(args)
     if args.command == "doctor":
