@@ -2,9 +2,10 @@
 
 They look at and act on a running server through its JSON API, with httpx and no
 session: they ship no pickles, so they work even where the client's and the server's
-versions differ (``doctor`` is the one that reports that), and they load neither the
-server nor the client's pickling and frame machinery. The dispatcher
-(``statehost._cli``) imports this module when one of ``COMMANDS`` runs.
+versions differ (``doctor`` is the one that reports that). This module imports httpx,
+the core's token path and the client's exception classes: not the server, and not the
+client's frames or pickling. The dispatcher (``statehost._cli``) imports it when one of
+``COMMANDS`` runs.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ _MSG_BAD_TOKEN = (
 _MSG_UNREACHABLE = (
     "cannot connect to {url} ({why}). Is `statehost serve` running there? Start it with "
     "`statehost serve`, or check the URL and port."
+)
+_MSG_URL_AS_NAME = (
+    "statehost {command}: {value!r} is a URL, but the positional argument is a {name}; the "
+    "server is given with --url. Fix: statehost {command} --url {value}"
 )
 _MSG_NO_NAMESPACE = (
     "namespace {namespace!r} is not visible on {url}: it does not exist, or the token cannot "
@@ -175,9 +180,19 @@ def _leaves(leaves: list[dict[str, Any]]) -> str:
 
 
 # -- commands ---------------------------------------------------------------------
+def _url_given_as(command: str, value: str | None, name: str) -> bool:
+    """Says how to fix ``statehost ls URL`` (the old form) when the positional is a URL."""
+    if value is None or "://" not in value:
+        return False
+    print(_MSG_URL_AS_NAME.format(command=command, value=value, name=name), file=sys.stderr)
+    return True
+
+
 def ls(args: argparse.Namespace) -> int:
     """Prints every namespace the token can read (or only ``NAMESPACE``), with its objects
     and states."""
+    if _url_given_as("ls", args.namespace, "NAMESPACE"):
+        return 2
     try:
         with _Remote(args) as remote:
             namespaces = remote.json("GET", "/v1/namespaces")["namespaces"]
@@ -262,6 +277,8 @@ def doctor(args: argparse.Namespace) -> int:
 
 def checkpoint(args: argparse.Namespace) -> int:
     """Flushes ``ns/name``, a namespace, or every visible namespace to disk."""
+    if _url_given_as("checkpoint", args.name, "NAME ('namespace/object' or 'namespace')"):
+        return 2
     try:
         with _Remote(args) as remote:
             if args.name:

@@ -219,6 +219,15 @@ def test_ls_without_a_server_fails_in_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["ls", "checkpoint"])
+def test_a_url_where_the_name_goes_says_to_use_url(tmp_path, command):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = _cli(tmp_path, command, url)
+    assert result.returncode == 2
+    assert f"{url!r} is a URL" in result.stderr
+    assert f"Fix: statehost {command} --url {url}" in result.stderr
+
+
 # -- doctor -----------------------------------------------------------------------
 def test_doctor_against_a_matching_server(served, tmp_path):
     result = _cli(tmp_path, "doctor", "--url", served.url, "--token", served.token)
