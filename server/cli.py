@@ -277,8 +277,8 @@ def ls(args: argparse.Namespace) -> int:
 
 def doctor(args: argparse.Namespace) -> int:
     """Compares this client with the server and says what the server would refuse, and why."""
-    from statehost._wire import local_versions, version_problems
     from statehost.client import AuthError, TransportError
+    from statehost.wire import local_versions, version_problems
 
     mine = local_versions()
     print(f"statehost doctor: {args.url}")

@@ -266,7 +266,7 @@ def test_a_state_cannot_live_under_two_names(client):
     model = Affine(LANES)
     client.put("team/net", model)
     client.put("team/net", model)  # the same name again is an update, not a clash
-    with pytest.raises(statehost.client.ProtocolError, match="already belongs to 'team/net'"):
+    with pytest.raises(statehost.client.NameConflictError, match="already belongs to 'team/net'"):
         client.put("team/other", model)
     client.put("team/other", copy.deepcopy(model))
     assert [o["name"] for o in client.list("team")] == ["net", "other"]

@@ -5,9 +5,9 @@ import pytest
 
 import statehost
 import statehost.client
-from statehost._wire import CONTENT_TYPE, encode, local_versions
 from statehost.server import Settings, create_app
 from statehost.server.testing import InProcessTransport
+from statehost.wire import CONTENT_TYPE, encode, local_versions
 from tests.client_server.conftest import TOKEN, URL
 
 ROUTES = [

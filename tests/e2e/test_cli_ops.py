@@ -85,7 +85,7 @@ def test_doctor_against_a_matching_server(served, tmp_path):
 
 
 def test_doctor_reports_a_version_mismatch(served, monkeypatch, capsys):
-    import statehost._wire
+    import statehost.wire
     from statehost.server.cli import main
 
     real = statehost._wire.local_versions()
