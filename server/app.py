@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 
 from statehost import __version__
 from statehost.server.errors import install_handlers
-from statehost.server.persistence import flush, flusher
+from statehost.server.persistence import DamagedDatabaseError, flush, flusher
 from statehost.server.routes import (
     calls,
     functions,
@@ -41,6 +42,31 @@ async def _sweep(rt: Runtime) -> None:
         rt.expire_sessions()
 
 
+class _RefusalWithoutTraceback:
+    """A refusal to start (a damaged database) reaches the operator as its message alone.
+
+    Starlette reports a lifespan that raised by sending its traceback as the failure
+    message, which uvicorn prints; for a refusal the lifespan expects, the message (what is
+    wrong and how to recover) is the whole story. It is in ``app.state.refused``.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_quietly(message: dict) -> None:
+            refused = getattr(scope["app"].state, "refused", None)
+            if message["type"] == "lifespan.startup.failed" and refused:
+                message = {**message, "message": refused}
+            await send(message)
+
+        await self.app(scope, receive, send_quietly)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the app; nothing is started until its lifespan runs (uvicorn does that).
 
@@ -55,8 +81,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.get_running_loop().run_in_executor(None, runtime.persistence.reload,
-                                                          runtime.store)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, runtime.persistence.open)
+        except DamagedDatabaseError as exc:
+            app.state.refused = str(exc)
+            raise
+        await loop.run_in_executor(None, runtime.persistence.reload, runtime.store)
+        await loop.run_in_executor(None, runtime.tokens.start)
         tasks = [asyncio.create_task(_sweep(runtime)), asyncio.create_task(flusher(runtime))]
         try:
             yield
@@ -68,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             written = await flush(runtime)
             log.info("shutdown: flushed %d named state(s)", written)
             runtime.scheduler.shutdown()
+            runtime.tokens.stop()
             runtime.persistence.close()
 
     app = FastAPI(title="statehost", version=__version__, lifespan=lifespan)
@@ -79,4 +112,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(objects.frames)
     install_handlers(app)
+    app.add_middleware(_RefusalWithoutTraceback)
     return app

@@ -69,7 +69,7 @@ async def require_token(request: Request) -> Principal:
             "$XDG_CONFIG_HOME/statehost/token).",
         )
     token = token.strip()
-    principal = resolve(token, settings.tokens, rt.registry.db) if scheme.lower() == "bearer" \
+    principal = resolve(token, settings.tokens, rt.tokens) if scheme.lower() == "bearer" \
         else None
     if principal is None:
         raise AuthError(

@@ -25,7 +25,7 @@ from statehost.server.errors import (
 )
 from statehost.server.execution import to_host
 from statehost.server.names import split_name
-from statehost.server.persistence import ObjectRow, Persistence, StateRow, state_file
+from statehost.server.persistence import Database, ObjectRow, Persistence, StateRow, state_file
 from statehost.server.persistence.files import describe_sharding
 from statehost.server.store import Meta, Session, StateStore, state_nbytes
 from statehost.server.transfer import push_states
@@ -47,7 +47,10 @@ class Registry:
     def __init__(self, store: StateStore, persistence: Persistence):
         self.store = store
         self.persistence = persistence
-        self.db = persistence.db
+
+    @property
+    def db(self) -> Database:
+        return self.persistence.db
 
     # -- access -------------------------------------------------------------------
     def visible(self, session_or_principal: Any, namespace: str, scope: str, where: str) -> None:
@@ -102,7 +105,7 @@ class Registry:
             self.persistence.forget(namespace, gone)
         # A put is a commit like any other: written now under "sync", by the next flush
         # under "interval" (reload reports a state never flushed as lost, not damaged).
-        self.persistence.after_commit(list(states))
+        self.persistence.reindex(list(states))
         return {"name": full, "states": {i: self.store.meta(i).version for i in states}}
 
     def _row(self, state: State, meta: Meta, namespace: str, obj: str, path: str) -> StateRow:

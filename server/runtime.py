@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from statehost.server.auth import Principal
+from statehost.server.auth import Principal, TokenTable
 from statehost.server.callable_cache import FunctionCache
 from statehost.server.errors import SessionNotFoundError
 from statehost.server.metrics import Metrics
@@ -33,6 +33,7 @@ class Runtime:
         self.persistence = Persistence(self.settings.data_dir, self.store,
                                        self.settings.durability)
         self.registry = Registry(self.store, self.persistence)
+        self.tokens = TokenTable(self.persistence.db_path)
 
     def session(self, session_id: object, principal: Principal, where: str) -> Session:
         """``principal``'s open session ``session_id``, or a 404 that says how to get one.
@@ -69,6 +70,6 @@ class Runtime:
         m.sessions.set(len(self.sessions))
         m.resident_states.set(len(self.store))
         m.resident_bytes.set(self.store.nbytes())
-        for namespace in self.registry.db.namespaces():
+        for namespace in self.persistence.namespaces():
             m.namespace_bytes.labels(namespace).set(self.store.nbytes(namespace))
         m.queue_depth.set(self.scheduler.queued)

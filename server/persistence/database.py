@@ -19,7 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCOPES", "Database", "FunctionRow", "ObjectRow", "StateRow", "TokenRow", "hash_token"]
+from statehost._errors import StatehostError
+from statehost.server.persistence.permissions import (
+    FILE_MODE,
+    make_private_dir,
+    make_private_file,
+    tighten,
+)
+
+__all__ = ["SCOPES", "DamagedDatabaseError", "Database", "FunctionRow", "ObjectRow", "StateRow",
+           "TokenRow", "hash_token"]
 
 # Each scope includes the ones before it.
 SCOPES = ("read", "invoke", "submit", "admin")
@@ -45,6 +54,29 @@ CREATE TABLE IF NOT EXISTS functions (
     state_ids TEXT NOT NULL, signature TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (namespace, name));
 """
+
+
+_MSG_DAMAGED = (
+    "statehost: the metadata database {path} is damaged: {what}. The server does not start on "
+    "it: it says which named states exist, and running on it would hide or lose them. The "
+    "state values are kept apart, in {states}. To recover:\n"
+    "  1. stop every statehost process that uses {data_dir}, and keep a copy of it "
+    "(e.g. cp -a {data_dir} {data_dir}.bak);\n"
+    "  2. run `statehost repair --data-dir {data_dir}`: it moves the damaged database aside and "
+    "rebuilds the named objects and states from the state files;\n"
+    "  3. tokens and registered functions are not in state files: recreate tokens with "
+    "`statehost token create` and register functions again.\n"
+    "Or restore {path} from a backup."
+)
+
+
+class DamagedDatabaseError(StatehostError, RuntimeError):
+    """The metadata database is unreadable, fails its integrity check, or lost its rows."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = path, what
+        super().__init__(_MSG_DAMAGED.format(path=path, what=what, data_dir=path.parent,
+                                             states=path.parent / "states"))
 
 
 def hash_token(token: str) -> str:
@@ -112,12 +144,28 @@ class Database:
     """The metadata store; every method is one transaction."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path.parent)
+        # SQLite gives its -wal and -shm files the database file's mode: make that 0600
+        # before SQLite creates it 0644. Ones left by older versions are tightened too.
+        make_private_file(path)
+        for suffix in ("-wal", "-shm"):
+            tighten(path.with_name(path.name + suffix), FILE_MODE)
         self.path = path
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            problems = [r[0] for r in self._conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise DamagedDatabaseError(path, "its integrity check failed ("
+                                           + "; ".join(problems) + ")")
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed", ...
+            self._conn.close()
+            raise DamagedDatabaseError(path, f"SQLite cannot read it ({exc})") from exc
+        except BaseException:
+            self._conn.close()
+            raise
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -166,11 +214,6 @@ class Database:
             c.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, NULL)",
                       (hash_token(token), namespace, scope, label, time.time()))
         return token
-
-    def find_token(self, token: str) -> TokenRow | None:
-        rows = self._all("SELECT * FROM tokens WHERE hash = ? AND revoked IS NULL",
-                         hash_token(token))
-        return TokenRow(*rows[0]) if rows else None
 
     def tokens(self) -> list[TokenRow]:
         return [TokenRow(*r) for r in self._all("SELECT * FROM tokens ORDER BY created")]

@@ -27,6 +27,7 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from statehost._errors import StatehostError
+from statehost.server.persistence.permissions import FILE_MODE, make_private_dir
 
 __all__ = ["DamagedStateError", "describe_sharding", "load_value", "place", "save_value"]
 
@@ -91,7 +92,7 @@ def save_value(path: Path, value: PyTree, *, meta: dict[str, str] | None = None)
     """Write the pytree ``value`` to ``path`` as one safetensors file, atomically.
 
     Arguments:
-        path: the file to write; parent directories are created.
+        path: the file to write, mode ``0600``; missing parent folders are made ``0700``.
         value: a pytree of ``jax.Array``, numpy arrays or scalars (fetched with ``device_get``).
         meta: extra str-to-str entries, given back by :func:`load_value`.
 
@@ -121,10 +122,10 @@ def save_value(path: Path, value: PyTree, *, meta: dict[str, str] | None = None)
     data = _st_save(tensors, metadata={**meta, **header})
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with open(tmp, "xb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

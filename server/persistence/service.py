@@ -12,11 +12,17 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from statehost.server.persistence.database import Database, ObjectRow, StateRow
+from statehost.server.persistence.database import (
+    DamagedDatabaseError,
+    Database,
+    ObjectRow,
+    StateRow,
+)
 from statehost.server.persistence.durability import Durability
 from statehost.server.persistence.files import describe_sharding, save_value
 from statehost.server.persistence.reload import reload_states
@@ -46,7 +52,7 @@ class StateRecord:
 
 
 def index_meta(row: StateRow, obj: ObjectRow | None, record: StateRecord,
-               sharding: list[dict]) -> dict[str, str]:
+               sharding: list[dict], durability: Durability) -> dict[str, str]:
     """The safetensors metadata of a state file: enough to rebuild its database rows.
 
     ``version`` is read by ``reload``; ``index`` (JSON) by ``statehost repair``, which
@@ -56,7 +62,7 @@ def index_meta(row: StateRow, obj: ObjectRow | None, record: StateRecord,
         "id": row.id, "namespace": row.namespace, "object": row.object, "path": row.path,
         "class": base64.b64encode(row.cls).decode(), "name": row.label, "tag": row.tag,
         "version": record.version, "writer": record.writer, "updated": record.updated,
-        "sharding": sharding,
+        "sharding": sharding, "durability": str(durability),
     }
     if obj is not None:
         index["object_row"] = {
@@ -70,6 +76,8 @@ def index_meta(row: StateRow, obj: ObjectRow | None, record: StateRecord,
 class Persistence:
     """Durability of named states: state files under ``data_dir`` plus the SQLite index.
 
+    Nothing touches the disk before :meth:`open`, which the app's lifespan calls at start.
+
     Arguments:
         data_dir: the server's data directory (``statehost.db`` and ``states/``).
         store: the resident states, read by :meth:`flush` and :meth:`dirty`.
@@ -79,14 +87,48 @@ class Persistence:
     def __init__(self, data_dir: Path, store: StateStore,
                  default_durability: Durability | str = Durability.INTERVAL):
         self.data_dir = data_dir
-        self.db = Database(data_dir / "statehost.db")
+        self.db_path = data_dir / "statehost.db"
         self.store = store
         self.default_durability = Durability(default_durability)
         self.damaged: dict[str, str] = {}  # state id -> why reload could not load it
-        self._durability: dict[str, Durability] = {}  # a cache: asked on every commit
+        # Every namespace and its durability: asked on every commit and by the gauges, so
+        # kept in memory (only this server writes the namespaces table).
+        self._durability: dict[str, Durability] = {}
+        self._db: Database | None = None
+        self._reindex: set[str] = set()  # files whose index (object, structure) is stale
+        self._reindex_lock = threading.Lock()
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            raise RuntimeError("Persistence.db: the database is not open; call open() first "
+                               "(the app's lifespan does).")
+        return self._db
+
+    def open(self) -> None:
+        """Opens and checks the database; raises :class:`DamagedDatabaseError` if damaged.
+
+        Damaged means: SQLite cannot read it, ``PRAGMA quick_check`` fails, or it holds no
+        state although ``states/`` holds state files (a database truncated or replaced by
+        an empty one), so the server never starts silently empty.
+        """
+        db = Database(self.db_path)
+        try:
+            if not db.states():
+                files = sum(1 for _ in (self.data_dir / "states").glob("*/*.safetensors"))
+                if files:
+                    raise DamagedDatabaseError(
+                        self.db_path, f"it lists no named state, yet {files} state file(s) "
+                        "are on disk (was it truncated, deleted or replaced?)")
+            self._durability = {ns: Durability(d) for ns, d in db.namespaces().items()}
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
 
     def close(self) -> None:
-        self.db.close()
+        if self._db is not None:
+            self._db.close()
 
     # -- durability ---------------------------------------------------------------
     def durability(self, namespace: str) -> Durability:
@@ -96,6 +138,10 @@ class Persistence:
             known = self._durability[namespace] = Durability(
                 self.db.ensure_namespace(namespace, self.default_durability))
         return known
+
+    def namespaces(self) -> dict[str, Durability]:
+        """Every namespace the database knows, with its durability; never touches SQLite."""
+        return dict(self._durability)
 
     def set_durability(self, namespace: str, durability: Durability | str) -> None:
         durability = Durability(durability)
@@ -120,7 +166,8 @@ class Persistence:
                 objects[key] = self.db.get_object(*key)
             sharding = describe_sharding(record.value)
             save_value(self.data_dir / row.file, record.value,
-                       meta=index_meta(row, objects[key], record, sharding))
+                       meta=index_meta(row, objects[key], record, sharding,
+                                       self.durability(row.namespace)))
             rows.append((record.id, record.version, record.writer, record.updated,
                          record.version, json.dumps(sharding)))
             meta = self.store.meta(record.id)
@@ -128,6 +175,8 @@ class Persistence:
                 meta.durable = max(meta.durable, record.version)
         if rows:
             self.db.record_versions(rows)
+            with self._reindex_lock:
+                self._reindex.difference_update(r[0] for r in rows)
         return len(rows)
 
     def flush(self, ids: list[str]) -> int:
@@ -139,9 +188,10 @@ class Persistence:
         records = []
         for state_id in ids:
             state, meta = self.store.by_id(state_id), self.store.meta(state_id)
-            if state is None or meta is None or meta.namespace is None:
-                continue
-            if self.durability(meta.namespace) is Durability.NONE:
+            if state is None or meta is None or meta.namespace is None \
+                    or self.durability(meta.namespace) is Durability.NONE:
+                with self._reindex_lock:
+                    self._reindex.discard(state_id)
                 continue
             records.append(StateRecord(state_id, state._value, meta.version, meta.writer,
                                        meta.updated))
@@ -158,9 +208,25 @@ class Persistence:
         if sync:
             self.flush(sync)
 
+    def reindex(self, ids: list[str]) -> None:
+        """These states' object changed (a put): rewrite their files' index like a commit.
+
+        Every state file carries its object's row, so ``statehost repair`` can rebuild the
+        database from the files; a put that names states or changes an object's structure
+        makes that copy stale, so the files are rewritten now under ``sync`` and by the next
+        flush under ``interval``.
+        """
+        with self._reindex_lock:
+            self._reindex.update(ids)
+        self.after_commit(ids)
+
     def dirty(self) -> list[str]:
-        """Named states whose newest version is not on disk yet."""
-        return self.store.dirty()
+        """Named states whose newest version, or newest index, is not on disk yet."""
+        dirty = self.store.dirty()
+        known = set(dirty)
+        with self._reindex_lock:
+            stale = [i for i in self._reindex if i not in known]
+        return dirty + stale
 
     def forget(self, namespace: str, ids: list[str]) -> None:
         """Deletes the files of these named states (after the database forgot them)."""
