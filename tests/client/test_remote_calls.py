@@ -10,7 +10,7 @@ import pytest
 import statehost
 import statehost.client
 from statehost.transform import jit, pmap, vmap
-from tests.client_server.conftest import metric
+from tests.inprocess import metric
 from tests.core.models import PARAM, Affine
 
 LANES = 8
@@ -244,7 +244,7 @@ def test_states_of_another_session_are_invisible(client, transport):
 
 
 def test_closing_frees_the_session_and_its_states(app, transport):
-    from tests.client_server.conftest import TOKEN, URL
+    from tests.inprocess import TOKEN, URL
 
     client = statehost.connect(URL, token=TOKEN, transport=transport)
     client.push(Affine(LANES))

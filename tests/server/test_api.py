@@ -8,7 +8,7 @@ import statehost.client
 from statehost.server import Settings, create_app
 from statehost.server.testing import InProcessTransport
 from statehost.wire import CONTENT_TYPE, encode, local_versions
-from tests.client_server.conftest import TOKEN, URL
+from tests.inprocess import TOKEN, URL
 
 ROUTES = [
     ("GET", "/v1/info"),
