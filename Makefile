@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_remote.py
 	$(PY) bench/bench_named.py
+	$(PY) bench/bench_cli.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check statehost client server tests bench examples

@@ -1,7 +1,7 @@
-"""``python -m statehost.server serve``: same as the ``statehost`` command."""
+"""``python -m statehost.server COMMAND``: the same as the ``statehost`` command."""
 
 import sys
 
-from statehost.server.cli import main
+from statehost._cli import main
 
 sys.exit(main())

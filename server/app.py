@@ -97,9 +97,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            written = await flush(runtime)
+            # uvicorn gave running calls the shutdown grace; those still running now are
+            # abandoned (a thread cannot be stopped), so nothing here may wait for them.
+            abandoned = runtime.scheduler.running
+            if not abandoned:
+                written = await flush(runtime)
+            else:  # a job per state: the states an abandoned call holds must not block the rest
+                pending = {asyncio.ensure_future(runtime.scheduler.run(
+                    [i], runtime.persistence.flush, [i])) for i in runtime.persistence.dirty()}
+                written = 0
+                while pending:
+                    done, pending = await asyncio.wait(pending, timeout=1.0)
+                    written += sum(job.result() for job in done)
+                    if not done and runtime.scheduler.running <= abandoned:
+                        break  # no flush is writing: the rest wait on abandoned calls' locks
+                log.warning("shutdown: %d call(s) still running; %d named state(s) they hold "
+                            "keep their last flushed version", abandoned, len(pending))
             log.info("shutdown: flushed %d named state(s)", written)
-            runtime.scheduler.shutdown()
+            if not abandoned:
+                runtime.scheduler.shutdown()  # waits for the pool's threads
             runtime.tokens.stop()
             runtime.persistence.close()
 

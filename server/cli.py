@@ -1,9 +1,13 @@
-"""The ``statehost`` command.
+"""The server's commands: ``statehost serve``, ``token create|list|revoke`` and ``repair``.
 
-``statehost serve`` starts the device-owning server; ``statehost token create|list|revoke``
-manages the per-namespace tokens it accepts (stored hashed in the server's database);
-``statehost ls``, ``doctor`` and ``checkpoint`` look at and act on a running server over
-HTTP (they load the client, never FastAPI).
+``serve`` starts the device-owning server and owns the process around it: flags read
+from ``Settings`` (each names its ``STATEHOST_*`` variable), malloc tuning, signals, and
+a shutdown that cannot hang on calls that never return. ``token`` manages the
+per-namespace tokens the server accepts, stored hashed in its database; ``repair``
+(``persistence/repair.py``) rebuilds that database from the state files. The
+dispatcher (``statehost._cli``) imports this module when one of ``COMMANDS`` runs; the
+client-side commands live in ``statehost.client._cli``. A new server command is one
+entry in ``COMMANDS`` and one line in ``statehost._cli._COMMANDS``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import secrets
@@ -18,15 +23,17 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from statehost._cli import Command
 from statehost._config import token_path
 from statehost.server.persistence.database import SCOPES, Database, hash_token
+from statehost.server.persistence.repair import repair_arguments, repair_command
 from statehost.server.settings import Settings, is_loopback, parse_size
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "serve", "token_command"]
 
 _MSG_INSECURE = (
     "statehost serve: refusing to listen on {host} (not loopback) with no tokens configured: "
@@ -36,46 +43,85 @@ _MSG_INSECURE = (
     "  2. listen on loopback only (--host 127.0.0.1) and reach it through an SSH tunnel;\n"
     "  3. pass --insecure to accept a generated token shown only on this console."
 )
-_MSG_NO_TOKEN = (
-    "no token was sent. Fix: pass --token <token>, set STATEHOST_TOKEN, or run this on the "
-    "server's machine (it reads $XDG_CONFIG_HOME/statehost/token); an operator makes one with "
-    "`statehost token create --namespace <ns> --scope <scope>`."
+_MSG_ABANDONED = (
+    "statehost serve: abandoned {count} call(s) still running {grace:g} s after the shutdown "
+    "began (--shutdown-grace, STATEHOST_SHUTDOWN_GRACE); every named state they do not hold "
+    "was flushed, the ones they hold keep their last flushed version. Exiting with status "
+    "{status}."
 )
-_MSG_BAD_TOKEN = (
-    "the token is not accepted by this server. Fix: use the token the server printed at "
-    "start, one from its STATEHOST_TOKENS, or one made with `statehost token create` (and "
-    "not revoked: see `statehost token list`)."
-)
-_MSG_UNREACHABLE = (
-    "cannot connect to {url} ({why}). Is `statehost serve` running there? Start it with "
-    "`statehost serve`, or check the URL and port."
-)
-_DEFAULT_URL = f"http://127.0.0.1:{Settings.port}"
+_EXIT_ABANDONED = 4
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="statehost", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="start the server that owns this machine's devices")
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8470)")
-    serve.add_argument("--cpu-devices", type=int,
-                       help="virtual CPU devices when no accelerator is present (default 8)")
-    serve.add_argument("--data-dir", type=Path, help="where the server keeps its files")
-    serve.add_argument("--token", action="append", dest="tokens",
-                       help="accept this bearer token (repeatable; default: generate one)")
-    serve.add_argument("--insecure", action="store_true", default=None,
-                       help="allow a non-loopback --host without configured tokens")
-    serve.add_argument("--max-body", type=parse_size, help="largest request body (default 4GiB)")
-    serve.add_argument("--session-ttl", type=float,
-                       help="seconds before an idle session's states are freed (default 3600)")
-    serve.add_argument("--log-level", default="info",
-                       choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("--access-log", action="store_true",
-                       help="log every request (costs about 0.15 ms per request)")
+# -- parsers ----------------------------------------------------------------------
+class _Flag:
+    """A ``serve`` flag that overrides one ``Settings`` field; its help names the field's
+    variable and default, both read from ``Settings`` so they cannot drift."""
 
-    token = commands.add_parser("token", help="create, list or revoke namespace tokens")
-    token_commands = token.add_subparsers(dest="token_command", required=True)
+    def __init__(self, name: str, field: str, meaning: str, **kwargs: Any):
+        self.name, self.field, self.meaning, self.kwargs = name, field, meaning, kwargs
+
+
+_SERVE_FLAGS = (
+    _Flag("--host", "host", "address to listen on; a non-loopback one needs tokens or "
+          "--insecure"),
+    _Flag("--port", "port", "port to listen on", type=int),
+    _Flag("--cpu-devices", "cpu_devices", "virtual CPU devices when no accelerator is present",
+          type=int),
+    _Flag("--data-dir", "data_dir", "where the server keeps its files", type=Path),
+    _Flag("--token", "tokens", "accept this bearer token; repeat the flag for more (the "
+          "variable is comma-separated)", action="append", metavar="TOKEN"),
+    _Flag("--insecure", "insecure", "allow a non-loopback --host without configured tokens",
+          action="store_true", default=None),
+    _Flag("--max-body", "max_body", "largest request body, as bytes or with a unit (512MiB)",
+          type=parse_size),
+    _Flag("--session-ttl", "session_ttl", "seconds before an idle session's states are freed",
+          type=float),
+    _Flag("--shutdown-grace", "shutdown_grace", "seconds SIGTERM waits for running calls; "
+          f"calls still running then are abandoned and the exit status is {_EXIT_ABANDONED}",
+          type=float),
+)
+
+
+def _env(field: str) -> str:
+    return f"STATEHOST_{field.upper()}"
+
+
+def _default(field: dataclasses.Field[Any]) -> str:
+    value = field.default
+    if field.name == "tokens":
+        return "none: one is generated at start"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if field.name == "max_body" and value % 2**30 == 0:
+        return f"{value // 2**30}GiB"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    for flag in _SERVE_FLAGS:
+        field = fields[flag.field]
+        parser.add_argument(flag.name, dest=flag.field, **flag.kwargs, help=(
+            f"{flag.meaning} ({_env(field.name)}, default {_default(field)})"
+        ).replace("%", "%%"))
+    parser.add_argument("--log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug"],
+                        help="server log level (command line only, default info)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log every request; costs about 0.15 ms per request (command "
+                             "line only, default off)")
+    flagged = {flag.field for flag in _SERVE_FLAGS}
+    rest = ", ".join(f"{_env(f.name)} (default {_default(f)})"
+                     for f in fields.values() if f.name not in flagged)
+    parser.epilog = (f"Also read from the environment, with no flag: {rest}. A flag "
+                     "overrides its variable.")
+
+
+def _token_arguments(parser: argparse.ArgumentParser) -> None:
+    data_dir = next(f for f in dataclasses.fields(Settings) if f.name == "data_dir")
+    token_commands = parser.add_subparsers(dest="token_command", required=True)
     create = token_commands.add_parser(
         "create", help="make a token for one namespace and scope; it is printed only once")
     create.add_argument("--namespace", required=True, help="the namespace the token acts on")
@@ -88,28 +134,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="start of the token's hash, as 'token list' shows it")
     for sub in (create, listing, revoke):
         sub.add_argument("--data-dir", type=Path,
-                         help="the server's data directory (default: STATEHOST_DATA_DIR or "
-                              "~/.local/share/statehost)")
-
-    ls = commands.add_parser("ls", help="list a running server's namespaces, objects and states")
-    doctor = commands.add_parser(
-        "doctor", help="check that this client and a running server can work together")
-    checkpoint = commands.add_parser(
-        "checkpoint", help="write named states to the server's disk now")
-    for sub in (ls, doctor, checkpoint):
-        sub.add_argument("url", nargs="?", default=_DEFAULT_URL, metavar="URL",
-                         help=f"the server (default {_DEFAULT_URL})")
-    checkpoint.add_argument("name", nargs="?", metavar="NAME",
-                            help="'namespace/object' or a whole 'namespace' (default: every "
-                                 "namespace the token can see)")
-    for sub in (ls, doctor, checkpoint):
-        sub.add_argument("--token", help="bearer token (default: $STATEHOST_TOKEN, or the "
-                                         "local server's token file for a loopback URL)")
-        sub.add_argument("--timeout", type=float, default=30.0,
-                         help="seconds to wait for the server (default 30)")
-    return parser
+                         help=f"the server's data directory ({_env('data_dir')}, default "
+                              f"{_default(data_dir)})")
 
 
+# -- token ------------------------------------------------------------------------
 _HASH_SHOWN = 12
 _MIN_PREFIX = 4
 
@@ -123,6 +152,7 @@ def _when(stamp: float | None) -> str:
 
 
 def token_command(args: argparse.Namespace) -> int:
+    """Runs ``statehost token create|list|revoke`` on the server's database."""
     if args.token_command == "revoke":
         prefix = args.prefix.strip().lower()
         if len(prefix) < _MIN_PREFIX or any(c not in "0123456789abcdef" for c in prefix):
@@ -203,169 +233,16 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
-# -- ls, doctor, checkpoint: a running server, over HTTP -----------------------------
-def _remote(args: argparse.Namespace) -> Any:
-    """A JSON connection to the server without a session: these commands ship no pickles,
-    so they work even where versions differ (``doctor`` is the one that reports that)."""
-    from statehost.client._client import _token_for
-    from statehost.client._http import Http
-
-    return Http(args.url, args.token or _token_for(args.url), args.timeout, None)
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError(n)
-
-
-def _table(rows: Sequence[Sequence[str]], indent: str = "") -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _leaves(leaves: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{leaf['dtype']}{leaf['shape']}" for leaf in leaves) or "-"
-
-
-def _client_errors() -> tuple[type[Exception], ...]:
-    from statehost.client import ClientError
-
-    return (ClientError,)
-
-
-def _fail(command: str, exc: Exception) -> int:
-    first = str(exc).split("\n\nRemote traceback:")[0].strip()
-    print(f"statehost {command}: {first}", file=sys.stderr)
-    return 1
-
-
-def ls(args: argparse.Namespace) -> int:
-    """Prints every namespace the token can read, with its objects and states."""
-    try:
-        http = _remote(args)
-        try:
-            namespaces = http.json("GET", "/v1/namespaces")["namespaces"]
-            listed = [(ns, http.json("GET", f"/v1/namespaces/{ns['name']}/objects")["objects"])
-                      for ns in namespaces]
-        finally:
-            http.close()
-    except _client_errors() as exc:
-        return _fail("ls", exc)
-    if not listed:
-        print(f"no namespaces visible on {args.url}")
-        return 0
-    for ns, objects in listed:
-        print(f"{ns['name']}  (durability {ns['durability']}, {len(objects)} object(s), "
-              f"{_size(ns['resident_bytes'])} resident)")
-        rows = [("OBJECT", "STATE", "KIND", "LEAVES", "BYTES", "VERSION", "DURABLE", "STATUS")]
-        for obj in objects:
-            for st in obj["states"] or [{}]:
-                rows.append((obj["name"], st.get("name", "-"), st.get("kind", "-"),
-                             _leaves(st.get("leaves", [])), _size(st.get("bytes")),
-                             str(st.get("version", "-")), str(st.get("durable_version", "-")),
-                             st.get("status", "-")))
-        if len(rows) > 1:
-            _table(rows, "  ")
-    return 0
-
-
-def doctor(args: argparse.Namespace) -> int:
-    """Compares this client with the server and says what the server would refuse, and why."""
-    from statehost.client import AuthError, TransportError
-    from statehost.wire import local_versions, version_problems
-
-    mine = local_versions()
-    print(f"statehost doctor: {args.url}")
-    try:
-        http = _remote(args)
-    except _client_errors() as exc:
-        return _fail("doctor", exc)
-    token_sent = "authorization" in http.client.headers
-    try:
-        info = http.json("GET", "/v1/info")
-    except TransportError as exc:
-        why = str(exc.__cause__ or exc)
-        print(f"  PROBLEM  {_MSG_UNREACHABLE.format(url=args.url, why=why)}")
-        return 1
-    except AuthError:
-        print(f"  PROBLEM  {_MSG_BAD_TOKEN if token_sent else _MSG_NO_TOKEN}")
-        rows = [("VERSION", "CLIENT")] + [(k, str(v)) for k, v in mine.items()]
-        _table(rows, "  ")
-        return 1
-    except _client_errors() as exc:
-        return _fail("doctor", exc)
-    finally:
-        http.close()
-
-    theirs = info.get("versions", {})
-    problems = version_problems(mine, theirs, me="client", them="server")
-    rows = [("VERSION", "CLIENT", "SERVER", "")]
-    for key in dict.fromkeys([*mine, *theirs]):
-        a, b = str(mine.get(key, "unknown")), str(theirs.get(key, "unknown"))
-        bad = any(p.startswith(f"{key}:") for p in problems)
-        rows.append((key, a, b, "MISMATCH" if bad else "OK" if a == b else "OK (compatible)"))
-    print("  server reachable, token accepted")
-    _table(rows, "  ")
-    devices = info.get("devices", [])
-    kinds: dict[str, list[int]] = {}
-    for d in devices:
-        kinds.setdefault(f"{d['platform']}:{d['kind']}", []).append(d["id"])
-    shown = "; ".join(f"{len(ids)} x {kind} (ids {', '.join(map(str, ids))})"
-                      for kind, ids in kinds.items())
-    print(f"  devices: {len(devices)}: {shown or 'none'}")
-    limits = info.get("limits", {})
-    print(f"  limits: max_body {_size(limits.get('max_body'))}, "
-          f"session_ttl {limits.get('session_ttl', float('nan')):g} s")
-    if problems:
-        print("  REFUSED: calls and put/get ship pickles, and the server refuses them "
-              "because these versions differ:")
-        for line in problems:
-            print(f"    - {line}")
-        print("  Fix: install the server's versions in this environment (or the other way "
-              "round).")
-        return 1
-    print("  all good: this client can run calls on this server")
-    return 0
-
-
-def checkpoint(args: argparse.Namespace) -> int:
-    """Flushes ``ns/name``, a namespace, or every visible namespace to disk."""
-    try:
-        http = _remote(args)
-        try:
-            if args.name:
-                targets = [args.name]
-            else:
-                targets = [ns["name"] for ns in http.json("GET", "/v1/namespaces")["namespaces"]]
-            total = 0
-            for target in targets:
-                namespace, _, obj = target.partition("/")
-                params = {"name": obj} if obj else {}
-                flushed = http.json("POST", f"/v1/namespaces/{namespace}/checkpoint",
-                                    params=params)["flushed"]
-                total += flushed
-                print(f"{target}: flushed {flushed} state(s)")
-        finally:
-            http.close()
-    except _client_errors() as exc:
-        return _fail("checkpoint", exc)
-    print(f"flushed {total} state(s) in {len(targets)} target(s)")
-    return 0
-
-
 # -- serve ------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(
-        host=args.host, port=args.port, cpu_devices=args.cpu_devices, data_dir=args.data_dir,
-        tokens=tuple(args.tokens) if args.tokens else None, insecure=args.insecure,
-        max_body=args.max_body, session_ttl=args.session_ttl,
-    )
+    """Runs the server until SIGTERM/SIGINT; returns 0, or 2/3 when it cannot start.
+
+    When calls are still running once the shutdown grace is over, it flushes what they
+    do not hold and ends the process with status 4 (their threads cannot be stopped).
+    """
+    overrides = {flag.field: getattr(args, flag.field) for flag in _SERVE_FLAGS}
+    overrides["tokens"] = tuple(args.tokens) if args.tokens else None
+    settings = Settings.from_env(**overrides)
     if not settings.tokens and not is_loopback(settings.host) and not settings.insecure:
         print(_MSG_INSECURE.format(host=settings.host), file=sys.stderr)
         return 2
@@ -399,14 +276,33 @@ def serve(args: argparse.Namespace) -> int:
         print(f"  connect with: client = statehost.connect({url!r}, token=<one of the "
               f"{len(settings.tokens)} configured token(s)>)", flush=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port,
-        log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=30,
+        app, host=settings.host, port=settings.port, log_level=args.log_level,
+        access_log=args.access_log,
+        # uvicorn waits this long for running requests (calls) after SIGTERM, then cancels
+        # them; the app's lifespan then flushes without waiting for their threads.
+        timeout_graceful_shutdown=settings.shutdown_grace,
     )
     server = _server_class(uvicorn)(config)
     server.run()
-    # As uvicorn.run does: a lifespan that failed to start leaves the server unstarted.
-    return 0 if server.started else 3
+    if not server.started:  # as uvicorn.run does: a lifespan that failed to start
+        return 3
+    abandoned = app.state.runtime.scheduler.running
+    if abandoned:
+        _exit_now(_MSG_ABANDONED.format(count=abandoned, grace=settings.shutdown_grace,
+                                        status=_EXIT_ABANDONED), _EXIT_ABANDONED)
+    return 0
+
+
+def _exit_now(message: str, status: int) -> None:
+    """Ends the process now: a normal exit joins every worker thread (``concurrent.futures``
+    registers that at exit), so threads stuck in calls that never return would keep it
+    running forever."""
+    print(message, file=sys.stderr, flush=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def _server_class(uvicorn: Any) -> type:
@@ -418,7 +314,7 @@ def _server_class(uvicorn: Any) -> type:
     dies *by* SIGTERM (exit status -15) although every running call finished and
     every dirty named state was flushed. A supervisor (systemd, Kubernetes, a
     test) then sees a crash. We install the same handler and restore the old
-    ones, but do not re-raise: ``serve`` returns 0.
+    ones, but do not re-raise: ``serve`` returns 0 (or 4, see ``serve``).
     """
 
     class Server(uvicorn.Server):
@@ -438,20 +334,9 @@ def _server_class(uvicorn: Any) -> type:
     return Server
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    if args.command == "token":
-        return token_command(args)
-    if args.command == "ls":
-        return ls(args)
-    if args.command == "doctor":
-        return doctor(args)
-    if args.command == "checkpoint":
-        return checkpoint(args)
-    raise AssertionError(args.command)  # argparse rejects unknown commands
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+#: The commands ``statehost._cli`` dispatches here, by name.
+COMMANDS: dict[str, Command] = {
+    "serve": Command(_serve_arguments, serve),
+    "token": Command(_token_arguments, token_command),
+    "repair": Command(repair_arguments, repair_command),
+}

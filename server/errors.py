@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import logging
 import traceback as tb
-from typing import ClassVar
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
+from typing import TYPE_CHECKING, ClassVar
 
 from statehost._errors import WireError
 from statehost.wire import ERROR_KINDS
+
+if TYPE_CHECKING:  # FastAPI loads with create_app only: the CLI's token commands need none
+    from fastapi import FastAPI
 
 __all__ = [
     "ERROR_CLASSES",
@@ -186,6 +183,11 @@ def error_body(
 
 def install_handlers(app: FastAPI) -> None:
     """Maps every exception to the one JSON error shape."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:

@@ -44,6 +44,10 @@ class Metrics:
             "statehost_resident_states", "States held on the devices.", registry=r
         )
         self.sessions = Gauge("statehost_sessions", "Open client sessions.", registry=r)
+        self.flush_failures = Counter(
+            "statehost_flush_failures", "Writes of named states to disk that failed (a flush "
+            "or a sync commit); /v1/health says 'degraded' until they succeed.", registry=r,
+        )
         self.queue_depth = Gauge(
             "statehost_queue_depth", "Calls waiting for a worker or a state lock.", registry=r
         )

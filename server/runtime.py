@@ -30,8 +30,10 @@ class Runtime:
         self.sessions = SessionTable(self.settings.session_ttl)
         self.functions = FunctionCache(self.settings.function_cache_size)
         self.scheduler = Scheduler(self.settings.workers)
-        self.persistence = Persistence(self.settings.data_dir, self.store,
-                                       self.settings.durability)
+        self.persistence = Persistence(
+            self.settings.data_dir, self.store, self.settings.durability,
+            failures=self.metrics.flush_failures,
+            max_unflushed_commits=self.settings.max_unflushed_commits)
         self.registry = Registry(self.store, self.persistence)
         self.tokens = TokenTable(self.persistence.db_path)
 

@@ -61,7 +61,11 @@ class Settings:
         function_cache_size: unpickled callables kept, least recently used evicted.
         durability: default durability of new namespaces: sync, interval or none.
         flush_interval: seconds between flushes of dirty named states (``interval``).
+        max_unflushed_commits: while writing a namespace's states to disk fails, new commits
+            are refused once one of its states is this many commits ahead of its disk copy.
         json_max_elements: largest array the JSON API answers as nested lists.
+        shutdown_grace: seconds SIGTERM waits for running calls; calls still running then
+            are abandoned and the server exits with status 4.
     """
 
     host: str = "127.0.0.1"
@@ -76,7 +80,9 @@ class Settings:
     function_cache_size: int = 256
     durability: Durability = Durability.INTERVAL
     flush_interval: float = 5.0
+    max_unflushed_commits: int = 1000
     json_max_elements: int = 1_000_000
+    shutdown_grace: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -104,8 +110,14 @@ class Settings:
         if self.flush_interval <= 0:
             raise ValueError(f"statehost settings: flush_interval={self.flush_interval} must "
                              "be > 0.")
+        if self.max_unflushed_commits < 1:
+            raise ValueError(f"statehost settings: max_unflushed_commits="
+                             f"{self.max_unflushed_commits} must be >= 1.")
         if self.session_ttl <= 0:
             raise ValueError(f"statehost settings: session_ttl={self.session_ttl} must be > 0.")
+        if self.shutdown_grace < 0:
+            raise ValueError(f"statehost settings: shutdown_grace={self.shutdown_grace} must "
+                             "be >= 0.")
 
 
 def _convert(name: str, raw: str) -> Any:
@@ -119,9 +131,9 @@ def _convert(name: str, raw: str) -> Any:
         if name == "max_body":
             return parse_size(raw)
         if name in {"port", "cpu_devices", "workers", "function_cache_size",
-                    "json_max_elements"}:
+                    "json_max_elements", "max_unflushed_commits"}:
             return int(raw)
-        if name in {"session_ttl", "flush_interval"}:
+        if name in {"session_ttl", "flush_interval", "shutdown_grace"}:
             return float(raw)
         return raw
     except ValueError as exc:

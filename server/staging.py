@@ -38,6 +38,7 @@ from statehost.server.errors import (
     ValidationError,
 )
 from statehost.server.persistence import Durability
+from statehost.server.persistence.errors import describe_failure
 from statehost.server.persistence import StateRecord as DurableRecord
 from statehost.transform import PendingWrites, defer_writes
 from statehost.wire import Section, StateRecord, StateRef, is_state_id
@@ -65,10 +66,10 @@ _MSG_CONFLICT = (
     "change) and re-run, or pass retries=N to client.pmap/vmap/jit to do that automatically."
 )
 _MSG_STORAGE = (
-    "{where}: the call was not applied: writing the new value{s} of {names} to the server's "
-    "disk failed ({why}), and namespace durability 'sync' makes that write part of the "
-    "commit. Every state keeps its previous value and version. Fix: the operator frees disk "
-    "space or repairs the data directory; then retry."
+    "{where}: the call was not applied: namespace durability 'sync' makes writing the new "
+    "value{s} of {names} to disk part of the commit, and that failed ({why}). Every state "
+    "keeps its previous value and version. Fix: the operator frees disk space or repairs "
+    "the data directory (the server log names the files); then retry."
 )
 
 
@@ -223,7 +224,11 @@ class Transaction:
         return Commit(written, list(self.uploaded), versions, uploaded_versions)
 
     def _write_durable(self, uploaded: list[str], written: list[str]) -> None:
-        """For ``sync`` namespaces, the disk write is part of the commit: it goes first."""
+        """For ``sync`` namespaces, the disk write is part of the commit: it goes first.
+
+        For the others, a namespace whose flushes fail takes no more commits once its
+        backlog passes the bound (``Persistence.check_backlog``): they would be lost.
+        """
         steps = {i: 1 for i in uploaded}
         for state_id in written:
             steps[state_id] = steps.get(state_id, 0) + 1
@@ -235,6 +240,10 @@ class Transaction:
             if meta is None or meta.namespace is None:
                 continue
             if persistence.durability(meta.namespace) is not Durability.SYNC:
+                try:
+                    persistence.check_backlog(meta.namespace)
+                except StorageError as exc:
+                    raise StorageError(f"{self.where}: {exc}") from exc
                 continue
             state = self.store.by_id(state_id)
             records.append(DurableRecord(state_id, self.current(state), meta.version + step,
@@ -244,8 +253,9 @@ class Transaction:
             return
         try:
             persistence.write(records)
-        except OSError as exc:
-            why = exc.strerror or type(exc).__name__
+        except (OSError, StorageError) as exc:
+            why = describe_failure(exc) if isinstance(exc, OSError) else \
+                str(exc).removeprefix("the call was not applied: ")
             raise StorageError(_MSG_STORAGE.format(
                 where=self.where, s="s" if len(names) > 1 else "", names=", ".join(names),
                 why=why)) from exc

@@ -10,6 +10,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from statehost.server.persistence.errors import StorageError
+
 if TYPE_CHECKING:  # the runtime imports this package
     from statehost.server.runtime import Runtime
 
@@ -36,5 +38,8 @@ async def flusher(rt: Runtime) -> None:
         await asyncio.sleep(rt.settings.flush_interval)
         try:
             await flush(rt)
-        except Exception:  # a full disk must not stop the server; the next round retries
+        except StorageError as exc:  # a full disk must not stop the server: retry next round
+            log.warning("flushing named states failed; retrying in %g s: %s",
+                        rt.settings.flush_interval, exc)
+        except Exception:
             log.exception("flushing named states failed")

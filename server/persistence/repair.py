@@ -10,6 +10,7 @@ registered functions live only in the database: they are not recovered.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import time
@@ -31,7 +32,7 @@ from statehost.server.persistence.files import DamagedStateError, load_value
 from statehost.server.persistence.service import Persistence, state_file
 from statehost.server.store import StateStore
 
-__all__ = ["RepairReport", "repair", "repair_command"]
+__all__ = ["RepairReport", "repair", "repair_arguments", "repair_command"]
 
 _MSG_LOST = (
     "Tokens cannot be recovered from state files: recreate them with `statehost token create "
@@ -185,10 +186,17 @@ def repair(data_dir: Path) -> RepairReport:
     return report
 
 
-def repair_command(data_dir: Path | None) -> int:
+def repair_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``statehost repair``."""
+    parser.add_argument("--data-dir", type=Path,
+                        help="the server's data directory (STATEHOST_DATA_DIR, default "
+                             "~/.local/share/statehost)")
+
+
+def repair_command(args: argparse.Namespace) -> int:
     """``statehost repair [--data-dir DIR]``: runs :func:`repair`, prints its report."""
     from statehost.server.settings import Settings
 
-    report = repair(Settings.from_env(data_dir=data_dir).data_dir)
+    report = repair(Settings.from_env(data_dir=args.data_dir).data_dir)
     print("\n".join(report.lines()))
     return 0

@@ -12,10 +12,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import Counter
 
 from statehost.server.persistence.database import (
     DamagedDatabaseError,
@@ -24,6 +27,7 @@ from statehost.server.persistence.database import (
     StateRow,
 )
 from statehost.server.persistence.durability import Durability
+from statehost.server.persistence.errors import StorageError, describe_failure
 from statehost.server.persistence.files import describe_sharding, save_value
 from statehost.server.persistence.reload import reload_states
 from statehost.server.store import StateStore
@@ -33,6 +37,21 @@ __all__ = ["Persistence", "StateRecord", "state_file"]
 log = logging.getLogger("statehost.server")
 
 PyTree = Any
+
+_MSG_NOT_WRITTEN = (
+    "the call was not applied: the server could not write {count} named state(s) of "
+    "namespace(s) {namespaces} to its disk ({why}). An operator must fix the server's disk "
+    "(free space, permissions, a read-only mount; the server log names the files); retry "
+    "afterwards."
+)
+_MSG_BACKLOG = (
+    "the call was not applied: namespace {namespace!r} has a state {behind} commit(s) ahead of "
+    "its copy on disk (the limit is max_unflushed_commits={limit}) and writing it to disk "
+    "fails ({why}). New commits are refused so that no more work is at risk if the server "
+    "stops. An operator must fix the server's disk (free space, permissions, a read-only "
+    "mount; the server log names the files); commits are accepted again after the next "
+    "successful flush."
+)
 
 
 def state_file(namespace: str, state_id: str) -> str:
@@ -82,10 +101,13 @@ class Persistence:
         data_dir: the server's data directory (``statehost.db`` and ``states/``).
         store: the resident states, read by :meth:`flush` and :meth:`dirty`.
         default_durability: the durability a namespace gets when first used.
+        failures: counts failed disk writes (``statehost_flush_failures_total``).
+        max_unflushed_commits: :meth:`check_backlog`'s bound.
     """
 
     def __init__(self, data_dir: Path, store: StateStore,
-                 default_durability: Durability | str = Durability.INTERVAL):
+                 default_durability: Durability | str = Durability.INTERVAL, *,
+                 failures: Counter | None = None, max_unflushed_commits: int = 1000):
         self.data_dir = data_dir
         self.db_path = data_dir / "statehost.db"
         self.store = store
@@ -97,6 +119,10 @@ class Persistence:
         self._db: Database | None = None
         self._reindex: set[str] = set()  # files whose index (object, structure) is stale
         self._reindex_lock = threading.Lock()
+        self.failures = failures
+        self.max_unflushed_commits = max_unflushed_commits
+        # state id -> (namespace, why) for each state whose last write to disk failed
+        self._failed: dict[str, tuple[str, str]] = {}
 
     @property
     def db(self) -> Database:
@@ -154,9 +180,11 @@ class Persistence:
 
         Takes the values rather than reading the store, so a ``sync`` commit can be made
         durable before it is installed in memory. A record whose state is not (or no
-        longer) a named state in the database is skipped.
+        longer) a named state in the database is skipped. Raises :class:`StorageError`
+        if any record could not be written (the others still are): the server is then
+        degraded (:meth:`problem`) until those states are written.
         """
-        rows, objects = [], {}
+        rows, objects, failed = [], {}, {}
         for record in records:
             row = self.db.state(record.id)
             if row is None:
@@ -165,18 +193,41 @@ class Persistence:
             if key not in objects:
                 objects[key] = self.db.get_object(*key)
             sharding = describe_sharding(record.value)
-            save_value(self.data_dir / row.file, record.value,
-                       meta=index_meta(row, objects[key], record, sharding,
-                                       self.durability(row.namespace)))
+            try:
+                save_value(self.data_dir / row.file, record.value,
+                           meta=index_meta(row, objects[key], record, sharding,
+                                           self.durability(row.namespace)))
+            except OSError as exc:  # the others may still be written: try them
+                log.error("writing named state %s/%s to %s failed: %s", row.namespace,
+                          row.full_name, self.data_dir / row.file, exc)
+                failed[record.id] = (row.namespace, describe_failure(exc))
+                continue
             rows.append((record.id, record.version, record.writer, record.updated,
                          record.version, json.dumps(sharding)))
-            meta = self.store.meta(record.id)
-            if meta is not None:
-                meta.durable = max(meta.durable, record.version)
         if rows:
-            self.db.record_versions(rows)
-            with self._reindex_lock:
-                self._reindex.difference_update(r[0] for r in rows)
+            try:
+                self.db.record_versions(rows)
+            except sqlite3.Error as exc:
+                log.error("recording written versions in %s failed: %s", self.db_path, exc)
+                failed.update({r[0]: (self.db.state(r[0]).namespace, describe_failure(exc))
+                               for r in rows})
+                rows = []
+        for state_id, version, *_ in rows:
+            meta = self.store.meta(state_id)
+            if meta is not None:
+                meta.durable = max(meta.durable, version)
+        with self._reindex_lock:
+            self._reindex.difference_update(r[0] for r in rows)
+            for r in rows:
+                self._failed.pop(r[0], None)
+            self._failed.update(failed)
+        if failed:
+            if self.failures is not None:
+                self.failures.inc()
+            raise StorageError(_MSG_NOT_WRITTEN.format(
+                count=len(failed), namespaces=", ".join(sorted({ns for ns, _ in
+                                                                failed.values()})),
+                why="; ".join(sorted({why for _, why in failed.values()}))))
         return len(rows)
 
     def flush(self, ids: list[str]) -> int:
@@ -230,8 +281,44 @@ class Persistence:
 
     def forget(self, namespace: str, ids: list[str]) -> None:
         """Deletes the files of these named states (after the database forgot them)."""
+        with self._reindex_lock:
+            for state_id in ids:
+                self._failed.pop(state_id, None)
         for state_id in ids:
             (self.data_dir / state_file(namespace, state_id)).unlink(missing_ok=True)
+
+    # -- failures ---------------------------------------------------------------------
+    def problem(self) -> str | None:
+        """Why the server is degraded (writes to disk fail), or ``None``.
+
+        Shown by the open ``/v1/health``, so it names neither paths nor namespaces.
+        """
+        with self._reindex_lock:
+            failed = list(self._failed.values())
+        if not failed:
+            return None
+        return (f"writing named states to disk fails for {len(failed)} state(s) ("
+                + "; ".join(sorted({why for _, why in failed}))
+                + "); the server log names the files")
+
+    def check_backlog(self, namespace: str) -> None:
+        """Raises :class:`StorageError` if ``namespace`` should take no new commit now.
+
+        That is when writing one of its states to disk failed, and one of its states is
+        more than ``max_unflushed_commits`` commits ahead of its copy on disk. Cheap when
+        nothing fails (the call path can ask before every commit).
+        """
+        with self._reindex_lock:
+            whys = sorted({why for ns, why in self._failed.values() if ns == namespace})
+        if not whys:
+            return
+        metas = [self.store.meta(i) for i in self.store.dirty()]
+        behind = max((m.version - m.durable for m in metas
+                      if m is not None and m.namespace == namespace), default=0)
+        if behind > self.max_unflushed_commits:
+            raise StorageError(_MSG_BACKLOG.format(namespace=namespace, behind=behind,
+                                                   limit=self.max_unflushed_commits,
+                                                   why="; ".join(whys)))
 
     # -- reading ----------------------------------------------------------------------
     def reload(self, store: StateStore) -> int:

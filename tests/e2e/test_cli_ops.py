@@ -1,5 +1,6 @@
 """``statehost ls``, ``doctor``, ``checkpoint`` and a graceful SIGTERM, against real servers."""
 
+import contextlib
 import os
 import re
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +21,14 @@ from tests.serving import free_port, running_server
 INTERVAL = {"STATEHOST_DURABILITY": "interval", "STATEHOST_FLUSH_INTERVAL": "3600"}
 
 
-def _cli(tmp_path, *args, timeout=120):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
-    env.update({"XDG_CONFIG_HOME": str(tmp_path / "cli-xdg"), "JAX_PLATFORMS": "cpu"})
-    return subprocess.run([sys.executable, "-m", "statehost.server", *args],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+STATEHOST = Path(sys.executable).with_name("statehost")  # the console script, as users run it
+
+
+def _cli(tmp_path, *args, timeout=120, **env):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
+    full_env.update({"XDG_CONFIG_HOME": str(tmp_path / "cli-xdg"), "JAX_PLATFORMS": "cpu", **env})
+    return subprocess.run([str(STATEHOST), *args],
+                          capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
 def _incrementer(counter):
@@ -43,6 +48,121 @@ def served(tmp_path_factory):
         yield served
 
 
+# -- the dispatcher: help, and what each command loads ------------------------------
+def _help(capsys, *argv):
+    from statehost._cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [(), ("serve",), ("token",), ("token", "create"),
+                                  ("token", "list"), ("token", "revoke"), ("ls",), ("doctor",),
+                                  ("checkpoint",), ("repair",)])
+def test_help_is_plain_text(capsys, argv):
+    out = _help(capsys, *argv)
+    assert out.startswith(f"usage: statehost {' '.join(argv)}".rstrip())
+    assert "``" not in out and ":func:" not in out
+
+
+def _option_helps(out):
+    """``{"--flag": its help on one line}`` from argparse's options section."""
+    helps, flag = {}, None
+    for line in out.split("\n\n", 2)[2].splitlines():  # after usage and description
+        match = re.match(r"  (-\w, )?(--[a-z-]+)", line)
+        if match:
+            flag = match[2]
+            helps[flag] = line[match.end():]
+        elif flag and line.startswith("   "):
+            helps[flag] += " " + line.strip()
+        else:
+            flag = None
+    return helps
+
+
+def test_serve_help_names_each_flags_variable_and_default(capsys):
+    import dataclasses
+
+    from statehost.server.settings import Settings
+
+    out = _help(capsys, "serve")
+    helps = _option_helps(out)
+    variables = {f"STATEHOST_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+    cli_only = {"--help", "--log-level", "--access-log"}
+    for flag, text in helps.items():
+        if flag in cli_only:
+            continue
+        named = set(re.findall(r"STATEHOST_[A-Z_]+", text))
+        assert len(named) == 1 and named <= variables, (flag, text)
+        assert f"{named.pop()}, default " in text, (flag, text)
+    assert set(helps) >= {"--host", "--port", "--data-dir", "--shutdown-grace"} | cli_only
+    assert "(STATEHOST_SHUTDOWN_GRACE, default 30)" in helps["--shutdown-grace"]
+    assert "(STATEHOST_PORT, default 8470)" in helps["--port"]
+    assert variables <= set(re.findall(r"STATEHOST_[A-Z_]+", out)), "a variable is not shown"
+
+
+def _loaded_by(tmp_path, *argv):
+    """Which statehost layers and libraries a fresh ``statehost ARGV`` process loads."""
+    script = (
+        "import contextlib, io, sys\n"
+        "from statehost._cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()),"
+        " contextlib.suppress(SystemExit):\n"
+        f"    main({list(argv)!r})\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=120, check=True)
+    return set(result.stdout.split())
+
+
+def _closed_url():
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def _layers(modules):
+    return {layer for layer in ("statehost.client", "statehost.server", "httpx", "fastapi")
+            if any(m == layer or m.startswith(layer + ".") for m in modules)}
+
+
+def test_help_loads_neither_the_client_nor_the_server(tmp_path):
+    assert _layers(_loaded_by(tmp_path, "--help")) == set()
+
+
+def test_token_commands_do_not_load_the_client(tmp_path):
+    loaded = _loaded_by(tmp_path, "token", "list", "--data-dir", str(tmp_path / "data"))
+    assert _layers(loaded) == {"statehost.server"}
+
+
+@pytest.mark.parametrize("command", ["ls", "doctor", "checkpoint"])
+def test_client_commands_do_not_load_the_server(tmp_path, command):
+    loaded = _loaded_by(tmp_path, command, "--url", _closed_url(), "--timeout", "2")
+    assert _layers(loaded) == {"statehost.client", "httpx"}
+
+
+# Everything below statehost imports statehost/__init__.py first, which imports JAX; so do
+# statehost/client/__init__.py (through client/_client.py) and
+# server/persistence/__init__.py (through files.py), which the token commands reach
+# through server/settings.py. The commands' own modules import no JAX.
+_JAX_VIA_PACKAGE_INITS = pytest.mark.xfail(
+    strict=True, reason="statehost/__init__.py, client/__init__.py and "
+    "server/persistence/__init__.py import JAX when the package is imported")
+
+
+@_JAX_VIA_PACKAGE_INITS
+@pytest.mark.parametrize("argv", [("--help",), ("token", "list"), ("ls",), ("checkpoint",)])
+def test_commands_that_need_no_jax_do_not_import_it(tmp_path, argv):
+    if argv[0] == "token":
+        argv = (*argv, "--data-dir", str(tmp_path / "data"))
+    elif argv[0] != "--help":
+        argv = (*argv, "--url", _closed_url(), "--timeout", "2")
+    assert "jax" not in _loaded_by(tmp_path, *argv)
+
+
 # -- ls ---------------------------------------------------------------------------
 def test_ls_shows_a_put_object_with_version_and_bytes(served, tmp_path):
     with statehost.connect(served.url, token=served.token) as client:
@@ -50,7 +170,7 @@ def test_ls_shows_a_put_object_with_version_and_bytes(served, tmp_path):
         client.put("lsns/counter", counter)
         client.jit(_incrementer(counter))()
         state = _state(client, "lsns/counter")
-    result = _cli(tmp_path, "ls", served.url, "--token", served.token)
+    result = _cli(tmp_path, "ls", "--url", served.url, "--token", served.token)
     assert result.returncode == 0, result.stderr
     assert "lsns  (durability interval, 1 object(s), 12 B resident)" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines() if "counter" in line]
@@ -63,16 +183,45 @@ def test_ls_shows_a_put_object_with_version_and_bytes(served, tmp_path):
 
 
 def test_ls_with_a_wrong_token_fails_in_one_line(served, tmp_path):
-    result = _cli(tmp_path, "ls", served.url, "--token", "wrong")
+    result = _cli(tmp_path, "ls", "--url", served.url, "--token", "wrong")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "statehost ls: " in result.stderr and "not accepted" in result.stderr
 
 
+def test_ls_namespace_lists_only_that_namespace_and_url_comes_from_the_environment(
+        served, tmp_path):
+    with statehost.connect(served.url, token=served.token) as client:
+        for name in ("lsone/a", "lstwo/b"):
+            client.put(name, statehost.ShortTermState(jnp.zeros((2,), jnp.float32)))
+    result = _cli(tmp_path, "ls", "lsone", "--token", served.token, STATEHOST_URL=served.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("lsone  (durability interval, 1 object(s)"), result.stdout
+    assert "lstwo" not in result.stdout
+
+
+def test_ls_of_a_namespace_that_is_not_visible(served, tmp_path):
+    result = _cli(tmp_path, "ls", "nosuchns", "--url", served.url, "--token", served.token)
+    assert result.returncode == 1
+    assert result.stderr.startswith("statehost ls: namespace 'nosuchns' is not visible on "
+                                    f"{served.url}"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ls_without_a_server_fails_in_one_line(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = _cli(tmp_path, "ls", "--url", url, "--token", "x", "--timeout", "5")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"statehost ls: GET /v1/namespaces: cannot connect to {url}"), \
+        result.stderr
+    assert "Is `statehost serve` running there?" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 # -- doctor -----------------------------------------------------------------------
 def test_doctor_against_a_matching_server(served, tmp_path):
-    result = _cli(tmp_path, "doctor", served.url, "--token", served.token)
+    result = _cli(tmp_path, "doctor", "--url", served.url, "--token", served.token)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for name in ("python", "jax", "cloudpickle", "protocol", "statehost"):
@@ -86,11 +235,11 @@ def test_doctor_against_a_matching_server(served, tmp_path):
 
 def test_doctor_reports_a_version_mismatch(served, monkeypatch, capsys):
     import statehost.wire
-    from statehost.server.cli import main
+    from statehost._cli import main
 
-    real = statehost._wire.local_versions()
-    monkeypatch.setattr(statehost._wire, "local_versions", lambda: {**real, "jax": "0.1.0"})
-    assert main(["doctor", served.url, "--token", served.token]) == 1
+    real = statehost.wire._versions.local_versions()
+    monkeypatch.setattr(statehost.wire, "local_versions", lambda: {**real, "jax": "0.1.0"})
+    assert main(["doctor", "--url", served.url, "--token", served.token]) == 1
     out = capsys.readouterr().out
     jax_line = next(x for x in out.splitlines()[1:] if x.split()[:1] == ["jax"])
     assert jax_line.split()[1:] == ["0.1.0", real["jax"], "MISMATCH"]
@@ -98,21 +247,21 @@ def test_doctor_reports_a_version_mismatch(served, monkeypatch, capsys):
 
 
 def test_doctor_with_a_wrong_token(served, tmp_path):
-    result = _cli(tmp_path, "doctor", served.url, "--token", "not-a-token")
+    result = _cli(tmp_path, "doctor", "--url", served.url, "--token", "not-a-token")
     assert result.returncode == 1
     assert "the token is not accepted by this server" in result.stdout
     assert "statehost token create" in result.stdout
 
 
 def test_doctor_without_a_token_says_how_to_get_one(served, tmp_path):
-    result = _cli(tmp_path, "doctor", served.url)
+    result = _cli(tmp_path, "doctor", "--url", served.url)
     assert result.returncode == 1
     assert "no token was sent" in result.stdout and "--token" in result.stdout
 
 
 def test_doctor_against_a_closed_port(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
-    result = _cli(tmp_path, "doctor", url, "--token", "x", "--timeout", "5")
+    result = _cli(tmp_path, "doctor", "--url", url, "--token", "x", "--timeout", "5")
     assert result.returncode == 1
     assert f"cannot connect to {url}" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
@@ -127,14 +276,15 @@ def test_checkpoint_flushes_a_changed_state(served, tmp_path):
         before = _state(client, "ckpt/c")
         assert before["durable_version"] < before["version"]  # flush interval is an hour
 
-        result = _cli(tmp_path, "checkpoint", served.url, "ckpt/c", "--token", served.token)
+        result = _cli(tmp_path, "checkpoint", "ckpt/c", "--url", served.url, "--token",
+                      served.token)
         assert result.returncode == 0, result.stderr
         assert "ckpt/c: flushed 1 state(s)" in result.stdout
         after = _state(client, "ckpt/c")
         assert after["durable_version"] == after["version"] == before["version"]
 
         client.jit(_incrementer(counter))()
-        result = _cli(tmp_path, "checkpoint", served.url, "--token", served.token)
+        result = _cli(tmp_path, "checkpoint", "--url", served.url, "--token", served.token)
         assert result.returncode == 0, result.stderr
         assert "ckpt: flushed 1 state(s)" in result.stdout
         after = _state(client, "ckpt/c")
@@ -142,7 +292,7 @@ def test_checkpoint_flushes_a_changed_state(served, tmp_path):
 
 
 def test_checkpoint_of_a_namespace_the_token_cannot_see(served, tmp_path):
-    result = _cli(tmp_path, "checkpoint", served.url, "ckpt", "--token", "wrong")
+    result = _cli(tmp_path, "checkpoint", "ckpt", "--url", served.url, "--token", "wrong")
     assert result.returncode == 1
     assert result.stderr.startswith("statehost checkpoint: ")
     assert "Traceback" not in result.stderr
@@ -214,3 +364,90 @@ def test_sigterm_lets_a_running_call_finish(tmp_path):
         np.testing.assert_array_equal(np.asarray(results[0]), np.float32(2.0))
         assert served.process.wait(60) == 0, served.output()
         client.close()
+
+
+def _never_returns(marker, held=None):
+    """A function whose call never returns; with ``held``, the call holds that state."""
+
+    def sleepy(v):
+        open(marker, "w").close()  # noqa: SIM115
+        time.sleep(1000)
+        return v
+
+    def stuck(x):
+        out = jax.pure_callback(sleepy, jax.ShapeDtypeStruct((), jnp.float32), x)
+        if held is not None:
+            held.value = held.value + out.astype(jnp.int32)
+        return out
+
+    return stuck
+
+
+def _sigterm_during_a_call_that_never_returns(served, client, marker, held=None, grace=2.0):
+    """Starts the call, sends SIGTERM once it runs; returns (exit status, log)."""
+
+    def call():
+        with contextlib.suppress(Exception):  # the server goes away under it
+            client.jit(_never_returns(marker, held))(jnp.float32(1.0))
+
+    threading.Thread(target=call, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), served.output()
+    started = time.monotonic()
+    served.process.send_signal(signal.SIGTERM)
+    try:
+        status = served.process.wait(grace + 10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {grace + 10:g} s after SIGTERM:\n{served.output()}")
+    assert time.monotonic() - started >= grace, served.output()
+    return status, served.output()
+
+
+def _dirty_counter(client, name):
+    """A named counter at 1 whose disk copy (checkpointed at 0) is one version behind."""
+    counter = statehost.ShortTermState(jnp.zeros((), jnp.int32))
+    client.put(name, counter)
+    client.checkpoint(name)
+    client.jit(_incrementer(counter))()
+    state = _state(client, name)
+    assert state["durable_version"] < state["version"]  # the flush interval is an hour
+    return counter
+
+
+def test_sigterm_with_a_call_that_never_returns_flushes_and_exits_4(tmp_path):
+    marker = tmp_path / "call-started"
+    with running_server(tmp_path, "--shutdown-grace", "2", env=INTERVAL) as served:
+        with statehost.connect(served.url, token=served.token) as client:
+            _dirty_counter(client, "team/c")
+            status, log = _sigterm_during_a_call_that_never_returns(served, client, marker)
+    assert status == 4, log
+    assert "abandoned 1 call(s) still running 2 s after the shutdown began" in log, log
+    assert "shutdown: flushed 1 named state(s)" in log, log
+
+    with running_server(tmp_path, env=INTERVAL) as served:
+        with statehost.connect(served.url, token=served.token) as client:
+            assert int(client.get("team/c").value) == 1
+            state = _state(client, "team/c")
+            assert state["durable_version"] == state["version"]
+
+
+def test_states_an_abandoned_call_holds_do_not_keep_the_others_from_disk(tmp_path):
+    marker = tmp_path / "call-started"
+    env = {**INTERVAL, "STATEHOST_SHUTDOWN_GRACE": "1"}
+    with running_server(tmp_path, env=env) as served:
+        with statehost.connect(served.url, token=served.token) as client:
+            _dirty_counter(client, "team/free")
+            held = _dirty_counter(client, "team/held")
+            status, log = _sigterm_during_a_call_that_never_returns(
+                served, client, marker, held, grace=1.0)
+    assert status == 4, log
+    assert "abandoned 1 call(s)" in log, log
+    assert "shutdown: flushed 1 named state(s)" in log, log
+    assert "1 named state(s) they hold keep their last flushed version" in log, log
+
+    with running_server(tmp_path, env=INTERVAL) as served:
+        with statehost.connect(served.url, token=served.token) as client:
+            assert int(client.get("team/free").value) == 1
+            assert int(client.get("team/held").value) == 0  # its last flushed version

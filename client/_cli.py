@@ -1,0 +1,290 @@
+"""The client's commands: ``statehost ls``, ``doctor`` and ``checkpoint``.
+
+They look at and act on a running server through its JSON API, with httpx and no
+session: they ship no pickles, so they work even where the client's and the server's
+versions differ (``doctor`` is the one that reports that), and they load neither the
+server nor the client's pickling and frame machinery. The dispatcher
+(``statehost._cli``) imports this module when one of ``COMMANDS`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+
+from statehost._cli import Command
+from statehost._config import token_path
+from statehost.client._errors import (
+    BY_TYPE,
+    AuthError,
+    ClientError,
+    ProtocolError,
+    ServerError,
+    TransportError,
+)
+
+__all__ = ["COMMANDS", "checkpoint", "doctor", "ls"]
+
+_DEFAULT_URL = "http://127.0.0.1:8470"
+
+_MSG_NO_TOKEN = (
+    "no token was sent. Fix: pass --token <token>, set STATEHOST_TOKEN, or run this on the "
+    "server's machine (it reads $XDG_CONFIG_HOME/statehost/token); an operator makes one with "
+    "`statehost token create --namespace <ns> --scope <scope>`."
+)
+_MSG_BAD_TOKEN = (
+    "the token is not accepted by this server. Fix: use the token the server printed at "
+    "start, one from its STATEHOST_TOKENS, or one made with `statehost token create` (and "
+    "not revoked: see `statehost token list`)."
+)
+_MSG_UNREACHABLE = (
+    "cannot connect to {url} ({why}). Is `statehost serve` running there? Start it with "
+    "`statehost serve`, or check the URL and port."
+)
+_MSG_NO_NAMESPACE = (
+    "namespace {namespace!r} is not visible on {url}: it does not exist, or the token cannot "
+    "read it. Fix: run 'statehost ls' without a namespace to see the visible ones."
+)
+
+
+# -- parsers ----------------------------------------------------------------------
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get("STATEHOST_URL")
+    variable = f"STATEHOST_URL={env}" if env else "STATEHOST_URL"
+    parser.add_argument("--url", default=env or _DEFAULT_URL,
+                        help=f"the server ({variable}, default {_DEFAULT_URL})")
+    parser.add_argument("--token", help="bearer token (STATEHOST_TOKEN; default: the local "
+                                         "server's token file for a loopback URL)")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for the server (default 30)")
+
+
+def _ls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("namespace", nargs="?", metavar="NAMESPACE",
+                        help="list only this namespace (default: every namespace the token "
+                             "can read)")
+    _common_arguments(parser)
+
+
+def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", metavar="NAME",
+                        help="'namespace/object' or a whole 'namespace' (default: every "
+                             "namespace the token can see)")
+    _common_arguments(parser)
+
+
+# -- HTTP -------------------------------------------------------------------------
+def _token_for(url: str) -> str | None:
+    """As ``statehost.connect`` finds a token: ``$STATEHOST_TOKEN``, else the local
+    server's token file when the URL is loopback."""
+    token = os.environ.get("STATEHOST_TOKEN")
+    if token:
+        return token
+    host = urllib.parse.urlsplit(url).hostname or ""
+    path = token_path()
+    if (host in {"localhost", "::1"} or host.startswith("127.")) and path.is_file():
+        return path.read_text().strip() or None
+    return None
+
+
+@contextlib.contextmanager
+def _translate(what: str, url: str, timeout: float) -> Iterator[None]:
+    """The one place where these commands' httpx exceptions become statehost exceptions."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise TransportError(f"{what}: no answer from {url} within {timeout:g} s "
+                             f"({type(exc).__name__}). Fix: pass a larger --timeout, or check "
+                             "the server's load.") from exc
+    except httpx.ConnectError as exc:
+        raise TransportError(f"{what}: cannot connect to {url} ({exc}). Is `statehost serve` "
+                             "running there? Start it with `statehost serve`, or check the URL "
+                             "(--url, STATEHOST_URL).") from exc
+    except httpx.HTTPError as exc:
+        raise TransportError(f"{what}: the connection to {url} failed ({exc}).") from exc
+
+
+class _Remote:
+    """The server's JSON API over one pooled httpx connection; HTTP errors raise the
+    client's exception for the server's error type."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.url = args.url.rstrip("/")
+        self.timeout = args.timeout
+        token = args.token or _token_for(self.url)
+        self.token_sent = bool(token)
+        self._http = httpx.Client(
+            base_url=self.url, timeout=httpx.Timeout(args.timeout, connect=min(args.timeout, 10)),
+            headers={"authorization": f"Bearer {token}"} if token else {},
+        )
+
+    def __enter__(self) -> _Remote:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._http.close()
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        what = f"{method} {path}"
+        with _translate(what, self.url, self.timeout):
+            response = self._http.request(method, path, **kwargs)
+        if response.status_code < 400:
+            return response.json()
+        try:
+            error = response.json()["error"]
+            kind, message = str(error["type"]), str(error["message"])
+        except (ValueError, KeyError, TypeError):
+            kind, message = "", f"HTTP {response.status_code}: {response.content[:500]!r}"
+        fallback = ServerError if response.status_code >= 500 else ProtocolError
+        cls = BY_TYPE.get(kind, fallback)
+        raise cls(message if message.startswith(what) else f"{what}: {message}",
+                  status=response.status_code, body=error if kind else {})
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"statehost {command}: {exc}", file=sys.stderr)
+    return 1
+
+
+# -- output -----------------------------------------------------------------------
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError(n)
+
+
+def _table(rows: Sequence[Sequence[str]], indent: str = "") -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _leaves(leaves: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{leaf['dtype']}{leaf['shape']}" for leaf in leaves) or "-"
+
+
+# -- commands ---------------------------------------------------------------------
+def ls(args: argparse.Namespace) -> int:
+    """Prints every namespace the token can read (or only ``NAMESPACE``), with its objects
+    and states."""
+    try:
+        with _Remote(args) as remote:
+            namespaces = remote.json("GET", "/v1/namespaces")["namespaces"]
+            if args.namespace is not None:
+                namespaces = [ns for ns in namespaces if ns["name"] == args.namespace]
+                if not namespaces:
+                    return _fail("ls", ValueError(_MSG_NO_NAMESPACE.format(
+                        namespace=args.namespace, url=remote.url)))
+            listed = [(ns, remote.json("GET", f"/v1/namespaces/{ns['name']}/objects")["objects"])
+                      for ns in namespaces]
+    except ClientError as exc:
+        return _fail("ls", exc)
+    if not listed:
+        print(f"no namespaces visible on {args.url}")
+        return 0
+    for ns, objects in listed:
+        print(f"{ns['name']}  (durability {ns['durability']}, {len(objects)} object(s), "
+              f"{_size(ns['resident_bytes'])} resident)")
+        rows = [("OBJECT", "STATE", "KIND", "LEAVES", "BYTES", "VERSION", "DURABLE", "STATUS")]
+        for obj in objects:
+            for st in obj["states"] or [{}]:
+                rows.append((obj["name"], st.get("name", "-"), st.get("kind", "-"),
+                             _leaves(st.get("leaves", [])), _size(st.get("bytes")),
+                             str(st.get("version", "-")), str(st.get("durable_version", "-")),
+                             st.get("status", "-")))
+        if len(rows) > 1:
+            _table(rows, "  ")
+    return 0
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """Compares this client with the server and says what the server would refuse, and why."""
+    # The versions this client would put in its frames; reading jax's version imports JAX.
+    from statehost import wire as _wire
+
+    mine = _wire.local_versions()
+    print(f"statehost doctor: {args.url}")
+    with _Remote(args) as remote:
+        try:
+            info = remote.json("GET", "/v1/info")
+        except TransportError as exc:
+            why = str(exc.__cause__ or exc)
+            print(f"  PROBLEM  {_MSG_UNREACHABLE.format(url=args.url, why=why)}")
+            return 1
+        except AuthError:
+            print(f"  PROBLEM  {_MSG_BAD_TOKEN if remote.token_sent else _MSG_NO_TOKEN}")
+            _table([("VERSION", "CLIENT")] + [(k, str(v)) for k, v in mine.items()], "  ")
+            return 1
+        except ClientError as exc:
+            return _fail("doctor", exc)
+
+    theirs = info.get("versions", {})
+    problems = _wire.version_problems(mine, theirs, me="client", them="server")
+    rows = [("VERSION", "CLIENT", "SERVER", "")]
+    for key in dict.fromkeys([*mine, *theirs]):
+        a, b = str(mine.get(key, "unknown")), str(theirs.get(key, "unknown"))
+        bad = any(p.startswith(f"{key}:") for p in problems)
+        rows.append((key, a, b, "MISMATCH" if bad else "OK" if a == b else "OK (compatible)"))
+    print("  server reachable, token accepted")
+    _table(rows, "  ")
+    devices = info.get("devices", [])
+    kinds: dict[str, list[int]] = {}
+    for d in devices:
+        kinds.setdefault(f"{d['platform']}:{d['kind']}", []).append(d["id"])
+    shown = "; ".join(f"{len(ids)} x {kind} (ids {', '.join(map(str, ids))})"
+                      for kind, ids in kinds.items())
+    print(f"  devices: {len(devices)}: {shown or 'none'}")
+    limits = info.get("limits", {})
+    print(f"  limits: max_body {_size(limits.get('max_body'))}, "
+          f"session_ttl {limits.get('session_ttl', float('nan')):g} s")
+    if problems:
+        print("  REFUSED: calls and put/get ship pickles, and the server refuses them "
+              "because these versions differ:")
+        for line in problems:
+            print(f"    - {line}")
+        print("  Fix: install the server's versions in this environment (or the other way "
+              "round).")
+        return 1
+    print("  all good: this client can run calls on this server")
+    return 0
+
+
+def checkpoint(args: argparse.Namespace) -> int:
+    """Flushes ``ns/name``, a namespace, or every visible namespace to disk."""
+    try:
+        with _Remote(args) as remote:
+            if args.name:
+                targets = [args.name]
+            else:
+                targets = [ns["name"] for ns in remote.json("GET", "/v1/namespaces")["namespaces"]]
+            total = 0
+            for target in targets:
+                namespace, _, obj = target.partition("/")
+                params = {"name": obj} if obj else {}
+                flushed = remote.json("POST", f"/v1/namespaces/{namespace}/checkpoint",
+                                      params=params)["flushed"]
+                total += flushed
+                print(f"{target}: flushed {flushed} state(s)")
+    except ClientError as exc:
+        return _fail("checkpoint", exc)
+    print(f"flushed {total} state(s) in {len(targets)} target(s)")
+    return 0
+
+
+#: The commands ``statehost._cli`` dispatches here, by name.
+COMMANDS: dict[str, Command] = {
+    "ls": Command(_ls_arguments, ls),
+    "doctor": Command(_common_arguments, doctor),
+    "checkpoint": Command(_checkpoint_arguments, checkpoint),
+}
