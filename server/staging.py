@@ -38,8 +38,8 @@ from statehost.server.errors import (
     ValidationError,
 )
 from statehost.server.persistence import Durability
-from statehost.server.persistence.errors import describe_failure
 from statehost.server.persistence import StateRecord as DurableRecord
+from statehost.server.persistence.errors import describe_failure
 from statehost.transform import PendingWrites, defer_writes
 from statehost.wire import Section, StateRecord, StateRef, is_state_id
 

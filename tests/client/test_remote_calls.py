@@ -10,8 +10,8 @@ import pytest
 import statehost
 import statehost.client
 from statehost.transform import jit, pmap, vmap
-from tests.inprocess import metric
 from tests.core.models import PARAM, Affine
+from tests.inprocess import metric
 
 LANES = 8
 
