@@ -37,7 +37,13 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
+        """Calls waiting for a worker or for their states' locks."""
         return self.calls.count(CallStatus.QUEUED)
+
+    @property
+    def running(self) -> int:
+        """Calls holding their locks and running now."""
+        return self.calls.count(CallStatus.RUNNING)
 
     def lock_count(self) -> int:
         """How many state locks exist now (only those of calls in flight)."""
