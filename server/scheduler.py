@@ -73,6 +73,12 @@ class Scheduler:
                     del self._locks[key]
 
     def _execute(self, call: Call) -> Any:
+        try:
+            return self._locked(call)
+        finally:  # here, not in submit: a call runs on even when its awaiting task is gone
+            self.calls.discard(call)
+
+    def _locked(self, call: Call) -> Any:
         if call.status is CallStatus.CANCELLED:
             raise CallCancelled(f"{call.kind} {call.id}: cancelled before it started.")
         held = self._acquire(call.keys)
@@ -92,13 +98,19 @@ class Scheduler:
             self._release(call.keys, held)
 
     async def submit(self, call: Call) -> Any:
-        """Runs ``call`` on a worker thread holding its states' locks; returns its result."""
+        """Runs ``call`` on a worker thread holding its states' locks; returns its result.
+
+        If the awaiting task is cancelled (a shutdown past its grace), a call that has not
+        started never will; one that runs finishes on its worker, and stays listed in
+        :attr:`calls` until it does.
+        """
         self.calls.add(call)
         try:
             return await asyncio.get_running_loop().run_in_executor(
                 self._pool, self._execute, call)
-        finally:
-            self.calls.discard(call)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
 
     async def run(self, keys: Any, fn: Any, *args: Any, kind: str = "work",
                   session: Any = None) -> Any:
