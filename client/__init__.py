@@ -1,9 +1,10 @@
 """statehost.client: run statehost transforms on a remote ``statehost serve``.
 
-Imports httpx, cloudpickle and the core; never the server.
+Imports httpx, cloudpickle and the core; never the server. The exceptions load at
+once; the client itself (and with it JAX) on first use.
 """
 
-from statehost.client._client import Client, connect
+from statehost._lazy import lazy_exports as _lazy_exports
 from statehost.client._errors import (
     AuthError,
     ClientClosedError,
@@ -29,9 +30,6 @@ from statehost.client._errors import (
     ValidationError,
     VersionMismatchError,
 )
-from statehost.client._ledger import SyncLedger
-from statehost.client._remote import RemoteDevice, RemoteMapping
-from statehost.client._transport import FrameTransport
 
 __all__ = [
     "AuthError",
@@ -64,3 +62,12 @@ __all__ = [
     "VersionMismatchError",
     "connect",
 ]
+
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), {
+    "Client": "statehost.client._client",
+    "connect": "statehost.client._client",
+    "SyncLedger": "statehost.client._ledger",
+    "RemoteDevice": "statehost.client._remote",
+    "RemoteMapping": "statehost.client._remote",
+    "FrameTransport": "statehost.client._transport",
+})
