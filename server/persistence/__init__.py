@@ -5,6 +5,7 @@ The database, durability and errors load at once (the ``statehost token`` comman
 them); the state files and the flushing service, which load JAX, on first use.
 """
 
+from statehost._lazy import lazy_exports as _lazy_exports
 from statehost.server.persistence.database import (
     SCOPES,
     DamagedDatabaseError,
@@ -15,7 +16,6 @@ from statehost.server.persistence.database import (
     TokenRow,
     hash_token,
 )
-from statehost._lazy import lazy_exports as _lazy_exports
 from statehost.server.persistence.durability import Durability
 from statehost.server.persistence.errors import StorageError
 
