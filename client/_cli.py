@@ -226,7 +226,7 @@ def ls(args: argparse.Namespace) -> int:
 def doctor(args: argparse.Namespace) -> int:
     """Compares this client with the server and says what the server would refuse, and why."""
     # The versions this client would put in its frames; reading jax's version imports JAX.
-    from statehost import _wire
+    from statehost import wire as _wire
 
     mine = _wire.local_versions()
     print(f"statehost doctor: {args.url}")

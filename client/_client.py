@@ -1,14 +1,16 @@
 """``Client`` and ``connect``: run statehost transforms on a remote ``statehost serve``.
 
-The client keeps, per state id, the write counter at which the server last
-received (or sent) its value. A call uploads only states the server lacks or
-that were set locally since; a call with ``pull=False`` marks the states it
-wrote as newer on the server, and ``pull`` brings them back.
+The client's :class:`~statehost.client._ledger.SyncLedger` knows, per state,
+whether the server has the local value: a call uploads only states the server
+lacks or that were set locally since; a call with ``pull=False`` marks the
+states it wrote as newer on the server, and ``pull`` brings them back. Every
+request is a typed message of ``statehost.wire``.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -19,23 +21,44 @@ import numpy as np
 
 from statehost._config import token_path
 from statehost._state import State
-from statehost._wire import Frame, encode, local_versions, pack, version_problems
 from statehost.client._errors import (
-    ProtocolError,
+    FunctionNotCachedError,
     RemoteExecutionError,
+    SessionNotFoundError,
     StateConflictError,
     StateNotFoundError,
     VersionMismatchError,
 )
 from statehost.client._http import Http
+from statehost.client._ledger import SyncLedger
 from statehost.client._remote import RemoteDevice, RemoteMapping, localize_traceback
 from statehost.nn import Module
-from statehost.random import default_stream
+from statehost.random import RandomState, default_stream
 from statehost.transform import StatefulMapping as _LocalStatefulMapping
 from statehost.transform import jit as _local_jit
 from statehost.transform import pmap as _local_pmap
 from statehost.transform import vmap as _local_vmap
 from statehost.transform._jit import MISSING
+from statehost.wire import (
+    CallReply,
+    CallRequest,
+    Frame,
+    GetReply,
+    GetRequest,
+    PullReply,
+    PullRequest,
+    PushReply,
+    PushRequest,
+    PutReply,
+    PutRequest,
+    RegisterReply,
+    RegisterRequest,
+    StateRecord,
+    StateRef,
+    local_versions,
+    pack,
+    version_problems,
+)
 
 __all__ = ["Client", "connect"]
 
@@ -45,6 +68,9 @@ _MSG_LOST_STATES = (
     "pull=False calls ({names}). Those values are gone. Fix: keep sessions alive with regular "
     "calls, or use pull=True (or client.pull) before long pauses."
 )
+# A request is re-sent at most this many times for the client's own bookkeeping: a
+# callable the server dropped from its cache, a session it closed.
+_RESENDS = 2
 
 
 def _to_host(tree: Any) -> Any:
@@ -78,7 +104,9 @@ class Client:
         base_url: the server's URL, e.g. ``"http://127.0.0.1:8470"``.
         timeout: seconds to wait for any answer (a long call needs a long timeout).
         auth: the bearer token (``statehost.connect`` finds one for you).
-        transport: an ``httpx`` transport to use instead of the network (tests).
+        transport: an ``httpx`` transport to use instead of the network (tests); when it
+            is also a ``FrameTransport`` (``statehost.server.testing.InProcessTransport``
+            is), frames go through it too.
 
     Example:
         >>> client = statehost.connect("http://127.0.0.1:8470")    # doctest: +SKIP
@@ -95,11 +123,11 @@ class Client:
     ):
         self.url = base_url.rstrip("/")
         self._http = Http(self.url, auth, timeout, transport)
-        self._synced: dict[str, int] = {}
-        self._base: dict[str, int] = {}  # the server version each local value is based on
-        self._stale: set[str] = set()
-        self._digests: set[str] = set()
-        self._tracked: weakref.WeakValueDictionary[str, State] = weakref.WeakValueDictionary()
+        self._ledger = SyncLedger()
+        # This client's own stand-in for each local default random stream: the process's
+        # stream has one id, and two clients of one process must not share a server state.
+        self._streams: weakref.WeakKeyDictionary[RandomState, _StreamTwin] = \
+            weakref.WeakKeyDictionary()
         self._session: str | None = None
         try:
             self.server_info = self._http.json("GET", "/v1/info")
@@ -122,14 +150,11 @@ class Client:
 
     def _open_session(self) -> None:
         self._session = self._http.json("POST", "/v1/sessions")["id"]
-        self._synced.clear()
-        self._base.clear()
-        self._stale.clear()
-        self._digests.clear()
+        self._ledger.forget_server()
 
     def close(self) -> None:
         """Closes the session (the server frees its states) and the connection."""
-        if self._http._client is None:
+        if self._http.closed:
             return
         try:
             if self._session is not None:
@@ -147,7 +172,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._http._client is None else f"session {self._session[:8]}"
+        state = "closed" if self._http.closed else f"session {self._session[:8]}"
         return f"statehost.Client({self.url!r}, {state})"
 
     # -- devices and transforms -----------------------------------------------
@@ -196,32 +221,19 @@ class Client:
                              retries=retries)
 
     # -- state sync -----------------------------------------------------------
-    def _needs_upload(self, state: State) -> bool:
-        return self._synced.get(state.id) != state.write_count
-
     def _records(self, states: Iterable[State]) -> Any:
-        return pack(
-            [(type(s), s.id, s.name, s.tag, _to_host(s.value)) for s in states], refs=False
-        )
+        return pack([StateRecord.of(s, _to_host(s.value)) for s in states], refs=False)
 
-    def _mark_synced(self, counts: Mapping[str, int]) -> None:
-        for state_id, count in counts.items():
-            self._synced[state_id] = count
-            self._stale.discard(state_id)
-
-    def _apply(self, frame: Frame, known: Mapping[str, State]) -> set[str]:
-        """Writes the values a frame brought back into the local states."""
+    def _apply(self, values: Any, versions: Mapping[str, int], known: Mapping[str, State]
+               ) -> set[str]:
+        """Writes the values that came back into the local states; returns their ids."""
         pulled = set()
-        versions = frame.header.get("state_versions", {})
-        for state_id, value in frame.section("states") or []:
-            state = known.get(state_id) or self._tracked.get(state_id)
+        for state_id, value in values or []:
+            state = known.get(state_id) or self._ledger.tracked(state_id)
             if state is None:
                 continue
             state.value = jax.device_put(value)
-            self._synced[state_id] = state.write_count
-            if state_id in versions:
-                self._base[state_id] = versions[state_id]
-            self._stale.discard(state_id)
+            self._ledger.received(state, versions.get(state_id))
             pulled.add(state_id)
         return pulled
 
@@ -233,12 +245,11 @@ class Client:
         """
         states = {s.id: s for s in _collect(module_or_states, "statehost.Client.push")}
         counts = {i: s.write_count for i, s in states.items()}
-        header = {"session": self._session, "uploads": {i: self._base.get(i) for i in states}}
-        frame = self._frame("/v1/states/push", header,
-                            {"states": self._records(states.values())})
-        self._tracked.update(states)
-        self._mark_synced(counts)
-        self._base.update(frame.header.get("state_versions", {}))
+        reply = PushReply.from_frame(self._send("/v1/states/push", lambda: PushRequest(
+            session=self._session, uploads=self._ledger.bases(states.values()),
+            states=self._records(states.values()))))
+        self._ledger.track(states.values())
+        self._ledger.sent(counts, reply.state_versions)
 
     def pull(self, module_or_states: Any) -> None:
         """Writes the server's current values into these local states.
@@ -247,8 +258,9 @@ class Client:
             module_or_states: a ``Module``, a ``State``, or a list/dict of them.
         """
         states = {s.id: s for s in _collect(module_or_states, "statehost.Client.pull")}
-        frame = self._frame("/v1/states/pull", {"session": self._session, "ids": list(states)})
-        self._apply(frame, states)
+        reply = PullReply.from_frame(self._http.frame("/v1/states/pull", PullRequest(
+            session=self._session, ids=tuple(states))))
+        self._apply(reply.states.load(), reply.state_versions, states)
 
     # -- named objects ----------------------------------------------------------
     def put(self, name: str, obj: Any) -> None:
@@ -274,17 +286,18 @@ class Client:
                 f"States, got {type(obj).__name__}. Example: client.put('team/net', model)."
             )
         states = {s.id: s for s in _collect(obj, "statehost.Client.put")}
-        uploads = [s for s in states.values() if self._needs_upload(s)]
-        counts = {s.id: s.write_count for s in uploads}
-        header = {"session": self._session, "name": name, "kind": kind, "paths": paths,
-                  "uploads": {s.id: self._base.get(s.id) for s in uploads}}
-        sections = {"structure": pack(obj, oob=False)}
-        if uploads:
-            sections["states"] = self._records(uploads)
-        frame = self._frame("/v1/objects/put", header, sections)
-        self._tracked.update(states)
-        self._mark_synced(counts)
-        self._base.update(frame.header.get("state_versions", {}))
+        structure = pack(obj, oob=False)
+
+        def message() -> PutRequest:
+            uploads = [s for s in states.values() if self._ledger.needs_upload(s)]
+            message.counts = {s.id: s.write_count for s in uploads}
+            return PutRequest(session=self._session, name=name, object_kind=kind, paths=paths,
+                              uploads=self._ledger.bases(uploads), structure=structure,
+                              states=self._records(uploads) if uploads else None)
+
+        reply = PutReply.from_frame(self._send("/v1/objects/put", message))
+        self._ledger.track(states.values())
+        self._ledger.sent(message.counts, reply.state_versions)
 
     def get(self, name: str, *, pull: bool = True) -> Any:
         """The object put as ``"namespace/name"``, its states being the server's.
@@ -293,35 +306,29 @@ class Client:
             pull: fetch the values now (default); with False the local states hold
                 ``None`` until ``client.pull`` (calls work without it).
         """
-        frame = self._frame("/v1/objects/get", {"session": self._session, "name": name,
-                                                "pull": pull})
-        versions = frame.header.get("state_versions", {})
-        values = dict(frame.section("states") or [])
+        reply = GetReply.from_frame(self._http.frame("/v1/objects/get", GetRequest(
+            session=self._session, name=name, pull=pull)))
+        values = dict(reply.states.load()) if reply.states is not None else {}
         made: dict[str, State] = {}
 
-        def load(ref: Any) -> State:
-            _, state_id, cls, label, tag = ref
-            if state_id not in made:
-                state = self._tracked.get(state_id)
+        def load(ref: StateRef) -> State:
+            if ref.id not in made:
+                state = self._ledger.tracked(ref.id)
+                value = jax.device_put(values[ref.id]) if ref.id in values else None
                 if state is None:
-                    state = cls.__new__(cls)
-                    value = jax.device_put(values[state_id]) if state_id in values else None
-                    state.__setstate__({"value": value, "id": state_id, "name": label,
-                                        "tag": tag})
-                elif state_id in values:
-                    state.value = jax.device_put(values[state_id])
-                made[state_id] = state
-            return made[state_id]
+                    state = ref.cls.restore(value, id=ref.id, name=ref.name, tag=ref.tag)
+                elif ref.id in values:
+                    state.value = value
+                made[ref.id] = state
+            return made[ref.id]
 
-        obj = frame.section("structure", load)
+        obj = reply.structure.load(load)
+        self._ledger.track(made.values())
         for state_id, state in made.items():
-            self._tracked[state_id] = state
-            self._synced[state_id] = state.write_count
             if state_id in values:
-                self._base[state_id] = versions[state_id]
-                self._stale.discard(state_id)
+                self._ledger.received(state, reply.state_versions[state_id])
             else:
-                self._stale.add(state_id)
+                self._ledger.unpulled(state)
         return obj
 
     def list(self, namespace: str) -> list[dict[str, Any]]:
@@ -356,78 +363,44 @@ class Client:
             The function's input signature as the server recorded it.
         """
         packed = mapping.packed()
-        header = {"session": self._session, "name": name,
-                  "function": {"digest": packed.digest}, "refs": [s.id for s in packed.states]}
-        frame = self._frame("/v1/functions/register", header, {"function": packed.section})
-        return frame.header.get("signature", {})
+        reply = RegisterReply.from_frame(self._send("/v1/functions/register",
+                                                    lambda: RegisterRequest(
+            session=self._session, name=name, digest=packed.digest,
+            refs=tuple(s.id for s in packed.states), function=packed.section)))
+        return reply.signature
 
-    def _frame(self, path: str, header: dict[str, Any], sections: Any = None) -> Frame:
-        return self._http.frame(path, encode(header, sections))
+    # -- sending --------------------------------------------------------------
+    def _send(self, path: str, message: Callable[[], Any], *, refs: Mapping[str, State] = {},
+              digest: str | None = None, retries: int = 0) -> Frame:
+        """Sends ``message()``; re-sends it, built anew, after the client's own misses.
 
-    # -- the call --------------------------------------------------------------
-    def _call(self, mapping: RemoteMapping, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        for attempt in range(mapping.retries + 1):
+        A callable the server dropped is sent again; a closed session is reopened (unless
+        values only the server had are lost with it); on a conflict, up to ``retries``
+        times, the conflicting states are pulled and the request re-sent.
+        """
+        resends = 0
+        while True:
             try:
-                return self._call_once(mapping, args, kwargs)
+                return self._http.frame(path, message())
+            except FunctionNotCachedError:
+                if digest is None or resends == _RESENDS:
+                    raise
+                self._ledger.function_dropped(digest)
+            except SessionNotFoundError:
+                if resends == _RESENDS:
+                    raise
+                self._reopen(refs, f"POST {path}")
             except StateConflictError as exc:
-                if attempt == mapping.retries:
+                if retries == 0:
                     raise
+                retries -= 1
                 ids = [c["id"] for c in exc.conflicts]
-                self.pull([self._tracked[i] for i in ids if i in self._tracked])
-        raise AssertionError("unreachable")
-
-    def _call_once(self, mapping: RemoteMapping, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        packed = mapping.packed()
-        call_args = pack(_to_host((args, kwargs)))
-        stream = default_stream()
-        refs = {s.id: s for s in packed.states}
-        refs.update((s.id, s) for s in call_args.states)
-        refs[stream.id] = stream
-        for attempt in range(3):
-            uploads = [s for s in refs.values() if self._needs_upload(s)]
-            counts = {s.id: s.write_count for s in uploads}
-            header = {
-                "session": self._session,
-                "function": {"digest": packed.digest},
-                "refs": list(refs),
-                "uploads": {i: self._base.get(i) for i in counts},
-                "default_stream": stream.id,
-                "pull": mapping.pull,
-                "pull_ids": [i for i in refs if i in self._stale] if mapping.pull else [],
-            }
-            sections = {"args": call_args}
-            if packed.digest not in self._digests:
-                sections["function"] = packed.section
-            if uploads:
-                sections["states"] = self._records(uploads)
-            try:
-                frame = self._frame("/v1/call", header, sections)
-                break
-            except RemoteExecutionError as exc:
-                # The same error with file names filled in; chaining would print it twice.
-                raise _localized(exc, mapping) from None
-            except ProtocolError as exc:
-                kind = exc.body.get("type")
-                if attempt == 2 or kind not in {"FunctionNotCachedError", "SessionNotFoundError"}:
-                    raise
-                if kind == "FunctionNotCachedError":
-                    self._digests.discard(packed.digest)
-                else:
-                    self._reopen(refs, "client call")
-        self._digests.add(packed.digest)
-        self._tracked.update(refs)
-        self._mark_synced(counts)
-        pulled = self._apply(frame, refs)
-        written = set(frame.header.get("written", []))
-        uploaded = frame.header.get("uploaded_versions", {})
-        for state_id in counts:
-            if state_id not in pulled and state_id in uploaded:
-                self._base[state_id] = uploaded[state_id]
-        self._stale.update(written - pulled)
-        return frame.section("results")
+                self.pull([s for i in ids if (s := self._ledger.tracked(i)) is not None])
+                continue
+            resends += 1
 
     def _reopen(self, refs: Mapping[str, State], what: str) -> None:
-        lost = [refs[i] for i in refs if i in self._stale]
+        lost = [refs[i] for i in self._ledger.stale_among(refs)]
         if lost:
             names = ", ".join(s.name or s.id[:8] for s in lost[:5])
             raise StateNotFoundError(
@@ -435,6 +408,74 @@ class Client:
                 body={"missing": [s.id for s in lost]},
             )
         self._open_session()
+
+    # -- the call --------------------------------------------------------------
+    def _stream_twin(self) -> _StreamTwin:
+        local = default_stream()
+        twin = self._streams.get(local)
+        if twin is None:
+            twin = self._streams[local] = _StreamTwin(local)
+        twin.follow()
+        return twin
+
+    def _call(self, mapping: RemoteMapping, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        packed = mapping.packed()
+        call_args = pack(_to_host((args, kwargs)))
+        twin = self._stream_twin()
+        refs = {s.id: s for s in packed.states}
+        refs.update((s.id, s) for s in call_args.states)
+        refs[twin.state.id] = twin.state
+
+        def message() -> CallRequest:
+            uploads = [s for s in refs.values() if self._ledger.needs_upload(s)]
+            message.counts = {s.id: s.write_count for s in uploads}
+            return CallRequest(
+                session=self._session, call_id=secrets.token_hex(8), digest=packed.digest,
+                refs=tuple(refs), uploads=self._ledger.bases(uploads),
+                default_stream=twin.state.id, pull=mapping.pull,
+                pull_ids=tuple(self._ledger.stale_among(refs)) if mapping.pull else (),
+                function=None if self._ledger.has_function(packed.digest) else packed.section,
+                args=call_args, states=self._records(uploads) if uploads else None)
+
+        try:
+            frame = self._send("/v1/call", message, refs=refs, digest=packed.digest,
+                               retries=mapping.retries)
+        except RemoteExecutionError as exc:
+            # The same error with file names filled in; chaining would print it twice.
+            raise _localized(exc, mapping) from None
+        reply = CallReply.from_frame(frame)
+        self._ledger.function_sent(packed.digest)
+        self._ledger.track(refs.values())
+        self._ledger.sent(message.counts, reply.uploaded_versions)
+        pulled = self._apply(reply.states.load() if reply.states is not None else None,
+                             reply.state_versions, refs)
+        self._ledger.written_remotely(set(reply.written) - pulled)
+        twin.publish(pulled)
+        return reply.results.load()
+
+
+class _StreamTwin:
+    """A client's own ``RandomState`` standing in, on the server, for a local stream.
+
+    Its value follows the local stream's (copied before a call when the local
+    one moved) and, once a call pulled it back, is written into the local stream.
+    """
+
+    def __init__(self, local: RandomState):
+        self.local = local
+        self.state = RandomState.restore(local.value, id=secrets.token_hex(16),
+                                         name="default stream", tag=local.tag)
+        self._seen = local.write_count
+
+    def follow(self) -> None:
+        if self.local.write_count != self._seen:
+            self.state.value = self.local.value
+            self._seen = self.local.write_count
+
+    def publish(self, pulled: set[str]) -> None:
+        if self.state.id in pulled:
+            self.local.value = self.state.value
+            self._seen = self.local.write_count
 
 
 def _localized(exc: RemoteExecutionError, mapping: RemoteMapping) -> RemoteExecutionError:

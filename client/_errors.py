@@ -7,15 +7,28 @@
         ├── TransportError              no answer: connection refused, timeout, broken socket
         ├── ClientClosedError           the client was used after close() (RuntimeError)
         ├── AuthError                   missing or rejected token (HTTP 401)
+        │   └── ForbiddenError          the token's scope does not allow this (HTTP 403)
         ├── VersionMismatchError        client and server cannot exchange pickles
         ├── PayloadTooLargeError        a body over the server's max_body (HTTP 413)
-        ├── ProtocolError               a malformed frame or request (HTTP 400/415)
-        │   └── PayloadError            the server could not unpickle what was sent
-        ├── StateNotFoundError          the server has no such state (HTTP 404)
+        ├── ProtocolError               a malformed frame or request (HTTP 400)
+        │   ├── PayloadError            the server could not unpickle what was sent
+        │   ├── MethodNotAllowedError   the route does not take this method (HTTP 405)
+        │   ├── UnsupportedMediaTypeError  a body of the wrong content type (HTTP 415)
+        │   ├── ValidationError         well-formed, but invalid values (HTTP 422)
+        │   └── FunctionNotCachedError  the server dropped a callable (HTTP 409; resent)
         ├── NotFoundError               no such name, or not visible to this token (HTTP 404)
+        │   ├── SessionNotFoundError    the session is closed (HTTP 404; reopened for you)
+        │   └── StateNotFoundError      the server has no such state (HTTP 404)
         ├── StateConflictError          an upload based on an outdated version (HTTP 409)
+        ├── StateDamagedError           a named state the server could not load (HTTP 409)
+        ├── NameConflictError           a state that already belongs to another name (409)
+        ├── PreconditionFailedError     If-Match named another version (HTTP 412)
         ├── RemoteExecutionError        the user's function raised on the server (HTTP 422)
         └── ServerError                 the server failed (HTTP 5xx)
+            └── StorageError            the server's disk failed; nothing was applied (503)
+
+Which class answers which error kind of the wire (``statehost.wire.ERROR_KINDS``) is
+:data:`BY_TYPE`, checked against that table by the tests.
 """
 
 from __future__ import annotations
@@ -25,18 +38,29 @@ from typing import Any
 from statehost._errors import StatehostError
 
 __all__ = [
+    "BY_TYPE",
     "AuthError",
     "ClientClosedError",
     "ClientError",
+    "ForbiddenError",
+    "FunctionNotCachedError",
+    "MethodNotAllowedError",
+    "NameConflictError",
     "NotFoundError",
     "PayloadError",
     "PayloadTooLargeError",
+    "PreconditionFailedError",
     "ProtocolError",
     "RemoteExecutionError",
     "ServerError",
+    "SessionNotFoundError",
     "StateConflictError",
+    "StateDamagedError",
     "StateNotFoundError",
+    "StorageError",
     "TransportError",
+    "UnsupportedMediaTypeError",
+    "ValidationError",
     "VersionMismatchError",
 ]
 
@@ -62,6 +86,10 @@ class AuthError(ClientError):
     """The server wants a token, or rejected the one sent."""
 
 
+class ForbiddenError(AuthError):
+    """The token's scope does not allow this."""
+
+
 class VersionMismatchError(ClientError):
     """Python, jax, cloudpickle or protocol versions differ between client and server."""
 
@@ -72,6 +100,22 @@ class PayloadTooLargeError(ClientError):
 
 class ProtocolError(ClientError):
     """The server could not read the request (or the client could not read the answer)."""
+
+
+class MethodNotAllowedError(ProtocolError):
+    """The route does not take this HTTP method."""
+
+
+class UnsupportedMediaTypeError(ProtocolError):
+    """The body was sent with the wrong content type."""
+
+
+class ValidationError(ProtocolError):
+    """The request was well formed but a value in it is invalid."""
+
+
+class FunctionNotCachedError(ProtocolError):
+    """The server no longer has the callable; the client sends it again by itself."""
 
 
 class PayloadError(ProtocolError):
@@ -85,16 +129,20 @@ class PayloadError(ProtocolError):
         return self.body.get("missing_module")
 
 
-class StateNotFoundError(ClientError):
+class NotFoundError(ClientError):
+    """No object, function or namespace of that name is visible to this token."""
+
+
+class SessionNotFoundError(NotFoundError):
+    """The session is closed (idle past its TTL, or the server restarted)."""
+
+
+class StateNotFoundError(NotFoundError):
     """The server has no state with that id in this session (``missing`` lists them)."""
 
     @property
     def missing(self) -> list[str]:
         return list(self.body.get("missing", []))
-
-
-class NotFoundError(ClientError):
-    """No object, function or namespace of that name is visible to this token."""
 
 
 class StateConflictError(ClientError):
@@ -107,6 +155,18 @@ class StateConflictError(ClientError):
     @property
     def conflicts(self) -> list[dict[str, Any]]:
         return list(self.body.get("conflicts", []))
+
+
+class StateDamagedError(ClientError):
+    """A named state the server could not load from its disk."""
+
+
+class NameConflictError(ClientError):
+    """A state that already belongs to another named object."""
+
+
+class PreconditionFailedError(ClientError):
+    """``If-Match`` named another version than the state's current one."""
 
 
 class RemoteExecutionError(ClientError):
@@ -129,15 +189,17 @@ class ServerError(ClientError):
     """The server failed (5xx); the message carries its traceback."""
 
 
+class StorageError(ServerError):
+    """The server could not write to its disk; the request was not applied."""
+
+
+#: error kind name (``statehost.wire.ERROR_KINDS``) -> the class raised for it.
 BY_TYPE: dict[str, type[ClientError]] = {
-    "AuthError": AuthError,
-    "VersionMismatchError": VersionMismatchError,
-    "PayloadTooLargeError": PayloadTooLargeError,
-    "ProtocolError": ProtocolError,
-    "PayloadError": PayloadError,
-    "StateNotFoundError": StateNotFoundError,
-    "StateConflictError": StateConflictError,
-    "NotFound": NotFoundError,
-    "RemoteExecutionError": RemoteExecutionError,
-    "ServerError": ServerError,
+    cls.__name__: cls for cls in (
+        ProtocolError, PayloadError, VersionMismatchError, AuthError, ForbiddenError,
+        NotFoundError, SessionNotFoundError, StateNotFoundError, MethodNotAllowedError,
+        FunctionNotCachedError, StateConflictError, StateDamagedError, NameConflictError,
+        PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError,
+        ValidationError, RemoteExecutionError, ServerError, StorageError,
+    )
 }

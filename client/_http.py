@@ -1,11 +1,5 @@
-"""HTTP for the client: pooled connections, frames in and out, error mapping.
-
-JSON requests go through ``httpx``. Frames, the per-call path, go through the
-standard library's ``http.client`` on kept-alive connections: on a small
-machine an httpx round trip costs about 200 µs more client CPU than the same
-request through ``http.client`` (353 vs 161 µs for a 400-byte echo), and
-``readinto`` fills a preallocated buffer without httpx's re-chunking. When a
-transport is injected (tests, in-process apps), frames go through httpx too.
+"""HTTP for the client: JSON through httpx, frames through a ``FrameTransport``, and the
+one mapping from transport failures and error answers to the client's exceptions.
 
 Large request bodies go out as 1 MiB memoryview chunks with a Content-Length;
 large responses are read into one preallocated buffer, never joined from pieces.
@@ -15,24 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import select
-import threading
-import urllib.parse
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
 from statehost._errors import WireError
-from statehost._wire import CONTENT_TYPE, Encoded, Frame, decode, fresh_buffer
 from statehost.client._errors import (
     BY_TYPE,
     ClientClosedError,
-    ClientError,
     ProtocolError,
     ServerError,
     TransportError,
 )
+from statehost.client._transport import FrameTransport, HttpxFrameTransport, StdlibFrameTransport
+from statehost.wire import CONTENT_TYPE, Frame, Message, decode
 
 __all__ = ["Http"]
 
@@ -41,41 +33,32 @@ _CHUNK = 1 << 20
 
 @contextlib.contextmanager
 def _translate(what: str, url: str, timeout: float) -> Iterator[None]:
-    """The one place where httpx exceptions become statehost exceptions."""
+    """The one place where httpx and socket exceptions become statehost exceptions."""
     try:
         yield
-    except httpx.TimeoutException as exc:
+    except (httpx.TimeoutException, TimeoutError) as exc:
         raise TransportError(
             f"{what}: no answer from {url} within {timeout:g} s ({type(exc).__name__}). "
             "Fix: pass a larger timeout= to statehost.connect, or check the server's load."
         ) from exc
-    except httpx.ConnectError as exc:
+    except (httpx.ConnectError, ConnectionRefusedError) as exc:
         raise TransportError(
             f"{what}: cannot connect to {url} ({exc}). Is `statehost serve` running there? "
             "Start it with `make serve` or `statehost serve`."
         ) from exc
     except httpx.HTTPError as exc:
         raise TransportError(f"{what}: the connection to {url} failed ({exc}).") from exc
-    except TimeoutError as exc:
-        raise TransportError(
-            f"{what}: no answer from {url} within {timeout:g} s. "
-            "Fix: pass a larger timeout= to statehost.connect, or check the server's load."
-        ) from exc
-    except ConnectionRefusedError as exc:
-        raise TransportError(
-            f"{what}: cannot connect to {url} ({exc}). Is `statehost serve` running there? "
-            "Start it with `make serve` or `statehost serve`."
-        ) from exc
     except (OSError, http.client.HTTPException) as exc:
         raise TransportError(f"{what}: the connection to {url} failed "
                              f"({type(exc).__name__}: {exc}).") from exc
 
 
 def _raise_for(status: int, body: bytes, what: str) -> None:
+    """Raises the client exception of an error answer's kind (by its ``type``)."""
     if status < 400:
         return
     try:
-        error = httpx.Response(200, content=body).json()["error"]
+        error = json.loads(body)["error"]
         kind, message = str(error["type"]), str(error["message"])
     except Exception:
         error, kind = {}, ""
@@ -90,7 +73,7 @@ def _raise_for(status: int, body: bytes, what: str) -> None:
 
 
 class Http:
-    """A thin wrapper over ``httpx.Client`` speaking statehost frames and JSON."""
+    """The client's connection: JSON requests and frames, with statehost's errors."""
 
     def __init__(
         self,
@@ -109,7 +92,12 @@ class Http:
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
             transport=transport,
         )
-        self._frames = _FramePool(self.base_url, headers, timeout) if transport is None else None
+        if transport is None:
+            self.frames: FrameTransport = StdlibFrameTransport(self.base_url, headers, timeout)
+        elif isinstance(transport, FrameTransport):
+            self.frames = _WithHeaders(transport, headers)
+        else:
+            self.frames = HttpxFrameTransport(self._client)
 
     @property
     def client(self) -> httpx.Client:
@@ -120,12 +108,15 @@ class Http:
             )
         return self._client
 
+    @property
+    def closed(self) -> bool:
+        return self._client is None
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
-        if self._frames is not None:
-            self._frames.close()
+            self.frames.close()
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         what = f"{method} {path}"
@@ -134,22 +125,15 @@ class Http:
         _raise_for(response.status_code, response.content, what)
         return response.json() if response.content else None
 
-    def frame(self, path: str, encoded: Encoded) -> Frame:
-        """POSTs a frame and decodes the frame that comes back."""
+    def frame(self, path: str, message: Message) -> Frame:
+        """POSTs a message's frame and decodes the frame that comes back."""
         what = f"POST {path}"
-        if encoded.nbytes <= _CHUNK:
-            content: Any = encoded.to_bytes()
-        else:
-            content = encoded.chunks(_CHUNK)
+        encoded = message.to_frame()
         headers = {"content-type": CONTENT_TYPE, "content-length": str(encoded.nbytes)}
+        chunks = [encoded.to_bytes()] if encoded.nbytes <= _CHUNK else encoded.chunks(_CHUNK)
         self.client  # raises ClientClosedError after close()  # noqa: B018
         with _translate(what, self.base_url, self.timeout):
-            if self._frames is not None:
-                status, body = self._frames.post(path, content, headers)
-            else:
-                with self.client.stream("POST", path, content=content,
-                                        headers=headers) as response:
-                    status, body = response.status_code, _read(response)
+            status, body = self.frames.post_frame(path, chunks, encoded.nbytes, headers)
         _raise_for(status, bytes(body[:65536]) if status >= 400 else b"", what)
         try:
             return decode(body)
@@ -157,100 +141,15 @@ class Http:
             raise ProtocolError(f"{what}: the server's answer is not a frame ({exc}).") from exc
 
 
-def _read(response: httpx.Response) -> Any:
-    """The whole body, into one buffer allocated once when the length is known.
+class _WithHeaders:
+    """An injected ``FrameTransport`` plus this client's auth header."""
 
-    ``iter_raw()`` without a chunk size hands over httpcore's own reads; with
-    one, httpx joins them into new ``bytes`` first (a copy: 0.6 vs 1.0 GB/s).
-    """
-    length = response.headers.get("content-length")
-    if length is None or not length.isdigit():
-        body = bytearray()
-        for chunk in response.iter_raw():
-            body += chunk
-        return body
-    view = fresh_buffer(int(length))
-    pos = 0
-    for chunk in response.iter_raw():
-        end = pos + len(chunk)
-        if end > view.nbytes:
-            raise ClientError(f"the server sent more than its Content-Length {length}")
-        view[pos:end] = chunk
-        pos = end
-    if pos != view.nbytes:
-        raise TransportError(f"the answer ended after {pos} of {length} bytes")
-    return view
+    def __init__(self, inner: FrameTransport, headers: dict[str, str]):
+        self._inner, self._headers = inner, headers
 
-
-class _FramePool:
-    """Kept-alive ``http.client`` connections to one server, for frame POSTs."""
-
-    def __init__(self, base_url: str, headers: dict[str, str], timeout: float):
-        parts = urllib.parse.urlsplit(base_url)
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (443 if self._https else 80)
-        self._prefix = parts.path.rstrip("/")
-        self._headers = headers
-        self._timeout = timeout
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
-
-    def _connection(self) -> http.client.HTTPConnection:
-        with self._lock:
-            while self._idle:
-                conn = self._idle.pop()
-                if not _dropped(conn):
-                    return conn
-                conn.close()
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        return cls(self._host, self._port, timeout=self._timeout)
-
-    def post(self, path: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
-        conn = self._connection()
-        try:
-            conn.request("POST", self._prefix + path, body=body,
-                         headers={**self._headers, **headers})
-            response = conn.getresponse()
-            data = _read_stdlib(response)
-        except BaseException:
-            conn.close()
-            raise
-        if response.will_close:
-            conn.close()
-        else:
-            with self._lock:
-                self._idle.append(conn)
-        return response.status, data
+    def post_frame(self, path: str, chunks: Any, nbytes: int,
+                   headers: dict[str, str]) -> tuple[int, Any]:
+        return self._inner.post_frame(path, chunks, nbytes, {**self._headers, **headers})
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._idle:
-                conn.close()
-            self._idle.clear()
-
-
-def _dropped(conn: http.client.HTTPConnection) -> bool:
-    """True when the server closed this idle connection (it reads as ready, at EOF)."""
-    sock = conn.sock
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
-
-
-def _read_stdlib(response: http.client.HTTPResponse) -> Any:
-    length = response.getheader("content-length")
-    if length is None or not length.isdigit():
-        return response.read()
-    view = fresh_buffer(int(length))
-    pos = 0
-    while pos < view.nbytes:
-        n = response.readinto(view[pos:])
-        if not n:
-            raise TransportError(f"the answer ended after {pos} of {length} bytes")
-        pos += n
-    return view
+        """The injected transport is closed by its owner."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from statehost._state import State
-from statehost._wire import Section, pack
+from statehost.wire import Section, pack
 
 if TYPE_CHECKING:
     from statehost.client._client import Client

@@ -11,11 +11,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from statehost import __version__
-from statehost._wire import local_versions
 from statehost.server.errors import install_handlers
 from statehost.server.persistence import DamagedDatabaseError, flush, flusher
 from statehost.server.routes import (
-    admin,
     calls,
     functions,
     health,
@@ -25,9 +23,11 @@ from statehost.server.routes import (
     objects,
     sessions,
     states,
+    values,
 )
 from statehost.server.runtime import Runtime
 from statehost.server.settings import Settings
+from statehost.wire import local_versions
 
 __all__ = ["create_app"]
 
@@ -124,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.versions = local_versions()
     for module in (health, info, sessions, calls, states, objects, metrics, namespaces,
-                   functions, admin):
+                   values, functions):
         app.include_router(module.router)
     app.include_router(objects.frames)
     install_handlers(app)

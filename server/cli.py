@@ -30,7 +30,6 @@ from typing import Any
 from statehost._cli import Command
 from statehost._config import token_path
 from statehost.server.persistence.database import SCOPES, Database, hash_token
-from statehost.server.persistence.repair import repair_arguments, repair_command
 from statehost.server.settings import Settings, is_loopback, parse_size
 
 __all__ = ["COMMANDS", "serve", "token_command"]
@@ -335,8 +334,21 @@ def _server_class(uvicorn: Any) -> type:
 
 
 #: The commands ``statehost._cli`` dispatches here, by name.
+def _repair_arguments(parser: argparse.ArgumentParser) -> None:
+    # repair.py loads JAX (it rebuilds state values); only `statehost repair` needs it.
+    from statehost.server.persistence.repair import repair_arguments
+
+    repair_arguments(parser)
+
+
+def _repair_command(args: argparse.Namespace) -> int:
+    from statehost.server.persistence.repair import repair_command
+
+    return repair_command(args)
+
+
 COMMANDS: dict[str, Command] = {
     "serve": Command(_serve_arguments, serve),
     "token": Command(_token_arguments, token_command),
-    "repair": Command(repair_arguments, repair_command),
+    "repair": Command(_repair_arguments, _repair_command),
 }

@@ -12,17 +12,18 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from statehost._errors import WireError
-from statehost._wire import (
-    CONTENT_TYPE,
-    Frame,
-    decode,
-    fresh_buffer,
-    version_problems,
-)
 from statehost.server.auth import Principal, resolve
-from statehost.server.errors import ApiError
+from statehost.server.errors import (
+    AuthError,
+    ForbiddenError,
+    PayloadTooLargeError,
+    ProtocolError,
+    UnsupportedMediaTypeError,
+    VersionMismatchError,
+)
 from statehost.server.runtime import Runtime
 from statehost.server.settings import Settings
+from statehost.wire import CONTENT_TYPE, Frame, decode, fresh_buffer, version_problems
 
 __all__ = ["FrameBody", "PrincipalDep", "RuntimeDep", "SettingsDep", "VersionsDep",
            "get_runtime", "get_settings", "get_versions", "read_frame", "require_submit",
@@ -62,8 +63,7 @@ async def require_token(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        raise ApiError(
-            401, "AuthError",
+        raise AuthError(
             f"{where}: no token. Send 'Authorization: Bearer <token>' (statehost.connect(url, "
             "token=...) does it; on the server's own machine it reads "
             "$XDG_CONFIG_HOME/statehost/token).",
@@ -72,8 +72,7 @@ async def require_token(request: Request) -> Principal:
     principal = resolve(token, settings.tokens, rt.tokens) if scheme.lower() == "bearer" \
         else None
     if principal is None:
-        raise ApiError(
-            401, "AuthError",
+        raise AuthError(
             f"{where}: the token is not accepted by this server. Fix: use the token the server "
             "printed at start, one from STATEHOST_TOKENS, or one made with "
             "`statehost token create`.",
@@ -92,8 +91,7 @@ async def require_submit(request: Request) -> None:
     """
     principal: Principal = request.state.principal
     if not principal.has("submit"):
-        raise ApiError(
-            403, "AuthError",
+        raise ForbiddenError(
             f"{request.method} {request.url.path}: this token has scope {principal.scope!r}; "
             "sending code needs 'submit'. Fix: use a token made with --scope submit, or the "
             "JSON API (/docs) for read and invoke.",
@@ -106,21 +104,19 @@ async def read_frame(request: Request) -> Frame:
     where = f"{request.method} {request.url.path}"
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip() != CONTENT_TYPE:
-        raise ApiError(
-            415, "ProtocolError",
+        raise UnsupportedMediaTypeError(
             f"{where}: expected Content-Type {CONTENT_TYPE}, got {ctype or 'none'!r}.",
         )
     limit = settings.max_body
     declared = request.headers.get("content-length")
-    too_big = ApiError(
-        413, "PayloadTooLargeError",
+    too_big = PayloadTooLargeError(
         f"{where}: the body is larger than this server's limit of {limit} bytes "
         f"(max_body). Fix: send less per call, or start the server with a larger --max-body.",
         limit=limit,
     )
     if declared is not None:
         if not declared.isdigit():
-            raise ApiError(400, "ProtocolError", f"{where}: bad Content-Length {declared!r}.")
+            raise ProtocolError(f"{where}: bad Content-Length {declared!r}.")
         if int(declared) > limit:
             raise too_big
         body: Any = fresh_buffer(int(declared))
@@ -134,28 +130,26 @@ async def read_frame(request: Request) -> Frame:
         if declared is None:
             body += chunk
         elif end > len(body):
-            raise ApiError(400, "ProtocolError", f"{where}: the body is longer than its "
-                           f"Content-Length {declared}.")
+            raise ProtocolError(f"{where}: the body is longer than its Content-Length "
+                                f"{declared}.")
         else:
             body[pos:end] = chunk
         pos = end
     if pos != len(body):
-        raise ApiError(
-            400, "ProtocolError",
+        raise ProtocolError(
             f"{where}: the body ended after {pos} of {len(body)} bytes (truncated upload).",
         )
     try:
         frame = decode(body)
     except WireError as exc:
-        raise ApiError(400, "ProtocolError", f"{where}: {exc}") from exc
+        raise ProtocolError(f"{where}: {exc}") from exc
     request.state.body_bytes = pos
     theirs = frame.header.get("versions")
     problems = version_problems(
         versions, theirs if isinstance(theirs, dict) else {}, me="server", them="client"
     )
     if problems:
-        raise ApiError(
-            400, "VersionMismatchError",
+        raise VersionMismatchError(
             f"{where}: the client and the server cannot exchange pickles: "
             + "; ".join(problems)
             + ". Fix: install matching versions on both sides.",

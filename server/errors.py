@@ -1,45 +1,175 @@
-"""Server errors and their JSON responses: ``{"error": {"type", "message", "traceback"?}}``."""
+"""Server errors: one exception class per error kind, and the one JSON error shape.
+
+Every error the server answers is ``{"error": {"type", "message", "traceback"?, ...}}``
+with the status of its kind in ``statehost.wire.ERROR_KINDS``, the table the
+client reads too. Raise the class, never a status and a string::
+
+    raise StateNotFoundError(f"{where}: no state {state_id}.", missing=[state_id])
+
+Handlers are dispatched by the exception's class (Starlette walks the MRO):
+``ApiError`` and its subclasses answer themselves, ``WireError`` from the core is a
+``ProtocolError``, Starlette's own HTTP errors get the kind of their status, a
+client that hung up mid-request is one info line, and anything else is a
+``ServerError`` (500) with its traceback.
+"""
 
 from __future__ import annotations
 
 import logging
 import traceback as tb
+from typing import TYPE_CHECKING, ClassVar
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
+from statehost._errors import WireError
+from statehost.wire import ERROR_KINDS
 
-__all__ = ["ApiError", "error_body", "install_handlers"]
+if TYPE_CHECKING:  # FastAPI loads with create_app only: the CLI's token commands need none
+    from fastapi import FastAPI
+
+__all__ = [
+    "ERROR_CLASSES",
+    "ApiError",
+    "AuthError",
+    "ForbiddenError",
+    "FunctionNotCachedError",
+    "MethodNotAllowedError",
+    "NameConflictError",
+    "NotFoundError",
+    "PayloadError",
+    "PayloadTooLargeError",
+    "PreconditionFailedError",
+    "ProtocolError",
+    "RemoteExecutionError",
+    "ServerError",
+    "SessionNotFoundError",
+    "StateConflictError",
+    "StateDamagedError",
+    "StateNotFoundError",
+    "StorageError",
+    "UnsupportedMediaTypeError",
+    "ValidationError",
+    "VersionMismatchError",
+    "error_body",
+    "install_handlers",
+]
 
 log = logging.getLogger("statehost.server")
 
+#: kind name -> the server's exception class for it (filled as the classes are defined).
+ERROR_CLASSES: dict[str, type[ApiError]] = {}
+
 
 class ApiError(Exception):
-    """An error the server answers with ``status`` and a JSON body.
+    """An error the server answers with its kind's status and a JSON body.
 
-    ``type`` is the name of the client exception it maps to; ``extra`` adds
-    fields next to ``type`` / ``message`` (for example ``exception_type``).
+    ``extra`` adds fields next to ``type`` / ``message`` (``missing``, ``conflicts``...).
     """
 
-    def __init__(
-        self,
-        status: int,
-        type: str,
-        message: str,
-        *,
-        traceback: str | None = None,
-        **extra: object,
-    ):
+    type: ClassVar[str] = "ServerError"
+    status: ClassVar[int] = 500
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.type = cls.__name__
+        cls.status = ERROR_KINDS[cls.type].status  # a KeyError here: add the kind to the table
+        ERROR_CLASSES[cls.type] = cls
+
+    def __init__(self, message: str, *, traceback: str | None = None, **extra: object):
         super().__init__(message)
-        self.status = status
-        self.type = type
         self.message = message
         self.traceback = traceback
         self.extra = extra
 
     def body(self) -> dict[str, object]:
         return error_body(self.type, self.message, self.traceback, **self.extra)
+
+
+class ProtocolError(ApiError):
+    """A malformed frame, header or request."""
+
+
+class PayloadError(ApiError):
+    """A pickle the server could not load (``missing_module`` when a module was missing)."""
+
+
+class VersionMismatchError(ApiError):
+    """Client and server cannot exchange pickles."""
+
+
+class AuthError(ApiError):
+    """No token, or one the server does not accept (401)."""
+
+
+class ForbiddenError(ApiError):
+    """The token's scope does not allow this (403)."""
+
+
+class NotFoundError(ApiError):
+    """No such name, route or object visible to this token."""
+
+
+class SessionNotFoundError(ApiError):
+    """No such open session for this token."""
+
+
+class StateNotFoundError(ApiError):
+    """No such state visible to this session (``missing`` lists the ids)."""
+
+
+class MethodNotAllowedError(ApiError):
+    """The route does not take this method."""
+
+
+class FunctionNotCachedError(ApiError):
+    """The server no longer has that callable: send the function section again."""
+
+
+class StateConflictError(ApiError):
+    """An upload based on an outdated version (``conflicts`` lists them); nothing applied."""
+
+
+class StateDamagedError(ApiError):
+    """A named state that could not be loaded."""
+
+
+class NameConflictError(ApiError):
+    """A state that already belongs to another name."""
+
+
+class PreconditionFailedError(ApiError):
+    """``If-Match`` names another version than the current one."""
+
+
+class PayloadTooLargeError(ApiError):
+    """A body over the server's limit."""
+
+
+class UnsupportedMediaTypeError(ApiError):
+    """A body of the wrong content type."""
+
+
+class ValidationError(ApiError):
+    """A well-formed request with invalid values."""
+
+
+class RemoteExecutionError(ApiError):
+    """The user's function raised; ``exception_type`` names its class."""
+
+
+class ServerError(ApiError):
+    """A fault of the server itself."""
+
+
+class StorageError(ApiError):
+    """The server could not write to its disk; the request was not applied."""
+
+
+assert set(ERROR_CLASSES) == set(ERROR_KINDS), set(ERROR_KINDS) ^ set(ERROR_CLASSES)
+
+# Starlette raises these for routing and body problems; every other status is a ProtocolError.
+_HTTP_KINDS: dict[int, type[ApiError]] = {
+    401: AuthError, 403: ForbiddenError, 404: NotFoundError, 405: MethodNotAllowedError,
+    413: PayloadTooLargeError, 415: UnsupportedMediaTypeError, 422: ValidationError,
+}
 
 
 def error_body(
@@ -53,18 +183,25 @@ def error_body(
 
 def install_handlers(app: FastAPI) -> None:
     """Maps every exception to the one JSON error shape."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(WireError)
+    async def _wire(request: Request, exc: WireError) -> JSONResponse:
+        return await _api(request, ProtocolError(f"{request.method} {request.url.path}: {exc}"))
+
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        kind = {401: "AuthError", 404: "NotFound", 405: "MethodNotAllowed"}.get(
-            exc.status_code, "HTTPError"
-        )
+        kind = _HTTP_KINDS.get(exc.status_code, ProtocolError)
         return JSONResponse(
-            error_body(kind, f"{request.method} {request.url.path}: {exc.detail}"),
+            error_body(kind.type, f"{request.method} {request.url.path}: {exc.detail}"),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
@@ -74,23 +211,27 @@ def install_handlers(app: FastAPI) -> None:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
         )
-        return JSONResponse(
-            error_body(
-                "ValidationError",
-                f"{request.method} {request.url.path}: invalid request ({problems}). "
-                "Fix the request to match the schema at /docs.",
-            ),
-            status_code=422,
-        )
+        return await _api(request, ValidationError(
+            f"{request.method} {request.url.path}: invalid request ({problems}). "
+            "Fix the request to match the schema at /docs."
+        ))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody is left to read an answer; this is the client's doing, not a server fault.
+        log.info("%s %s: the client disconnected before its request body was read whole",
+                 request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return JSONResponse(
             error_body(
-                "ServerError",
+                ServerError.type,
                 f"{request.method} {request.url.path}: internal server error "
-                f"({type(exc).__name__}: {exc}). The server keeps serving; please report this.",
+                f"({type(exc).__name__}: {exc}). Nothing was applied; the server keeps "
+                "serving. Please report this.",
                 "".join(tb.format_exception(exc)),
             ),
             status_code=500,

@@ -8,7 +8,6 @@ Making them durable (state files, durability, reload) is ``persistence/``'s job.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any
 
@@ -17,35 +16,24 @@ import jax
 import numpy as np
 
 from statehost import State
-from statehost.server.errors import ApiError
-from statehost.server.persistence import (
-    Database,
-    ObjectRow,
-    Persistence,
-    StateRow,
-    state_file,
+from statehost.server.errors import (
+    ForbiddenError,
+    NameConflictError,
+    NotFoundError,
+    ProtocolError,
+    StateNotFoundError,
 )
+from statehost.server.execution import to_host
+from statehost.server.names import split_name
+from statehost.server.persistence import Database, ObjectRow, Persistence, StateRow, state_file
 from statehost.server.persistence.files import describe_sharding
 from statehost.server.store import Meta, Session, StateStore, state_nbytes
+from statehost.server.transfer import push_states
+from statehost.wire import GetReply, PushRequest, PutReply, PutRequest, Section, StateValue, pack
 
-__all__ = ["Registry", "split_name"]
+__all__ = ["Registry", "get_object", "put_object", "split_name"]
 
 log = logging.getLogger("statehost.server")
-
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
-
-
-def split_name(full: Any, where: str) -> tuple[str, str]:
-    """``"team/net"`` -> ``("team", "net")``, or a 400 that shows the expected form."""
-    parts = full.split("/") if isinstance(full, str) else []
-    if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
-        raise ApiError(
-            400, "ProtocolError",
-            f"{where}: {full!r} is not a name of the form 'namespace/name' (letters, digits, "
-            "'_', '-', '.'; e.g. 'team/net').",
-        )
-    return parts[0], parts[1]
-
 
 def _leaves(value: Any) -> list[dict[str, Any]]:
     return [{"shape": list(np.shape(x)), "dtype": str(np.asarray(x).dtype)
@@ -69,12 +57,11 @@ class Registry:
         """404 for a namespace the caller cannot read (never 403: names stay hidden)."""
         principal = getattr(session_or_principal, "principal", session_or_principal)
         if not principal.can(namespace, "read"):
-            raise ApiError(404, "NotFound",
-                           f"{where}: no namespace {namespace!r} visible to this token.")
+            raise NotFoundError(f"{where}: no namespace {namespace!r} visible to this token.")
         if not principal.can(namespace, scope):
-            raise ApiError(403, "AuthError",
-                           f"{where}: this token may only {principal.scope} in {namespace!r}; "
-                           f"this needs scope {scope!r}. Fix: use a token with that scope.")
+            raise ForbiddenError(
+                f"{where}: this token may only {principal.scope} in {namespace!r}; "
+                f"this needs scope {scope!r}. Fix: use a token with that scope.")
 
     # -- put / get ----------------------------------------------------------------
     def put(self, session: Session, full: str, kind: str, structure: bytes,
@@ -87,13 +74,13 @@ class Registry:
         for state_id in paths:
             state = self.store.get(state_id, session)
             if state is None:
-                raise ApiError(404, "StateNotFoundError",
-                               f"{where}: state {state_id} of {full!r} is not on the server.",
-                               missing=[state_id])
+                raise StateNotFoundError(
+                    f"{where}: state {state_id} of {full!r} is not on the server. Fix: put "
+                    "again: client.put uploads every state the server lacks.",
+                    missing=[state_id])
             row = self.db.state(state_id)
             if row is not None and (row.namespace, row.object) != (namespace, name):
-                raise ApiError(
-                    409, "ProtocolError",
+                raise NameConflictError(
                     f"{where}: state {row.full_name!r} already belongs to "
                     f"'{row.namespace}/{row.object}'; one state cannot live under two names. "
                     f"Fix: put a copy (copy.deepcopy(obj) gives new states), or "
@@ -124,8 +111,8 @@ class Registry:
     def _row(self, state: State, meta: Meta, namespace: str, obj: str, path: str) -> StateRow:
         file = state_file(namespace, state.id)
         return StateRow(state.id, namespace, obj, path, cloudpickle.dumps(type(state)),
-                        state.name, state.tag, _leaves(state._value), state_nbytes(state),
-                        meta.version, meta.writer, meta.updated, describe_sharding(state._value),
+                        state.name, state.tag, _leaves(state.value), state_nbytes(state),
+                        meta.version, meta.writer, meta.updated, describe_sharding(state.value),
                         file, 0)
 
     def get(self, session: Session, full: str) -> tuple[ObjectRow, list[StateRow]]:
@@ -134,8 +121,8 @@ class Registry:
         self.visible(session, namespace, "read", where)
         obj = self.db.get_object(namespace, name)
         if obj is None:
-            raise ApiError(404, "NotFound", f"{where}: no object {full!r}. "
-                           f"client.list({namespace!r}) shows what exists.")
+            raise NotFoundError(f"{where}: no object {full!r}. "
+                                f"client.list({namespace!r}) shows what exists.")
         rows = {r.id: r for r in self.db.states(namespace) if r.object == name}
         return obj, [rows[i] for i in obj.state_ids if i in rows]
 
@@ -146,14 +133,14 @@ class Registry:
         status = "ok" if state is not None else "damaged" if row.id in damaged else "lost"
         out = {
             "name": row.full_name, "id": row.id, "kind": _class_name(row.cls),
-            "leaves": _leaves(state._value) if state is not None else row.leaves,
+            "leaves": _leaves(state.value) if state is not None else row.leaves,
             "bytes": state_nbytes(state) if state is not None else row.nbytes,
             "version": meta.version if meta else row.version,
             "writer": meta.writer if meta else row.writer,
             "updated_at": meta.updated if meta else row.updated,
             "durable_version": meta.durable if meta else row.durable_version,
             "status": status,
-            "devices": _devices(state._value) if state is not None else [],
+            "devices": _devices(state.value) if state is not None else [],
         }
         if row.id in damaged:
             out["problem"] = damaged[row.id]
@@ -184,3 +171,33 @@ def _class_name(blob: bytes) -> str:
     except Exception:
         return "unknown"
 
+
+
+# -- services: POST /v1/objects/put and /get, run as calls ---------------------------
+def put_object(call: Any, request: PutRequest, rt: Any) -> PutReply:
+    """Stages the uploaded values of an object's states (one transaction), then names them."""
+    where = "POST /v1/objects/put"
+    namespace, _ = split_name(request.name, where)
+    rt.registry.visible(call.session, namespace, "submit", where)
+    if request.structure.buffers:
+        raise ProtocolError(f"{where}: the structure section must be one pickle without "
+                            "out-of-band buffers.")
+    if request.states is not None:
+        push_states(call, PushRequest(session=request.session, uploads=request.uploads,
+                                      states=request.states), rt, where)
+    result = rt.registry.put(call.session, request.name, request.object_kind,
+                             bytes(request.structure.payload), dict(request.paths))
+    return PutReply(state_versions=result["states"])
+
+
+def get_object(call: Any, obj: ObjectRow, pull: bool, rt: Any) -> GetReply:
+    """The object's structure and, with ``pull``, its states' values (``call.keys``)."""
+    ids = list(call.keys)
+    versions = {i: rt.store.meta(i).version for i in ids}
+    states = None
+    if pull:
+        values = to_host([StateValue(i, rt.store.by_id(i).value) for i in ids],
+                         "POST /v1/objects/get")
+        states = pack(values, refs=False, code=False)
+    return GetReply(object_kind=obj.kind, state_versions=versions,
+                    structure=Section(obj.structure), states=states)

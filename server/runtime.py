@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from statehost.server.auth import TokenTable
-from statehost.server.errors import ApiError
-from statehost.server.functions import FunctionCache
+from statehost.server.auth import Principal, TokenTable
+from statehost.server.callable_cache import FunctionCache
+from statehost.server.errors import SessionNotFoundError
 from statehost.server.metrics import Metrics
 from statehost.server.named import Registry
 from statehost.server.persistence import Persistence
@@ -37,20 +37,18 @@ class Runtime:
         self.registry = Registry(self.store, self.persistence)
         self.tokens = TokenTable(self.persistence.db_path)
 
-    def commit(self, ids: list[str], session: Session, durable: bool = True) -> dict[str, int]:
-        """Records a commit of these states (versions) and makes it durable where asked."""
-        versions = self.store.bump(ids, session.principal.label)
-        if durable:
-            self.persistence.after_commit(ids)
-        return versions
+    def session(self, session_id: object, principal: Principal, where: str) -> Session:
+        """``principal``'s open session ``session_id``, or a 404 that says how to get one.
 
-    def session(self, session_id: object, where: str) -> Session:
-        """The open session ``session_id``, or a 404 that says how to get a new one."""
-        session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        Another principal's session answers exactly like a closed one: its existence
+        is not confirmed, and only the first 8 characters of the id are shown.
+        """
+        session = self.sessions.get(session_id, principal) if isinstance(session_id, str) \
+            else None
         if session is None:
-            raise ApiError(
-                404, "SessionNotFoundError",
-                f"{where}: session {session_id!r} is not open (deleted, or idle for more than "
+            shown = f"{session_id[:8]}..." if isinstance(session_id, str) else repr(session_id)
+            raise SessionNotFoundError(
+                f"{where}: session {shown} is not open (deleted, or idle for more than "
                 f"{self.settings.session_ttl:g} s). Fix: open a new one with POST /v1/sessions "
                 "(statehost.connect does this for you).",
             )
@@ -60,7 +58,6 @@ class Runtime:
         """Frees a session's states and the callables that refer to them."""
         ids = self.store.free(session)
         self.functions.evict_states(ids)
-        self.scheduler.forget(ids)
         self.refresh_gauges()
         return len(ids)
 

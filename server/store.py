@@ -1,10 +1,13 @@
 """Resident states, their versions, and the client sessions that own anonymous ones.
 
 A state's value stays a ``jax.Array`` on this server's devices, sharded as the
-last call left it. An anonymous state belongs to the session that sent it;
-other sessions cannot see it, and it is freed with its session. A named state
-belongs to a namespace: every session whose token may read that namespace
-sees it, and it lives until deleted. Every commit of a state bumps its version.
+last call left it. A state id has exactly one owner. An anonymous state belongs
+to the session that sent it; other sessions cannot see it, and it is freed with
+its session. A named state belongs to a namespace: every session whose token
+may read that namespace sees it, and it lives until deleted. An id is never
+taken over by another owner: while it is resident, and after it was freed (a
+bounded memory of retired ids, kept with who may reuse them). Every commit of a
+state bumps its version. A session belongs to the principal that opened it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import jax
@@ -35,6 +39,12 @@ class Session:
     last_seen: float
     principal: Principal = _ANONYMOUS
     states: set[str] = field(default_factory=set)
+
+    @classmethod
+    def for_request(cls, principal: Principal) -> Session:
+        """A session that lives for one JSON request (it owns nothing when it ends)."""
+        now = time.monotonic()
+        return cls(secrets.token_hex(16), now, now, principal)
 
 
 @dataclass
@@ -65,12 +75,14 @@ class SessionTable:
             self._sessions[session.id] = session
         return session
 
-    def get(self, session_id: str) -> Session | None:
-        """The session, marked as seen now; ``None`` if unknown or expired."""
+    def get(self, session_id: str, principal: Principal) -> Session | None:
+        """The session, marked as seen now; ``None`` if unknown, expired or not
+        ``principal``'s (another caller's session is indistinguishable from none)."""
         with self._lock:
             session = self._sessions.get(session_id)
-            if session is not None:
-                session.last_seen = time.monotonic()
+            if session is None or session.principal != principal:
+                return None
+            session.last_seen = time.monotonic()
             return session
 
     def pop(self, session_id: str) -> Session | None:
@@ -89,13 +101,41 @@ class SessionTable:
         return len(self._sessions)
 
 
+# Who may bring a freed id back: the principal of its session, or (a deleted named
+# state) any caller that may submit to its namespace.
+_RetiredOwner = Principal | str
+_MAX_RETIRED = 100_000
+
+
 class StateStore:
     """id -> resident ``State`` and its :class:`Meta`."""
 
     def __init__(self) -> None:
         self._states: dict[str, State] = {}
         self._meta: dict[str, Meta] = {}
+        self._retired: OrderedDict[str, _RetiredOwner] = OrderedDict()
         self._lock = threading.Lock()
+
+    def may_create(self, state_id: str, session: Session) -> bool:
+        """May ``session`` bring a new state with this id into the store?
+
+        Never for a resident id (whoever owns it: that would be an overwrite);
+        for a retired one, only its last owner (see ``_RetiredOwner``).
+        """
+        if state_id in self._states:
+            return False
+        owner = self._retired.get(state_id)
+        if owner is None:
+            return True
+        if isinstance(owner, Principal):
+            return owner == session.principal
+        return session.principal.can(owner, "submit")
+
+    def _retire(self, state_id: str, owner: _RetiredOwner) -> None:
+        self._retired[state_id] = owner
+        self._retired.move_to_end(state_id)
+        while len(self._retired) > _MAX_RETIRED:
+            self._retired.popitem(last=False)
 
     def get(self, state_id: str, session: Session) -> State | None:
         """The state if it exists and ``session`` may see it."""
@@ -118,6 +158,8 @@ class StateStore:
     def add(self, state: State, session: Session) -> None:
         """A new anonymous state of ``session`` (version 1: its first value)."""
         with self._lock:
+            assert state.id not in self._states, "an id has one owner: check may_create"
+            self._retired.pop(state.id, None)
             self._states[state.id] = state
             self._meta[state.id] = Meta(session.id, version=1, writer=session.principal.label,
                                         updated=time.time())
@@ -150,10 +192,13 @@ class StateStore:
         return out
 
     def remove(self, ids: list[str]) -> None:
+        """Drops named states (deleted, or replaced by a new put of their object)."""
         with self._lock:
             for state_id in ids:
                 self._states.pop(state_id, None)
-                self._meta.pop(state_id, None)
+                meta = self._meta.pop(state_id, None)
+                if meta is not None and meta.namespace is not None:
+                    self._retire(state_id, meta.namespace)
 
     def free(self, session: Session) -> list[str]:
         """Drops every anonymous state ``session`` owns; returns their ids."""
@@ -162,6 +207,7 @@ class StateStore:
             for i in ids:
                 self._states.pop(i, None)
                 self._meta.pop(i, None)
+                self._retire(i, session.principal)
             session.states.clear()
         return ids
 

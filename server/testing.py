@@ -1,8 +1,12 @@
-"""``InProcessTransport``: the real app behind an httpx transport, no sockets.
+"""``InProcessTransport``: the real app in this process, no sockets.
 
 Tests (and notebooks that want a private server) hand it to
 ``statehost.connect(..., transport=...)``. The app runs on its own event-loop
-thread with its lifespan started, exactly as under uvicorn.
+thread with its lifespan started, exactly as under uvicorn. It serves the
+client's JSON requests as an httpx transport and its frames as a
+``statehost.client`` ``FrameTransport`` (``post_frame``: the same chunks, the
+same status handling and decoding as over a socket). The server never imports
+the client: the protocol is structural.
 """
 
 from __future__ import annotations
@@ -50,6 +54,23 @@ class InProcessTransport(httpx.BaseTransport):
 
         status, headers, content = self._portal.call(send)
         return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content))
+
+    def post_frame(self, path: str, chunks: Any, nbytes: int,
+                   headers: dict[str, str]) -> tuple[int, bytes]:
+        """Sends a frame's chunks to the app; returns its status and whole body."""
+        pieces = [bytes(c) for c in chunks]
+
+        async def body() -> Any:
+            for piece in pieces:
+                yield piece
+
+        async def send() -> tuple[int, bytes]:
+            request = httpx.Request("POST", f"http://statehost.in-process{path}",
+                                    headers=headers, content=body())
+            response = await self._asgi.handle_async_request(request)
+            return response.status_code, await response.aread()
+
+        return self._portal.call(send)
 
     def close(self) -> None:
         """Closing an httpx client leaves the app running; see :meth:`shutdown`."""

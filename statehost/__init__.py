@@ -3,13 +3,12 @@
 The core library: ``State`` and its kinds, ``nn.Module``, ``random``,
 ``util.filter`` and ``transform``. It works with no server at all; the client
 (``statehost.client``) and the server (``statehost.server``) build on it.
+Names load on first use (``statehost._lazy``), so importing statehost starts no JAX.
 """
 
-from statehost import nn, random, transform, util
 from statehost._connect import connect
 from statehost._errors import BatchAxisError, StatehostError, StateTraceError, WireError
-from statehost._state import HiddenState, LongTermState, ParamState, ShortTermState, State
-from statehost.transform._cache import clear_caches
+from statehost._lazy import lazy_exports as _lazy_exports
 
 __version__ = "0.1.0"
 
@@ -30,3 +29,9 @@ __all__ = [
     "transform",
     "util",
 ]
+
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), {
+    **{name: "statehost._state" for name in (
+        "HiddenState", "LongTermState", "ParamState", "ShortTermState", "State")},
+    "clear_caches": "statehost.transform._cache",
+}, modules=("nn", "random", "transform", "util"))

@@ -34,5 +34,5 @@ def test_the_wheel_contains_every_module_of_the_three_packages(tmp_path):
     }
     assert expected - shipped == set(), "add the missing subpackages to pyproject.toml"
     metadata = next(n for n in shipped if n.endswith(".dist-info/entry_points.txt"))
-    assert "statehost = statehost.server.cli:main" in zipfile.ZipFile(wheel).read(
+    assert "statehost = statehost._cli:main" in zipfile.ZipFile(wheel).read(
         metadata).decode()

@@ -81,7 +81,8 @@ def test_public_subpackages_are_listed_in_statehost_all():
     modules, _ = _public_names(statehost)
 
     assert {"nn", "random", "transform", "util"} <= modules
-    assert modules <= set(statehost.__all__) | {"client", "server"}
+    # client, server and the wire they share load on demand, never with `import statehost`.
+    assert modules <= set(statehost.__all__) | {"client", "server", "wire"}
 
 
 @pytest.mark.parametrize(
@@ -109,3 +110,23 @@ def test_version_is_the_distribution_version():
     import statehost
 
     assert statehost.__version__ == version("statehost")
+
+
+@pytest.mark.parametrize("name", [*NAMESPACES, "statehost.client", "statehost.wire"])
+def test_every_name_in_all_resolves(name):
+    """Names load lazily (statehost/_lazy.py): each one must still be there when asked for."""
+    module = importlib.import_module(name)
+    for attr in module.__all__:
+        assert getattr(module, attr) is not None, attr
+    assert set(module.__all__) <= set(dir(module))
+
+
+def test_importing_statehost_starts_no_jax():
+    import subprocess
+    import sys
+
+    code = ("import sys, statehost, statehost.client, statehost.wire; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

@@ -1,22 +1,19 @@
-"""``StorageError``: a call refused or not applied because the server cannot write its disk."""
+"""Disk failures: ``StorageError`` (503, from ``server/errors.py``: a call refused or not
+applied because the server cannot write its disk) and how to describe one without paths.
+
+A ``StorageError``'s message says that nothing was applied and why (``No space left on
+device``, ...), and never names a server path: callers see it, operators find the path
+in the server log.
+"""
 
 from __future__ import annotations
 
 import os
 import sqlite3
 
+from statehost.server.errors import StorageError
+
 __all__ = ["StorageError", "describe_failure"]
-
-
-class StorageError(Exception):
-    """The server could not make named states durable, so the call was not applied.
-
-    Its message says so and why (``No space left on device``, ...), and never names a
-    server path: callers see it, operators find the path in the server log.
-    """
-
-    status = 503
-    type = "StorageError"
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from fastapi.responses import Response, StreamingResponse
 
-from statehost._wire import CONTENT_TYPE, Encoded
+from statehost.wire import CONTENT_TYPE, Encoded, Message
 
 __all__ = ["frame_response"]
 
 _STREAM_ABOVE = 1 << 20
 
 
-def frame_response(encoded: Encoded) -> Response:
+def frame_response(message: Message | Encoded) -> Response:
+    encoded = message.to_frame() if isinstance(message, Message) else message
     if encoded.nbytes <= _STREAM_ABOVE:
         return Response(encoded.to_bytes(), media_type=CONTENT_TYPE)
     return StreamingResponse(

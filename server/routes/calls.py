@@ -6,10 +6,12 @@ import time
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from statehost.server.calls import Call
 from statehost.server.deps import FrameBody, require_submit, require_token
-from statehost.server.engine import run_call
 from statehost.server.errors import ApiError
+from statehost.server.execution import run_call
 from statehost.server.routes._frames import frame_response
+from statehost.wire import CallRequest
 
 router = APIRouter(
     prefix="/v1",
@@ -25,25 +27,20 @@ _OUTCOMES = {
 }
 
 
-def _lock_keys(header: dict) -> set[str]:
-    keys = {k for k in header.get("refs", []) if isinstance(k, str)}
-    keys |= {k for k in header.get("uploads", []) if isinstance(k, str)}
-    if isinstance(header.get("default_stream"), str):
-        keys.add(header["default_stream"])
-    return keys
-
-
 @router.post("/call", response_class=Response)
 async def call(request: Request, frame: FrameBody) -> Response:
     rt = request.app.state.runtime  # not a dependency: see deps.py on the per-call path
     start = time.perf_counter()
     m = rt.metrics
+    message = CallRequest.from_frame(frame)
     for part, section in (("function", "function"), ("args", "args"), ("state", "states")):
         m.wire_bytes.labels("in", part).inc(frame.section_nbytes(section))
-    session = rt.session(frame.header.get("session"), "POST /v1/call")
-    keys = _lock_keys(frame.header)
+    session = rt.session(message.session, request.state.principal, "POST /v1/call")
+    keys = (*message.refs, *message.uploads, *filter(None, [message.default_stream]))
+    work = Call("call", session, keys, lambda c: run_call(c, message, rt),
+                **({"id": message.call_id} if message.call_id else {}))
     try:
-        result = await rt.scheduler.run(keys, run_call, frame, session, rt, keys)
+        result = await rt.scheduler.submit(work)
     except ApiError as exc:
         m.calls.labels(_OUTCOMES.get(exc.type, "bad_request")).inc()
         raise
@@ -55,6 +52,8 @@ async def call(request: Request, frame: FrameBody) -> Response:
     m.calls.labels("ok").inc()
     m.compiles.inc(result.compiled)
     m.function_cache.labels("hit" if result.cached else "miss").inc()
-    m.wire_bytes.labels("out", "results").inc(result.bytes_out.get("results", 0))
-    m.wire_bytes.labels("out", "state").inc(result.bytes_out.get("states", 0))
-    return frame_response(result.frame)
+    encoded = result.reply.to_frame()
+    m.wire_bytes.labels("out", "results").inc(result.reply.results.nbytes)
+    if result.reply.states is not None:
+        m.wire_bytes.labels("out", "state").inc(result.reply.states.nbytes)
+    return frame_response(encoded)

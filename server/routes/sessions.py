@@ -1,4 +1,8 @@
-"""``POST /v1/sessions`` and ``DELETE /v1/sessions/{id}``: a client's lifetime on the server."""
+"""``POST /v1/sessions`` and ``DELETE /v1/sessions/{id}``: a client's lifetime on the server.
+
+A session belongs to the principal (token) that opened it; any other token sees
+it as absent (404), whatever its scope.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ def open_session(rt: RuntimeDep, principal: PrincipalDep) -> dict[str, object]:
 
 
 @router.delete("/{session_id}", status_code=204)
-def close_session(session_id: str, rt: RuntimeDep) -> Response:
-    session = rt.session(session_id, f"DELETE /v1/sessions/{session_id}")
+def close_session(session_id: str, rt: RuntimeDep, principal: PrincipalDep) -> Response:
+    session = rt.session(session_id, principal, "DELETE /v1/sessions/{id}")
     rt.sessions.pop(session.id)
     rt.free(session)
     return Response(status_code=204)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 
-from statehost.server.deps import FrameBody, RuntimeDep, require_submit, require_token
-from statehost.server.engine import pull_states, push_states
+from statehost.server.calls import Call
+from statehost.server.deps import FrameBody, PrincipalDep, RuntimeDep, require_submit, require_token
 from statehost.server.routes._frames import frame_response
+from statehost.server.transfer import pull_states, push_states
+from statehost.wire import PullRequest, PushRequest
 
 router = APIRouter(
     prefix="/v1/states",
@@ -16,20 +18,21 @@ router = APIRouter(
 
 
 @router.post("/push", response_class=Response)
-async def push(frame: FrameBody, rt: RuntimeDep) -> Response:
-    session = rt.session(frame.header.get("session"), "POST /v1/states/push")
+async def push(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
+    message = PushRequest.from_frame(frame)
+    session = rt.session(message.session, principal, "POST /v1/states/push")
     rt.metrics.wire_bytes.labels("in", "state").inc(frame.section_nbytes("states"))
-    keys = [k for k in frame.header.get("uploads", []) if isinstance(k, str)]
-    reply = await rt.scheduler.run(keys, push_states, frame, session, rt)
+    reply = await rt.scheduler.submit(
+        Call("push", session, tuple(message.uploads), lambda c: push_states(c, message, rt)))
     rt.refresh_gauges()
     return frame_response(reply)
 
 
 @router.post("/pull", response_class=Response)
-async def pull(frame: FrameBody, rt: RuntimeDep) -> Response:
-    session = rt.session(frame.header.get("session"), "POST /v1/states/pull")
-    ids = frame.header.get("ids", [])
-    keys = [k for k in ids if isinstance(k, str)] if isinstance(ids, list) else []
-    reply = await rt.scheduler.run(keys, pull_states, frame, session, rt)
-    rt.metrics.wire_bytes.labels("out", "state").inc(reply.nbytes)
+async def pull(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
+    message = PullRequest.from_frame(frame)
+    session = rt.session(message.session, principal, "POST /v1/states/pull")
+    reply = await rt.scheduler.submit(
+        Call("pull", session, message.ids, lambda c: pull_states(c, message, rt)))
+    rt.metrics.wire_bytes.labels("out", "state").inc(reply.states.nbytes)
     return frame_response(reply)

@@ -40,13 +40,11 @@ class ProbeResult:
         reads: states whose value the function read before writing it, in order.
         writes: states the function wrote, in order of first write.
         varying: for each written state, whether its new value differs across lanes.
-        out_tree: structure of the function's own output (per lane).
     """
 
     reads: list[State]
     writes: list[State]
     varying: dict[State, bool]
-    out_tree: Any
 
 
 def _zeros(aval: Any) -> jax.Array:
@@ -123,7 +121,7 @@ def probe(
         for state, size in zip(writes, seen["sizes"], strict=True):
             varying[state] = any(flags[cursor : cursor + size])
             cursor += size
-    return ProbeResult(seen["reads"], writes, varying, out_tree)
+    return ProbeResult(seen["reads"], writes, varying)
 
 
 def _axis_names(params: dict[str, Any]) -> tuple[Any, ...]:

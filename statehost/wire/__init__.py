@@ -2,47 +2,10 @@
 
 Frames (``_frame``), pickled sections and state references (``_pickle``),
 typed messages (``_messages``), versions (``_versions``) and the error kinds
-(``_errors``). Pure Python + numpy + cloudpickle.
+(``_errors``). Pure Python + numpy + cloudpickle. Names load on first use (``statehost._lazy``).
 """
 
-from statehost.wire._errors import ERROR_KINDS, ErrorKind
-from statehost.wire._frame import (
-    CONTENT_TYPE,
-    MAGIC,
-    MAX_HEADER_BYTES,
-    MAX_HEADER_DEPTH,
-    Encoded,
-    Frame,
-    decode,
-    encode,
-    fresh_buffer,
-)
-from statehost.wire._messages import (
-    CallReply,
-    CallRequest,
-    GetReply,
-    GetRequest,
-    Message,
-    PullReply,
-    PullRequest,
-    PushReply,
-    PushRequest,
-    PutReply,
-    PutRequest,
-    RegisterReply,
-    RegisterRequest,
-    is_state_id,
-)
-from statehost.wire._pickle import (
-    Section,
-    StateRecord,
-    StateRef,
-    StateValue,
-    pack,
-    state_ref,
-    unpack,
-)
-from statehost.wire._versions import PROTOCOL, local_versions, version_problems
+from statehost._lazy import lazy_exports as _lazy_exports
 
 __all__ = [
     "CONTENT_TYPE",
@@ -81,3 +44,19 @@ __all__ = [
     "unpack",
     "version_problems",
 ]
+
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), {
+    **{name: "statehost.wire._frame" for name in (
+        "CONTENT_TYPE", "Encoded", "Frame", "MAGIC", "MAX_HEADER_BYTES", "MAX_HEADER_DEPTH",
+        "decode", "encode", "fresh_buffer")},
+    **{name: "statehost.wire._messages" for name in (
+        "CallReply", "CallRequest", "GetReply", "GetRequest", "Message", "PullReply",
+        "PullRequest", "PushReply", "PushRequest", "PutReply", "PutRequest", "RegisterReply",
+        "RegisterRequest", "is_state_id")},
+    **{name: "statehost.wire._errors" for name in (
+        "ERROR_KINDS", "ErrorKind")},
+    **{name: "statehost.wire._versions" for name in (
+        "PROTOCOL", "local_versions", "version_problems")},
+    **{name: "statehost.wire._pickle" for name in (
+        "Section", "StateRecord", "StateRef", "StateValue", "pack", "state_ref", "unpack")},
+})

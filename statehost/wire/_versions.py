@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 from collections.abc import Mapping
 from typing import Any
@@ -15,15 +16,16 @@ PROTOCOL = 2
 
 
 def local_versions() -> dict[str, Any]:
-    """The versions this process speaks: protocol, Python, jax, cloudpickle, statehost."""
-    import jax
+    """The versions this process speaks: protocol, Python, jax, cloudpickle, statehost.
 
+    jax's comes from its installed metadata, so asking (``statehost doctor``) loads no JAX.
+    """
     from statehost import __version__
 
     return {
         "protocol": PROTOCOL,
         "python": ".".join(platform.python_version_tuple()[:2]),
-        "jax": jax.__version__,
+        "jax": importlib.metadata.version("jax"),
         "cloudpickle": cloudpickle.__version__,
         "statehost": __version__,
     }

@@ -138,7 +138,7 @@ def test_dockerfile_runtime() -> None:
 
 def test_dockerfile_entrypoint_is_the_project_script() -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[json.loads(_one("ENTRYPOINT"))[0]] == "statehost.server.cli:main"
+    assert scripts[json.loads(_one("ENTRYPOINT"))[0]] == "statehost._cli:main"
 
 
 def test_dockerfile_cmd_is_accepted_by_the_cli() -> None:

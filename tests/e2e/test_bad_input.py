@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 
 import statehost
-from statehost._wire import CONTENT_TYPE, Section, encode, local_versions, pack
 from statehost.client import (
     AuthError,
     PayloadError,
@@ -38,6 +37,7 @@ from statehost.client import (
     RemoteExecutionError,
     StateNotFoundError,
 )
+from statehost.wire import CONTENT_TYPE, CallRequest, Section, StateRecord, local_versions, pack
 from tests.serving import Served, running_server
 
 SMALL_LIMIT = 2**20  # the second server's --max-body 1MiB
@@ -139,23 +139,20 @@ def call_frame(client, resident: Resident, *, refs=None, sections=None) -> bytes
     """
     packed = resident.step.packed()
     state = resident.state
-    header = {
-        "session": client._session,  # the client's own session: its states are visible
-        "function": {"digest": packed.digest},
-        "refs": [state.id] if refs is None else refs,
-        "uploads": {state.id: client._base[state.id]},  # the version it is based on
-        "default_stream": None,
-        "pull": True,
-        "pull_ids": [],
-    }
-    records = [(type(state), state.id, state.name, state.tag, np.full(4, 100, np.float32))]
+    records = [StateRecord.of(state, np.full(4, 100, np.float32))]
     full = {
         "function": packed.section,
         "args": pack(((np.ones(4, np.float32),), {})),
         "states": pack(records, refs=False),
     }
     full.update(sections or {})
-    return encode(header, full).to_bytes()
+    return CallRequest(
+        session=client._session,  # the client's own session: its states are visible
+        digest=packed.digest,
+        refs=(state.id,) if refs is None else tuple(refs),
+        uploads=client._ledger.bases([state]),  # the version it is based on
+        pull=True, **full,
+    ).to_frame().to_bytes()
 
 
 def with_header(frame: bytes, **changes) -> bytes:
@@ -263,7 +260,7 @@ def test_hostile_looking_pickle_is_refused_and_never_runs(
     payload = _reduce_pickle(module, b"system", f"touch {marker}", invalid=invalid)
     body = call_frame(client, resident, sections={"function": Section(payload)})
     # The header's digest must match, or the server refuses the frame before unpickling.
-    body = with_header(body, function={"digest": hashlib.sha256(payload).hexdigest()})
+    body = with_header(body, digest=hashlib.sha256(payload).hexdigest())
     error = assert_error(post(server, "/v1/call", body), 400, "PayloadError", expected, "Fix")
     assert not marker.exists()
     if not invalid:
@@ -335,7 +332,7 @@ def test_bad_token_on_a_raw_call(server, client, resident, tmp_path, token, expe
     marker = tmp_path / "never"
     payload = _reduce_pickle(b"os", b"system", f"touch {marker}", invalid=False)
     body = call_frame(client, resident, sections={"function": Section(payload)})
-    body = with_header(body, function={"digest": hashlib.sha256(payload).hexdigest()})
+    body = with_header(body, digest=hashlib.sha256(payload).hexdigest())
     assert_error(post(server, "/v1/call", body, token=token), 401, "AuthError", expected)
     assert not marker.exists()  # refused before the body was unpickled
     assert_still_serving(server, client, resident)

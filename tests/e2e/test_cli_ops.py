@@ -144,17 +144,10 @@ def test_client_commands_do_not_load_the_server(tmp_path, command):
     assert _layers(loaded) == {"statehost.client", "httpx"}
 
 
-# Everything below statehost imports statehost/__init__.py first, which imports JAX; so do
-# statehost/client/__init__.py (through client/_client.py) and
-# server/persistence/__init__.py (through files.py), which the token commands reach
-# through server/settings.py. The commands' own modules import no JAX.
-_JAX_VIA_PACKAGE_INITS = pytest.mark.xfail(
-    strict=True, reason="statehost/__init__.py, client/__init__.py and "
-    "server/persistence/__init__.py import JAX when the package is imported")
-
-
-@_JAX_VIA_PACKAGE_INITS
-@pytest.mark.parametrize("argv", [("--help",), ("token", "list"), ("ls",), ("checkpoint",)])
+# The package __init__s load their names lazily (statehost/_lazy.py), so a command loads
+# JAX only when it runs something that needs it (serve).
+@pytest.mark.parametrize("argv", [("--help",), ("token", "list"), ("ls",), ("checkpoint",),
+                                  ("doctor",)])
 def test_commands_that_need_no_jax_do_not_import_it(tmp_path, argv):
     if argv[0] == "token":
         argv = (*argv, "--data-dir", str(tmp_path / "data"))
@@ -243,11 +236,11 @@ def test_doctor_against_a_matching_server(served, tmp_path):
 
 
 def test_doctor_reports_a_version_mismatch(served, monkeypatch, capsys):
-    import statehost._wire
+    import statehost.wire
     from statehost._cli import main
 
-    real = statehost._wire.local_versions()
-    monkeypatch.setattr(statehost._wire, "local_versions", lambda: {**real, "jax": "0.1.0"})
+    real = statehost.wire._versions.local_versions()
+    monkeypatch.setattr(statehost.wire, "local_versions", lambda: {**real, "jax": "0.1.0"})
     assert main(["doctor", "--url", served.url, "--token", served.token]) == 1
     out = capsys.readouterr().out
     jax_line = next(x for x in out.splitlines()[1:] if x.split()[:1] == ["jax"])

@@ -10,8 +10,8 @@ import pytest
 import statehost
 import statehost.client
 from statehost.transform import jit, pmap, vmap
-from tests.client_server.conftest import metric
 from tests.core.models import PARAM, Affine
+from tests.inprocess import metric
 
 LANES = 8
 
@@ -244,7 +244,7 @@ def test_states_of_another_session_are_invisible(client, transport):
 
 
 def test_closing_frees_the_session_and_its_states(app, transport):
-    from tests.client_server.conftest import TOKEN, URL
+    from tests.inprocess import TOKEN, URL
 
     client = statehost.connect(URL, token=TOKEN, transport=transport)
     client.push(Affine(LANES))
@@ -266,7 +266,7 @@ def test_a_state_cannot_live_under_two_names(client):
     model = Affine(LANES)
     client.put("team/net", model)
     client.put("team/net", model)  # the same name again is an update, not a clash
-    with pytest.raises(statehost.client.ProtocolError, match="already belongs to 'team/net'"):
+    with pytest.raises(statehost.client.NameConflictError, match="already belongs to 'team/net'"):
         client.put("team/other", model)
     client.put("team/other", copy.deepcopy(model))
     assert [o["name"] for o in client.list("team")] == ["net", "other"]

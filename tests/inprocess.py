@@ -1,4 +1,7 @@
-"""The real app and the real client, joined by an in-process transport (no sockets)."""
+"""The real app and the real client, joined by an in-process transport (no sockets).
+
+The fixtures here are imported by the conftest of tests/client and tests/server.
+"""
 
 import pytest
 

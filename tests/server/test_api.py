@@ -5,10 +5,10 @@ import pytest
 
 import statehost
 import statehost.client
-from statehost._wire import CONTENT_TYPE, encode, local_versions
 from statehost.server import Settings, create_app
 from statehost.server.testing import InProcessTransport
-from tests.client_server.conftest import TOKEN, URL
+from statehost.wire import CONTENT_TYPE, encode, local_versions
+from tests.inprocess import TOKEN, URL
 
 ROUTES = [
     ("GET", "/v1/info"),

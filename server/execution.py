@@ -1,0 +1,200 @@
+"""Running user code: a shipped call (``POST /v1/call``) and a registered function's invoke.
+
+Both run on a worker thread inside a :class:`~statehost.server.calls.Call` that
+holds the locks of every state they touch, and both change states through one
+:class:`~statehost.server.staging.Transaction`: uploads staged, the transform run
+with its writes deferred, outputs and pulled states copied to the host, and
+only then the commit. An exception in the user's function is a 422
+``RemoteExecutionError`` with the traceback from the user's own frames on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from statehost.random import RandomState, use_default_stream
+from statehost.server.callable_cache import (
+    CachedFunction,
+    Transform,
+    check_digest,
+    load_transform,
+    unpickle,
+)
+from statehost.server.errors import (
+    FunctionNotCachedError,
+    ProtocolError,
+    RemoteExecutionError,
+    ServerError,
+    StateNotFoundError,
+)
+from statehost.server.staging import _MSG_MISSING_STATES, Transaction
+from statehost.wire import CallReply, CallRequest, pack
+
+if TYPE_CHECKING:
+    from statehost.server.calls import Call
+    from statehost.server.runtime import Runtime
+    from statehost.server.store import Session
+
+__all__ = ["CallResult", "InvokeResult", "invoke", "run_call"]
+
+_WHERE = "POST /v1/call"
+
+# Frames from these folders are the server's, the core's or JAX's, never the user's.
+_INTERNAL = tuple(
+    os.path.dirname(path) + os.sep
+    for path in (
+        __file__,
+        __import__("statehost").__file__,
+        jax.__file__,
+        __import__("jaxlib").__file__,
+        contextlib.__file__,
+    )
+)
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback from the user's own code on: server, core and JAX frames dropped."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_INTERNAL)]
+    text = "".join(traceback.format_exception_only(exc))
+    # JAX appends a note about its own frame filtering, which means nothing remotely.
+    text = text.split("\n--------------------\nFor simplicity, JAX has removed", 1)[0]
+    text = text if text.endswith("\n") else text + "\n"
+    if not frames:
+        return text
+    return "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + text
+
+
+def _user_error(exc: Exception, where: str) -> RemoteExecutionError:
+    kind = type(exc).__qualname__
+    return RemoteExecutionError(
+        f"{where}: the function raised {kind}: {exc}", traceback=_user_traceback(exc),
+        exception_type=kind, exception_module=type(exc).__module__,
+    )
+
+
+def _run(tx: Transaction, transform: Transform, args: Any, kwargs: Any,
+         stream: RandomState | None, where: str) -> Any:
+    """Runs the transform with its writes deferred; a failure is the user's (422)."""
+    try:
+        ctx = use_default_stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx, tx.running():
+            return transform(*args, **kwargs)
+    except Exception as exc:
+        raise _user_error(exc, where) from exc
+
+
+def to_host(tree: Any, where: str) -> Any:
+    """One ``device_get`` for outputs and states: their copies to the host overlap.
+
+    A failure here is the server's (the run succeeded): a 500 that says nothing
+    was applied, which is true because the commit comes after it.
+    """
+    try:
+        return jax.device_get(tree)
+    except Exception as exc:
+        raise ServerError(
+            f"{where}: copying the results to the host failed ({type(exc).__name__}: "
+            f"{exc}). The call was not applied: every state keeps its previous value.",
+        ) from exc
+
+
+# -- POST /v1/call --------------------------------------------------------------
+@dataclass
+class CallResult:
+    reply: CallReply
+    compiled: int
+    cached: bool
+
+
+def _resolve(request: CallRequest, tx: Transaction, rt: Runtime, session: Session
+             ) -> tuple[Transform, bool]:
+    """The callable: from the session's cache, or unpickled from the function section."""
+    key = f"{session.id}:{request.digest}:{request.default_stream or ''}"
+    hit = rt.functions.get(key)
+    if hit is not None:
+        tx.loaded |= hit.state_ids
+        return hit.transform, True
+    if request.function is None:
+        raise FunctionNotCachedError(
+            f"{_WHERE}: the server has no cached callable with digest "
+            f"{request.digest[:16]}...; send the function section again.")
+    check_digest(request.function, request.digest, _WHERE)
+    before = set(tx.loaded)
+    transform = load_transform(request.function, tx.load_ref, _WHERE)
+    rt.functions.put(key, CachedFunction(transform, frozenset(tx.loaded - before)))
+    return transform, False
+
+
+def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
+    """``POST /v1/call``: every state is unchanged unless the whole call succeeded."""
+    session = call.session
+    assert session is not None
+    tx = Transaction(rt, session, _WHERE)
+    try:
+        tx.stage(request.states, request.uploads)
+        tx.require(request.refs)
+        stream = None
+        if request.default_stream is not None:
+            stream = tx.lookup(request.default_stream)
+            if not isinstance(stream, RandomState):
+                raise StateNotFoundError(
+                    _MSG_MISSING_STATES.format(where=_WHERE, ids=request.default_stream),
+                    missing=[request.default_stream])
+        transform, cached = _resolve(request, tx, rt, session)
+        args = unpickle(request.args, tx.load_ref, "args", _WHERE)
+        if not (isinstance(args, tuple) and len(args) == 2 and isinstance(args[0], tuple)
+                and isinstance(args[1], dict)):
+            raise ProtocolError(f"{_WHERE}: the args section must hold (args tuple, kwargs "
+                                f"dict); got {type(args).__name__}.")
+        outside = tx.loaded - set(call.keys)
+        if outside:
+            raise ProtocolError(f"{_WHERE}: the payload uses states {sorted(outside)} that "
+                                "header.refs does not list.")
+        misses = transform.cache_info().misses
+        out = _run(tx, transform, args[0], args[1], stream, _WHERE)
+        compiled = transform.cache_info().misses - misses
+        written = [s.id for s in tx.pending.states]
+        wanted = list(dict.fromkeys(written + list(request.pull_ids))) if request.pull else []
+        pulled = [(i, tx.current(s)) for i in wanted if (s := tx.lookup(i)) is not None]
+        out, values = to_host((out, pulled), _WHERE)
+        results = pack(out, refs=False, code=False)
+        states = pack(values, refs=False, code=False) if request.pull else None
+        done = tx.commit()
+    except BaseException:
+        tx.rollback()
+        raise
+    reply = CallReply(call_id=call.id, written=tuple(done.written), compiled=compiled,
+                      state_versions=done.versions,
+                      uploaded_versions=done.uploaded_versions, results=results,
+                      states=states)
+    return CallResult(reply, compiled, cached)
+
+
+# -- registered functions ---------------------------------------------------------
+@dataclass
+class InvokeResult:
+    outputs: Any
+    versions: dict[str, int]
+
+
+def invoke(call: Call, transform: Transform, args: list[Any], kwargs: dict[str, Any],
+           rt: Runtime, where: str) -> InvokeResult:
+    """Runs a registered function on its named states (``call.keys``) and commits what it
+    wrote; ``versions`` has every one of those states' versions after it."""
+    assert call.session is not None
+    tx = Transaction(rt, call.session, where)
+    tx.loaded |= set(call.keys)
+    try:
+        out = to_host(_run(tx, transform, args, kwargs, None, where), where)
+        done = tx.commit()
+    except BaseException:
+        tx.rollback()
+        raise
+    return InvokeResult(out, done.versions)

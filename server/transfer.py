@@ -1,0 +1,45 @@
+"""Moving state values without running code: push (upload) and pull (download).
+
+A push goes through the same :class:`~statehost.server.staging.Transaction` as a
+call (ownership, version checks, ``sync`` durability, all or nothing); a pull
+reads committed values under the states' locks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from statehost.server.execution import to_host
+from statehost.server.staging import Transaction
+from statehost.wire import PullReply, PullRequest, PushReply, PushRequest, pack
+
+if TYPE_CHECKING:
+    from statehost.server.calls import Call
+    from statehost.server.runtime import Runtime
+
+__all__ = ["pull_states", "push_states"]
+
+
+def push_states(call: Call, request: PushRequest, rt: Runtime,
+                where: str = "POST /v1/states/push") -> PushReply:
+    """Stores uploaded values: all of them, or none."""
+    assert call.session is not None
+    tx = Transaction(rt, call.session, where)
+    try:
+        ids = tx.stage(request.states, request.uploads)
+        done = tx.commit()
+    except BaseException:
+        tx.rollback()
+        raise
+    return PushReply(stored=tuple(ids), state_versions={i: done.versions[i] for i in ids})
+
+
+def pull_states(call: Call, request: PullRequest, rt: Runtime) -> PullReply:
+    """The current values of ``request.ids`` (404 naming any this session cannot see)."""
+    assert call.session is not None
+    where = "POST /v1/states/pull"
+    tx = Transaction(rt, call.session, where)
+    states = tx.require(request.ids)
+    values = to_host([(s.id, s.value) for s in states], where)
+    versions = {s.id: rt.store.meta(s.id).version for s in states}
+    return PullReply(state_versions=versions, states=pack(values, refs=False, code=False))
