@@ -178,7 +178,9 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
         raise _fail(f"the header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
         header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer literal of more than
+    # sys.get_int_max_str_digits() digits (4300), which json.loads refuses with a bare ValueError.
+    except (ValueError, RecursionError) as exc:
         raise _fail(f"the header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise _fail(f"the header is a JSON {type(header).__name__}, not an object")
