@@ -120,7 +120,6 @@ parallel_mapping = client.pmap(
 )
 
 print(type(parallel_mapping))
-print('transform:', type(parallel_mapping.transform))
 print('origin fun:', parallel_mapping.origin_fun)
 print('state_in_axes:', parallel_mapping.state_in_axes)
 

@@ -9,7 +9,7 @@ import pytest
 
 import statehost
 import statehost.client
-from statehost.transform import jit, pmap, vmap
+from statehost.transform import StatefulFunction, StatefulMapping, jit, pmap, vmap
 from tests.core.models import PARAM, Affine
 from tests.inprocess import metric
 
@@ -32,6 +32,51 @@ def test_pmap_matches_local_and_updates_local_state(client):
         np.testing.assert_array_equal(out, np.asarray(local(delta)))
         np.testing.assert_array_equal(remote_model.weight.value, local_model.weight.value)
     assert isinstance(remote_model.weight.value, jax.Array)
+
+
+def _remote_transform(client, kind, model):
+    options = dict(state_in_axes={0: PARAM}, state_out_axes={0: PARAM})
+    if kind == "pmap":
+        return client.pmap(model, axis_name="i", **options)
+    if kind == "pmap decorator":
+        return client.pmap(axis_name="i", pull=False, **options)(model)
+    if kind == "vmap":
+        return client.vmap(model, **options)
+    if kind == "StatefulMapping":
+        return client.StatefulMapping(model, axis_name="i", mapping_fn=jax.pmap, **options)
+    return client.jit(model, retries=2)
+
+
+@pytest.mark.parametrize("kind", ["pmap", "pmap decorator", "vmap", "StatefulMapping", "jit"])
+def test_client_transforms_are_the_local_types_placed_on_the_server(client, kind):
+    model = Affine(LANES)
+
+    remote = _remote_transform(client, kind, model)
+
+    expected = StatefulFunction if kind == "jit" else StatefulMapping
+    assert type(remote) is expected and isinstance(remote, expected)
+    assert isinstance(remote.placement, statehost.client.RemotePlacement)
+    assert remote.placement.client is client
+    assert remote.placement.pull is (kind != "pmap decorator")
+    assert remote.placement.retries == (2 if kind == "jit" else 0)
+    assert remote.origin_fun is model
+    assert repr(remote).endswith(f", placement=RemotePlacement({client.url!r}, "
+                                 f"pull={remote.placement.pull}))")
+    remote(jnp.ones((LANES, 4)))
+    client.pull(model)
+    np.testing.assert_array_equal(model.weight.value, np.full((LANES, 4), 2.0))
+    assert remote.cache_info().misses == 0  # it ran on the server, not here
+
+
+def test_code_written_for_local_mappings_accepts_remote_ones(client):
+    def describe(mapping: StatefulMapping) -> str:
+        if not isinstance(mapping, StatefulMapping):
+            raise TypeError("expected a StatefulMapping")
+        return f"{mapping.axis_name}: {sorted(mapping.state_in_axes)}"
+
+    remote = client.pmap(Affine(LANES), axis_name="devices", state_in_axes={0: PARAM})
+
+    assert describe(remote) == "devices: [0]"
 
 
 @pytest.mark.parametrize("kind", ["pmap", "vmap", "jit"])

@@ -129,7 +129,7 @@ class Resident:
     """The client's state that no fuzzed frame names: it must keep its value throughout."""
 
     state: statehost.ParamState
-    step: Any  # a RemoteMapping adding its argument (shape (4,)) to the state
+    step: Any  # a client.jit transform adding its argument (shape (4,)) to the state
     value: np.ndarray
 
     def assert_unchanged(self, client: Any) -> None:
@@ -229,7 +229,8 @@ def target(tmp_path_factory):
         failures.mkdir()
         wire = Wire(served.url, served.token)
         yield Target(served, client, resident, wire, tally, failures, client._session,
-                     scratch, scratch_fn.packed(), stream, named, named_fn.packed(),
+                     scratch, scratch_fn.placement.packed(scratch_fn), stream, named,
+                     named_fn.placement.packed(named_fn),
                      elsewhere.id, ids, ["fuzz/seed", "fuzz/fn", "fuzz/new", "nons/x", "fuzz",
                                          "", "fuzz/a/b", "../x", "fuzz/" + "n" * 300])
         wire.close()

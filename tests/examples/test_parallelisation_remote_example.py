@@ -4,9 +4,9 @@ The example is the seed notebook driven through ``statehost.connect``; it must
 print the seed's values, as ``examples/parallelisation.py`` does (the expected
 values and the parsing helpers come from that example's test). Where the
 remote run differs by design it is pinned here: outputs come back as numpy
-arrays (``array(...)``, which has no ``weak_type``), ``client.pmap`` returns a
-``RemoteMapping`` around the seed's ``StatefulMapping``, and the states pulled
-back into the local model are ``jax.Array`` again.
+arrays (``array(...)``, which has no ``weak_type``), while ``client.pmap`` returns
+the seed's ``StatefulMapping`` and the states pulled back into the local model
+are ``jax.Array`` again.
 """
 
 import math
@@ -109,11 +109,8 @@ def test_sample_shared(arrays):
     assert (cls, kwargs) == ("array", "dtype=float32")
 
 
-def test_remote_mapping_wraps_a_stateful_mapping(stdout):
-    lines = _lines(stdout)
-
-    assert "<class 'statehost.client._remote.RemoteMapping'>" in lines
-    assert "transform: <class 'statehost.transform.StatefulMapping'>" in lines
+def test_client_pmap_returns_the_seeds_stateful_mapping(stdout):
+    assert "<class 'statehost.transform.StatefulMapping'>" in _lines(stdout)
 
 
 def test_final_weight_value_after_custom_mapping(arrays):
