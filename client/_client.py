@@ -31,6 +31,7 @@ from statehost.client._errors import (
 )
 from statehost.client._http import Http
 from statehost.client._ledger import SyncLedger
+from statehost.client._outputs import local_outputs
 from statehost.client._remote import RemoteDevice, RemotePlacement, localize_traceback
 from statehost.nn import Module
 from statehost.random import RandomState, default_stream
@@ -466,7 +467,7 @@ class Client:
                              reply.state_versions, refs)
         self._ledger.written_remotely(set(reply.written) - pulled)
         twin.publish(pulled)
-        return reply.results.load()
+        return local_outputs(reply)
 
 
 class _StreamTwin:

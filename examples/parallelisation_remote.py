@@ -5,7 +5,8 @@ to a running ``statehost serve`` through the client: ``pmap(...)`` becomes
 ``client.pmap(...)``, ``StatefulMapping(...)`` becomes
 ``client.StatefulMapping(...)``, and the server's devices
 (``client.devices()``) size the model and the data. Updated states come back
-into the local ``model`` after each call; outputs come back as numpy arrays.
+into the local ``model`` after each call; outputs come back as ``jax.Array``s, as
+locally.
 
 Run a server (``statehost serve``), then ``python examples/parallelisation_remote.py``.
 The URL is ``$STATEHOST_URL`` (default ``http://127.0.0.1:8470``); the token is

@@ -16,6 +16,11 @@ from tests.inprocess import metric
 LANES = 8
 
 
+def _aval(x):
+    """Shape, dtype and weak type (``jax.typeof`` also compares shardings)."""
+    return x.shape, x.dtype, x.weak_type
+
+
 def _pmap_options():
     return dict(axis_name="i", in_axes=0, out_axes=0, state_in_axes={0: PARAM},
                 state_out_axes={0: PARAM})
@@ -27,9 +32,9 @@ def test_pmap_matches_local_and_updates_local_state(client):
     local = pmap(local_model, **_pmap_options())
     for k in range(3):
         delta = jnp.arange(LANES * 4.0).reshape(LANES, 4) * (k + 1)
-        out = remote(delta)
-        assert isinstance(out, np.ndarray)
-        np.testing.assert_array_equal(out, np.asarray(local(delta)))
+        out, expected = remote(delta), local(delta)
+        assert isinstance(out, jax.Array) and _aval(out) == _aval(expected)
+        np.testing.assert_array_equal(out, expected)
         np.testing.assert_array_equal(remote_model.weight.value, local_model.weight.value)
     assert isinstance(remote_model.weight.value, jax.Array)
 
@@ -77,6 +82,35 @@ def test_code_written_for_local_mappings_accepts_remote_ones(client):
     remote = client.pmap(Affine(LANES), axis_name="devices", state_in_axes={0: PARAM})
 
     assert describe(remote) == "devices: [0]"
+
+
+@pytest.mark.parametrize("kind", ["pmap", "jit"])
+def test_outputs_print_and_behave_like_the_local_call_outputs(client, kind):
+    """The seed's cell 5 prints ``Array([...], dtype=float32, weak_type=True)``: a Python
+    float in, a weakly typed array out; remotely the same, not a numpy array."""
+
+    def scale(x, s):
+        return {"weak": s * 2.0, "strong": x * s, "ints": jnp.ones((2,), jnp.int32)}
+
+    if kind == "pmap":
+        remote = client.pmap(scale, in_axes=(0, None))
+        local = pmap(scale, in_axes=(0, None))
+    else:
+        remote, local = client.jit(scale), jit(scale)
+    x = jnp.arange(LANES, dtype=jnp.float32)
+
+    got, expected = remote(x, 0.5), local(x, 0.5)
+
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+    assert expected["weak"].weak_type and not expected["strong"].weak_type
+    for name in expected:
+        assert type(got[name]) is type(expected[name]), name
+        assert _aval(got[name]) == _aval(expected[name]), name
+        assert repr(got[name]) == repr(expected[name]), name
+        assert bool((got[name] == expected[name]).all())
+    with jax.numpy_dtype_promotion("standard"):
+        half = jnp.ones((), jnp.bfloat16)
+        assert (got["weak"] + half).dtype == (expected["weak"] + half).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("kind", ["pmap", "vmap", "jit"])
