@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import linecache
 import re
+import sys
 import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -130,11 +131,33 @@ def _code_objects(obj: Any, seen: set[int], out: dict[tuple[str, int], types.Cod
         _code_objects(type(obj), seen, out)
 
 
+def _cell_label(filename: str) -> str | None:
+    """``Cell In[2]`` when ``filename`` is the file IPython compiled a cell into.
+
+    Asks the running IPython, as its own tracebacks do (``IPython.core.tbtools``,
+    ``shell.compile.format_code_name``, IPython >= 8); never imports IPython.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    name_code = getattr(getattr(shell, "compile", None), "format_code_name", None)
+    found = name_code(filename) if name_code is not None else None
+    return None if found is None else f"{found[0]} {found[1]}"
+
+
+def _frame_line(filename: str, line: int, name: str) -> str:
+    label = _cell_label(filename)
+    if label is not None:
+        return f"  {label}, line {line}, in {name}"
+    return f'  File "{filename}", line {line}, in {name}'
+
+
 def localize_traceback(text: str, fun: Any) -> str:
     """Names the user's files and source lines in a remote traceback.
 
     Frames of code shipped by value read ``File "<dynamic-code>"`` on the
-    server; each is matched to the user's function by name and line.
+    server; each is matched to the user's function by name and line and named
+    as a local traceback names it: ``File "script.py", line 5``, or
+    ``Cell In[2], line 5`` for code from a notebook cell.
     """
     codes: dict[tuple[str, int], types.CodeType] = {}
     _code_objects(fun, set(), codes)
@@ -145,7 +168,7 @@ def localize_traceback(text: str, fun: Any) -> str:
         if code is None:
             return match.group(0)
         source = linecache.getline(code.co_filename, line).strip()
-        frame = f'  File "{code.co_filename}", line {line}, in {name}'
+        frame = _frame_line(code.co_filename, line, name)
         return frame + (f"\n    {source}" if source else "")
 
     return _DYNAMIC_FRAME.sub(fix, text)
