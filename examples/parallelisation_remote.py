@@ -8,7 +8,9 @@ to a running ``statehost serve`` through the client: ``pmap(...)`` becomes
 into the local ``model`` after each call; outputs come back as ``jax.Array``s, as
 locally.
 
-Run a server (``statehost serve``), then ``python examples/parallelisation_remote.py``.
+The seed's cells are marked ``# In [n]:``; the two cells it lacks (connect, close)
+are marked ``# %%``. Run a server (``statehost serve``), then
+``python examples/parallelisation_remote.py``.
 The URL is ``$STATEHOST_URL`` (default ``http://127.0.0.1:8470``); the token is
 ``$STATEHOST_TOKEN``, else the one a local ``statehost serve`` wrote.
 """
@@ -26,6 +28,7 @@ from statehost.util.filter import OfType
 jax.config.update('jax_num_cpu_devices', 8)
 print('local device count:', jax.local_device_count())
 
+# %% Not in the seed: connect to the server.
 client = brainstate.connect(os.environ.get('STATEHOST_URL', 'http://127.0.0.1:8470'))
 print('server device count:', len(client.devices()))
 
@@ -141,4 +144,5 @@ custom_pmap(jnp.ones((len(client.devices()), 4)))
 
 print(repr(model.weight.value))
 
+# %% Not in the seed: end the session (the server frees its states).
 client.close()
