@@ -349,3 +349,24 @@ def test_a_state_cannot_live_under_two_names(client):
         client.put("team/other", model)
     client.put("team/other", copy.deepcopy(model))
     assert [o["name"] for o in client.list("team")] == ["net", "other"]
+
+
+def test_register_takes_a_local_transform_too(client):
+    weight = statehost.ParamState(jnp.zeros(2, jnp.float32), name="w")
+    client.put("team/w", weight)
+
+    def step(x):
+        weight.value = weight.value + x
+        return weight.value
+
+    remote_signature = client.register("team/remote", client.jit(step))
+    local_signature = client.register("team/local", jit(step))
+
+    assert local_signature == remote_signature
+
+
+def test_register_refuses_what_is_not_a_transform(client):
+    with pytest.raises(TypeError, match=r"register\('team/f', \.\.\.\): expected a transform "
+                                        r"\(client.pmap / client.vmap / client.jit\), got "
+                                        r"function"):
+        client.register("team/f", lambda x: x)
