@@ -29,9 +29,10 @@ rows, which take turns in blocks of calls so that they see the same machine load
 Plus a Ray actor holding the same module, when ``ray`` is importable.
 
 Local rows get numpy deltas and arguments, as the server does (it receives numpy), and
-block on their outputs and new state values. Remote outputs arrive as numpy, so a
-returned remote call is complete. Below the table: the targets and the measured ratios,
-and the mean server-side ``/v1/call`` time (from ``/metrics``) per case.
+block on their outputs and new state values. Remote outputs arrive as ``jax.Array``s
+made from the host data the reply carried, so a returned remote call is complete. Below
+the table: the targets and the measured ratios, and the mean server-side ``/v1/call``
+time (from ``/metrics``) per case.
 
 Run: ``make bench`` or ``python bench/bench_remote.py [--calls N] [--big-calls N]
 [--cases tiny,resident]``. On a machine with accelerators, ``BENCH_PLATFORM=cuda``

@@ -48,7 +48,7 @@ __all__ = [
     "ProtocolError",
     "RemoteDevice",
     "RemoteExecutionError",
-    "RemoteMapping",
+    "RemotePlacement",
     "ServerError",
     "SessionNotFoundError",
     "StateConflictError",
@@ -68,6 +68,6 @@ __getattr__, __dir__ = _lazy_exports(__name__, globals(), {
     "connect": "statehost.client._client",
     "SyncLedger": "statehost.client._ledger",
     "RemoteDevice": "statehost.client._remote",
-    "RemoteMapping": "statehost.client._remote",
+    "RemotePlacement": "statehost.client._remote",
     "FrameTransport": "statehost.client._transport",
 })

@@ -31,7 +31,8 @@ from statehost.client._errors import (
 )
 from statehost.client._http import Http
 from statehost.client._ledger import SyncLedger
-from statehost.client._remote import RemoteDevice, RemoteMapping, localize_traceback
+from statehost.client._outputs import local_outputs
+from statehost.client._remote import RemoteDevice, RemotePlacement, localize_traceback
 from statehost.nn import Module
 from statehost.random import RandomState, default_stream
 from statehost.transform import StatefulMapping as _LocalStatefulMapping
@@ -39,6 +40,8 @@ from statehost.transform import jit as _local_jit
 from statehost.transform import pmap as _local_pmap
 from statehost.transform import vmap as _local_vmap
 from statehost.transform._jit import MISSING
+from statehost.transform._placement import place
+from statehost.transform._stateful import StatefulCall
 from statehost.wire import (
     CallReply,
     CallRequest,
@@ -85,8 +88,8 @@ def _collect(obj: Any, api: str) -> list[State]:
         return [obj]
     if isinstance(obj, Module):
         return list(obj.states().values())
-    if isinstance(obj, RemoteMapping):
-        return list(obj.packed().states)
+    if isinstance(obj, StatefulCall) and isinstance(obj.placement, RemotePlacement):
+        return list(obj.placement.packed(obj).states)
     if isinstance(obj, Mapping):
         return [s for v in obj.values() for s in _collect(v, api)]
     if isinstance(obj, list | tuple):
@@ -182,8 +185,9 @@ class Client:
 
     def _wrap(self, factory: Callable[..., Any], fun: Any, extra: dict, args, kwargs) -> Any:
         if fun is MISSING:
-            return lambda f: RemoteMapping(self, factory(f, *args, **kwargs), **extra)
-        return RemoteMapping(self, factory(fun, *args, **kwargs), **extra)
+            return lambda f: self._wrap(factory, f, extra, args, kwargs)
+        placement = RemotePlacement(self, **extra)  # checks pull= and retries= first
+        return place(factory(fun, *args, **kwargs), placement)
 
     def pmap(self, fun: Any = MISSING, *args: Any, pull: bool = True, retries: int = 0,
              **kwargs: Any) -> Any:
@@ -198,7 +202,9 @@ class Client:
                 this many times. The local changes to those states are dropped.
 
         Returns:
-            A :class:`RemoteMapping` (or a decorator, when ``fun`` is omitted).
+            The ``statehost.transform.StatefulMapping`` that ``pmap`` builds, placed on
+            this client's server (its ``placement`` is a :class:`RemotePlacement`); a
+            decorator when ``fun`` is omitted.
         """
         return self._wrap(_local_pmap, fun, {"pull": pull, "retries": retries}, args, kwargs)
 
@@ -217,8 +223,8 @@ class Client:
     def StatefulMapping(self, fun: Any, *args: Any, pull: bool = True, retries: int = 0,  # noqa: N802
                         **kwargs: Any) -> Any:
         """``statehost.transform.StatefulMapping`` run on the server, plus ``pull``, ``retries``."""
-        return RemoteMapping(self, _LocalStatefulMapping(fun, *args, **kwargs), pull=pull,
-                             retries=retries)
+        return self._wrap(_LocalStatefulMapping, fun, {"pull": pull, "retries": retries}, args,
+                          kwargs)
 
     # -- state sync -----------------------------------------------------------
     def _records(self, states: Iterable[State]) -> Any:
@@ -353,7 +359,7 @@ class Client:
         return self._http.json("POST", f"/v1/namespaces/{namespace}/checkpoint",
                                params=params)["flushed"]
 
-    def register(self, name: str, mapping: RemoteMapping) -> dict[str, Any]:
+    def register(self, name: str, mapping: StatefulCall) -> dict[str, Any]:
         """Stores ``mapping`` (from ``client.pmap/vmap/jit``) on the server as
         ``"namespace/name"``, to be run with JSON by anyone with scope ``invoke``
         (``POST /v1/namespaces/{ns}/functions/{name}/invoke``). Every state it uses must
@@ -362,7 +368,16 @@ class Client:
         Returns:
             The function's input signature as the server recorded it.
         """
-        packed = mapping.packed()
+        if not isinstance(mapping, StatefulCall):
+            raise TypeError(
+                f"statehost.Client.register({name!r}, ...): expected a transform "
+                f"(client.pmap / client.vmap / client.jit), got {type(mapping).__name__}. "
+                f"Example: client.register({name!r}, client.jit(fun))."
+            )
+        placement = mapping.placement
+        if not isinstance(placement, RemotePlacement):
+            placement = RemotePlacement(self)
+        packed = placement.packed(mapping)
         reply = RegisterReply.from_frame(self._send("/v1/functions/register",
                                                     lambda: RegisterRequest(
             session=self._session, name=name, digest=packed.digest,
@@ -418,8 +433,9 @@ class Client:
         twin.follow()
         return twin
 
-    def _call(self, mapping: RemoteMapping, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        packed = mapping.packed()
+    def _call(self, transform: StatefulCall, placement: RemotePlacement, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> Any:
+        packed = placement.packed(transform)
         call_args = pack(_to_host((args, kwargs)))
         twin = self._stream_twin()
         refs = {s.id: s for s in packed.states}
@@ -432,17 +448,17 @@ class Client:
             return CallRequest(
                 session=self._session, call_id=secrets.token_hex(8), digest=packed.digest,
                 refs=tuple(refs), uploads=self._ledger.bases(uploads),
-                default_stream=twin.state.id, pull=mapping.pull,
-                pull_ids=tuple(self._ledger.stale_among(refs)) if mapping.pull else (),
+                default_stream=twin.state.id, pull=placement.pull,
+                pull_ids=tuple(self._ledger.stale_among(refs)) if placement.pull else (),
                 function=None if self._ledger.has_function(packed.digest) else packed.section,
                 args=call_args, states=self._records(uploads) if uploads else None)
 
         try:
             frame = self._send("/v1/call", message, refs=refs, digest=packed.digest,
-                               retries=mapping.retries)
+                               retries=placement.retries)
         except RemoteExecutionError as exc:
             # The same error with file names filled in; chaining would print it twice.
-            raise _localized(exc, mapping) from None
+            raise _localized(exc, transform) from None
         reply = CallReply.from_frame(frame)
         self._ledger.function_sent(packed.digest)
         self._ledger.track(refs.values())
@@ -451,7 +467,7 @@ class Client:
                              reply.state_versions, refs)
         self._ledger.written_remotely(set(reply.written) - pulled)
         twin.publish(pulled)
-        return reply.results.load()
+        return local_outputs(reply)
 
 
 class _StreamTwin:
@@ -478,12 +494,12 @@ class _StreamTwin:
             self._seen = self.local.write_count
 
 
-def _localized(exc: RemoteExecutionError, mapping: RemoteMapping) -> RemoteExecutionError:
+def _localized(exc: RemoteExecutionError, transform: StatefulCall) -> RemoteExecutionError:
     """The same error, with the user's file names in its remote traceback."""
     remote = exc.remote_traceback
     if not remote:
         return exc
-    fixed = localize_traceback(remote, mapping.transform.origin_fun)
+    fixed = localize_traceback(remote, transform.origin_fun)
     body = {**exc.body, "traceback": fixed}
     return RemoteExecutionError(str(exc).replace(remote, fixed), status=exc.status, body=body)
 

@@ -1,18 +1,21 @@
-"""``RemoteMapping``: a local transform whose calls run on the server.
+"""``RemotePlacement``: the placement of a transform whose calls run on a server.
 
-It wraps the very ``StatefulMapping`` / ``StatefulFunction`` that the local
-``pmap`` / ``vmap`` / ``jit`` build (so arguments are checked exactly as
-locally), pickles it once with its states as references, and hands each call
-to the client.
+``client.pmap`` / ``vmap`` / ``jit`` / ``StatefulMapping`` build the very
+transform the local ones build (so arguments are checked exactly as locally,
+and ``type()`` / ``isinstance`` are the seed's) and place it on the client's
+server (``statehost.transform._placement``). The placement pickles the
+transform once, with its states as references, and hands each call to the
+client. The server's tracebacks name the user's files and notebook cells again
+(:func:`localize_traceback`).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import linecache
 import re
+import sys
 import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,7 +26,7 @@ from statehost.wire import Section, pack
 if TYPE_CHECKING:
     from statehost.client._client import Client
 
-__all__ = ["RemoteDevice", "RemoteMapping", "localize_traceback"]
+__all__ = ["RemoteDevice", "RemotePlacement", "localize_traceback"]
 
 # cloudpickle ships code with co_filename "<dynamic-code>" (cloudpickle.py, _code_reduce),
 # so the server's traceback cannot name the user's files; the client can.
@@ -54,45 +57,43 @@ class _Packed:
     states: list[State]
 
 
-class RemoteMapping:
-    """Calls ``transform`` on the server of ``client``; see ``Client.pmap``.
+class RemotePlacement:
+    """Runs a transform's calls on the server of ``client``; see ``Client.pmap``.
 
-    The transform is pickled at its first call and that pickle is reused, as
-    ``jax.jit`` keeps its first trace: build a new mapping to ship changed code.
+    The client makes one for each transform it builds. The transform is pickled
+    at its first call and that pickle is reused, as ``jax.jit`` keeps its first
+    trace: build a new transform to ship changed code.
+
+    Attributes:
+        client: the ``Client`` whose server runs the calls.
+        pull: write the updated state values into the local ``State`` objects
+            after each call (``False``: they stay on the server until ``client.pull``).
+        retries: how many times a call that met a ``StateConflictError`` pulls
+            the conflicting states and runs again.
     """
 
-    def __init__(self, client: Client, transform: Any, *, pull: bool = True, retries: int = 0):
+    def __init__(self, client: Client, *, pull: bool = True, retries: int = 0):
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"client transform: retries={retries!r} must be an int >= 0.")
-        self._client = client
-        self._transform = transform
-        self._packed: _Packed | None = None
+        self.client = client
         self.pull = bool(pull)
         self.retries = retries
-        functools.update_wrapper(self, transform, updated=())
+        self._packed: _Packed | None = None
+        self._packed_for: Any = None
 
-    @property
-    def transform(self) -> Any:
-        """The local transform this mapping ships (``StatefulMapping`` / ``StatefulFunction``)."""
-        return self._transform
-
-    def packed(self) -> _Packed:
-        if self._packed is None:
-            section = pack(self._transform)
+    def packed(self, transform: Any) -> _Packed:
+        """``transform``'s pickle (states as references), its digest and its states."""
+        if self._packed is None or self._packed_for is not transform:
+            section = pack(transform)
             digest = hashlib.sha256(section.payload).hexdigest()
-            self._packed = _Packed(section, digest, section.states)
+            self._packed, self._packed_for = _Packed(section, digest, section.states), transform
         return self._packed
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self._transform, name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._client._call(self, args, kwargs)
+    def run(self, transform: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.client._call(transform, self, args, kwargs)
 
     def __repr__(self) -> str:
-        return f"Remote({self._transform!r} on {self._client.url}, pull={self.pull})"
+        return f"RemotePlacement({self.client.url!r}, pull={self.pull})"
 
 
 def _code_objects(obj: Any, seen: set[int], out: dict[tuple[str, int], types.CodeType]) -> None:
@@ -130,11 +131,33 @@ def _code_objects(obj: Any, seen: set[int], out: dict[tuple[str, int], types.Cod
         _code_objects(type(obj), seen, out)
 
 
+def _cell_label(filename: str) -> str | None:
+    """``Cell In[2]`` when ``filename`` is the file IPython compiled a cell into.
+
+    Asks the running IPython, as its own tracebacks do (``IPython.core.tbtools``,
+    ``shell.compile.format_code_name``, IPython >= 8); never imports IPython.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    name_code = getattr(getattr(shell, "compile", None), "format_code_name", None)
+    found = name_code(filename) if name_code is not None else None
+    return None if found is None else f"{found[0]} {found[1]}"
+
+
+def _frame_line(filename: str, line: int, name: str) -> str:
+    label = _cell_label(filename)
+    if label is not None:
+        return f"  {label}, line {line}, in {name}"
+    return f'  File "{filename}", line {line}, in {name}'
+
+
 def localize_traceback(text: str, fun: Any) -> str:
     """Names the user's files and source lines in a remote traceback.
 
     Frames of code shipped by value read ``File "<dynamic-code>"`` on the
-    server; each is matched to the user's function by name and line.
+    server; each is matched to the user's function by name and line and named
+    as a local traceback names it: ``File "script.py", line 5``, or
+    ``Cell In[2], line 5`` for code from a notebook cell.
     """
     codes: dict[tuple[str, int], types.CodeType] = {}
     _code_objects(fun, set(), codes)
@@ -145,7 +168,7 @@ def localize_traceback(text: str, fun: Any) -> str:
         if code is None:
             return match.group(0)
         source = linecache.getline(code.co_filename, line).strip()
-        frame = f'  File "{code.co_filename}", line {line}, in {name}'
+        frame = _frame_line(code.co_filename, line, name)
         return frame + (f"\n    {source}" if source else "")
 
     return _DYNAMIC_FRAME.sub(fix, text)

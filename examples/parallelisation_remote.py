@@ -5,9 +5,12 @@ to a running ``statehost serve`` through the client: ``pmap(...)`` becomes
 ``client.pmap(...)``, ``StatefulMapping(...)`` becomes
 ``client.StatefulMapping(...)``, and the server's devices
 (``client.devices()``) size the model and the data. Updated states come back
-into the local ``model`` after each call; outputs come back as numpy arrays.
+into the local ``model`` after each call; outputs come back as ``jax.Array``s, as
+locally.
 
-Run a server (``statehost serve``), then ``python examples/parallelisation_remote.py``.
+The seed's cells are marked ``# In [n]:``; the two cells it lacks (connect, close)
+are marked ``# %%``. Run a server (``statehost serve``), then
+``python examples/parallelisation_remote.py``.
 The URL is ``$STATEHOST_URL`` (default ``http://127.0.0.1:8470``); the token is
 ``$STATEHOST_TOKEN``, else the one a local ``statehost serve`` wrote.
 """
@@ -25,6 +28,7 @@ from statehost.util.filter import OfType
 jax.config.update('jax_num_cpu_devices', 8)
 print('local device count:', jax.local_device_count())
 
+# %% Not in the seed: connect to the server.
 client = brainstate.connect(os.environ.get('STATEHOST_URL', 'http://127.0.0.1:8470'))
 print('server device count:', len(client.devices()))
 
@@ -120,7 +124,6 @@ parallel_mapping = client.pmap(
 )
 
 print(type(parallel_mapping))
-print('transform:', type(parallel_mapping.transform))
 print('origin fun:', parallel_mapping.origin_fun)
 print('state_in_axes:', parallel_mapping.state_in_axes)
 
@@ -141,4 +144,5 @@ custom_pmap(jnp.ones((len(client.devices()), 4)))
 
 print(repr(model.weight.value))
 
+# %% Not in the seed: end the session (the server frees its states).
 client.close()

@@ -105,6 +105,11 @@ def to_host(tree: Any, where: str) -> Any:
         ) from exc
 
 
+def _is_weak(leaf: Any) -> bool:
+    """Whether an output leaf is a weakly typed array (its host copy forgets it)."""
+    return isinstance(leaf, jax.Array) and jax.typeof(leaf).weak_type
+
+
 # -- POST /v1/call --------------------------------------------------------------
 @dataclass
 class CallResult:
@@ -163,6 +168,7 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
         written = [s.id for s in tx.pending.states]
         wanted = list(dict.fromkeys(written + list(request.pull_ids))) if request.pull else []
         pulled = [(i, tx.current(s)) for i in wanted if (s := tx.lookup(i)) is not None]
+        weak_types = tuple(map(_is_weak, jax.tree_util.tree_leaves(out)))
         out, values = to_host((out, pulled), _WHERE)
         results = pack(out, refs=False, code=False)
         states = pack(values, refs=False, code=False) if request.pull else None
@@ -172,8 +178,8 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
         raise
     reply = CallReply(call_id=call.id, written=tuple(done.written), compiled=compiled,
                       state_versions=done.versions,
-                      uploaded_versions=done.uploaded_versions, results=results,
-                      states=states)
+                      uploaded_versions=done.uploaded_versions, weak_types=weak_types,
+                      results=results, states=states)
     return CallResult(reply, compiled, cached)
 
 

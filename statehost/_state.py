@@ -208,10 +208,9 @@ class HiddenState(State):
 # Display
 # ---------------------------------------------------------------------------
 
-_SMALL_ARRAY = 32  # arrays with at most this many elements also show their values
-
-
 def _describe_leaf(x: Any) -> str:
+    """``ShapedArray(float32[2,4])`` for an array: its dtype and shape, never its values
+    (the seed's text; a state's values are one ``state.value`` away)."""
     if isinstance(x, jax.core.Tracer) or not hasattr(x, "shape"):
         if hasattr(x, "aval"):
             return f"ShapedArray({x.aval.str_short()})"
@@ -220,15 +219,11 @@ def _describe_leaf(x: Any) -> str:
     # np.dtype() rejects JAX's extended dtypes, such as the key<fry> of jax.random.key.
     is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
     dtype = str(x.dtype) if is_key else np.dtype(x.dtype).name
-    text = f"ShapedArray({dtype}[{dims}])"
-    if x.size <= _SMALL_ARRAY and not is_key:
-        values = np.array2string(np.asarray(x), separator=", ").replace("\n", "")
-        text += f" = {' '.join(values.split())}"
-    return text
+    return f"ShapedArray({dtype}[{dims}])"
 
 
 def format_state(state: State, indent: int) -> str:
-    """``ParamState(\\n  value=ShapedArray(float32[2,4]) = [...]\\n)`` at ``indent``."""
+    """``ParamState(\\n  value=ShapedArray(float32[2,4])\\n)`` at ``indent``."""
     pad = " " * indent
     leaves = jax.tree_util.tree_leaves(state._value)
     treedef = jax.tree_util.tree_structure(state._value)

@@ -44,7 +44,8 @@ class StatefulFunction(StatefulCall):
         super().__init__(fun, static)
 
     def __repr__(self) -> str:
-        return f"jit({self.origin_fun!r}, static_argnums={self.static_argnums!r})"
+        return (f"jit({self.origin_fun!r}, static_argnums={self.static_argnums!r}"
+                f"{self._placement_repr()})")
 
     def _lane_setup(self, dyn: tuple[Any, ...], kwargs: dict[str, Any]) -> LaneSetup:
         abstract = jax.tree_util.tree_map(_abstract, (dyn, kwargs))

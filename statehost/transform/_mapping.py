@@ -188,7 +188,7 @@ class StatefulMapping(StatefulCall):
             f"StatefulMapping({self.origin_fun!r}, in_axes={self.in_axes!r}, "
             f"out_axes={self.out_axes!r}, state_in_axes={self.state_in_axes!r}, "
             f"state_out_axes={self.state_out_axes!r}, axis_name={self.axis_name!r}, "
-            f"mapping_fn={self.mapping_fn!r})"
+            f"mapping_fn={self.mapping_fn!r}{self._placement_repr()})"
         )
 
     # -- lanes -------------------------------------------------------------------

@@ -33,6 +33,7 @@ from statehost._state import State, StateTrace, StateTraceError, active_trace
 from statehost.nn._module import state_paths
 from statehost.transform._cache import CacheInfo, register
 from statehost.transform._commit import pending_writes
+from statehost.transform._placement import Placement
 from statehost.transform._probe import (
     ProbeResult,
     drop_axis,
@@ -139,6 +140,7 @@ class StatefulCall:
             )
         self.origin_fun = fun
         self._static_argnums = tuple(sorted(static_argnums))
+        self._placement: Placement | None = None
         self._init_cache()
         functools.update_wrapper(self, fun, updated=())
 
@@ -148,6 +150,16 @@ class StatefulCall:
         # States an 'auto' mapping found to be per-lane read-modify-write buffers.
         self._per_lane: weakref.WeakSet[State] = weakref.WeakSet()
         register(self)
+
+    # -- placement ------------------------------------------------------------
+    @property
+    def placement(self) -> Placement | None:
+        """Where calls run: ``None`` in this process, else the placement that runs them
+        (``client.pmap`` places a transform on its server; see ``_placement``)."""
+        return self._placement
+
+    def _placement_repr(self) -> str:
+        return "" if self._placement is None else f", placement={self._placement!r}"
 
     # -- cache ----------------------------------------------------------------
     def cache_info(self) -> CacheInfo:
@@ -173,17 +185,22 @@ class StatefulCall:
     # -- pickling -------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("_cache", "_hits", "_misses", "_traces", "_per_lane", "__wrapped__"):
+        # The placement stays behind: an unpickled transform runs where it lands.
+        for key in ("_cache", "_hits", "_misses", "_traces", "_per_lane", "__wrapped__",
+                    "_placement"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__wrapped__ = self.origin_fun
+        self._placement = None
         self._init_cache()
 
     # -- the call -------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._placement is not None:
+            return self._placement.run(self, args, kwargs)
         outer = active_trace()
         if self._static_argnums:
             dyn, statics = self._split_static(args)

@@ -59,6 +59,7 @@ Bases = dict[str, int | None]  # state id -> the version an upload is based on
 Versions = dict[str, int]  # state id -> version
 Paths = dict[str, str]  # state id -> path inside an object
 Json = dict[str, Any]  # any JSON object
+Flags = tuple[bool, ...]  # a JSON list of true/false
 
 
 def is_state_id(value: Any) -> bool:
@@ -96,6 +97,8 @@ _RULES: dict[Any, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
             lambda x: isinstance(x, dict) and all(
                 is_state_id(k) and isinstance(v, str) for k, v in x.items()), dict),
     Json: ("a JSON object", lambda x: isinstance(x, dict), dict),
+    Flags: ("a list of true/false",
+            lambda x: isinstance(x, list) and all(isinstance(v, bool) for v in x), tuple),
 }
 
 
@@ -127,7 +130,7 @@ class Message:
         header: dict[str, Any] = {"kind": self.kind}
         for name, kind, _ in header_fields:
             value = getattr(self, name)
-            header[name] = list(value) if kind is Ids else value
+            header[name] = list(value) if kind in (Ids, Flags) else value
         sections = {name: getattr(self, name) for name, _ in section_fields
                     if getattr(self, name) is not None}
         return encode(header, sections)
@@ -191,7 +194,12 @@ class CallRequest(Message):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CallReply(Message):
-    """The outputs (``results``), what was written, and the states' new versions."""
+    """The outputs (``results``), what was written, and the states' new versions.
+
+    ``results`` holds the outputs' host copies (numpy arrays); ``weak_types`` says, for
+    each of its leaves in ``jax.tree_util.tree_leaves`` order, whether the output was a
+    weakly typed ``jax.Array``, so the client rebuilds the arrays the call returned.
+    """
 
     kind: ClassVar[str] = "call-reply"
     call_id: str
@@ -199,6 +207,7 @@ class CallReply(Message):
     compiled: int = 0
     state_versions: Versions = dataclasses.field(default_factory=dict)
     uploaded_versions: Versions = dataclasses.field(default_factory=dict)
+    weak_types: Flags = ()
     results: Section
     states: Section | None = None
 

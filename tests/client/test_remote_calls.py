@@ -9,11 +9,16 @@ import pytest
 
 import statehost
 import statehost.client
-from statehost.transform import jit, pmap, vmap
+from statehost.transform import StatefulFunction, StatefulMapping, jit, pmap, vmap
 from tests.core.models import PARAM, Affine
 from tests.inprocess import metric
 
 LANES = 8
+
+
+def _aval(x):
+    """Shape, dtype and weak type (``jax.typeof`` also compares shardings)."""
+    return x.shape, x.dtype, x.weak_type
 
 
 def _pmap_options():
@@ -27,11 +32,85 @@ def test_pmap_matches_local_and_updates_local_state(client):
     local = pmap(local_model, **_pmap_options())
     for k in range(3):
         delta = jnp.arange(LANES * 4.0).reshape(LANES, 4) * (k + 1)
-        out = remote(delta)
-        assert isinstance(out, np.ndarray)
-        np.testing.assert_array_equal(out, np.asarray(local(delta)))
+        out, expected = remote(delta), local(delta)
+        assert isinstance(out, jax.Array) and _aval(out) == _aval(expected)
+        np.testing.assert_array_equal(out, expected)
         np.testing.assert_array_equal(remote_model.weight.value, local_model.weight.value)
     assert isinstance(remote_model.weight.value, jax.Array)
+
+
+def _remote_transform(client, kind, model):
+    options = dict(state_in_axes={0: PARAM}, state_out_axes={0: PARAM})
+    if kind == "pmap":
+        return client.pmap(model, axis_name="i", **options)
+    if kind == "pmap decorator":
+        return client.pmap(axis_name="i", pull=False, **options)(model)
+    if kind == "vmap":
+        return client.vmap(model, **options)
+    if kind == "StatefulMapping":
+        return client.StatefulMapping(model, axis_name="i", mapping_fn=jax.pmap, **options)
+    return client.jit(model, retries=2)
+
+
+@pytest.mark.parametrize("kind", ["pmap", "pmap decorator", "vmap", "StatefulMapping", "jit"])
+def test_client_transforms_are_the_local_types_placed_on_the_server(client, kind):
+    model = Affine(LANES)
+
+    remote = _remote_transform(client, kind, model)
+
+    expected = StatefulFunction if kind == "jit" else StatefulMapping
+    assert type(remote) is expected and isinstance(remote, expected)
+    assert isinstance(remote.placement, statehost.client.RemotePlacement)
+    assert remote.placement.client is client
+    assert remote.placement.pull is (kind != "pmap decorator")
+    assert remote.placement.retries == (2 if kind == "jit" else 0)
+    assert remote.origin_fun is model
+    assert repr(remote).endswith(f", placement=RemotePlacement({client.url!r}, "
+                                 f"pull={remote.placement.pull}))")
+    remote(jnp.ones((LANES, 4)))
+    client.pull(model)
+    np.testing.assert_array_equal(model.weight.value, np.full((LANES, 4), 2.0))
+    assert remote.cache_info().misses == 0  # it ran on the server, not here
+
+
+def test_code_written_for_local_mappings_accepts_remote_ones(client):
+    def describe(mapping: StatefulMapping) -> str:
+        if not isinstance(mapping, StatefulMapping):
+            raise TypeError("expected a StatefulMapping")
+        return f"{mapping.axis_name}: {sorted(mapping.state_in_axes)}"
+
+    remote = client.pmap(Affine(LANES), axis_name="devices", state_in_axes={0: PARAM})
+
+    assert describe(remote) == "devices: [0]"
+
+
+@pytest.mark.parametrize("kind", ["pmap", "jit"])
+def test_outputs_print_and_behave_like_the_local_call_outputs(client, kind):
+    """The seed's cell 5 prints ``Array([...], dtype=float32, weak_type=True)``: a Python
+    float in, a weakly typed array out; remotely the same, not a numpy array."""
+
+    def scale(x, s):
+        return {"weak": s * 2.0, "strong": x * s, "ints": jnp.ones((2,), jnp.int32)}
+
+    if kind == "pmap":
+        remote = client.pmap(scale, in_axes=(0, None))
+        local = pmap(scale, in_axes=(0, None))
+    else:
+        remote, local = client.jit(scale), jit(scale)
+    x = jnp.arange(LANES, dtype=jnp.float32)
+
+    got, expected = remote(x, 0.5), local(x, 0.5)
+
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+    assert expected["weak"].weak_type and not expected["strong"].weak_type
+    for name in expected:
+        assert type(got[name]) is type(expected[name]), name
+        assert _aval(got[name]) == _aval(expected[name]), name
+        assert repr(got[name]) == repr(expected[name]), name
+        assert bool((got[name] == expected[name]).all())
+    with jax.numpy_dtype_promotion("standard"):
+        half = jnp.ones((), jnp.bfloat16)
+        assert (got["weak"] + half).dtype == (expected["weak"] + half).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("kind", ["pmap", "vmap", "jit"])
@@ -270,3 +349,24 @@ def test_a_state_cannot_live_under_two_names(client):
         client.put("team/other", model)
     client.put("team/other", copy.deepcopy(model))
     assert [o["name"] for o in client.list("team")] == ["net", "other"]
+
+
+def test_register_takes_a_local_transform_too(client):
+    weight = statehost.ParamState(jnp.zeros(2, jnp.float32), name="w")
+    client.put("team/w", weight)
+
+    def step(x):
+        weight.value = weight.value + x
+        return weight.value
+
+    remote_signature = client.register("team/remote", client.jit(step))
+    local_signature = client.register("team/local", jit(step))
+
+    assert local_signature == remote_signature
+
+
+def test_register_refuses_what_is_not_a_transform(client):
+    with pytest.raises(TypeError, match=r"register\('team/f', \.\.\.\): expected a transform "
+                                        r"\(client.pmap / client.vmap / client.jit\), got "
+                                        r"function"):
+        client.register("team/f", lambda x: x)

@@ -97,3 +97,20 @@ def test_reply_sections_come_back():
     got = _round_trip(sent)
     assert got.written == (STATE,) and got.state_versions == {STATE: 2} and got.compiled == 1
     np.testing.assert_array_equal(got.results.load()[0], np.ones(2))
+
+
+def test_call_reply_weak_types_round_trip():
+    sent = CallReply(call_id="c", weak_types=(True, False),
+                     results=pack([np.ones(2), np.ones(3)], refs=False, code=False))
+
+    assert _round_trip(sent).weak_types == (True, False)
+    assert _round_trip(CallReply(call_id="c", results=sent.results)).weak_types == ()
+
+
+@pytest.mark.parametrize("weak_types", [True, [1, 0], ["true"], {"0": True}])
+def test_bad_weak_types_are_refused(weak_types):
+    frame = _frame("call-reply", {"results": pack([], refs=False, code=False)}, call_id="c",
+                   weak_types=weak_types)
+    with pytest.raises(statehost.WireError,
+                       match="CallReply header field 'weak_types' must be a list of true/false"):
+        CallReply.from_frame(frame)

@@ -3,6 +3,7 @@
 import pickle
 
 import cloudpickle
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 import statehost
 from statehost.nn import Module
 from statehost.nn._module import state_paths
+from statehost.transform import pmap
 from statehost.util.filter import All, Not, OfType, PathContains, WithTag
 
 
@@ -290,7 +292,7 @@ def test_repr_of_a_module_with_a_direct_state():
     assert repr(model) == (
         "Affine(\n"
         "  weight=ParamState(\n"
-        "    value=ShapedArray(float32[4]) = [1., 1., 1., 1.]\n"
+        "    value=ShapedArray(float32[4])\n"
         "  )\n"
         ")"
     )
@@ -307,17 +309,17 @@ def test_repr_of_a_nested_module_with_containers():
         "Module(\n"
         "  cell=Cell(\n"
         "    w=ParamState(\n"
-        "      value=ShapedArray(float32[2,2]) = [[0., 0.], [0., 0.]],\n"
+        "      value=ShapedArray(float32[2,2]),\n"
         "      tag='slow'\n"
         "    ),\n"
         "    h=HiddenState(\n"
-        "      value=ShapedArray(float32[2]) = [0., 0.],\n"
+        "      value=ShapedArray(float32[2]),\n"
         "      tag='fast'\n"
         "    )\n"
         "  ),\n"
         "  items=[\n"
         "    ShortTermState(\n"
-        "      value=ShapedArray(int32[1]) = [1]\n"
+        "      value=ShapedArray(int32[1])\n"
         "    ),\n"
         "    5\n"
         "  ],\n"
@@ -338,11 +340,24 @@ def test_repr_of_a_module_without_states():
     assert repr(model) == "Module()"
 
 
-def test_repr_shows_current_values():
+def test_repr_is_the_seeds_text_after_a_pmap():
+    """The seed's cell 8 prints the cell-4 model after its pairwise update like this."""
     model = Affine(2)
-    model(jnp.array([1.0, 2.0]))
+    step = pmap(model, axis_name="pair", devices=jax.devices()[:2],
+                state_in_axes={0: OfType(statehost.ParamState)},
+                state_out_axes={0: OfType(statehost.ParamState)})
+    step(jnp.stack([jnp.ones((4,)), -jnp.ones((4,))], axis=0))
 
-    assert "value=ShapedArray(float32[2]) = [2., 3.]" in repr(model)
+    assert repr(model) == (
+        "Affine(\n  weight=ParamState(\n    value=ShapedArray(float32[2,4])\n  )\n)"
+    )
+
+
+def test_repr_follows_the_current_shape():
+    model = Affine(2)
+    model.weight.value = jnp.zeros((3, 5), jnp.int32)
+
+    assert "value=ShapedArray(int32[3,5])" in repr(model)
 
 
 def test_repr_of_a_module_cycle_terminates():

@@ -261,43 +261,25 @@ def test_class_repr_reads_statehost_dot_name(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_repr_of_small_array_shows_kind_shape_dtype_and_values(kind):
+def test_repr_shows_kind_shape_and_dtype_as_the_seed_does(kind):
     state = kind(jnp.arange(8.0).reshape(2, 4))
 
-    assert repr(state) == (
-        f"{kind.__name__}(\n"
-        "  value=ShapedArray(float32[2,4]) = [[0., 1., 2., 3.], [4., 5., 6., 7.]]\n"
-        ")"
-    )
+    assert repr(state) == f"{kind.__name__}(\n  value=ShapedArray(float32[2,4])\n)"
 
 
 def test_repr_shows_name_and_tag():
     state = statehost.ParamState(jnp.zeros(2, jnp.int32), name="w", tag="slow")
 
     assert repr(state) == (
-        "ParamState(\n  value=ShapedArray(int32[2]) = [0, 0],\n  name='w',\n  tag='slow'\n)"
+        "ParamState(\n  value=ShapedArray(int32[2]),\n  name='w',\n  tag='slow'\n)"
     )
 
 
-def test_repr_of_big_array_shows_no_values():
-    state = statehost.ParamState(jnp.full((100, 7), 3.0))
+@pytest.mark.parametrize("size", [1, 32, 33, 1000])
+def test_repr_shows_no_values_whatever_the_size(size):
+    state = statehost.State(jnp.full(size, 3, jnp.int32))
 
-    text = repr(state)
-
-    assert text == "ParamState(\n  value=ShapedArray(float32[100,7])\n)"
-    assert "3." not in text
-
-
-@pytest.mark.parametrize(
-    ("size", "shows_values"), [(1, True), (32, True), (33, False), (1000, False)]
-)
-def test_repr_shows_values_up_to_32_elements(size, shows_values):
-    state = statehost.State(jnp.zeros(size, jnp.int32))
-
-    text = repr(state)
-
-    assert f"ShapedArray(int32[{size}])" in text
-    assert (" = [0" in text) is shows_values
+    assert repr(state) == f"State(\n  value=ShapedArray(int32[{size}])\n)"
 
 
 @pytest.mark.parametrize(
@@ -313,7 +295,7 @@ def test_repr_names_the_dtype(dtype, name):
 def test_repr_of_a_scalar_array():
     state = statehost.State(jnp.asarray(2.5))
 
-    assert repr(state) == "State(\n  value=ShapedArray(float32[]) = 2.5\n)"
+    assert repr(state) == "State(\n  value=ShapedArray(float32[])\n)"
 
 
 def test_repr_of_a_python_scalar():
@@ -327,19 +309,19 @@ def test_repr_of_a_pytree_value_describes_each_leaf():
 
     assert repr(state) == (
         "HiddenState(\n"
-        "  value={a: ShapedArray(float32[2]) = [0., 0.], b: ShapedArray(float32[40])}\n"
+        "  value={a: ShapedArray(float32[2]), b: ShapedArray(float32[40])}\n"
         ")"
     )
 
 
-def test_repr_of_a_raw_key_shows_uint32_values():
+def test_repr_of_a_raw_key_shows_its_uint32_shape():
     state = statehost.State(jax.random.PRNGKey(7))
 
-    assert repr(state) == "State(\n  value=ShapedArray(uint32[2]) = [0, 7]\n)"
+    assert repr(state) == "State(\n  value=ShapedArray(uint32[2])\n)"
 
 
 @pytest.mark.parametrize("shape", [(), (3,)])
-def test_repr_of_a_typed_key_shows_the_key_dtype_and_no_values(shape):
+def test_repr_of_a_typed_key_shows_the_key_dtype(shape):
     keys = jax.random.key(0) if shape == () else jax.random.split(jax.random.key(0), shape[0])
     state = statehost.State(keys)
 

@@ -69,7 +69,7 @@ class Resident:
     """A state put on the server by a successful ``client.jit`` call, and that call."""
 
     state: statehost.ParamState
-    step: object  # the RemoteMapping: step(delta) adds delta (shape (4,)) to the state
+    step: object  # a client.jit transform: step(delta) adds delta (shape (4,)) to the state
     value: np.ndarray  # the value the server holds
 
     def assert_unchanged(self, client):
@@ -137,7 +137,7 @@ def call_frame(client, resident: Resident, *, refs=None, sections=None) -> bytes
     It uploads 100s into the resident state, so a bad call that failed to roll
     back would show in ``assert_unchanged``. ``sections`` replaces sections.
     """
-    packed = resident.step.packed()
+    packed = resident.step.placement.packed(resident.step)
     state = resident.state
     records = [StateRecord.of(state, np.full(4, 100, np.float32))]
     full = {

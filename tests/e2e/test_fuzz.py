@@ -148,7 +148,7 @@ class Resident:
     """The client's state that no fuzzed frame names: it must keep its value throughout."""
 
     state: statehost.ParamState
-    step: Any  # a RemoteMapping adding its argument (shape (4,)) to the state
+    step: Any  # a remote transform adding its argument (shape (4,)) to the state
     value: np.ndarray
 
     def assert_unchanged(self, client: Any) -> None:
@@ -370,8 +370,9 @@ def target(tmp_path_factory):
         names = ["fuzz/seed", "fuzz/fn", "fuzz/new", "nons/x", "fuzz", "", "fuzz/a/b", "../x",
                  "fuzz/" + "n" * 300, "fuzz/\ud800", "\udfff/x"]
         yield Target(served, client, resident, wire, tally, failures, client._session,
-                     scratch, scratch_fn.packed(), stream, named, named_fn.packed(), ids, names,
-                     hostile, [scratch_fn._transform, *hostile_transforms[-3:]])
+                     scratch, scratch_fn.placement.packed(scratch_fn), stream, named,
+                     named_fn.placement.packed(named_fn), ids, names,
+                     hostile, [scratch_fn, *hostile_transforms[-3:]])
         wire.close()
         print(f"\n{tally.line()}; {wire.reconnects} reconnects")
         for cause, count in tally.faults.most_common():

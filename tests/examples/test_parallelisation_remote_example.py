@@ -2,11 +2,9 @@
 
 The example is the seed notebook driven through ``statehost.connect``; it must
 print the seed's values, as ``examples/parallelisation.py`` does (the expected
-values and the parsing helpers come from that example's test). Where the
-remote run differs by design it is pinned here: outputs come back as numpy
-arrays (``array(...)``, which has no ``weak_type``), ``client.pmap`` returns a
-``RemoteMapping`` around the seed's ``StatefulMapping``, and the states pulled
-back into the local model are ``jax.Array`` again.
+values and the parsing helpers come from that example's test), with the
+outputs printed as the same ``Array(...)``s. ``tests/examples/test_notebooks.py``
+compares every cell's text with the seed's, run as a notebook.
 """
 
 import math
@@ -31,8 +29,8 @@ from tests.serving import running_server
 
 EXAMPLE = REPO_ROOT / "examples" / "parallelisation_remote.py"
 
-# A printed numpy array (a call's output) or jax.Array (a pulled state value):
-# its class, its numbers, then its keyword arguments (dtype=..., ...).
+# A printed jax.Array, or a numpy array (what a call's output must not be): its class,
+# its numbers, then its keyword arguments (dtype=..., ...).
 _ARRAY = re.compile(r"^(array|Array)\((\[.*?\]), (dtype=[^)]*)\)$", re.MULTILINE | re.DOTALL)
 
 
@@ -79,7 +77,7 @@ def test_final_weights_pulled_into_the_local_model(stdout):
 
 
 def test_weights_after_pairwise_update_on_two_server_devices(stdout):
-    text = _section(stdout, "weights after pairwise update:", "array(")
+    text = _section(stdout, "weights after pairwise update:", "Array(")
 
     np.testing.assert_array_equal(_numbers(text), [2.0] * 4 + [0.0] * 4)
     assert text.strip().startswith("[[") and text.count("\n") == 2
@@ -89,8 +87,7 @@ def test_add_with_scale(arrays):
     cls, values, kwargs = arrays[0]
 
     np.testing.assert_array_equal(values, np.arange(8) + 0.5)
-    # The seed shows "dtype=float32, weak_type=True": numpy arrays have no weak type.
-    assert (cls, kwargs) == ("array", "dtype=float32")
+    assert (cls, kwargs) == ("Array", "dtype=float32, weak_type=True")  # as the seed shows
 
 
 def test_sample_normal_prints_eight_finite_numbers(arrays):
@@ -99,21 +96,18 @@ def test_sample_normal_prints_eight_finite_numbers(arrays):
     assert values.shape == (8,)
     assert all(math.isfinite(v) for v in values)
     assert len(set(values)) == 8  # one key per device
-    assert (cls, kwargs) == ("array", "dtype=float32")
+    assert (cls, kwargs) == ("Array", "dtype=float32")
 
 
 def test_sample_shared(arrays):
     cls, values, kwargs = arrays[2]
 
     np.testing.assert_allclose(values, SAMPLE_SHARED, rtol=0, atol=1e-5)
-    assert (cls, kwargs) == ("array", "dtype=float32")
+    assert (cls, kwargs) == ("Array", "dtype=float32")
 
 
-def test_remote_mapping_wraps_a_stateful_mapping(stdout):
-    lines = _lines(stdout)
-
-    assert "<class 'statehost.client._remote.RemoteMapping'>" in lines
-    assert "transform: <class 'statehost.transform.StatefulMapping'>" in lines
+def test_client_pmap_returns_the_seeds_stateful_mapping(stdout):
+    assert "<class 'statehost.transform.StatefulMapping'>" in _lines(stdout)
 
 
 def test_final_weight_value_after_custom_mapping(arrays):

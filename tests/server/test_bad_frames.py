@@ -50,6 +50,11 @@ def _post(http, path, body):
     return http.post(path, content=body, headers={"content-type": CONTENT_TYPE})
 
 
+def _digest(step) -> str:
+    """The digest of a client transform's pickle, as its calls send it."""
+    return step.placement.packed(step).digest
+
+
 def _header_frame(header: dict, sections=None) -> bytes:
     return encode(header, sections).to_bytes()
 
@@ -85,7 +90,7 @@ def test_a_section_layout_of_strings(http, client, resident):
 
 def test_a_cached_function_with_no_args_section(http, client, resident):
     _, step = resident
-    header = {"kind": "call", "session": client._session, "digest": step.packed().digest}
+    header = {"kind": "call", "session": client._session, "digest": _digest(step)}
     _assert_4xx(_post(http, "/v1/call", _header_frame(header)), "ProtocolError",
                 "CallRequest needs a 'args' section")
     _assert_unchanged(client, resident)
@@ -94,7 +99,7 @@ def test_a_cached_function_with_no_args_section(http, client, resident):
 @pytest.mark.parametrize("refs", [[5], None, "x", [["a"]]])
 def test_refs_that_are_not_a_list_of_ids(http, client, resident, refs):
     _, step = resident
-    header = {"kind": "call", "session": client._session, "digest": step.packed().digest,
+    header = {"kind": "call", "session": client._session, "digest": _digest(step),
               "refs": refs}
     body = _header_frame(header, {"args": pack(((), {}))})
     _assert_4xx(_post(http, "/v1/call", body), "ProtocolError",
@@ -157,7 +162,7 @@ def test_malformed_state_records(http, client, resident, records):
 
 def test_an_args_section_that_is_not_args_and_kwargs(http, client, resident):
     w, step = resident
-    message = CallRequest(session=client._session, digest=step.packed().digest, refs=(w.id,),
+    message = CallRequest(session=client._session, digest=_digest(step), refs=(w.id,),
                           default_stream=_stream(client), args=pack([1, 2, 3]))
     _assert_4xx(_post(http, "/v1/call", message.to_frame().to_bytes()), "ProtocolError",
                 "the args section must hold (args tuple, kwargs dict)")
@@ -177,7 +182,7 @@ def test_a_foreign_persistent_id_is_refused(http, client, resident):
     Pickler(file, protocol=5).dump(((w,), {}))
     from statehost.wire import Section
 
-    message = CallRequest(session=client._session, digest=step.packed().digest, refs=(w.id,),
+    message = CallRequest(session=client._session, digest=_digest(step), refs=(w.id,),
                           default_stream=_stream(client), args=Section(file.getvalue()))
     _assert_4xx(_post(http, "/v1/call", message.to_frame().to_bytes()), "ProtocolError",
                 "unknown persistent reference")

@@ -179,7 +179,7 @@ def test_the_lock_table_holds_only_calls_in_flight(transport, client, app):
     step()
     unknown = tuple(statehost.ParamState(0).id for _ in range(1000))
     for chunk in range(0, 1000, 250):
-        message = CallRequest(session=client._session, digest=step.packed().digest,
+        message = CallRequest(session=client._session, digest=step.placement.packed(step).digest,
                               refs=(w.id, *unknown[chunk:chunk + 250]),
                               args=pack(((), {})))
         response = _raw(transport, TOKEN, "/v1/call", message)
