@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from statehost import State
+from statehost._errors import brief
 from statehost._state import StateSnapshot
 from statehost.server.errors import (
     PayloadTooLargeError,
@@ -275,7 +276,7 @@ def _load_records(section: Section, where: str) -> list[StateRecord]:
     if not isinstance(records, list) or not all(_is_record(r) for r in records):
         raise ProtocolError(
             f"{where}: the states section must be a list of StateRecord(State subclass, "
-            f"32-hex id, name, tag, value); got {records!r:.120}. Fix: send states with "
+            f"32-hex id, name, tag, value); got {brief(records)}. Fix: send states with "
             "statehost's client.")
     return records
 

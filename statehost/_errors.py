@@ -13,7 +13,19 @@ their packages; they all derive from :class:`StatehostError`.
 
 from __future__ import annotations
 
-__all__ = ["BatchAxisError", "StateTraceError", "StatehostError", "WireError"]
+import reprlib
+
+__all__ = ["BatchAxisError", "StateTraceError", "StatehostError", "WireError", "brief"]
+
+
+def brief(obj: object) -> str:
+    """A short repr of anything a peer sent, for error messages: depth and length are
+    bounded (a list nested 10^5 deep made ``repr`` raise RecursionError), and a repr
+    that fails is named instead of raised."""
+    try:
+        return reprlib.repr(obj)
+    except Exception as exc:  # a hostile or broken __repr__
+        return f"<{type(obj).__name__} whose repr raised {type(exc).__name__}>"
 
 
 class StatehostError(Exception):

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from statehost._errors import WireError
+from statehost._errors import WireError, brief
 from statehost._state import State
 
 __all__ = ["Section", "StateRecord", "StateRef", "StateValue", "pack", "state_ref", "unpack"]
@@ -141,7 +141,7 @@ class _RefUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, StateRef):
             raise WireError(
-                f"statehost wire: unknown persistent reference {pid!r:.100}; only StateRef "
+                f"statehost wire: unknown persistent reference {brief(pid)}; only StateRef "
                 "may appear. Fix: send payloads pickled by statehost's client."
             )
         return self._load_state(pid)
@@ -149,7 +149,7 @@ class _RefUnpickler(pickle.Unpickler):
 
 def _no_states(ref: StateRef) -> Any:
     raise WireError(
-        f"statehost wire: the payload refers to a State ({ref!r:.80}) where none may appear. "
+        f"statehost wire: the payload refers to a State ({brief(ref)}) where none may appear. "
         "Fix: send state values, not State objects, in this message."
     )
 
