@@ -28,6 +28,7 @@ from statehost.client._errors import (
     StateConflictError,
     StateNotFoundError,
     VersionMismatchError,
+    remote_execution_error,
 )
 from statehost.client._http import Http
 from statehost.client._ledger import SyncLedger
@@ -485,7 +486,7 @@ def _localized(exc: RemoteExecutionError, mapping: RemoteMapping) -> RemoteExecu
         return exc
     fixed = localize_traceback(remote, mapping.transform.origin_fun)
     body = {**exc.body, "traceback": fixed}
-    return RemoteExecutionError(str(exc).replace(remote, fixed), status=exc.status, body=body)
+    return remote_execution_error(str(exc).replace(remote, fixed), status=exc.status, body=body)
 
 
 def _token_for(url: str) -> str | None:

@@ -20,8 +20,10 @@ from statehost.client._errors import (
     BY_TYPE,
     ClientClosedError,
     ProtocolError,
+    RemoteExecutionError,
     ServerError,
     TransportError,
+    remote_execution_error,
 )
 from statehost.client._transport import FrameTransport, HttpxFrameTransport, StdlibFrameTransport
 from statehost.wire import CONTENT_TYPE, Frame, Message, decode
@@ -69,6 +71,8 @@ def _raise_for(status: int, body: bytes, what: str) -> None:
     text = message if message.startswith(what) else f"{what}: {message}"
     if error.get("traceback"):
         text += f"\n\nRemote traceback:\n{error['traceback']}"
+    if cls is RemoteExecutionError:
+        raise remote_execution_error(text, status=status, body=error)
     raise cls(text, status=status, body=error)
 
 
