@@ -89,6 +89,8 @@ def _default(field: dataclasses.Field[Any]) -> str:
     value = field.default
     if field.name == "tokens":
         return "none: one is generated at start"
+    if field.name == "data_dir":
+        return "$XDG_DATA_HOME/statehost, else ~/.local/share/statehost"
     if isinstance(value, bool):
         return str(value).lower()
     if field.name == "max_body" and value % 2**30 == 0:

@@ -46,6 +46,13 @@ def test_generated_token_is_private_and_found_by_the_client(tmp_path, monkeypatc
             statehost.connect(served.url)
 
 
+def test_the_default_data_dir_follows_xdg_data_home(tmp_path):
+    env = {"HOME": str(tmp_path / "home"), "XDG_DATA_HOME": str(tmp_path / "share")}
+    with running_server(tmp_path, env=env, data_dir_flag=False):
+        assert (tmp_path / "share" / "statehost" / "statehost.db").is_file()
+    assert not (tmp_path / "home" / ".local").exists()
+
+
 def test_non_loopback_host_without_tokens_is_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
     env["XDG_CONFIG_HOME"] = str(tmp_path)
