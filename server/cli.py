@@ -29,8 +29,13 @@ from typing import Any
 
 from statehost._cli import Command
 from statehost._config import token_path
-from statehost.server.persistence.database import SCOPES, Database, hash_token
-from statehost.server.settings import Settings, is_loopback, parse_size
+from statehost.server.persistence.database import (
+    SCOPES,
+    DamagedDatabaseError,
+    Database,
+    hash_token,
+)
+from statehost.server.settings import Settings, is_loopback, parse_size, resolve_data_dir
 
 __all__ = ["COMMANDS", "serve", "token_command"]
 
@@ -49,6 +54,17 @@ _MSG_ABANDONED = (
     "{status}."
 )
 _EXIT_ABANDONED = 4
+_MSG_NO_DATABASE = (
+    "statehost token {command}: no server database in {data_dir} ({source}); nothing was "
+    "changed or created. A server keeps its tokens in <data dir>/statehost.db. Fix: name the "
+    "data dir the server uses, as `statehost serve` was given it: --data-dir DIR or "
+    "STATEHOST_DATA_DIR=DIR (its default is $XDG_DATA_HOME/statehost, else "
+    "~/.local/share/statehost).{init}"
+)
+_MSG_INIT = (
+    " To make tokens before the server's first start, add --init: it creates the database "
+    "there."
+)
 
 
 # -- parsers ----------------------------------------------------------------------
@@ -133,10 +149,15 @@ def _token_arguments(parser: argparse.ArgumentParser) -> None:
     revoke = token_commands.add_parser("revoke", help="revoke tokens by hash prefix")
     revoke.add_argument("prefix", metavar="HASH_PREFIX",
                         help="start of the token's hash, as 'token list' shows it")
+    create.add_argument("--init", action="store_true",
+                        help="create the data dir's database if it has none, to make tokens "
+                             "before the server's first start (without it, a data dir with "
+                             "no database is refused, as a likely typo)")
     for sub in (create, listing, revoke):
         sub.add_argument("--data-dir", type=Path,
                          help=f"the server's data directory ({_env('data_dir')}, default "
-                              f"{_default(data_dir)})")
+                              f"{_default(data_dir)}); the command says which one it used "
+                              "and refuses one with no database")
 
 
 # -- token ------------------------------------------------------------------------
@@ -144,8 +165,17 @@ _HASH_SHOWN = 12
 _MIN_PREFIX = 4
 
 
-def _open_db(args: argparse.Namespace) -> Database:
-    return Database(Settings.from_env(data_dir=args.data_dir).data_dir / "statehost.db")
+def _open_db(args: argparse.Namespace) -> tuple[Database | None, str]:
+    """The server's database and a note naming it and where its data dir came from; no
+    database (and nothing created) when the data dir has none, unless ``create --init``."""
+    data_dir, source = resolve_data_dir(args.data_dir)
+    path = data_dir / "statehost.db"
+    if not path.is_file() and not getattr(args, "init", False):
+        print(_MSG_NO_DATABASE.format(
+            command=args.token_command, data_dir=data_dir, source=source,
+            init=_MSG_INIT if args.token_command == "create" else ""), file=sys.stderr)
+        return None, ""
+    return Database(path), f"{path} (data dir from {source})"
 
 
 def _when(stamp: float | None) -> str:
@@ -161,19 +191,26 @@ def token_command(args: argparse.Namespace) -> int:
                   f"least {_MIN_PREFIX} hex digits of the hash shown by 'statehost token list'.",
                   file=sys.stderr)
             return 1
-    db = _open_db(args)
+    try:
+        db, where = _open_db(args)
+    except DamagedDatabaseError as exc:
+        print(f"statehost token {args.token_command}: {exc}", file=sys.stderr)
+        return 1
+    if db is None:
+        return 1
     try:
         if args.token_command == "create":
             token = db.create_token(args.namespace, args.scope, args.label)
             print(f"statehost token create: {args.scope} token for namespace "
-                  f"{args.namespace!r} (hash {hash_token(token)[:_HASH_SHOWN]}) in {db.path}. "
+                  f"{args.namespace!r} (hash {hash_token(token)[:_HASH_SHOWN]}) in {where}. "
                   "It is shown only this once; store it now.", file=sys.stderr)
             print(token, flush=True)
             return 0
         if args.token_command == "list":
             rows = db.tokens()
+            print(f"statehost token list: {'no ' if not rows else ''}tokens in {where}",
+                  file=sys.stderr)
             if not rows:
-                print(f"no tokens in {db.path}", file=sys.stderr)
                 return 0
             table = [("HASH", "NAMESPACE", "SCOPE", "LABEL", "CREATED", "REVOKED")]
             table += [(r.hash[:_HASH_SHOWN], r.namespace, r.scope, r.label or "-",
@@ -193,12 +230,12 @@ def token_command(args: argparse.Namespace) -> int:
                 return 1
             if not live:
                 why = "is already revoked" if matches else "matches no token"
-                print(f"statehost token revoke: {prefix!r} {why} in {db.path}. See "
+                print(f"statehost token revoke: {prefix!r} {why} in {where}. See "
                       "'statehost token list'.", file=sys.stderr)
                 return 1
             db.revoke_token(live[0].hash)
             print(f"revoked {live[0].hash[:_HASH_SHOWN]} ({live[0].scope} on "
-                  f"{live[0].namespace!r})")
+                  f"{live[0].namespace!r}) in {where}")
             return 0
     finally:
         db.close()

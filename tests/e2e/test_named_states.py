@@ -51,7 +51,7 @@ def _namespace_token(tmp_path, namespace, scope, label):
     env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
     result = subprocess.run(
         [sys.executable, "-m", "statehost.server", "token", "create", "--namespace", namespace,
-         "--scope", scope, "--label", label, "--data-dir", str(tmp_path / "data")],
+         "--scope", scope, "--label", label, "--init", "--data-dir", str(tmp_path / "data")],
         capture_output=True, text=True, env=env, timeout=60, check=True,
     )
     return result.stdout.strip().splitlines()[-1]
