@@ -9,9 +9,7 @@ request is a typed message of ``statehost.wire``.
 
 from __future__ import annotations
 
-import os
 import secrets
-import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -19,7 +17,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from statehost._config import token_path
 from statehost._state import State
 from statehost.client._errors import (
     FunctionNotCachedError,
@@ -33,6 +30,7 @@ from statehost.client._errors import (
 from statehost.client._http import Http
 from statehost.client._ledger import SyncLedger
 from statehost.client._remote import RemoteDevice, RemoteMapping, localize_traceback
+from statehost.client._token import TokenSource
 from statehost.nn import Module
 from statehost.random import RandomState, default_stream
 from statehost.transform import StatefulMapping as _LocalStatefulMapping
@@ -104,7 +102,8 @@ class Client:
     Arguments:
         base_url: the server's URL, e.g. ``"http://127.0.0.1:8470"``.
         timeout: seconds to wait for any answer (a long call needs a long timeout).
-        auth: the bearer token (``statehost.connect`` finds one for you).
+        auth: the bearer token, or a ``TokenSource`` (``statehost.connect`` finds one for
+            you, and re-reads the local token file when the server refuses it).
         transport: an ``httpx`` transport to use instead of the network (tests); when it
             is also a ``FrameTransport`` (``statehost.server.testing.InProcessTransport``
             is), frames go through it too.
@@ -119,7 +118,7 @@ class Client:
         *,
         base_url: str,
         timeout: float = 60.0,
-        auth: str | None = None,
+        auth: str | TokenSource | None = None,
         transport: Any = None,
     ):
         self.url = base_url.rstrip("/")
@@ -489,18 +488,6 @@ def _localized(exc: RemoteExecutionError, mapping: RemoteMapping) -> RemoteExecu
     return remote_execution_error(str(exc).replace(remote, fixed), status=exc.status, body=body)
 
 
-def _token_for(url: str) -> str | None:
-    token = os.environ.get("STATEHOST_TOKEN")
-    if token:
-        return token
-    host = urllib.parse.urlsplit(url).hostname or ""
-    loopback = host in {"localhost", "::1"} or host.startswith("127.")
-    path = token_path()
-    if loopback and path.is_file():
-        return path.read_text().strip() or None
-    return None
-
-
 def connect(
     url: str = "http://127.0.0.1:8470",
     token: str | None = None,
@@ -514,7 +501,8 @@ def connect(
         url: the server's URL.
         token: the bearer token. When omitted: ``$STATEHOST_TOKEN``, else (for a
             loopback URL) the token the local server wrote to
-            ``$XDG_CONFIG_HOME/statehost/token``.
+            ``$XDG_CONFIG_HOME/statehost/token``, read again if the server refuses it
+            (a server restarted on a new data dir has a new one).
         timeout: seconds to wait for any answer.
         transport: an ``httpx`` transport to use instead of the network (tests).
 
@@ -526,5 +514,5 @@ def connect(
         ...     print(client.devices())
     """
     return Client(
-        base_url=url, timeout=timeout, auth=token or _token_for(url), transport=transport
+        base_url=url, timeout=timeout, auth=TokenSource.find(url, token), transport=transport
     )

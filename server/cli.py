@@ -35,6 +35,7 @@ from statehost.server.persistence.database import (
     Database,
     hash_token,
 )
+from statehost.server.persistence.permissions import FILE_MODE, make_private_dir, tighten
 from statehost.server.settings import Settings, is_loopback, parse_size, resolve_data_dir
 
 __all__ = ["COMMANDS", "serve", "token_command"]
@@ -104,7 +105,7 @@ def _env(field: str) -> str:
 def _default(field: dataclasses.Field[Any]) -> str:
     value = field.default
     if field.name == "tokens":
-        return "none: one is generated at start"
+        return "none: one is generated at the first start and kept in the data dir"
     if field.name == "data_dir":
         return "$XDG_DATA_HOME/statehost, else ~/.local/share/statehost"
     if isinstance(value, bool):
@@ -242,14 +243,42 @@ def token_command(args: argparse.Namespace) -> int:
     raise AssertionError(args.token_command)
 
 
-def _write_token(token: str) -> Path:
-    path = token_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".token.{os.getpid()}")
+_GENERATED_TOKEN = "generated-token"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically, mode 0600, in a 0700 folder."""
+    make_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _generated_token(data_dir: Path) -> tuple[str, bool]:
+    """The token of a server started without tokens, and whether it was reused.
+
+    It is kept with the server's files (``<data dir>/generated-token``, 0600), so a
+    restart keeps it and clients that hold it go on; delete the file to get a new one.
+    """
+    path = data_dir / _GENERATED_TOKEN
+    try:
+        tighten(path, FILE_MODE)
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    if token:
+        return token, True
+    token = secrets.token_urlsafe(32)
+    _write_private(path, token + "\n")
+    return token, False
+
+
+def _write_token(token: str) -> Path:
+    """The client's copy, where a client on this machine finds it (``token_path``)."""
+    path = token_path()
+    _write_private(path, token + "\n")
     return path
 
 
@@ -298,9 +327,11 @@ def serve(args: argparse.Namespace) -> int:
 
     token_note = ""
     if not settings.tokens:
-        token = secrets.token_urlsafe(32)
+        token, reused = _generated_token(settings.data_dir)
         settings = Settings(**{**settings.__dict__, "tokens": (token,)})
-        token_note = f" (token also written to {_write_token(token)})"
+        kept = settings.data_dir / _GENERATED_TOKEN
+        how = f"token reused from {kept}" if reused else f"new token kept in {kept}"
+        token_note = f" ({how}; also written to {_write_token(token)})"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     devices = jax.devices()
     kinds = ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in devices}))

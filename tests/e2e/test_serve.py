@@ -46,6 +46,68 @@ def test_generated_token_is_private_and_found_by_the_client(tmp_path, monkeypatc
             statehost.connect(served.url)
 
 
+def test_the_generated_token_survives_a_restart(tmp_path, monkeypatch):
+    """A live kernel goes on after the server restarts: the generated token is kept with the
+    server's files (0600) and the client's copy is written again."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    port, model = free_port(), Affine(8)
+    with running_server(tmp_path, token=None, port=port) as first:
+        kept = tmp_path / "data" / "generated-token"
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        assert kept.read_text().strip() == first.token
+        client = statehost.connect(first.url)
+        step = client.pmap(model, **PMAP)
+        step(jnp.ones((8, 4)))
+    (tmp_path / "xdg" / "statehost" / "token").unlink()
+    with running_server(tmp_path, token=None, port=port) as second:
+        assert second.token == first.token
+        assert f"token reused from {kept}" in second.output()
+        step(jnp.ones((8, 4)))
+        np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 3.0))
+        client.close()
+
+
+def test_a_loopback_client_rereads_the_token_file_when_refused(tmp_path, monkeypatch):
+    """The server's token did change (its data dir was wiped): a client that read the token
+    file reads it again on a 401 and goes on with the new token."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    port, model = free_port(), Affine(8)
+    with running_server(tmp_path, token=None, port=port) as first:
+        client = statehost.connect(first.url)
+        step = client.pmap(model, **PMAP)
+        step(jnp.ones((8, 4)))
+    (tmp_path / "data" / "generated-token").unlink()
+    with running_server(tmp_path, token=None, port=port) as second:
+        assert second.token != first.token
+        step(jnp.ones((8, 4)))  # a frame: refused, the file re-read, sent again
+        assert client.list("team") == []  # JSON requests use the new token too
+        np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 3.0))
+        client.close()
+
+
+def test_a_refused_token_says_when_the_servers_token_changed(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    port = free_port()
+    with running_server(tmp_path, token=None, port=port) as first:
+        pass
+    (tmp_path / "data" / "generated-token").unlink()
+    with running_server(tmp_path, token=None, port=port) as second:
+        assert second.token != first.token
+        # A token given explicitly is never swapped for the file's (it may be another
+        # scope's), but the error says that the file changed, and when.
+        with pytest.raises(statehost.client.AuthError,
+                           match=r"(?s)not accepted.*token file .*statehost/token holds a "
+                                 r"different token, written at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+                                 r".*the server's token changed then"):
+            statehost.connect(second.url, token=first.token)
+    with running_server(tmp_path, token="configured", port=port) as third:
+        # The file still holds the generated token, which this server was not given.
+        with pytest.raises(statehost.client.AuthError,
+                           match=r"(?s)read from .*statehost/token \(written at .*\), which "
+                                 r"this server does not accept.*STATEHOST_TOKENS"):
+            statehost.connect(third.url)
+
+
 def test_the_default_data_dir_follows_xdg_data_home(tmp_path):
     env = {"HOME": str(tmp_path / "home"), "XDG_DATA_HOME": str(tmp_path / "share")}
     with running_server(tmp_path, env=env, data_dir_flag=False):
