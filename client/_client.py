@@ -9,7 +9,9 @@ request is a typed message of ``statehost.wire``.
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -149,7 +151,10 @@ class Client:
             )
 
     def _open_session(self) -> None:
-        self._session = self._http.json("POST", "/v1/sessions")["id"]
+        # Who we are, so the server tells this client's commits from other kernels' with
+        # the same token (info's "writer").
+        me = {"client": {"host": socket.gethostname(), "pid": os.getpid()}}
+        self._session = self._http.json("POST", "/v1/sessions", json=me)["id"]
         self._ledger.forget_server()
 
     def close(self) -> None:

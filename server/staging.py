@@ -211,7 +211,7 @@ class Transaction:
         written = [s.id for s in self.pending.states]
         existing = [i for i in self.uploaded if i not in self.new]
         self._write_durable(existing, written)
-        writer = self.session.principal.label
+        writer = self.session.writer
         for state in self.new.values():
             self.store.add(state, self.session)
         self.pending.commit()
@@ -247,7 +247,7 @@ class Transaction:
                 continue
             state = self.store.by_id(state_id)
             records.append(DurableRecord(state_id, self.current(state), meta.version + step,
-                                         self.session.principal.label, now))
+                                         self.session.writer, now))
             names.append(meta.name or state_id[:8])
         if not records:
             return
