@@ -69,6 +69,12 @@ _MSG_LOST_STATES = (
     "pull=False calls ({names}). Those values are gone. Fix: keep sessions alive with regular "
     "calls, or use pull=True (or client.pull) before long pauses."
 )
+_MSG_GONE_STATES = (
+    "{what}: {count} state(s) it uses ({names}) are no longer on the server (their named "
+    "object was deleted, here or by another client), and their newest values were there "
+    "only, left by pull=False calls or never pulled: those values are gone. The local states "
+    "keep the values they last had here; re-running the call uploads those."
+)
 # A request is re-sent at most this many times for the client's own bookkeeping: a
 # callable the server dropped from its cache, a session it closed.
 _RESENDS = 2
@@ -263,8 +269,12 @@ class Client:
             module_or_states: a ``Module``, a ``State``, or a list/dict of them.
         """
         states = {s.id: s for s in _collect(module_or_states, "statehost.Client.pull")}
-        reply = PullReply.from_frame(self._http.frame("/v1/states/pull", PullRequest(
-            session=self._session, ids=tuple(states))))
+        try:
+            reply = PullReply.from_frame(self._http.frame("/v1/states/pull", PullRequest(
+                session=self._session, ids=tuple(states))))
+        except StateNotFoundError as exc:
+            self._ledger.forget(exc.missing)  # the next call uploads them, as the error says
+            raise
         self._apply(reply.states.load(), reply.state_versions, states)
 
     # -- named objects ----------------------------------------------------------
@@ -300,7 +310,7 @@ class Client:
                               uploads=self._ledger.bases(uploads), structure=structure,
                               states=self._records(uploads) if uploads else None)
 
-        reply = PutReply.from_frame(self._send("/v1/objects/put", message))
+        reply = PutReply.from_frame(self._send("/v1/objects/put", message, refs=states))
         self._ledger.track(states.values())
         self._ledger.sent(message.counts, reply.state_versions)
 
@@ -347,9 +357,14 @@ class Client:
         return self._http.json("GET", f"/v1/namespaces/{namespace}/objects/{obj}")
 
     def delete(self, name: str) -> None:
-        """Deletes ``"namespace/name"`` and its states on the server."""
+        """Deletes ``"namespace/name"`` and its states on the server.
+
+        The local states keep their values, and this client forgets the server's copy of
+        them: a later ``put`` or call uploads them again.
+        """
         namespace, _, obj = name.partition("/")
-        self._http.json("DELETE", f"/v1/namespaces/{namespace}/objects/{obj}")
+        reply = self._http.json("DELETE", f"/v1/namespaces/{namespace}/objects/{obj}")
+        self._ledger.forget(reply["deleted"])
 
     def checkpoint(self, name: str) -> int:
         """Writes ``"namespace/name"`` (or a whole ``"namespace"``) to disk now."""
@@ -395,6 +410,9 @@ class Client:
                 if resends == _RESENDS:
                     raise
                 self._reopen(refs, f"POST {path}")
+            except StateNotFoundError as exc:
+                if resends == _RESENDS or not self._forget_missing(exc, refs, f"POST {path}"):
+                    raise
             except StateConflictError as exc:
                 if retries == 0:
                     raise
@@ -403,6 +421,25 @@ class Client:
                 self.pull([s for i in ids if (s := self._ledger.tracked(i)) is not None])
                 continue
             resends += 1
+
+    def _forget_missing(self, exc: StateNotFoundError, refs: Mapping[str, State],
+                        what: str) -> bool:
+        """The server lacks states this client thought it had (another client deleted their
+        named object): forgets them, so the request, re-sent, uploads the local values.
+        False when the missing states are none of the request's. Raises when their newest
+        values were on the server only: those are lost, and the caller must know."""
+        missing = [i for i in exc.missing if i in refs]
+        if not missing:
+            return False
+        lost = [refs[i] for i in self._ledger.stale_among(missing)]
+        self._ledger.forget(missing)
+        if lost:
+            names = ", ".join(s.name or s.id[:8] for s in lost[:5])
+            raise StateNotFoundError(
+                _MSG_GONE_STATES.format(what=what, count=len(lost), names=names),
+                status=exc.status, body={"missing": [s.id for s in lost]},
+            ) from exc
+        return True
 
     def _reopen(self, refs: Mapping[str, State], what: str) -> None:
         lost = [refs[i] for i in self._ledger.stale_among(refs)]

@@ -51,9 +51,10 @@ __all__ = ["Commit", "Transaction"]
 
 _MSG_MISSING_STATES = (
     "{where}: this session has no state with id {ids}. The server frees a session's states "
-    "when the session is deleted or idle past its TTL, and a state made by another session "
-    "is not visible here. Fix: push the values again (client.push(module)) or re-run the "
-    "call, which uploads states the server lacks."
+    "when the session is deleted or idle past its TTL, a named state goes with its deleted "
+    "object, and a state made by another session is not visible here. Fix: push the values "
+    "again (client.push(module)) or re-run the call: statehost's client forgets a state the "
+    "server answered missing, and uploads it with the next call."
 )
 _MSG_NOT_YOURS = (
     "{where}: no state with id {ids} is visible to this session; an upload cannot create a "

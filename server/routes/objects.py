@@ -90,16 +90,22 @@ def object_info(namespace: str, name: str, rt: RuntimeDep,
             "states": [rt.registry.describe(r) for r in rows]}
 
 
-@router.delete("/{namespace}/objects/{name}", status_code=204)
+@router.delete("/{namespace}/objects/{name}",
+               summary="Delete a named object and its states; answers the deleted state ids")
 async def delete_object(namespace: str, name: str, rt: RuntimeDep,
-                        principal: PrincipalDep) -> Response:
+                        principal: PrincipalDep) -> dict[str, Any]:
+    """Answers ``{"name": "ns/name", "deleted": [state ids]}``: a client that holds those
+    states forgets the server's copy, so its next put or call uploads them again (the ids
+    come from the delete itself, so a concurrent put cannot make them stale). Scope
+    ``submit``."""
     where = f"DELETE /v1/namespaces/{namespace}/objects/{name}"
     obj = await run_in_threadpool(_object, rt, principal, namespace, name, "submit", where)
-    await rt.scheduler.submit(Call("delete", Session.for_request(principal), obj.state_ids,
-                                   lambda c: rt.registry.delete(namespace, name)))
+    deleted = await rt.scheduler.submit(Call(
+        "delete", Session.for_request(principal), obj.state_ids,
+        lambda c: rt.registry.delete(namespace, name)))
     rt.functions.evict_states(obj.state_ids)
     await run_in_threadpool(rt.refresh_gauges)
-    return Response(status_code=204)
+    return {"name": f"{namespace}/{name}", "deleted": list(deleted)}
 
 
 @router.post("/{namespace}/checkpoint")
