@@ -1,6 +1,7 @@
 """``statehost serve`` as a user runs it: a real uvicorn subprocess on a loopback port."""
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -216,3 +217,35 @@ def test_a_call_longer_than_the_timeout_raises_transport_error(served):
     with statehost.connect(served.url, token=served.token, timeout=0.5) as client:
         with pytest.raises(statehost.client.TransportError, match="no answer .* within 0.5 s"):
             client.jit(slow)(jnp.ones(2))
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_docs_load_everything_from_the_server_itself(served, page):
+    """/docs works on a box with no internet: the page and every asset it references come
+    from this server, none from a CDN."""
+    with httpx.Client(base_url=served.url, timeout=30) as http:
+        html = http.get(page)
+        assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+        text = html.text
+        assert "http://" not in text and "https://" not in text, text
+        refs = set(re.findall(r'(?:src|href)="([^"]+)"', text))
+        refs |= set(re.findall(r"""(?:url|spec-url)[:=] *['"]([^'"]+)['"]""", text))
+        assert "/openapi.json" in refs
+        assert any(r.endswith(".js") for r in refs), refs
+        if page == "/docs":
+            assert any(r.endswith(".css") for r in refs), refs
+        for ref in sorted(refs):
+            assert ref.startswith("/"), ref
+            asset = http.get(ref)
+            assert asset.status_code == 200, (ref, asset.status_code)
+            assert len(asset.content) > 100, ref
+            kind = asset.headers["content-type"]
+            if ref.endswith(".js"):
+                assert "javascript" in kind, (ref, kind)
+                assert b"SwaggerUIBundle" in asset.content or b"Redoc" in asset.content
+            elif ref.endswith(".css"):
+                assert kind.startswith("text/css"), (ref, kind)
+            elif ref.endswith(".png"):
+                assert kind == "image/png", (ref, kind)
+        assert http.get("/docs/assets/../../etc/passwd").status_code == 404
+        assert http.get("/docs/assets/nothing.js").status_code == 404

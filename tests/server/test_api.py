@@ -166,6 +166,16 @@ def test_openapi_documents_the_json_api(http):
     assert any(p.endswith("/invoke") for p in paths)
 
 
+def test_openapi_says_which_operations_need_the_bearer_token(http):
+    schema = http.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer",
+        "description": schema["components"]["securitySchemes"]["bearer"]["description"]}
+    assert schema["security"] == [{"bearer": []}]
+    assert schema["paths"]["/v1/health"]["get"]["security"] == []
+    assert http.get("/v1/health").status_code == 200  # as documented: open
+
+
 def test_named_state_bytes_per_namespace(client):
     import jax.numpy as jnp
 
