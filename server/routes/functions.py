@@ -32,7 +32,7 @@ from statehost.server.errors import ValidationError
 from statehost.server.names import check_name
 from statehost.server.persistence import FunctionRow
 from statehost.server.registered import find, invoke_registered, register
-from statehost.server.routes._frames import frame_response
+from statehost.server.routes._frames import FRAME_OPENAPI, frame_response
 from statehost.server.routes.values import to_json
 from statehost.wire import RegisterRequest
 
@@ -85,7 +85,7 @@ def _from_json(value: Any, where: str) -> Any:
 
 # -- routes -----------------------------------------------------------------------
 @router.post("/v1/functions/register", response_class=Response,
-             dependencies=[Depends(require_submit)],
+             dependencies=[Depends(require_submit)], openapi_extra=FRAME_OPENAPI,
              summary="Register a transform under 'namespace/name' (a frame, scope submit)")
 async def register_function(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep
                             ) -> Response:

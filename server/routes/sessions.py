@@ -39,7 +39,8 @@ def open_session(rt: RuntimeDep, principal: PrincipalDep,
     return {"id": session.id, "ttl": rt.settings.session_ttl}
 
 
-@router.delete("/{session_id}", status_code=204)
+@router.delete("/{session_id}", status_code=204,
+               summary="Close a session: its anonymous states are freed")
 def close_session(session_id: str, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     session = rt.session(session_id, principal, "DELETE /v1/sessions/{id}")
     rt.sessions.pop(session.id)
