@@ -5,6 +5,7 @@ import re
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -183,6 +184,36 @@ def test_a_long_call_does_not_block_the_http_loop(served):
     assert answers[0].tolist() == [2.0, 2.0]
 
 
+def test_a_notebooks_own_exception_class_is_caught_by_it(served, tmp_path):
+    """A class defined in __main__ (a notebook cell, a script) travels by value; the error
+    that comes back is an instance of the caller's own class."""
+    script = tmp_path / "kernel.py"
+    script.write_text(textwrap.dedent(f"""
+        import jax.numpy as jnp
+        import statehost
+        from statehost.client import RemoteExecutionError
+
+        class NotConverged(Exception):
+            pass
+
+        def solve(x):
+            raise NotConverged(f"residual too large after {{x.shape[0]}} steps")
+
+        with statehost.connect({served.url!r}, token={served.token!r}) as client:
+            try:
+                client.jit(solve)(jnp.ones(3))
+            except NotConverged as exc:
+                assert isinstance(exc, RemoteExecutionError)
+                assert "residual too large after 3 steps" in str(exc)
+                print("caught", type(exc).__name__)
+    """))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env={**env, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "caught RemoteExecutionError(NotConverged)" in run.stdout
+
+
 def test_configured_tokens_are_never_printed(served):
     output = served.output()
     assert "configured token(s)" in output
@@ -248,4 +279,6 @@ def test_the_api_docs_load_everything_from_the_server_itself(served, page):
             elif ref.endswith(".png"):
                 assert kind == "image/png", (ref, kind)
         assert http.get("/docs/assets/../../etc/passwd").status_code == 404
-        assert http.get("/docs/assets/nothing.js").status_code == 404
+        missing = http.get("/docs/assets/nothing.js")
+        assert missing.status_code == 404
+        assert "no such asset; the docs use favicon.png" in missing.json()["error"]["message"]
