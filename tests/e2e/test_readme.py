@@ -10,6 +10,7 @@ of the OpenAPI document is listed in the README.
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,7 @@ def test_the_python_blocks_run_against_a_real_server(served):
     assert f"--- README python block {len(blocks)}" in run.stdout
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_the_curl_examples_run_against_a_real_server(served):
     """After the Python blocks (which put team/net, team/counter and register team/add)."""
     block = _json_api_block().replace(DEFAULT_URL, served.url)
