@@ -3,7 +3,7 @@
 They look at and act on a running server through its JSON API, with httpx and no
 session: they ship no pickles, so they work even where the client's and the server's
 versions differ (``doctor`` is the one that reports that). This module imports httpx,
-the core's token path and the client's exception classes: not the server, and not the
+the client's token lookup and exception classes: not the server, and not the
 client's frames or pickling. The dispatcher (``statehost._cli``) imports it when one of
 ``COMMANDS`` runs.
 """
@@ -14,14 +14,12 @@ import argparse
 import contextlib
 import os
 import sys
-import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
 
 from statehost._cli import Command
-from statehost._config import token_path
 from statehost.client._errors import (
     BY_TYPE,
     AuthError,
@@ -30,6 +28,7 @@ from statehost.client._errors import (
     ServerError,
     TransportError,
 )
+from statehost.client._token import TokenSource
 
 __all__ = ["COMMANDS", "checkpoint", "doctor", "ls"]
 
@@ -86,19 +85,6 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # -- HTTP -------------------------------------------------------------------------
-def _token_for(url: str) -> str | None:
-    """As ``statehost.connect`` finds a token: ``$STATEHOST_TOKEN``, else the local
-    server's token file when the URL is loopback."""
-    token = os.environ.get("STATEHOST_TOKEN")
-    if token:
-        return token
-    host = urllib.parse.urlsplit(url).hostname or ""
-    path = token_path()
-    if (host in {"localhost", "::1"} or host.startswith("127.")) and path.is_file():
-        return path.read_text().strip() or None
-    return None
-
-
 @contextlib.contextmanager
 def _translate(what: str, url: str, timeout: float) -> Iterator[None]:
     """The one place where these commands' httpx exceptions become statehost exceptions."""
@@ -123,7 +109,7 @@ class _Remote:
     def __init__(self, args: argparse.Namespace):
         self.url = args.url.rstrip("/")
         self.timeout = args.timeout
-        token = args.token or _token_for(self.url)
+        token = TokenSource.find(self.url, args.token).token  # as statehost.connect finds it
         self.token_sent = bool(token)
         self._http = httpx.Client(
             base_url=self.url, timeout=httpx.Timeout(args.timeout, connect=min(args.timeout, 10)),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import urllib.parse
+import socket
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from statehost._config import token_path
 from statehost._state import State
 from statehost.client._errors import (
     FunctionNotCachedError,
@@ -28,11 +27,13 @@ from statehost.client._errors import (
     StateConflictError,
     StateNotFoundError,
     VersionMismatchError,
+    remote_execution_error,
 )
 from statehost.client._http import Http
 from statehost.client._ledger import SyncLedger
 from statehost.client._outputs import local_outputs
 from statehost.client._remote import RemoteDevice, RemotePlacement, localize_traceback
+from statehost.client._token import TokenSource
 from statehost.nn import Module
 from statehost.random import RandomState, default_stream
 from statehost.transform import StatefulMapping as _LocalStatefulMapping
@@ -71,6 +72,12 @@ _MSG_LOST_STATES = (
     "pull=False calls ({names}). Those values are gone. Fix: keep sessions alive with regular "
     "calls, or use pull=True (or client.pull) before long pauses."
 )
+_MSG_GONE_STATES = (
+    "{what}: {count} state(s) it uses ({names}) are no longer on the server (their named "
+    "object was deleted, here or by another client), and their newest values were there "
+    "only, left by pull=False calls or never pulled: those values are gone. The local states "
+    "keep the values they last had here; re-running the call uploads those."
+)
 # A request is re-sent at most this many times for the client's own bookkeeping: a
 # callable the server dropped from its cache, a session it closed.
 _RESENDS = 2
@@ -106,7 +113,8 @@ class Client:
     Arguments:
         base_url: the server's URL, e.g. ``"http://127.0.0.1:8470"``.
         timeout: seconds to wait for any answer (a long call needs a long timeout).
-        auth: the bearer token (``statehost.connect`` finds one for you).
+        auth: the bearer token, or a ``TokenSource`` (``statehost.connect`` finds one for
+            you, and re-reads the local token file when the server refuses it).
         transport: an ``httpx`` transport to use instead of the network (tests); when it
             is also a ``FrameTransport`` (``statehost.server.testing.InProcessTransport``
             is), frames go through it too.
@@ -121,7 +129,7 @@ class Client:
         *,
         base_url: str,
         timeout: float = 60.0,
-        auth: str | None = None,
+        auth: str | TokenSource | None = None,
         transport: Any = None,
     ):
         self.url = base_url.rstrip("/")
@@ -152,7 +160,10 @@ class Client:
             )
 
     def _open_session(self) -> None:
-        self._session = self._http.json("POST", "/v1/sessions")["id"]
+        # Who we are, so the server tells this client's commits from other kernels' with
+        # the same token (info's "writer").
+        me = {"client": {"host": socket.gethostname(), "pid": os.getpid()}}
+        self._session = self._http.json("POST", "/v1/sessions", json=me)["id"]
         self._ledger.forget_server()
 
     def close(self) -> None:
@@ -264,8 +275,12 @@ class Client:
             module_or_states: a ``Module``, a ``State``, or a list/dict of them.
         """
         states = {s.id: s for s in _collect(module_or_states, "statehost.Client.pull")}
-        reply = PullReply.from_frame(self._http.frame("/v1/states/pull", PullRequest(
-            session=self._session, ids=tuple(states))))
+        try:
+            reply = PullReply.from_frame(self._http.frame("/v1/states/pull", PullRequest(
+                session=self._session, ids=tuple(states))))
+        except StateNotFoundError as exc:
+            self._ledger.forget(exc.missing)  # the next call uploads them, as the error says
+            raise
         self._apply(reply.states.load(), reply.state_versions, states)
 
     # -- named objects ----------------------------------------------------------
@@ -301,7 +316,7 @@ class Client:
                               uploads=self._ledger.bases(uploads), structure=structure,
                               states=self._records(uploads) if uploads else None)
 
-        reply = PutReply.from_frame(self._send("/v1/objects/put", message))
+        reply = PutReply.from_frame(self._send("/v1/objects/put", message, refs=states))
         self._ledger.track(states.values())
         self._ledger.sent(message.counts, reply.state_versions)
 
@@ -348,9 +363,14 @@ class Client:
         return self._http.json("GET", f"/v1/namespaces/{namespace}/objects/{obj}")
 
     def delete(self, name: str) -> None:
-        """Deletes ``"namespace/name"`` and its states on the server."""
+        """Deletes ``"namespace/name"`` and its states on the server.
+
+        The local states keep their values, and this client forgets the server's copy of
+        them: a later ``put`` or call uploads them again.
+        """
         namespace, _, obj = name.partition("/")
-        self._http.json("DELETE", f"/v1/namespaces/{namespace}/objects/{obj}")
+        reply = self._http.json("DELETE", f"/v1/namespaces/{namespace}/objects/{obj}")
+        self._ledger.forget(reply["deleted"])
 
     def checkpoint(self, name: str) -> int:
         """Writes ``"namespace/name"`` (or a whole ``"namespace"``) to disk now."""
@@ -405,6 +425,9 @@ class Client:
                 if resends == _RESENDS:
                     raise
                 self._reopen(refs, f"POST {path}")
+            except StateNotFoundError as exc:
+                if resends == _RESENDS or not self._forget_missing(exc, refs, f"POST {path}"):
+                    raise
             except StateConflictError as exc:
                 if retries == 0:
                     raise
@@ -413,6 +436,25 @@ class Client:
                 self.pull([s for i in ids if (s := self._ledger.tracked(i)) is not None])
                 continue
             resends += 1
+
+    def _forget_missing(self, exc: StateNotFoundError, refs: Mapping[str, State],
+                        what: str) -> bool:
+        """The server lacks states this client thought it had (another client deleted their
+        named object): forgets them, so the request, re-sent, uploads the local values.
+        False when the missing states are none of the request's. Raises when their newest
+        values were on the server only: those are lost, and the caller must know."""
+        missing = [i for i in exc.missing if i in refs]
+        if not missing:
+            return False
+        lost = [refs[i] for i in self._ledger.stale_among(missing)]
+        self._ledger.forget(missing)
+        if lost:
+            names = ", ".join(s.name or s.id[:8] for s in lost[:5])
+            raise StateNotFoundError(
+                _MSG_GONE_STATES.format(what=what, count=len(lost), names=names),
+                status=exc.status, body={"missing": [s.id for s in lost]},
+            ) from exc
+        return True
 
     def _reopen(self, refs: Mapping[str, State], what: str) -> None:
         lost = [refs[i] for i in self._ledger.stale_among(refs)]
@@ -501,19 +543,7 @@ def _localized(exc: RemoteExecutionError, transform: StatefulCall) -> RemoteExec
         return exc
     fixed = localize_traceback(remote, transform.origin_fun)
     body = {**exc.body, "traceback": fixed}
-    return RemoteExecutionError(str(exc).replace(remote, fixed), status=exc.status, body=body)
-
-
-def _token_for(url: str) -> str | None:
-    token = os.environ.get("STATEHOST_TOKEN")
-    if token:
-        return token
-    host = urllib.parse.urlsplit(url).hostname or ""
-    loopback = host in {"localhost", "::1"} or host.startswith("127.")
-    path = token_path()
-    if loopback and path.is_file():
-        return path.read_text().strip() or None
-    return None
+    return remote_execution_error(str(exc).replace(remote, fixed), status=exc.status, body=body)
 
 
 def connect(
@@ -529,7 +559,8 @@ def connect(
         url: the server's URL.
         token: the bearer token. When omitted: ``$STATEHOST_TOKEN``, else (for a
             loopback URL) the token the local server wrote to
-            ``$XDG_CONFIG_HOME/statehost/token``.
+            ``$XDG_CONFIG_HOME/statehost/token``, read again if the server refuses it
+            (a server restarted on a new data dir has a new one).
         timeout: seconds to wait for any answer.
         transport: an ``httpx`` transport to use instead of the network (tests).
 
@@ -541,5 +572,5 @@ def connect(
         ...     print(client.devices())
     """
     return Client(
-        base_url=url, timeout=timeout, auth=token or _token_for(url), transport=transport
+        base_url=url, timeout=timeout, auth=TokenSource.find(url, token), transport=transport
     )

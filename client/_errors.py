@@ -24,15 +24,21 @@
         ├── NameConflictError           a state that already belongs to another name (409)
         ├── PreconditionFailedError     If-Match named another version (HTTP 412)
         ├── RemoteExecutionError        the user's function raised on the server (HTTP 422)
+        │   └── RemoteExecutionError(cls)  also a ``cls``, the remote exception's class, when
+        │                               the client can import it (``except TypeError`` works)
         └── ServerError                 the server failed (HTTP 5xx)
             └── StorageError            the server's disk failed; nothing was applied (503)
 
 Which class answers which error kind of the wire (``statehost.wire.ERROR_KINDS``) is
-:data:`BY_TYPE`, checked against that table by the tests.
+:data:`BY_TYPE`, checked against that table by the tests; a ``RemoteExecutionError`` is
+made by :func:`remote_execution_error`.
 """
 
 from __future__ import annotations
 
+import builtins
+import importlib
+import sys
 from typing import Any
 
 from statehost._errors import StatehostError
@@ -62,6 +68,7 @@ __all__ = [
     "UnsupportedMediaTypeError",
     "ValidationError",
     "VersionMismatchError",
+    "remote_execution_error",
 ]
 
 
@@ -172,13 +179,24 @@ class PreconditionFailedError(ClientError):
 class RemoteExecutionError(ClientError):
     """The function raised on the server; every state kept its previous value.
 
-    ``exception_type`` is the remote exception's class name and
-    ``remote_traceback`` the traceback text, starting at the user's own code.
+    ``exception_type`` is the remote exception's class name, ``exception_message`` its
+    text and ``remote_traceback`` the traceback text, starting at the user's own code.
+    When the client can import that class, the error raised is also an instance of it
+    (its type is ``RemoteExecutionError(TypeError)``, say), so ``except TypeError`` catches
+    it; see :func:`remote_execution_error`.
     """
 
     @property
     def exception_type(self) -> str:
         return str(self.body.get("exception_type", ""))
+
+    @property
+    def exception_module(self) -> str:
+        return str(self.body.get("exception_module", ""))
+
+    @property
+    def exception_message(self) -> str:
+        return str(self.body.get("exception_message", ""))
 
     @property
     def remote_traceback(self) -> str:
@@ -203,3 +221,90 @@ BY_TYPE: dict[str, type[ClientError]] = {
         ValidationError, RemoteExecutionError, ServerError, StorageError,
     )
 }
+
+
+# -- RemoteExecutionError(cls) -----------------------------------------------------------
+def _remote_class(module: object, qualname: object) -> type[Exception] | None:
+    """The remote exception's class, if it is a builtin or importable here, else ``None``.
+
+    Importing is safe to try: the client already trusts this server with its pickles (it
+    loads the results), and a module that fails to import only means no class.
+    """
+    if not isinstance(module, str) or not isinstance(qualname, str) or not qualname:
+        return None
+    if "<locals>" in qualname.split("."):
+        return None  # defined inside a function: there is no name to find it by
+    try:
+        found: Any = builtins if module == "builtins" else (
+            sys.modules.get(module) or importlib.import_module(module))
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except Exception:
+        return None
+    if not (isinstance(found, type) and issubclass(found, Exception)):
+        return None
+    if issubclass(found, ClientError):
+        return None  # the client's own errors are never doubled
+    return found
+
+
+def _with_cause(cause: type[Exception]) -> type[RemoteExecutionError]:
+    """``RemoteExecutionError(cause)``: both classes, as Ray's ``RayTaskError(cls)`` is.
+
+    The remote class's ``__init__`` is never called: its signature is the remote code's
+    business, and the error only carries statehost's message. Its ``__str__`` is not used
+    either (``KeyError`` would print the message quoted).
+    """
+
+    def __init__(self: RemoteExecutionError, message: str, *, status: int | None = None,
+                 body: Any = None) -> None:
+        BaseException.__init__(self, message)
+        self.status = status
+        self.body = body if body is not None else {}
+
+    def __str__(self: RemoteExecutionError) -> str:
+        return BaseException.__str__(self)
+
+    def __reduce__(self: RemoteExecutionError) -> tuple[Any, ...]:
+        return (_rebuild, (str(self), self.status, self.body))
+
+    name = f"RemoteExecutionError({cause.__qualname__})"
+    return type(name, (RemoteExecutionError, cause), {
+        "__init__": __init__, "__str__": __str__, "__reduce__": __reduce__,
+        "__module__": RemoteExecutionError.__module__, "__qualname__": name,
+        "__doc__": f"A remote {cause.__qualname__}: also a RemoteExecutionError.",
+    })
+
+
+def remote_execution_error(message: str, *, status: int | None, body: Any
+                           ) -> RemoteExecutionError:
+    """The error for a remote exception: ``RemoteExecutionError(cls)`` when the body's
+    ``exception_module`` / ``exception_type`` name a class the client can import (a
+    builtin, a library's, one of the user's modules), else a plain ``RemoteExecutionError``.
+
+    Arguments:
+        message: the error's text (with the remote traceback).
+        status: the HTTP status (422).
+        body: the error body: ``exception_type``, ``exception_module``, ``traceback``...
+
+    Returns:
+        The exception to raise.
+
+    Example:
+        >>> error = remote_execution_error("boom", status=422, body={
+        ...     "exception_type": "TypeError", "exception_module": "builtins"})
+        >>> isinstance(error, TypeError), isinstance(error, RemoteExecutionError)
+        (True, True)
+    """
+    body = body if body is not None else {}
+    cause = _remote_class(body.get("exception_module"), body.get("exception_type"))
+    if cause is not None:
+        try:
+            return _with_cause(cause)(message, status=status, body=body)
+        except Exception:  # a metaclass or __new__ that will not mix: the plain error
+            pass
+    return RemoteExecutionError(message, status=status, body=body)
+
+
+def _rebuild(message: str, status: int | None, body: Any) -> RemoteExecutionError:
+    return remote_execution_error(message, status=status, body=body)

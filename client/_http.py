@@ -1,6 +1,10 @@
 """HTTP for the client: JSON through httpx, frames through a ``FrameTransport``, and the
 one mapping from transport failures and error answers to the client's exceptions.
 
+A 401 to a client whose token came from the local server's token file makes it read the
+file again and, when the token there changed, send the request once more with it
+(``TokenSource``).
+
 Large request bodies go out as 1 MiB memoryview chunks with a Content-Length;
 large responses are read into one preallocated buffer, never joined from pieces.
 """
@@ -20,9 +24,12 @@ from statehost.client._errors import (
     BY_TYPE,
     ClientClosedError,
     ProtocolError,
+    RemoteExecutionError,
     ServerError,
     TransportError,
+    remote_execution_error,
 )
+from statehost.client._token import TokenSource
 from statehost.client._transport import FrameTransport, HttpxFrameTransport, StdlibFrameTransport
 from statehost.wire import CONTENT_TYPE, Frame, Message, decode
 
@@ -53,8 +60,9 @@ def _translate(what: str, url: str, timeout: float) -> Iterator[None]:
                              f"({type(exc).__name__}: {exc}).") from exc
 
 
-def _raise_for(status: int, body: bytes, what: str) -> None:
-    """Raises the client exception of an error answer's kind (by its ``type``)."""
+def _raise_for(status: int, body: bytes, what: str, note: str = "") -> None:
+    """Raises the client exception of an error answer's kind (by its ``type``); ``note``
+    follows the server's message."""
     if status < 400:
         return
     try:
@@ -67,8 +75,11 @@ def _raise_for(status: int, body: bytes, what: str) -> None:
     if cls is None:
         cls = ServerError if status >= 500 else ProtocolError
     text = message if message.startswith(what) else f"{what}: {message}"
+    text += note
     if error.get("traceback"):
         text += f"\n\nRemote traceback:\n{error['traceback']}"
+    if cls is RemoteExecutionError:
+        raise remote_execution_error(text, status=status, body=error)
     raise cls(text, status=status, body=error)
 
 
@@ -78,13 +89,18 @@ class Http:
     def __init__(
         self,
         base_url: str,
-        token: str | None,
+        token: str | TokenSource | None,
         timeout: float,
         transport: httpx.BaseTransport | None,
     ):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.token = token if isinstance(token, TokenSource) else TokenSource.find(
+            self.base_url, token) if token else TokenSource(None, "none")
+        # One dict, shared with the frame transports: a re-read token reaches them too.
+        self._headers = headers = {}
+        if self.token.token:
+            headers["authorization"] = f"Bearer {self.token.token}"
         self._client: httpx.Client | None = httpx.Client(
             base_url=self.base_url,
             headers=headers,
@@ -118,11 +134,26 @@ class Http:
             self._client = None
             self.frames.close()
 
+    def _token_changed(self) -> bool:
+        """After a 401: re-reads the token file; True when its token is new (now in use)."""
+        token = self.token.reread()
+        if token is None:
+            return False
+        self._headers["authorization"] = f"Bearer {token}"
+        self.client.headers["authorization"] = f"Bearer {token}"
+        return True
+
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         what = f"{method} {path}"
-        with _translate(what, self.base_url, self.timeout):
-            response = self.client.request(method, path, **kwargs)
-        _raise_for(response.status_code, response.content, what)
+        reread = False
+        while True:
+            with _translate(what, self.base_url, self.timeout):
+                response = self.client.request(method, path, **kwargs)
+            if response.status_code != 401 or reread or not self._token_changed():
+                break
+            reread = True
+        note = self.token.refusal(reread) if response.status_code == 401 else ""
+        _raise_for(response.status_code, response.content, what, note)
         return response.json() if response.content else None
 
     def frame(self, path: str, message: Message) -> Frame:
@@ -130,11 +161,18 @@ class Http:
         what = f"POST {path}"
         encoded = message.to_frame()
         headers = {"content-type": CONTENT_TYPE, "content-length": str(encoded.nbytes)}
-        chunks = [encoded.to_bytes()] if encoded.nbytes <= _CHUNK else encoded.chunks(_CHUNK)
         self.client  # raises ClientClosedError after close()  # noqa: B018
-        with _translate(what, self.base_url, self.timeout):
-            status, body = self.frames.post_frame(path, chunks, encoded.nbytes, headers)
-        _raise_for(status, bytes(body[:65536]) if status >= 400 else b"", what)
+        reread = False
+        while True:
+            chunks = [encoded.to_bytes()] if encoded.nbytes <= _CHUNK else \
+                encoded.chunks(_CHUNK)
+            with _translate(what, self.base_url, self.timeout):
+                status, body = self.frames.post_frame(path, chunks, encoded.nbytes, headers)
+            if status != 401 or reread or not self._token_changed():
+                break
+            reread = True
+        note = self.token.refusal(reread) if status == 401 else ""
+        _raise_for(status, bytes(body[:65536]) if status >= 400 else b"", what, note)
         try:
             return decode(body)
         except WireError as exc:

@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from statehost import __version__
 from statehost.server.errors import install_handlers
 from statehost.server.persistence import DamagedDatabaseError, flush, flusher
 from statehost.server.routes import (
     calls,
+    docs,
     functions,
     health,
     info,
@@ -65,6 +67,27 @@ class _RefusalWithoutTraceback:
             await send(message)
 
         await self.app(scope, receive, send_quietly)
+
+
+def _document_bearer_auth(app: FastAPI) -> None:
+    """The OpenAPI document says that operations need ``Authorization: Bearer <token>``
+    (all but the ones that declare ``security: []``, ``/v1/health``), so clients generated
+    from it, and Swagger UI's "Authorize", send the token. Auth itself is
+    ``require_token``; this only describes it."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "a token the server accepts: the one `statehost serve` printed, "
+                               "one of STATEHOST_TOKENS, or one made with `statehost token "
+                               "create`"}}
+            schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -119,14 +142,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.tokens.stop()
             runtime.persistence.close()
 
-    app = FastAPI(title="statehost", version=__version__, lifespan=lifespan)
+    # docs_url/redoc_url None: routes/docs.py serves both pages without a CDN.
+    app = FastAPI(title="statehost", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.versions = local_versions()
     for module in (health, info, sessions, calls, states, objects, metrics, namespaces,
-                   values, functions):
+                   values, functions, docs):
         app.include_router(module.router)
     app.include_router(objects.frames)
+    _document_bearer_auth(app)
     install_handlers(app)
     app.add_middleware(_RefusalWithoutTraceback)
     return app

@@ -29,8 +29,14 @@ from typing import Any
 
 from statehost._cli import Command
 from statehost._config import token_path
-from statehost.server.persistence.database import SCOPES, Database, hash_token
-from statehost.server.settings import Settings, is_loopback, parse_size
+from statehost.server.persistence.database import (
+    SCOPES,
+    DamagedDatabaseError,
+    Database,
+    hash_token,
+)
+from statehost.server.persistence.permissions import FILE_MODE, make_private_dir, tighten
+from statehost.server.settings import Settings, is_loopback, parse_size, resolve_data_dir
 
 __all__ = ["COMMANDS", "serve", "token_command"]
 
@@ -49,6 +55,17 @@ _MSG_ABANDONED = (
     "{status}."
 )
 _EXIT_ABANDONED = 4
+_MSG_NO_DATABASE = (
+    "statehost token {command}: no server database in {data_dir} ({source}); nothing was "
+    "changed or created. A server keeps its tokens in <data dir>/statehost.db. Fix: name the "
+    "data dir the server uses, as `statehost serve` was given it: --data-dir DIR or "
+    "STATEHOST_DATA_DIR=DIR (its default is $XDG_DATA_HOME/statehost, else "
+    "~/.local/share/statehost).{init}"
+)
+_MSG_INIT = (
+    " To make tokens before the server's first start, add --init: it creates the database "
+    "there."
+)
 
 
 # -- parsers ----------------------------------------------------------------------
@@ -88,7 +105,9 @@ def _env(field: str) -> str:
 def _default(field: dataclasses.Field[Any]) -> str:
     value = field.default
     if field.name == "tokens":
-        return "none: one is generated at start"
+        return "none: one is generated at the first start and kept in the data dir"
+    if field.name == "data_dir":
+        return "$XDG_DATA_HOME/statehost, else ~/.local/share/statehost"
     if isinstance(value, bool):
         return str(value).lower()
     if field.name == "max_body" and value % 2**30 == 0:
@@ -131,10 +150,15 @@ def _token_arguments(parser: argparse.ArgumentParser) -> None:
     revoke = token_commands.add_parser("revoke", help="revoke tokens by hash prefix")
     revoke.add_argument("prefix", metavar="HASH_PREFIX",
                         help="start of the token's hash, as 'token list' shows it")
+    create.add_argument("--init", action="store_true",
+                        help="create the data dir's database if it has none, to make tokens "
+                             "before the server's first start (without it, a data dir with "
+                             "no database is refused, as a likely typo)")
     for sub in (create, listing, revoke):
         sub.add_argument("--data-dir", type=Path,
                          help=f"the server's data directory ({_env('data_dir')}, default "
-                              f"{_default(data_dir)})")
+                              f"{_default(data_dir)}); the command says which one it used "
+                              "and refuses one with no database")
 
 
 # -- token ------------------------------------------------------------------------
@@ -142,8 +166,17 @@ _HASH_SHOWN = 12
 _MIN_PREFIX = 4
 
 
-def _open_db(args: argparse.Namespace) -> Database:
-    return Database(Settings.from_env(data_dir=args.data_dir).data_dir / "statehost.db")
+def _open_db(args: argparse.Namespace) -> tuple[Database | None, str]:
+    """The server's database and a note naming it and where its data dir came from; no
+    database (and nothing created) when the data dir has none, unless ``create --init``."""
+    data_dir, source = resolve_data_dir(args.data_dir)
+    path = data_dir / "statehost.db"
+    if not path.is_file() and not getattr(args, "init", False):
+        print(_MSG_NO_DATABASE.format(
+            command=args.token_command, data_dir=data_dir, source=source,
+            init=_MSG_INIT if args.token_command == "create" else ""), file=sys.stderr)
+        return None, ""
+    return Database(path), f"{path} (data dir from {source})"
 
 
 def _when(stamp: float | None) -> str:
@@ -159,19 +192,26 @@ def token_command(args: argparse.Namespace) -> int:
                   f"least {_MIN_PREFIX} hex digits of the hash shown by 'statehost token list'.",
                   file=sys.stderr)
             return 1
-    db = _open_db(args)
+    try:
+        db, where = _open_db(args)
+    except DamagedDatabaseError as exc:
+        print(f"statehost token {args.token_command}: {exc}", file=sys.stderr)
+        return 1
+    if db is None:
+        return 1
     try:
         if args.token_command == "create":
             token = db.create_token(args.namespace, args.scope, args.label)
             print(f"statehost token create: {args.scope} token for namespace "
-                  f"{args.namespace!r} (hash {hash_token(token)[:_HASH_SHOWN]}) in {db.path}. "
+                  f"{args.namespace!r} (hash {hash_token(token)[:_HASH_SHOWN]}) in {where}. "
                   "It is shown only this once; store it now.", file=sys.stderr)
             print(token, flush=True)
             return 0
         if args.token_command == "list":
             rows = db.tokens()
+            print(f"statehost token list: {'no ' if not rows else ''}tokens in {where}",
+                  file=sys.stderr)
             if not rows:
-                print(f"no tokens in {db.path}", file=sys.stderr)
                 return 0
             table = [("HASH", "NAMESPACE", "SCOPE", "LABEL", "CREATED", "REVOKED")]
             table += [(r.hash[:_HASH_SHOWN], r.namespace, r.scope, r.label or "-",
@@ -191,26 +231,54 @@ def token_command(args: argparse.Namespace) -> int:
                 return 1
             if not live:
                 why = "is already revoked" if matches else "matches no token"
-                print(f"statehost token revoke: {prefix!r} {why} in {db.path}. See "
+                print(f"statehost token revoke: {prefix!r} {why} in {where}. See "
                       "'statehost token list'.", file=sys.stderr)
                 return 1
             db.revoke_token(live[0].hash)
             print(f"revoked {live[0].hash[:_HASH_SHOWN]} ({live[0].scope} on "
-                  f"{live[0].namespace!r})")
+                  f"{live[0].namespace!r}) in {where}")
             return 0
     finally:
         db.close()
     raise AssertionError(args.token_command)
 
 
-def _write_token(token: str) -> Path:
-    path = token_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".token.{os.getpid()}")
+_GENERATED_TOKEN = "generated-token"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically, mode 0600, in a 0700 folder."""
+    make_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _generated_token(data_dir: Path) -> tuple[str, bool]:
+    """The token of a server started without tokens, and whether it was reused.
+
+    It is kept with the server's files (``<data dir>/generated-token``, 0600), so a
+    restart keeps it and clients that hold it go on; delete the file to get a new one.
+    """
+    path = data_dir / _GENERATED_TOKEN
+    try:
+        tighten(path, FILE_MODE)
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    if token:
+        return token, True
+    token = secrets.token_urlsafe(32)
+    _write_private(path, token + "\n")
+    return token, False
+
+
+def _write_token(token: str) -> Path:
+    """The client's copy, where a client on this machine finds it (``token_path``)."""
+    path = token_path()
+    _write_private(path, token + "\n")
     return path
 
 
@@ -259,9 +327,11 @@ def serve(args: argparse.Namespace) -> int:
 
     token_note = ""
     if not settings.tokens:
-        token = secrets.token_urlsafe(32)
+        token, reused = _generated_token(settings.data_dir)
         settings = Settings(**{**settings.__dict__, "tokens": (token,)})
-        token_note = f" (token also written to {_write_token(token)})"
+        kept = settings.data_dir / _GENERATED_TOKEN
+        how = f"token reused from {kept}" if reused else f"new token kept in {kept}"
+        token_note = f" ({how}; also written to {_write_token(token)})"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     devices = jax.devices()
     kinds = ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in devices}))

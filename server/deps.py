@@ -23,11 +23,12 @@ from statehost.server.errors import (
 )
 from statehost.server.runtime import Runtime
 from statehost.server.settings import Settings
+from statehost.server.store import Session
 from statehost.wire import CONTENT_TYPE, Frame, decode, fresh_buffer, version_problems
 
-__all__ = ["FrameBody", "PrincipalDep", "RuntimeDep", "SettingsDep", "VersionsDep",
-           "get_runtime", "get_settings", "get_versions", "read_frame", "require_submit",
-           "require_token"]
+__all__ = ["FrameBody", "PrincipalDep", "RequestSessionDep", "RuntimeDep", "SettingsDep",
+           "VersionsDep", "get_runtime", "get_settings", "get_versions", "read_frame",
+           "request_session", "require_submit", "require_token"]
 
 
 async def get_settings(request: Request) -> Settings:
@@ -82,6 +83,16 @@ async def require_token(request: Request) -> Principal:
 
 
 PrincipalDep = Annotated[Principal, Depends(require_token)]
+
+
+async def request_session(request: Request, principal: PrincipalDep) -> Session:
+    """The session of one JSON request that commits: its writer is the token's label and
+    the caller's address (a JSON caller sends no host or process of its own)."""
+    peer = request.client.host if request.client is not None else "an unknown address"
+    return Session.for_request(principal, f"JSON API from {peer}")
+
+
+RequestSessionDep = Annotated[Session, Depends(request_session)]
 
 
 async def require_submit(request: Request) -> None:

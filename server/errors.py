@@ -152,7 +152,8 @@ class ValidationError(ApiError):
 
 
 class RemoteExecutionError(ApiError):
-    """The user's function raised; ``exception_type`` names its class."""
+    """The user's function raised; ``exception_type`` / ``exception_module`` name its class
+    (the client raises an instance of that class too), ``exception_message`` is its text."""
 
 
 class ServerError(ApiError):

@@ -75,7 +75,7 @@ def _user_error(exc: Exception, where: str) -> RemoteExecutionError:
     kind = type(exc).__qualname__
     return RemoteExecutionError(
         f"{where}: the function raised {kind}: {exc}", traceback=_user_traceback(exc),
-        exception_type=kind, exception_module=type(exc).__module__,
+        exception_type=kind, exception_module=type(exc).__module__, exception_message=str(exc),
     )
 
 

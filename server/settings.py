@@ -11,7 +11,7 @@ from typing import Any
 
 from statehost.server.persistence.durability import Durability
 
-__all__ = ["Settings", "is_loopback", "parse_size"]
+__all__ = ["Settings", "default_data_dir", "is_loopback", "parse_size", "resolve_data_dir"]
 
 _UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -42,6 +42,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_DATA_HOME/statehost``, else ``~/.local/share/statehost``.
+
+    As the XDG base directory spec says, an empty or relative ``XDG_DATA_HOME`` is ignored.
+    """
+    env = os.environ if env is None else env
+    base = env.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "statehost"
+
+
+def resolve_data_dir(flag: Path | None, env: Mapping[str, str] | None = None
+                     ) -> tuple[Path, str]:
+    """The data directory a command uses, and where that choice came from (for messages):
+    ``--data-dir``, then ``STATEHOST_DATA_DIR``, then ``$XDG_DATA_HOME/statehost``, then
+    ``~/.local/share/statehost``."""
+    env = os.environ if env is None else env
+    if flag is not None:
+        return Path(flag).expanduser(), "--data-dir"
+    if env.get("STATEHOST_DATA_DIR"):
+        return Path(env["STATEHOST_DATA_DIR"]).expanduser(), "STATEHOST_DATA_DIR"
+    if os.path.isabs(env.get("XDG_DATA_HOME", "")):
+        return default_data_dir(env), "$XDG_DATA_HOME/statehost"
+    return default_data_dir(env), "the default, ~/.local/share/statehost"
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything the server reads at start.
@@ -52,7 +79,8 @@ class Settings:
     Arguments:
         host, port: where uvicorn listens (loopback by default).
         cpu_devices: virtual CPU devices to provision when no accelerator exists.
-        data_dir: where the server keeps its files.
+        data_dir: where the server keeps its files (:func:`default_data_dir` by default:
+            ``$XDG_DATA_HOME/statehost``, else ``~/.local/share/statehost``).
         tokens: accepted bearer tokens; empty means "generate one at start".
         insecure: allow a non-loopback host with no tokens configured.
         max_body: request bodies larger than this get 413 (bytes).
@@ -71,7 +99,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8470
     cpu_devices: int = 8
-    data_dir: Path = Path("~/.local/share/statehost").expanduser()
+    data_dir: Path = dataclasses.field(default_factory=default_data_dir)
     tokens: tuple[str, ...] = ()
     insecure: bool = False
     max_body: int = 4 * 2**30
@@ -94,6 +122,7 @@ class Settings:
             if raw is not None and raw != "":
                 values[f.name] = _convert(f.name, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        values.setdefault("data_dir", default_data_dir(env))
         return cls(**values)
 
     def __post_init__(self) -> None:

@@ -52,9 +52,10 @@ __all__ = ["Commit", "Transaction"]
 
 _MSG_MISSING_STATES = (
     "{where}: this session has no state with id {ids}. The server frees a session's states "
-    "when the session is deleted or idle past its TTL, and a state made by another session "
-    "is not visible here. Fix: push the values again (client.push(module)) or re-run the "
-    "call, which uploads states the server lacks."
+    "when the session is deleted or idle past its TTL, a named state goes with its deleted "
+    "object, and a state made by another session is not visible here. Fix: push the values "
+    "again (client.push(module)) or re-run the call: statehost's client forgets a state the "
+    "server answered missing, and uploads it with the next call."
 )
 _MSG_NOT_YOURS = (
     "{where}: no state with id {ids} is visible to this session; an upload cannot create a "
@@ -212,7 +213,7 @@ class Transaction:
         written = [s.id for s in self.pending.states]
         existing = [i for i in self.uploaded if i not in self.new]
         self._write_durable(existing, written)
-        writer = self.session.principal.label
+        writer = self.session.writer
         for state in self.new.values():
             self.store.add(state, self.session)
         self.pending.commit()
@@ -248,7 +249,7 @@ class Transaction:
                 continue
             state = self.store.by_id(state_id)
             records.append(DurableRecord(state_id, self.current(state), meta.version + step,
-                                         self.session.principal.label, now))
+                                         self.session.writer, now))
             names.append(meta.name or state_id[:8])
         if not records:
             return

@@ -34,17 +34,29 @@ def state_nbytes(state: State) -> int:
 
 @dataclass
 class Session:
+    """A client's lifetime on the server. ``client`` says which client it is (``"host, pid
+    123"``, as the client said at session open; ``"JSON API from 10.0.0.7"``), so that two
+    clients with one token are told apart as writers."""
+
     id: str
     created: float
     last_seen: float
     principal: Principal = _ANONYMOUS
     states: set[str] = field(default_factory=set)
+    client: str = ""
 
     @classmethod
-    def for_request(cls, principal: Principal) -> Session:
+    def for_request(cls, principal: Principal, client: str = "") -> Session:
         """A session that lives for one JSON request (it owns nothing when it ends)."""
         now = time.monotonic()
-        return cls(secrets.token_hex(16), now, now, principal)
+        return cls(secrets.token_hex(16), now, now, principal, client=client)
+
+    @property
+    def writer(self) -> str:
+        """Who commits through this session, as ``info`` shows it: the token's label and
+        the client, ``"bob (laptop, pid 4242)"``."""
+        label = self.principal.label
+        return f"{label} ({self.client})" if self.client else label
 
 
 @dataclass
@@ -68,9 +80,9 @@ class SessionTable:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def create(self, principal: Principal = _ANONYMOUS) -> Session:
+    def create(self, principal: Principal = _ANONYMOUS, client: str = "") -> Session:
         now = time.monotonic()
-        session = Session(secrets.token_hex(16), now, now, principal)
+        session = Session(secrets.token_hex(16), now, now, principal, client=client)
         with self._lock:
             self._sessions[session.id] = session
         return session
@@ -161,7 +173,7 @@ class StateStore:
             assert state.id not in self._states, "an id has one owner: check may_create"
             self._retired.pop(state.id, None)
             self._states[state.id] = state
-            self._meta[state.id] = Meta(session.id, version=1, writer=session.principal.label,
+            self._meta[state.id] = Meta(session.id, version=1, writer=session.writer,
                                         updated=time.time())
             session.states.add(state.id)
 

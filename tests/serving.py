@@ -94,8 +94,13 @@ def _stop(process: subprocess.Popen) -> None:
 def running_server(
     tmp_path: Path, *args: str, token: str | None = "test-token", cpu_devices: int = 8,
     env: dict[str, str] | None = None, timeout: float = 60.0, port: int | None = None,
+    data_dir_flag: bool = True,
 ) -> Iterator[Served]:
     """Runs ``python -m statehost.server serve`` until the ``with`` block ends.
+
+    The server's files go to ``tmp_path / "data"`` (``--data-dir``); with
+    ``data_dir_flag=False`` no flag is passed and the server picks its own (set ``HOME`` or
+    ``XDG_DATA_HOME`` in ``env``).
 
     Without ``port``, a free one is picked; if another process takes it before the server
     binds it (an outgoing connection's ephemeral port can), another port is tried.
@@ -108,7 +113,9 @@ def running_server(
     for attempt in range(3):
         chosen = port or free_port()
         cmd = [sys.executable, "-m", "statehost.server", "serve", "--port", str(chosen),
-               "--cpu-devices", str(cpu_devices), "--data-dir", str(tmp_path / "data"), *args]
+               "--cpu-devices", str(cpu_devices), *args]
+        if data_dir_flag:
+            cmd += ["--data-dir", str(tmp_path / "data")]
         log = tmp_path / f"server-{chosen}.log"
         try:
             served = _start(cmd, full_env, f"http://127.0.0.1:{chosen}", token or "", log,

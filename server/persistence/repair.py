@@ -190,7 +190,7 @@ def repair_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``statehost repair``."""
     parser.add_argument("--data-dir", type=Path,
                         help="the server's data directory (STATEHOST_DATA_DIR, default "
-                             "~/.local/share/statehost)")
+                             "$XDG_DATA_HOME/statehost, else ~/.local/share/statehost)")
 
 
 def repair_command(args: argparse.Namespace) -> int:

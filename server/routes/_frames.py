@@ -1,4 +1,5 @@
-"""Sending a frame back: one body when small, streamed chunks when large."""
+"""Frames in the OpenAPI document, and sending a frame back: one body when small, streamed
+chunks when large."""
 
 from __future__ import annotations
 
@@ -6,9 +7,20 @@ from fastapi.responses import Response, StreamingResponse
 
 from statehost.wire import CONTENT_TYPE, Encoded, Message
 
-__all__ = ["frame_response"]
+__all__ = ["FRAME_OPENAPI", "frame_response"]
 
 _STREAM_ABOVE = 1 << 20
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+#: ``openapi_extra`` of a route that takes a frame and answers one: the OpenAPI document
+#: lists these routes with their content type, though only statehost's client (or code
+#: built on ``statehost.wire``) speaks it.
+FRAME_OPENAPI = {
+    "requestBody": {"required": True, "description": "a statehost.wire frame",
+                    "content": {CONTENT_TYPE: _BINARY}},
+    "responses": {"200": {"description": "a statehost.wire frame",
+                          "content": {CONTENT_TYPE: _BINARY}}},
+}
 
 
 def frame_response(message: Message | Encoded) -> Response:

@@ -10,7 +10,7 @@ from statehost.server.calls import Call
 from statehost.server.deps import FrameBody, require_submit, require_token
 from statehost.server.errors import ApiError
 from statehost.server.execution import run_call
-from statehost.server.routes._frames import frame_response
+from statehost.server.routes._frames import FRAME_OPENAPI, frame_response
 from statehost.wire import CallRequest
 
 router = APIRouter(
@@ -27,7 +27,8 @@ _OUTCOMES = {
 }
 
 
-@router.post("/call", response_class=Response)
+@router.post("/call", response_class=Response, openapi_extra=FRAME_OPENAPI,
+             summary="Run a shipped transform on resident states (a frame, scope submit)")
 async def call(request: Request, frame: FrameBody) -> Response:
     rt = request.app.state.runtime  # not a dependency: see deps.py on the per-call path
     start = time.perf_counter()

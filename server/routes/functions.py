@@ -20,14 +20,20 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from statehost.server.calls import Call
-from statehost.server.deps import FrameBody, PrincipalDep, RuntimeDep, require_submit, require_token
+from statehost.server.deps import (
+    FrameBody,
+    PrincipalDep,
+    RequestSessionDep,
+    RuntimeDep,
+    require_submit,
+    require_token,
+)
 from statehost.server.errors import ValidationError
 from statehost.server.names import check_name
 from statehost.server.persistence import FunctionRow
 from statehost.server.registered import find, invoke_registered, register
-from statehost.server.routes._frames import frame_response
+from statehost.server.routes._frames import FRAME_OPENAPI, frame_response
 from statehost.server.routes.values import to_json
-from statehost.server.store import Session
 from statehost.wire import RegisterRequest
 
 __all__ = ["InvokeBody", "router"]
@@ -79,7 +85,7 @@ def _from_json(value: Any, where: str) -> Any:
 
 # -- routes -----------------------------------------------------------------------
 @router.post("/v1/functions/register", response_class=Response,
-             dependencies=[Depends(require_submit)],
+             dependencies=[Depends(require_submit)], openapi_extra=FRAME_OPENAPI,
              summary="Register a transform under 'namespace/name' (a frame, scope submit)")
 async def register_function(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep
                             ) -> Response:
@@ -122,7 +128,7 @@ def _lookup(rt: Any, principal: Any, namespace: str, name: str, where: str
 @router.post("/v1/namespaces/{namespace}/functions/{name}/invoke",
              summary="Run a registered function with JSON arguments (scope invoke)")
 async def invoke(namespace: str, name: str, body: InvokeBody, rt: RuntimeDep,
-                 principal: PrincipalDep) -> dict[str, Any]:
+                 principal: PrincipalDep, session: RequestSessionDep) -> dict[str, Any]:
     """Takes the locks of the function's states, runs it and commits the states it wrote.
     Answers ``{"outputs": <pytree of nested lists>, "versions": {state name: version}}``;
     an exception in the function answers 422 RemoteExecutionError."""
@@ -131,7 +137,7 @@ async def invoke(namespace: str, name: str, body: InvokeBody, rt: RuntimeDep,
     args = [_from_json(a, where) for a in body.args]
     kwargs = {k: _from_json(v, where) for k, v in body.kwargs.items()}
     result = await rt.scheduler.submit(
-        Call("invoke", Session.for_request(principal), row.state_ids,
+        Call("invoke", session, row.state_ids,
              lambda c: invoke_registered(c, row, args, kwargs, rt, where)))
     return {"outputs": to_json(result.outputs),
             "versions": {names.get(i, i): v for i, v in result.versions.items()}}

@@ -7,7 +7,8 @@ from statehost.server.deps import RuntimeDep
 router = APIRouter(prefix="/v1", tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", openapi_extra={"security": []},  # no token: see app.py
+            summary="ok, or degraded with a reason (open: no token)")
 def health(rt: RuntimeDep) -> dict[str, str]:
     """``ok``, or ``degraded`` with a reason while named states cannot be written to disk."""
     problem = rt.persistence.problem()

@@ -20,7 +20,7 @@ def _memory(device: Any) -> int | None:
     return None if not stats else stats.get("bytes_limit")
 
 
-@router.get("/info")
+@router.get("/info", summary="Versions, devices and limits (the client checks them at connect)")
 def info(settings: SettingsDep, versions: VersionsDep) -> dict[str, Any]:
     return {
         "versions": versions,

@@ -14,7 +14,7 @@ from statehost.server.errors import NotFoundError, StateDamagedError
 from statehost.server.named import get_object, put_object
 from statehost.server.names import check_name
 from statehost.server.persistence import flush_ids
-from statehost.server.routes._frames import frame_response
+from statehost.server.routes._frames import FRAME_OPENAPI, frame_response
 from statehost.server.store import Session
 from statehost.wire import GetRequest, PutRequest
 
@@ -25,7 +25,8 @@ frames = APIRouter(
 router = APIRouter(prefix="/v1/namespaces", tags=["objects"], dependencies=[Depends(require_token)])
 
 
-@frames.post("/put", response_class=Response)
+@frames.post("/put", response_class=Response, openapi_extra=FRAME_OPENAPI,
+             summary="Name an object and its states: client.put (a frame, scope submit)")
 async def put(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     message = PutRequest.from_frame(frame)
     session = rt.session(message.session, principal, "POST /v1/objects/put")
@@ -37,7 +38,8 @@ async def put(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Resp
     return frame_response(reply)
 
 
-@frames.post("/get", response_class=Response)
+@frames.post("/get", response_class=Response, openapi_extra=FRAME_OPENAPI,
+             summary="A named object with its states: client.get (a frame, scope submit)")
 async def get(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     message = GetRequest.from_frame(frame)
     where = "POST /v1/objects/get"
@@ -67,7 +69,7 @@ def _object(rt: Any, principal: Any, namespace: str, name: str, scope: str, wher
     return obj
 
 
-@router.get("/{namespace}/objects")
+@router.get("/{namespace}/objects", summary="The named objects of a namespace")
 def list_objects(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     where = f"GET /v1/namespaces/{namespace}/objects"
     check_name(namespace, "namespace", where)
@@ -79,7 +81,7 @@ def list_objects(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dic
         for o in rt.registry.db.objects(namespace)]}
 
 
-@router.get("/{namespace}/objects/{name}")
+@router.get("/{namespace}/objects/{name}", summary="A named object's metadata and states")
 def object_info(namespace: str, name: str, rt: RuntimeDep,
                 principal: PrincipalDep) -> dict[str, Any]:
     where = f"GET /v1/namespaces/{namespace}/objects/{name}"
@@ -90,19 +92,26 @@ def object_info(namespace: str, name: str, rt: RuntimeDep,
             "states": [rt.registry.describe(r) for r in rows]}
 
 
-@router.delete("/{namespace}/objects/{name}", status_code=204)
+@router.delete("/{namespace}/objects/{name}",
+               summary="Delete a named object and its states; answers the deleted state ids")
 async def delete_object(namespace: str, name: str, rt: RuntimeDep,
-                        principal: PrincipalDep) -> Response:
+                        principal: PrincipalDep) -> dict[str, Any]:
+    """Answers ``{"name": "ns/name", "deleted": [state ids]}``: a client that holds those
+    states forgets the server's copy, so its next put or call uploads them again (the ids
+    come from the delete itself, so a concurrent put cannot make them stale). Scope
+    ``submit``."""
     where = f"DELETE /v1/namespaces/{namespace}/objects/{name}"
     obj = await run_in_threadpool(_object, rt, principal, namespace, name, "submit", where)
-    await rt.scheduler.submit(Call("delete", Session.for_request(principal), obj.state_ids,
-                                   lambda c: rt.registry.delete(namespace, name)))
+    deleted = await rt.scheduler.submit(Call(
+        "delete", Session.for_request(principal), obj.state_ids,
+        lambda c: rt.registry.delete(namespace, name)))
     rt.functions.evict_states(obj.state_ids)
     await run_in_threadpool(rt.refresh_gauges)
-    return Response(status_code=204)
+    return {"name": f"{namespace}/{name}", "deleted": list(deleted)}
 
 
-@router.post("/{namespace}/checkpoint")
+@router.post("/{namespace}/checkpoint",
+             summary="Write a namespace's (or one object's) named states to disk now")
 async def checkpoint(namespace: str, rt: RuntimeDep, principal: PrincipalDep,
                      name: str | None = None) -> dict[str, Any]:
     where = f"POST /v1/namespaces/{namespace}/checkpoint"

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Response
 
 from statehost.server.calls import Call
 from statehost.server.deps import FrameBody, PrincipalDep, RuntimeDep, require_submit, require_token
-from statehost.server.routes._frames import frame_response
+from statehost.server.routes._frames import FRAME_OPENAPI, frame_response
 from statehost.server.transfer import pull_states, push_states
 from statehost.wire import PullRequest, PushRequest
 
@@ -17,7 +17,8 @@ router = APIRouter(
 )
 
 
-@router.post("/push", response_class=Response)
+@router.post("/push", response_class=Response, openapi_extra=FRAME_OPENAPI,
+             summary="Upload state values into the session (a frame, scope submit)")
 async def push(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     message = PushRequest.from_frame(frame)
     session = rt.session(message.session, principal, "POST /v1/states/push")
@@ -28,7 +29,8 @@ async def push(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Res
     return frame_response(reply)
 
 
-@router.post("/pull", response_class=Response)
+@router.post("/pull", response_class=Response, openapi_extra=FRAME_OPENAPI,
+             summary="Download state values (a frame, scope submit)")
 async def pull(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     message = PullRequest.from_frame(frame)
     session = rt.session(message.session, principal, "POST /v1/states/pull")

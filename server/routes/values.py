@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from pydantic import ValidationError as PydanticValidationError
 
 from statehost.server.calls import Call
-from statehost.server.deps import PrincipalDep, RuntimeDep, require_token
+from statehost.server.deps import PrincipalDep, RequestSessionDep, RuntimeDep, require_token
 from statehost.server.errors import (
     NotFoundError,
     PayloadTooLargeError,
@@ -275,7 +275,7 @@ async def get_value(namespace: str, name: str, request: Request, rt: RuntimeDep,
     }}},
 )
 async def put_value(namespace: str, name: str, request: Request, rt: RuntimeDep,
-                    principal: PrincipalDep) -> JSONResponse:
+                    principal: PrincipalDep, session: RequestSessionDep) -> JSONResponse:
     """The new value must have the current value's shape and dtype (422 otherwise). With
     ``If-Match`` the write happens only if the state is still at that version (412
     otherwise). The write is a commit: it returns the new version. Scope ``invoke``."""
@@ -304,6 +304,5 @@ async def put_value(namespace: str, name: str, request: Request, rt: RuntimeDep,
             jax.tree_util.tree_structure(state.value), [value]))
         return tx.commit().versions[row.id]
 
-    version = await rt.scheduler.submit(
-        Call("write", Session.for_request(principal), (row.id,), work))
+    version = await rt.scheduler.submit(Call("write", session, (row.id,), work))
     return JSONResponse({"name": row.full_name, "version": version}, headers=_etag(version))

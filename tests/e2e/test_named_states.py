@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -35,6 +36,11 @@ def _connect(served):
     return statehost.connect(served.url, token=served.token)
 
 
+def _writer(label, pid=None):
+    """How ``info`` names a writer: its token's label, and the client's host and process."""
+    return f"{label} ({socket.gethostname()}, pid {os.getpid() if pid is None else pid})"
+
+
 def _versions(info):
     return {s["name"]: s["version"] for s in info["states"]}
 
@@ -51,7 +57,7 @@ def _namespace_token(tmp_path, namespace, scope, label):
     env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
     result = subprocess.run(
         [sys.executable, "-m", "statehost.server", "token", "create", "--namespace", namespace,
-         "--scope", scope, "--label", label, "--data-dir", str(tmp_path / "data")],
+         "--scope", scope, "--label", label, "--init", "--data-dir", str(tmp_path / "data")],
         capture_output=True, text=True, env=env, timeout=60, check=True,
     )
     return result.stdout.strip().splitlines()[-1]
@@ -76,12 +82,45 @@ def test_two_clients_share_a_named_module(tmp_path):
         np.testing.assert_array_equal(model.weight.value, np.full((LANES, 4), 3.0))
         after = a.info("team/net")["states"]
         assert after[0]["version"] > before[0]["version"]
-        assert before[0]["writer"] == "server token"
-        assert after[0]["writer"] == "bob"
+        assert before[0]["writer"] == _writer("server token")
+        assert after[0]["writer"] == _writer("bob")
         assert after[0]["updated_at"] >= before[0]["updated_at"]
         listed = a.list("team")
         assert [o["name"] for o in listed] == ["net"]
-        assert listed[0]["states"][0]["writer"] == "bob"
+        assert listed[0]["states"][0]["writer"] == _writer("bob")
+
+
+def test_two_kernels_with_one_token_are_told_apart(tmp_path):
+    """Every notebook on the box uses the server's token: the writer says which one wrote."""
+    with running_server(tmp_path) as served, _connect(served) as here:
+        counter = statehost.ShortTermState(jnp.zeros((), jnp.int32))
+        here.put("team/counter", counter)
+        assert here.info("team/counter")["states"][0]["writer"] == _writer("server token")
+        kernel = textwrap.dedent(f"""
+            import os
+            import statehost
+            with statehost.connect({served.url!r}, token={served.token!r}) as client:
+                counter = client.get("team/counter")
+
+                def incr():
+                    counter.value = counter.value + 1
+
+                client.jit(incr)()
+                print(os.getpid())
+        """)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
+        other = subprocess.run([sys.executable, "-c", kernel], capture_output=True, text=True,
+                               env={**env, "JAX_PLATFORMS": "cpu"}, timeout=120)
+        assert other.returncode == 0, other.stderr
+        pid = int(other.stdout.split()[-1])
+        assert pid != os.getpid()
+        state = here.info("team/counter")["states"][0]
+        assert state["writer"] == _writer("server token", pid)
+        here.jit(_incrementer(counter))()
+        assert here.info("team/counter")["states"][0]["writer"] == _writer("server token")
+    # Persisted with the state: the restarted server still knows who wrote last.
+    with running_server(tmp_path) as served, _connect(served) as here:
+        assert here.info("team/counter")["states"][0]["writer"] == _writer("server token")
 
 
 def test_named_states_survive_a_restart_without_reupload(tmp_path):

@@ -1,6 +1,10 @@
 """The HTTP surface of the app: auth on every route, info, sessions, metrics, versions."""
 
+import os
+import socket
+
 import httpx
+import jax.numpy as jnp
 import pytest
 
 import statehost
@@ -94,6 +98,43 @@ def test_sessions_open_and_close(http, app):
     assert "POST /v1/sessions" in again.json()["error"]["message"]
 
 
+def test_a_session_records_the_clients_host_and_process(http, app):
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    opened = http.post("/v1/sessions", headers=auth,
+                       json={"client": {"host": "lab-box", "pid": 4242}})
+    assert opened.status_code == 201, opened.text
+    session = app.state.runtime.sessions._sessions[opened.json()["id"]]
+    assert session.writer == "server token (lab-box, pid 4242)"
+    bare = http.post("/v1/sessions", headers=auth)  # curl opens sessions without a body
+    assert bare.status_code == 201
+
+
+@pytest.mark.parametrize("client", [{"host": "x" * 300, "pid": 1}, {"host": "a\nb", "pid": 1},
+                                    {"host": "box", "pid": -1}, {"host": "box"}])
+def test_a_session_refuses_a_malformed_client_description(http, client):
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    refused = http.post("/v1/sessions", headers=auth, json={"client": client})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["type"] == "ValidationError"
+    assert "client" in refused.json()["error"]["message"]
+
+
+def test_the_clients_host_and_process_are_the_writer_of_what_it_commits(client):
+    counter = statehost.ShortTermState(jnp.zeros(()))
+    client.put("team/counter", counter)
+    writer = f"server token ({socket.gethostname()}, pid {os.getpid()})"
+    assert client.info("team/counter")["states"][0]["writer"] == writer
+
+
+def test_a_json_write_is_written_by_the_token_and_the_callers_address(client):
+    client.put("team/counter", statehost.ShortTermState(jnp.zeros(())))
+    written = client._http.client.put("/v1/namespaces/team/states/counter/value",
+                                      json={"data": 3.0})
+    assert written.status_code == 200, written.text
+    writer = client.info("team/counter")["states"][0]["writer"]
+    assert writer.startswith("server token (JSON API from "), writer
+
+
 def test_metrics_expose_the_documented_names(client):
     import jax.numpy as jnp
 
@@ -123,6 +164,16 @@ def test_openapi_documents_the_json_api(http):
         assert path in paths, sorted(paths)
     assert any(p.endswith("/value") for p in paths)
     assert any(p.endswith("/invoke") for p in paths)
+
+
+def test_openapi_says_which_operations_need_the_bearer_token(http):
+    schema = http.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer",
+        "description": schema["components"]["securitySchemes"]["bearer"]["description"]}
+    assert schema["security"] == [{"bearer": []}]
+    assert schema["paths"]["/v1/health"]["get"]["security"] == []
+    assert http.get("/v1/health").status_code == 200  # as documented: open
 
 
 def test_named_state_bytes_per_namespace(client):

@@ -1,0 +1,46 @@
+"""Settings: the data directory follows the XDG base directory spec unless told otherwise."""
+
+from pathlib import Path
+
+import pytest
+
+from statehost.server.settings import Settings, resolve_data_dir
+
+
+def test_xdg_data_home_is_the_default_data_dir(tmp_path):
+    env = {"XDG_DATA_HOME": str(tmp_path / "share")}
+    assert Settings.from_env(env).data_dir == tmp_path / "share" / "statehost"
+
+
+def test_statehost_data_dir_wins_over_xdg_data_home(tmp_path):
+    env = {"XDG_DATA_HOME": str(tmp_path / "share"), "STATEHOST_DATA_DIR": str(tmp_path / "mine")}
+    assert Settings.from_env(env).data_dir == tmp_path / "mine"
+    # and a flag (an override) wins over both
+    assert Settings.from_env(env, data_dir=tmp_path / "flag").data_dir == tmp_path / "flag"
+
+
+@pytest.mark.parametrize("xdg", [None, "", "relative/dir"])
+def test_without_a_usable_xdg_data_home_it_is_local_share(xdg, tmp_path, monkeypatch):
+    """The spec: an unset, empty or relative XDG_DATA_HOME means ~/.local/share."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    env = {} if xdg is None else {"XDG_DATA_HOME": xdg}
+    assert Settings.from_env(env).data_dir == tmp_path / ".local" / "share" / "statehost"
+
+
+def test_settings_made_directly_read_xdg_data_home_when_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "one"))
+    assert Settings().data_dir == tmp_path / "one" / "statehost"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "two"))
+    assert Settings().data_dir == tmp_path / "two" / "statehost"
+
+
+def test_resolve_data_dir_says_where_the_directory_came_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_data_dir(None, {}) == (tmp_path / ".local/share/statehost",
+                                         "the default, ~/.local/share/statehost")
+    xdg = {"XDG_DATA_HOME": str(tmp_path / "x")}
+    assert resolve_data_dir(None, xdg) == (tmp_path / "x/statehost",
+                                          "$XDG_DATA_HOME/statehost")
+    both = {**xdg, "STATEHOST_DATA_DIR": "~/d"}
+    assert resolve_data_dir(None, both) == (tmp_path / "d", "STATEHOST_DATA_DIR")
+    assert resolve_data_dir(Path("/srv/s"), both) == (Path("/srv/s"), "--data-dir")
