@@ -49,7 +49,7 @@ def unpickle(section: Section, load_state: Callable[[StateRef], Any] | None, wha
         ) from exc
     except WireError as exc:
         raise ProtocolError(f"{where}: the {what} section: {exc}") from exc
-    except Exception as exc:
+    except BaseException as exc:  # a pickle may raise SystemExit too: still the sender's
         raise PayloadError(
             f"{where}: the {what} section could not be unpickled ({type(exc).__name__}: "
             f"{exc}). The payload is corrupt, or was pickled by an incompatible client. "

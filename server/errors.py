@@ -15,11 +15,13 @@ client that hung up mid-request is one info line, and anything else is a
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import traceback as tb
 from typing import TYPE_CHECKING, ClassVar
 
-from statehost._errors import WireError
+from statehost._errors import WireError, brief
 from statehost.wire import ERROR_KINDS
 
 if TYPE_CHECKING:  # FastAPI loads with create_app only: the CLI's token commands need none
@@ -182,6 +184,26 @@ def error_body(
     return {"error": error}
 
 
+def _json_safe(value: object, depth: int = 0) -> object:
+    """``value`` as plain JSON: fields often echo what a peer sent (its versions, a state
+    id), and a NaN, bytes or another object there made the error handler itself raise."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if depth < 8 and isinstance(value, dict):
+        return {str(k): _json_safe(v, depth + 1) for k, v in value.items()}
+    if depth < 8 and isinstance(value, list | tuple):
+        return [_json_safe(v, depth + 1) for v in value]
+    return brief(value)
+
+
+def render_error(body: dict[str, object]) -> bytes:
+    """An error body as JSON bytes. ASCII escapes keep a lone surrogate (a ``\\ud800`` the
+    sender chose) renderable: UTF-8 refuses it, which turned a 4xx into a bare 500."""
+    return json.dumps(_json_safe(body), ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def install_handlers(app: FastAPI) -> None:
     """Maps every exception to the one JSON error shape."""
     from fastapi import Request
@@ -189,6 +211,10 @@ def install_handlers(app: FastAPI) -> None:
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
+
+    class JSONResponse(JSONResponse):  # noqa: F811  every error answer goes through render_error
+        def render(self, content: object) -> bytes:
+            return render_error(content)  # type: ignore[arg-type]
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:

@@ -62,7 +62,10 @@ def _user_traceback(exc: BaseException) -> str:
     """The traceback from the user's own code on: server, core and JAX frames dropped."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if not f.filename.startswith(_INTERNAL)]
-    text = "".join(traceback.format_exception_only(exc))
+    try:
+        text = "".join(traceback.format_exception_only(exc))
+    except Exception:  # the user's __str__ raised
+        text = f"{type(exc).__qualname__}: {_text(exc)}\n"
     # JAX appends a note about its own frame filtering, which means nothing remotely.
     text = text.split("\n--------------------\nFor simplicity, JAX has removed", 1)[0]
     text = text if text.endswith("\n") else text + "\n"
@@ -71,11 +74,19 @@ def _user_traceback(exc: BaseException) -> str:
     return "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + text
 
 
-def _user_error(exc: Exception, where: str) -> RemoteExecutionError:
-    kind = type(exc).__qualname__
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, or the class name when the user's ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__qualname__} whose str() raised>"
+
+
+def _user_error(exc: BaseException, where: str) -> RemoteExecutionError:
+    kind, text = type(exc).__qualname__, _text(exc)
     return RemoteExecutionError(
-        f"{where}: the function raised {kind}: {exc}", traceback=_user_traceback(exc),
-        exception_type=kind, exception_module=type(exc).__module__, exception_message=str(exc),
+        f"{where}: the function raised {kind}: {text}", traceback=_user_traceback(exc),
+        exception_type=kind, exception_module=type(exc).__module__, exception_message=text,
     )
 
 
@@ -86,7 +97,7 @@ def _run(tx: Transaction, transform: Transform, args: Any, kwargs: Any,
         ctx = use_default_stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx, tx.running():
             return transform(*args, **kwargs)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit too: this worker thread is no real interrupt's
         raise _user_error(exc, where) from exc
 
 

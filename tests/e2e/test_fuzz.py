@@ -761,12 +761,6 @@ def _huge_int_header(t: Target) -> bytes:
     return magic + struct.pack("<I", len(head)) + head + rest
 
 
-_MSG_RENDER = ("open: error bodies are rendered with json.dumps(ensure_ascii=False, "
-               "allow_nan=False), so {what} in an error's message or fields makes the error "
-               "handler itself raise. Fix in server/errors.py: render error bodies with "
-               "ensure_ascii=True and fields made JSON-safe (non-finite floats and other types "
-               "as their repr), in _api and _unhandled alike")
-
 FAULTS: dict[str, Fault] = {
     "huge-int-in-header": Fault(
         r"ValueError: Exceeds the limit .* integer string conversion.* @ statehost/wire/",
@@ -775,43 +769,31 @@ FAULTS: dict[str, Fault] = {
         r"UnicodeEncodeError: .*surrogates not allowed @ server/errors\.py:_(api|unhandled)",
         PATHS["pull"],
         lambda t: PullRequest(session="\ud800", ids=(t.scratch.id,)).to_frame().to_bytes(),
-        _MSG_RENDER.format(what="a lone surrogate (a JSON \\ud800 escape the sender chose)")
-        + "; the 500 is then text/plain"),
+        None),
     "nan-in-error": Fault(
         r"ValueError: Out of range float values are not JSON compliant @ server/errors\.py:_api",
         PATHS["pull"],
         lambda t: _with_versions(PullRequest(session=t.session, ids=(t.scratch.id,))
                                  .to_frame().to_bytes(), protocol=float("nan")),
-        _MSG_RENDER.format(what="a NaN (VersionMismatchError echoes the sender's versions)")),
+        None),
     "bytes-in-error": Fault(
         r"TypeError: Object of type \w+ is not JSON serializable @ server/errors\.py:_api",
         PATHS["call"],
         lambda t: _call(t, args=_pack_refs(((_Ref(StateRef(b"id", statehost.ParamState, None,
                                                                 None)),), {}))),
-        _MSG_RENDER.format(what="a StateRef whose id is bytes (StateNotFoundError(missing=[id]) "
-                                "in Transaction.load_ref; ValidationError(state=id) in "
-                                "registered._named_loader)")),
+        None),
     "user-base-exception": Fault(
         r"^(SystemExit|KeyboardInterrupt|GeneratorExit|[\w.]*Escape)\b.* @ statehost/transform/",
         PATHS["call"], lambda t: _call(t, t.hostile["StatefulFunction:system_exit"]),
-        "open: execution._run catches Exception only, so a user function raising SystemExit, "
-        "KeyboardInterrupt or a BaseException subclass escapes every handler and uvicorn "
-        "answers a text/plain 500. Fix in server/execution.py _run: catch BaseException "
-        "(the worker thread is not the one a real interrupt hits) and answer 422 "
-        "RemoteExecutionError"),
+        None),
     "pickle-base-exception": Fault(
         r"^SystemExit\b.* @ statehost/wire/_pickle\.py",
         PATHS["call"], lambda t: _call(t, args=pack(_Reduce(sys.exit, 3), refs=False)),
-        "open: callable_cache.unpickle catches Exception only; a pickle that raises "
-        "SystemExit (or any BaseException) on load escapes as a text/plain 500. Fix in "
-        "server/callable_cache.py unpickle: catch BaseException and answer 400 PayloadError"),
+        None),
     "user-unprintable-exception": Fault(
         r"RuntimeError: this exception cannot be printed @ server/execution\.py:_user_error",
         PATHS["call"], lambda t: _call(t, t.hostile["StatefulFunction:unprintable"]),
-        "open: execution._user_error formats the user's exception with f'{exc}' (and "
-        "traceback.format_exception_only), which runs the user's __str__; one that raises "
-        "turns the 422 into a 500. Fix in server/execution.py _user_error: fall back to "
-        "the class name when str(exc) raises"),
+        None),
 }
 
 
