@@ -349,7 +349,7 @@ def pull_steps(rig: Rig) -> dict[str, Step]:
     # On CPU, np.asarray of a jax.Array is cached after the first call (and the server's
     # device_get of an unchanged state is too): the local row is a plain 128 MiB host copy.
     on_devices = jax.pmap(lambda w: w)(jnp.ones((LANES, BIG_WIDTH), jnp.float32))
-    if rig.resident.weight.id not in rig.client._synced:  # the resident case did not run
+    if rig.client._ledger.needs_upload(rig.resident.weight):  # the resident case did not run
         rig.client.push(rig.resident)
     steps = {
         "local np.array(copy=True)": lambda: np.array(on_devices, copy=True),
