@@ -1,8 +1,8 @@
 """``FrameTransport``: the one seam through which the client's frames travel.
 
-A transport sends one encoded frame (as chunks, with its length) to a path and
-returns the status and the whole answer body; status mapping, decoding and
-errors are the caller's (``_http.Http.frame``), so every transport runs the
+A transport sends one encoded frame (one ``bytes`` when small, else chunks, with its
+length) to a path and returns the status and the whole answer body; status mapping,
+decoding and errors are the caller's (``_http.Http.frame``), so every transport runs the
 same production path around it. Implementations:
 
 - :class:`StdlibFrameTransport`, the default: kept-alive ``http.client``
@@ -39,7 +39,7 @@ class FrameTransport(Protocol):
     """Sends a frame; returns ``(status, body)``. Raises ``OSError``/httpx errors as they
     come: the caller maps them to ``TransportError`` in one place."""
 
-    def post_frame(self, path: str, chunks: Iterable[Body], nbytes: int,
+    def post_frame(self, path: str, chunks: Body | Iterable[Body], nbytes: int,
                    headers: dict[str, str]) -> tuple[int, Body]: ...
 
     def close(self) -> None: ...
@@ -69,7 +69,7 @@ class StdlibFrameTransport:
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         return cls(self._host, self._port, timeout=self._timeout)
 
-    def post_frame(self, path: str, chunks: Iterable[Body], nbytes: int,
+    def post_frame(self, path: str, chunks: Body | Iterable[Body], nbytes: int,
                    headers: dict[str, str]) -> tuple[int, Body]:
         conn = self._connection()
         try:
@@ -100,7 +100,7 @@ class HttpxFrameTransport:
     def __init__(self, client: httpx.Client):
         self._client = client
 
-    def post_frame(self, path: str, chunks: Iterable[Body], nbytes: int,
+    def post_frame(self, path: str, chunks: Body | Iterable[Body], nbytes: int,
                    headers: dict[str, str]) -> tuple[int, Body]:
         with self._client.stream("POST", path, content=chunks, headers=headers) as response:
             return response.status_code, _read_httpx(response)

@@ -58,7 +58,8 @@ class InProcessTransport(httpx.BaseTransport):
     def post_frame(self, path: str, chunks: Any, nbytes: int,
                    headers: dict[str, str]) -> tuple[int, bytes]:
         """Sends a frame's chunks to the app; returns its status and whole body."""
-        pieces = [bytes(c) for c in chunks]
+        pieces = [bytes(chunks)] if isinstance(chunks, bytes | bytearray | memoryview) \
+            else [bytes(c) for c in chunks]
 
         async def body() -> Any:
             for piece in pieces:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import platform
 from collections.abc import Mapping
@@ -19,7 +20,14 @@ def local_versions() -> dict[str, Any]:
     """The versions this process speaks: protocol, Python, jax, cloudpickle, statehost.
 
     jax's comes from its installed metadata, so asking (``statehost doctor``) loads no JAX.
+    Every frame carries them: they are read once per process (a metadata read costs
+    about 1 ms, which made a tiny remote call 1.1 ms slower when done per frame).
     """
+    return dict(_read_versions())
+
+
+@functools.cache
+def _read_versions() -> dict[str, Any]:
     from statehost import __version__
 
     return {
