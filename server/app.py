@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from statehost import __version__
 from statehost.server.errors import install_handlers
+from statehost.server.openapi import install_openapi
 from statehost.server.persistence import DamagedDatabaseError, flush, flusher
 from statehost.server.routes import (
     calls,
@@ -128,5 +129,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(objects.frames)
     install_handlers(app)
+    install_openapi(app)
     app.add_middleware(_RefusalWithoutTraceback)
     return app

@@ -10,13 +10,27 @@ from fastapi.concurrency import run_in_threadpool
 
 from statehost.server.calls import Call
 from statehost.server.deps import FrameBody, PrincipalDep, RuntimeDep, require_submit, require_token
-from statehost.server.errors import NotFoundError, StateDamagedError
+from statehost.server.errors import (
+    NameConflictError,
+    NotFoundError,
+    PayloadError,
+    PayloadTooLargeError,
+    ProtocolError,
+    SessionNotFoundError,
+    StateConflictError,
+    StateDamagedError,
+    StateNotFoundError,
+    StorageError,
+    ValidationError,
+)
 from statehost.server.named import get_object, put_object
 from statehost.server.names import check_name
+from statehost.server.openapi import errors
+from statehost.server.openapi import frames as frame_route
 from statehost.server.persistence import flush_ids
 from statehost.server.routes._frames import frame_response
 from statehost.server.store import Session
-from statehost.wire import GetRequest, PutRequest
+from statehost.wire import GetReply, GetRequest, PutReply, PutRequest
 
 frames = APIRouter(
     prefix="/v1/objects", tags=["objects"],
@@ -25,7 +39,10 @@ frames = APIRouter(
 router = APIRouter(prefix="/v1/namespaces", tags=["objects"], dependencies=[Depends(require_token)])
 
 
-@frames.post("/put", response_class=Response)
+@frames.post("/put", response_class=Response, **frame_route(
+    PutRequest, PutReply, SessionNotFoundError, NotFoundError, StateNotFoundError, ProtocolError,
+    PayloadError, StateConflictError, NameConflictError, ValidationError, PayloadTooLargeError,
+    StorageError))
 async def put(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     message = PutRequest.from_frame(frame)
     session = rt.session(message.session, principal, "POST /v1/objects/put")
@@ -37,7 +54,8 @@ async def put(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Resp
     return frame_response(reply)
 
 
-@frames.post("/get", response_class=Response)
+@frames.post("/get", response_class=Response, **frame_route(
+    GetRequest, GetReply, SessionNotFoundError, NotFoundError, StateDamagedError, ValidationError))
 async def get(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     message = GetRequest.from_frame(frame)
     where = "POST /v1/objects/get"
@@ -67,7 +85,7 @@ def _object(rt: Any, principal: Any, namespace: str, name: str, scope: str, wher
     return obj
 
 
-@router.get("/{namespace}/objects")
+@router.get("/{namespace}/objects", responses=errors(NotFoundError, ValidationError))
 def list_objects(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     where = f"GET /v1/namespaces/{namespace}/objects"
     check_name(namespace, "namespace", where)
@@ -79,7 +97,7 @@ def list_objects(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dic
         for o in rt.registry.db.objects(namespace)]}
 
 
-@router.get("/{namespace}/objects/{name}")
+@router.get("/{namespace}/objects/{name}", responses=errors(NotFoundError, ValidationError))
 def object_info(namespace: str, name: str, rt: RuntimeDep,
                 principal: PrincipalDep) -> dict[str, Any]:
     where = f"GET /v1/namespaces/{namespace}/objects/{name}"
@@ -90,7 +108,8 @@ def object_info(namespace: str, name: str, rt: RuntimeDep,
             "states": [rt.registry.describe(r) for r in rows]}
 
 
-@router.delete("/{namespace}/objects/{name}", status_code=204)
+@router.delete("/{namespace}/objects/{name}", status_code=204,
+               responses=errors(NotFoundError, ValidationError))
 async def delete_object(namespace: str, name: str, rt: RuntimeDep,
                         principal: PrincipalDep) -> Response:
     where = f"DELETE /v1/namespaces/{namespace}/objects/{name}"
@@ -102,7 +121,8 @@ async def delete_object(namespace: str, name: str, rt: RuntimeDep,
     return Response(status_code=204)
 
 
-@router.post("/{namespace}/checkpoint")
+@router.post("/{namespace}/checkpoint",
+             responses=errors(NotFoundError, ValidationError, StorageError))
 async def checkpoint(namespace: str, rt: RuntimeDep, principal: PrincipalDep,
                      name: str | None = None) -> dict[str, Any]:
     where = f"POST /v1/namespaces/{namespace}/checkpoint"
