@@ -175,8 +175,10 @@ class Target:
     ids: list[str]  # every id a fuzzed frame may name (never the resident's), another
     # session's state among them
     names: list[str]  # object names a fuzzed frame may name
-    hostile: dict[str, Section]  # transforms of functions that misbehave, each of scratch
-    transforms: list[Any]  # real transforms of scratch, to tamper with
+    victim: statehost.ParamState  # in the client's session; the misbehaving calls use it
+    hostile: dict[str, dict[str, Section]]  # "call" (of victim) / "register" (of named):
+    # transforms of functions that misbehave, by name
+    transforms: dict[str, list[Any]]  # the same keys: real transforms to tamper with
     log_offset: int = 0
 
     def __repr__(self) -> str:
@@ -193,10 +195,10 @@ class Target:
         try:
             status, headers, data = self.wire.post(path, body)
         except (ConnectionError, http.client.HTTPException) as exc:
-            self._fault(path, body, f"no answer ({type(exc).__name__}: {exc})")
+            self.fault(f"POST {path}", body, f"no answer ({type(exc).__name__}: {exc})")
         self.tally.statuses[status] += 1
         if status >= 500:
-            self._fault(path, body, f"{status} {data[:600]!r}")
+            self.fault(f"POST {path}", body, f"{status} {data[:600]!r}")
             return status, headers, data
         if 200 <= status < 300:
             assert headers.get("content-type") == CONTENT_TYPE, (status, headers, data[:300])
@@ -212,8 +214,8 @@ class Target:
         assert isinstance(error.get("traceback", ""), str), error
         return status, headers, data
 
-    def _fault(self, path: str, body: bytes, answer: str) -> None:
-        """A 5xx or a dropped connection: a known bug is tallied, anything else fails."""
+    def fault(self, request: str, body: bytes, answer: str) -> None:
+        """A 5xx or a dropped connection: an open fault is tallied, anything else fails."""
         cause = server_fault(self.served, self.log_offset)
         self.log_offset = self.served.log.stat().st_size
         bug = next((name for name, fault in FAULTS.items()
@@ -223,8 +225,8 @@ class Target:
             return
         saved = self.failures / f"fault-{sum(self.tally.faults.values())}.bin"
         saved.write_bytes(body)
-        self.tally.unknown.append(f"POST {path} -> {answer}; cause {cause}; body in {saved}")
-        pytest.fail(f"POST {path} answered {answer}; the server's traceback ends in {cause}. "
+        self.tally.unknown.append(f"{request} -> {answer}; cause {cause}; body in {saved}")
+        pytest.fail(f"{request} answered {answer}; the server's traceback ends in {cause}. "
                     f"The body is saved in {saved}.\n{self.served.output()[-6000:]}")
 
 
@@ -287,6 +289,10 @@ def _hostile_transforms(state: statehost.State) -> list[Any]:
     class Escape(BaseException):
         pass
 
+    class BadRepr:
+        def __repr__(self) -> str:
+            raise RuntimeError("this object cannot be shown")
+
     def system_exit(x):
         raise SystemExit(3)
 
@@ -334,9 +340,23 @@ def _hostile_transforms(state: statehost.State) -> list[Any]:
     def odd_outputs(x):
         return (x.astype(jnp.float16), {"k": [x.astype(jnp.bool_)]}, None, x.astype(jnp.int8))
 
+    # Signatures a registered function's description must survive.
+    def nan_default(x, scale=float("nan")):
+        return state.value * 0 + x
+
+    def big_default(x, big=10**5000):
+        return state.value * 0 + x
+
+    def bad_repr_default(x, d=BadRepr()):  # noqa: B008
+        return state.value * 0 + x
+
+    def odd_annotation(x: "\ud800 not text"):  # noqa: F722
+        return state.value * 0 + x
+
     functions = [system_exit, keyboard_interrupt, base_exception, unprintable,
                  surrogate_message, nan_attribute, write_text, write_none, write_tree, recurse,
-                 huge, returns_state, returns_text, odd_outputs]
+                 huge, returns_state, returns_text, nan_default, big_default,
+                 bad_repr_default, odd_annotation, odd_outputs]
     return [jit(f) for f in functions] + [vmap(odd_outputs), vmap(write_tree, in_axes=None)]
 
 
@@ -360,9 +380,15 @@ def target(tmp_path_factory):
         other.push(elsewhere)
         ids = [scratch.id, stream.id, named.id, elsewhere.id, uuid.uuid4().hex,
                "0" * 32, "F" * 32, "not-an-id", ""]
-        hostile_transforms = _hostile_transforms(scratch)
-        hostile = {f"{type(h).__name__}:{h.origin_fun.__name__}": pack(h)
-                   for h in hostile_transforms}
+        victim = statehost.ParamState(jnp.zeros(4, jnp.float32), name="victim")
+        client.push(victim)
+        own = {"call": (victim, scratch_fn), "register": (named, named_fn)}
+        hostile, transforms = {}, {}
+        for kind, (state, remote) in own.items():
+            made = _hostile_transforms(state)
+            hostile[kind] = {f"{type(h).__name__}:{h.origin_fun.__name__}": pack(h)
+                             for h in made}
+            transforms[kind] = [remote._transform, *made[-3:]]
         tally = Tally()
         failures = tmp / "failures"
         failures.mkdir()
@@ -371,7 +397,7 @@ def target(tmp_path_factory):
                  "fuzz/" + "n" * 300, "fuzz/\ud800", "\udfff/x"]
         yield Target(served, client, resident, wire, tally, failures, client._session,
                      scratch, scratch_fn.packed(), stream, named, named_fn.packed(), ids, names,
-                     hostile, [scratch_fn._transform, *hostile_transforms[-3:]])
+                     victim, hostile, transforms)
         wire.close()
         print(f"\n{tally.line()}; {wire.reconnects} reconnects")
         for cause, count in tally.faults.most_common():
@@ -700,10 +726,12 @@ def mutated(draw: Any, t: Target, kind: str) -> tuple[str, bytes]:
         header["digest"] = hashlib.sha256(section.payload).hexdigest()
         return path, _rebuild(header, sections)
     if how == "transform":  # a real transform of a misbehaving function, or one tampered with
+        pool = "register" if kind == "register" else "call"
         if draw(st.booleans()):
-            section = t.hostile[draw(st.sampled_from(list(t.hostile)), label="hostile")]
+            hostile = t.hostile[pool]
+            section = hostile[draw(st.sampled_from(list(hostile)), label="hostile")]
         else:
-            transform = copy.copy(draw(st.sampled_from(t.transforms)))
+            transform = copy.copy(draw(st.sampled_from(t.transforms[pool])))
             for key in draw(st.lists(st.sampled_from(sorted(vars(transform))), min_size=1,
                                      max_size=2), label="attributes"):
                 if draw(st.booleans()):
@@ -713,8 +741,7 @@ def mutated(draw: Any, t: Target, kind: str) -> tuple[str, bytes]:
             section = pack(transform)
         sections["function"] = section
         header["digest"] = hashlib.sha256(section.payload).hexdigest()
-        if kind == "call":
-            header["refs"] = [t.scratch.id]
+        header["refs"] = [s.id for s in section.states]
         return path, _rebuild(header, sections)
     if how == "args":  # well-formed (args, kwargs) of odd values
         args = draw(st.lists(_python_values(t), max_size=2).map(tuple))
@@ -741,10 +768,10 @@ class Fault:
 
 
 def _call(t: Target, function: Section | None = None, args: Section | None = None) -> bytes:
-    """A call of ``function`` (default: the scratch adder) on scratch, in the fuzzed session."""
+    """A call of ``function`` (default: the scratch adder) in the fuzzed session."""
     function = function or t.scratch_fn.section
     return CallRequest(session=t.session, digest=hashlib.sha256(function.payload).hexdigest(),
-                       refs=(t.scratch.id,), function=function,
+                       refs=tuple(s.id for s in function.states), function=function,
                        args=args or pack(((np.ones(4, np.float32),), {}))).to_frame().to_bytes()
 
 
@@ -792,7 +819,7 @@ FAULTS: dict[str, Fault] = {
                                 "registered._named_loader)")),
     "user-base-exception": Fault(
         r"^(SystemExit|KeyboardInterrupt|GeneratorExit|[\w.]*Escape)\b.* @ statehost/transform/",
-        PATHS["call"], lambda t: _call(t, t.hostile["StatefulFunction:system_exit"]),
+        PATHS["call"], lambda t: _call(t, t.hostile["call"]["StatefulFunction:system_exit"]),
         "open: execution._run catches Exception only, so a user function raising SystemExit, "
         "KeyboardInterrupt or a BaseException subclass escapes every handler and uvicorn "
         "answers a text/plain 500. Fix in server/execution.py _run: catch BaseException "
@@ -804,9 +831,31 @@ FAULTS: dict[str, Fault] = {
         "open: callable_cache.unpickle catches Exception only; a pickle that raises "
         "SystemExit (or any BaseException) on load escapes as a text/plain 500. Fix in "
         "server/callable_cache.py unpickle: catch BaseException and answer 400 PayloadError"),
+    "deep-pickle-repr": Fault(
+        r"RecursionError: .* @ server/staging\.py:_load_records",
+        PATHS["push"],
+        lambda t: PushRequest(session=t.session, states=Section(_deep_pickle(100_000)))
+        .to_frame().to_bytes(),
+        "open: staging._load_records refuses a states section that is not a list of "
+        "StateRecords with a message that embeds {records!r:.120}; the repr of lists nested "
+        "100000 deep (a 200 kB pickle) raises RecursionError, a 500. Fix in "
+        "server/staging.py: name the type (and reprlib.repr a bounded view) instead"),
+    "register-unreprable-default": Fault(
+        r"RuntimeError: this object cannot be shown @ server/registered\.py:_plain",
+        PATHS["register"],
+        lambda t: RegisterRequest(
+            session=t.session, name="fuzz/badrepr", refs=(t.named.id,),
+            digest=hashlib.sha256(t.hostile["register"]["StatefulFunction:bad_repr_default"]
+                                  .payload).hexdigest(),
+            function=t.hostile["register"]["StatefulFunction:bad_repr_default"])
+        .to_frame().to_bytes(),
+        "open: registered.signature describes a parameter default that is not JSON with "
+        "repr(), which runs the sender's __repr__; one that raises turns the register into "
+        "a 500. Fix in server/registered.py _plain: fall back to the type's name when repr "
+        "raises"),
     "user-unprintable-exception": Fault(
         r"RuntimeError: this exception cannot be printed @ server/execution\.py:_user_error",
-        PATHS["call"], lambda t: _call(t, t.hostile["StatefulFunction:unprintable"]),
+        PATHS["call"], lambda t: _call(t, t.hostile["call"]["StatefulFunction:unprintable"]),
         "open: execution._user_error formats the user's exception with f'{exc}' (and "
         "traceback.format_exception_only), which runs the user's __str__; one that raises "
         "turns the 422 into a 500. Fix in server/execution.py _user_error: fall back to "
@@ -909,23 +958,29 @@ def test_json_views_of_what_the_fuzzer_left(target):
     with httpx.Client(base_url=target.served.url, headers=headers, timeout=60) as http:
 
         def get(path: str, **kwargs: Any) -> Any:
-            response = http.request(kwargs.pop("method", "GET"), path, **kwargs)
-            assert response.status_code < 500, (path, response.text[:2000])
+            method = kwargs.pop("method", "GET")
+            response = http.request(method, path, **kwargs)
+            if response.status_code >= 500:
+                target.fault(f"{method} {path}", response.request.content,
+                             f"{response.status_code} {response.text[:600]}")
             return response
+
+        def q(name: str) -> str:  # fuzzed names may hold any code point, even surrogates
+            return urllib.parse.quote(name.encode("utf-8", "surrogatepass"), safe="")
 
         namespaces = [n["name"] for n in get("/v1/namespaces").json()["namespaces"]]
         assert "fuzz" in namespaces
         for ns in namespaces:
             for state in get(f"/v1/namespaces/{ns}/states").json()["states"]:
-                get(f"/v1/namespaces/{ns}/states/{state['name']}")
-                get(f"/v1/namespaces/{ns}/states/{state['name']}/value")
-                get(f"/v1/namespaces/{ns}/states/{state['name']}/value",
+                get(f"/v1/namespaces/{ns}/states/{q(state['name'])}")
+                get(f"/v1/namespaces/{ns}/states/{q(state['name'])}/value")
+                get(f"/v1/namespaces/{ns}/states/{q(state['name'])}/value",
                     headers={"accept": "application/x-npy"})
             for obj in get(f"/v1/namespaces/{ns}/objects").json()["objects"]:
-                get(f"/v1/namespaces/{ns}/objects/{obj['name']}")
+                get(f"/v1/namespaces/{ns}/objects/{q(obj['name'])}")
             for fn in get(f"/v1/namespaces/{ns}/functions").json()["functions"]:
                 name = fn["name"].split("/", 1)[1]
-                get(f"/v1/namespaces/{ns}/functions/{name}/invoke", method="POST",
+                get(f"/v1/namespaces/{ns}/functions/{q(name)}/invoke", method="POST",
                     json={"args": [[1.0, 2.0, 3.0]]})
             get(f"/v1/namespaces/{ns}/checkpoint", method="POST")
         get("/metrics")
