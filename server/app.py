@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 
 from statehost import __version__
 from statehost.server.errors import install_handlers
+from statehost.server.openapi import install_openapi
 from statehost.server.persistence import DamagedDatabaseError, flush, flusher
 from statehost.server.routes import (
     calls,
@@ -67,27 +67,6 @@ class _RefusalWithoutTraceback:
             await send(message)
 
         await self.app(scope, receive, send_quietly)
-
-
-def _document_bearer_auth(app: FastAPI) -> None:
-    """The OpenAPI document says that operations need ``Authorization: Bearer <token>``
-    (all but the ones that declare ``security: []``, ``/v1/health``), so clients generated
-    from it, and Swagger UI's "Authorize", send the token. Auth itself is
-    ``require_token``; this only describes it."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {
-                "type": "http", "scheme": "bearer",
-                "description": "a token the server accepts: the one `statehost serve` printed, "
-                               "one of STATEHOST_TOKENS, or one made with `statehost token "
-                               "create`"}}
-            schema["security"] = [{"bearer": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -152,7 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    values, functions, docs):
         app.include_router(module.router)
     app.include_router(objects.frames)
-    _document_bearer_auth(app)
     install_handlers(app)
+    install_openapi(app)
     app.add_middleware(_RefusalWithoutTraceback)
     return app

@@ -25,7 +25,7 @@ from statehost._errors import WireError, brief
 from statehost.wire import ERROR_KINDS
 
 if TYPE_CHECKING:  # FastAPI loads with create_app only: the CLI's token commands need none
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
 
 __all__ = [
     "ERROR_CLASSES",
@@ -204,9 +204,28 @@ def render_error(body: dict[str, object]) -> bytes:
     return json.dumps(_json_safe(body), ensure_ascii=True, separators=(",", ":")).encode()
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app takes on this request's path."""
+    from starlette.routing import Match
+
+    def routes(found: list[object]) -> list[object]:
+        # FastAPI 0.16x keeps an included router as one route (``original_router``).
+        flat = []
+        for route in found:
+            inner = getattr(route, "original_router", None)
+            flat += routes(inner.routes) if inner is not None else [route]
+        return flat
+
+    methods: set[str] = set()
+    for route in routes(request.app.routes):
+        # PARTIAL: the path matched and the method did not; FULL: both did.
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Maps every exception to the one JSON error shape."""
-    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
@@ -227,10 +246,14 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         kind = _HTTP_KINDS.get(exc.status_code, ProtocolError)
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route whose path matched only.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
         return JSONResponse(
             error_body(kind.type, f"{request.method} {request.url.path}: {exc.detail}"),
             status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -22,7 +22,7 @@ _RULE = ("1 to 128 letters, digits, '_', '-' or '.', not starting with '.' or '-
 
 def check_name(name: Any, what: str, where: str) -> str:
     """``name`` if it is a valid namespace or object name, else a 422 naming the rule."""
-    if isinstance(name, str) and _NAME.match(name):
+    if isinstance(name, str) and _NAME.fullmatch(name):
         return name
     raise ValidationError(f"{where}: {name!r:.80} is not a valid {what} name ({_RULE}).")
 
@@ -30,7 +30,7 @@ def check_name(name: Any, what: str, where: str) -> str:
 def split_name(full: Any, where: str) -> tuple[str, str]:
     """``"team/net"`` -> ``("team", "net")``, or a 422 that shows the expected form."""
     parts = full.split("/") if isinstance(full, str) else []
-    if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
+    if len(parts) != 2 or not all(_NAME.fullmatch(p) for p in parts):
         raise ValidationError(
             f"{where}: {full!r:.80} is not a name of the form 'namespace/name' (each part "
             f"{_RULE}; e.g. 'team/net').")

@@ -14,6 +14,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from statehost._errors import brief
 from statehost.server.callable_cache import CachedFunction, Transform, check_digest, load_transform
 from statehost.server.errors import NotFoundError, ValidationError
 from statehost.server.execution import InvokeResult, invoke
@@ -36,11 +37,13 @@ _MSG_NOT_NAMED = (
 
 
 def _plain(value: Any) -> Any:
+    """``value`` if it is JSON, else a bounded repr (``brief``: the sender's ``__repr__`` may
+    raise, or recurse)."""
     try:
         json.dumps(value)
         return value
-    except (TypeError, ValueError):
-        return repr(value)
+    except (TypeError, ValueError, RecursionError):
+        return brief(value)
 
 
 def signature(transform: Transform) -> dict[str, Any]:

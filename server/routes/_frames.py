@@ -1,5 +1,5 @@
-"""Frames in the OpenAPI document, and sending a frame back: one body when small, streamed
-chunks when large."""
+"""Sending a frame back: one body when small, streamed chunks when large (the OpenAPI
+description of frame routes is ``server/openapi.py``'s ``frames``)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,9 @@ from fastapi.responses import Response, StreamingResponse
 
 from statehost.wire import CONTENT_TYPE, Encoded, Message
 
-__all__ = ["FRAME_OPENAPI", "frame_response"]
+__all__ = ["frame_response"]
 
 _STREAM_ABOVE = 1 << 20
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-
-#: ``openapi_extra`` of a route that takes a frame and answers one: the OpenAPI document
-#: lists these routes with their content type, though only statehost's client (or code
-#: built on ``statehost.wire``) speaks it.
-FRAME_OPENAPI = {
-    "requestBody": {"required": True, "description": "a statehost.wire frame",
-                    "content": {CONTENT_TYPE: _BINARY}},
-    "responses": {"200": {"description": "a statehost.wire frame",
-                          "content": {CONTENT_TYPE: _BINARY}}},
-}
-
-
 def frame_response(message: Message | Encoded) -> Response:
     encoded = message.to_frame() if isinstance(message, Message) else message
     if encoded.nbytes <= _STREAM_ABOVE:

@@ -8,10 +8,23 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from statehost.server.calls import Call
 from statehost.server.deps import FrameBody, require_submit, require_token
-from statehost.server.errors import ApiError
+from statehost.server.errors import (
+    ApiError,
+    FunctionNotCachedError,
+    PayloadError,
+    PayloadTooLargeError,
+    ProtocolError,
+    RemoteExecutionError,
+    SessionNotFoundError,
+    StateConflictError,
+    StateNotFoundError,
+    StorageError,
+    ValidationError,
+)
 from statehost.server.execution import run_call
-from statehost.server.routes._frames import FRAME_OPENAPI, frame_response
-from statehost.wire import CallRequest
+from statehost.server.openapi import frames
+from statehost.server.routes._frames import frame_response
+from statehost.wire import CallReply, CallRequest
 
 router = APIRouter(
     prefix="/v1",
@@ -27,8 +40,12 @@ _OUTCOMES = {
 }
 
 
-@router.post("/call", response_class=Response, openapi_extra=FRAME_OPENAPI,
-             summary="Run a shipped transform on resident states (a frame, scope submit)")
+@router.post("/call", response_class=Response,
+             summary="Run a shipped transform on resident states (a frame, scope submit)",
+             **frames(
+    CallRequest, CallReply, SessionNotFoundError, StateNotFoundError, ProtocolError, PayloadError,
+    FunctionNotCachedError, StateConflictError, RemoteExecutionError, ValidationError,
+    PayloadTooLargeError, StorageError))
 async def call(request: Request, frame: FrameBody) -> Response:
     rt = request.app.state.runtime  # not a dependency: see deps.py on the per-call path
     start = time.perf_counter()

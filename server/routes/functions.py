@@ -28,13 +28,22 @@ from statehost.server.deps import (
     require_submit,
     require_token,
 )
-from statehost.server.errors import ValidationError
+from statehost.server.errors import (
+    NotFoundError,
+    PayloadError,
+    ProtocolError,
+    RemoteExecutionError,
+    SessionNotFoundError,
+    StorageError,
+    ValidationError,
+)
 from statehost.server.names import check_name
+from statehost.server.openapi import errors, frames
 from statehost.server.persistence import FunctionRow
 from statehost.server.registered import find, invoke_registered, register
-from statehost.server.routes._frames import FRAME_OPENAPI, frame_response
+from statehost.server.routes._frames import frame_response
 from statehost.server.routes.values import to_json
-from statehost.wire import RegisterRequest
+from statehost.wire import RegisterReply, RegisterRequest
 
 __all__ = ["InvokeBody", "router"]
 
@@ -85,8 +94,10 @@ def _from_json(value: Any, where: str) -> Any:
 
 # -- routes -----------------------------------------------------------------------
 @router.post("/v1/functions/register", response_class=Response,
-             dependencies=[Depends(require_submit)], openapi_extra=FRAME_OPENAPI,
-             summary="Register a transform under 'namespace/name' (a frame, scope submit)")
+             dependencies=[Depends(require_submit)],
+             summary="Register a transform under 'namespace/name' (a frame, scope submit)",
+             **frames(RegisterRequest, RegisterReply, SessionNotFoundError, NotFoundError,
+                      ProtocolError, PayloadError, ValidationError))
 async def register_function(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep
                             ) -> Response:
     """Header ``{"session", "name": "ns/fname", "digest", "refs": [ids]}`` and section
@@ -107,7 +118,8 @@ def _describe(rt: Any, row: FunctionRow) -> dict[str, Any]:
 
 
 @router.get("/v1/namespaces/{namespace}/functions",
-            summary="List the registered functions of a namespace with their signatures")
+            summary="List the registered functions of a namespace with their signatures",
+            responses=errors(NotFoundError, ValidationError))
 def list_functions(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     where = f"GET /v1/namespaces/{namespace}/functions"
     check_name(namespace, "namespace", where)
@@ -126,7 +138,8 @@ def _lookup(rt: Any, principal: Any, namespace: str, name: str, where: str
 
 
 @router.post("/v1/namespaces/{namespace}/functions/{name}/invoke",
-             summary="Run a registered function with JSON arguments (scope invoke)")
+             summary="Run a registered function with JSON arguments (scope invoke)",
+             responses=errors(NotFoundError, ValidationError, RemoteExecutionError, StorageError))
 async def invoke(namespace: str, name: str, body: InvokeBody, rt: RuntimeDep,
                  principal: PrincipalDep, session: RequestSessionDep) -> dict[str, Any]:
     """Takes the locks of the function's states, runs it and commits the states it wrote.

@@ -9,7 +9,9 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from statehost.server.deps import PrincipalDep, RuntimeDep, require_token
+from statehost.server.errors import NotFoundError, ValidationError
 from statehost.server.names import check_name
+from statehost.server.openapi import errors
 from statehost.server.persistence import Durability
 
 __all__ = ["NamespaceBody", "router"]
@@ -32,7 +34,8 @@ def list_namespaces(rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     ]}
 
 
-@router.put("/{namespace}", summary="Set a namespace's durability (scope admin)")
+@router.put("/{namespace}", summary="Set a namespace's durability (scope admin)",
+            responses=errors(NotFoundError, ValidationError))
 def set_namespace(namespace: str, body: NamespaceBody, rt: RuntimeDep,
                   principal: PrincipalDep) -> dict[str, str]:
     where = f"PUT /v1/namespaces/{namespace}"

@@ -10,13 +10,27 @@ from fastapi.concurrency import run_in_threadpool
 
 from statehost.server.calls import Call
 from statehost.server.deps import FrameBody, PrincipalDep, RuntimeDep, require_submit, require_token
-from statehost.server.errors import NotFoundError, StateDamagedError
+from statehost.server.errors import (
+    NameConflictError,
+    NotFoundError,
+    PayloadError,
+    PayloadTooLargeError,
+    ProtocolError,
+    SessionNotFoundError,
+    StateConflictError,
+    StateDamagedError,
+    StateNotFoundError,
+    StorageError,
+    ValidationError,
+)
 from statehost.server.named import get_object, put_object
 from statehost.server.names import check_name
+from statehost.server.openapi import errors
+from statehost.server.openapi import frames as frame_route
 from statehost.server.persistence import flush_ids
-from statehost.server.routes._frames import FRAME_OPENAPI, frame_response
+from statehost.server.routes._frames import frame_response
 from statehost.server.store import Session
-from statehost.wire import GetRequest, PutRequest
+from statehost.wire import GetReply, GetRequest, PutReply, PutRequest
 
 frames = APIRouter(
     prefix="/v1/objects", tags=["objects"],
@@ -25,8 +39,12 @@ frames = APIRouter(
 router = APIRouter(prefix="/v1/namespaces", tags=["objects"], dependencies=[Depends(require_token)])
 
 
-@frames.post("/put", response_class=Response, openapi_extra=FRAME_OPENAPI,
-             summary="Name an object and its states: client.put (a frame, scope submit)")
+@frames.post("/put", response_class=Response,
+             summary="Name an object and its states: client.put (a frame, scope submit)",
+             **frame_route(
+    PutRequest, PutReply, SessionNotFoundError, NotFoundError, StateNotFoundError, ProtocolError,
+    PayloadError, StateConflictError, NameConflictError, ValidationError, PayloadTooLargeError,
+    StorageError))
 async def put(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     message = PutRequest.from_frame(frame)
     session = rt.session(message.session, principal, "POST /v1/objects/put")
@@ -38,8 +56,10 @@ async def put(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Resp
     return frame_response(reply)
 
 
-@frames.post("/get", response_class=Response, openapi_extra=FRAME_OPENAPI,
-             summary="A named object with its states: client.get (a frame, scope submit)")
+@frames.post("/get", response_class=Response,
+             summary="A named object with its states: client.get (a frame, scope submit)",
+             **frame_route(
+    GetRequest, GetReply, SessionNotFoundError, NotFoundError, StateDamagedError, ValidationError))
 async def get(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     message = GetRequest.from_frame(frame)
     where = "POST /v1/objects/get"
@@ -69,7 +89,8 @@ def _object(rt: Any, principal: Any, namespace: str, name: str, scope: str, wher
     return obj
 
 
-@router.get("/{namespace}/objects", summary="The named objects of a namespace")
+@router.get("/{namespace}/objects", summary="The named objects of a namespace",
+         responses=errors(NotFoundError, ValidationError))
 def list_objects(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     where = f"GET /v1/namespaces/{namespace}/objects"
     check_name(namespace, "namespace", where)
@@ -81,7 +102,8 @@ def list_objects(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dic
         for o in rt.registry.db.objects(namespace)]}
 
 
-@router.get("/{namespace}/objects/{name}", summary="A named object's metadata and states")
+@router.get("/{namespace}/objects/{name}", summary="A named object's metadata and states",
+         responses=errors(NotFoundError, ValidationError))
 def object_info(namespace: str, name: str, rt: RuntimeDep,
                 principal: PrincipalDep) -> dict[str, Any]:
     where = f"GET /v1/namespaces/{namespace}/objects/{name}"
@@ -93,7 +115,8 @@ def object_info(namespace: str, name: str, rt: RuntimeDep,
 
 
 @router.delete("/{namespace}/objects/{name}",
-               summary="Delete a named object and its states; answers the deleted state ids")
+               summary="Delete a named object and its states; answers the deleted state ids",
+               responses=errors(NotFoundError, ValidationError))
 async def delete_object(namespace: str, name: str, rt: RuntimeDep,
                         principal: PrincipalDep) -> dict[str, Any]:
     """Answers ``{"name": "ns/name", "deleted": [state ids]}``: a client that holds those
@@ -111,7 +134,8 @@ async def delete_object(namespace: str, name: str, rt: RuntimeDep,
 
 
 @router.post("/{namespace}/checkpoint",
-             summary="Write a namespace's (or one object's) named states to disk now")
+             summary="Write a namespace's (or one object's) named states to disk now",
+             responses=errors(NotFoundError, ValidationError, StorageError))
 async def checkpoint(namespace: str, rt: RuntimeDep, principal: PrincipalDep,
                      name: str | None = None) -> dict[str, Any]:
     where = f"POST /v1/namespaces/{namespace}/checkpoint"

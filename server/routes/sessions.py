@@ -7,9 +7,11 @@ it as absent (404), whatever its scope.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from statehost.server.deps import PrincipalDep, RuntimeDep, require_token
+from statehost.server.errors import SessionNotFoundError
+from statehost.server.openapi import errors
 
 __all__ = ["ClientInfo", "SessionBody", "router"]
 
@@ -22,6 +24,14 @@ class ClientInfo(BaseModel):
     host: str = Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$",
                       description="the client machine's host name")
     pid: int = Field(ge=0, le=2**32, description="the client's process id")
+
+    @field_validator("pid", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: object) -> object:
+        # JSON booleans are not integers (pydantic's lax mode takes false as 0); 3.0 is.
+        if isinstance(value, bool):
+            raise ValueError("a process id is an integer, not true/false")
+        return value
 
 
 class SessionBody(BaseModel):
@@ -39,7 +49,7 @@ def open_session(rt: RuntimeDep, principal: PrincipalDep,
     return {"id": session.id, "ttl": rt.settings.session_ttl}
 
 
-@router.delete("/{session_id}", status_code=204,
+@router.delete("/{session_id}", status_code=204, responses=errors(SessionNotFoundError),
                summary="Close a session: its anonymous states are freed")
 def close_session(session_id: str, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     session = rt.session(session_id, principal, "DELETE /v1/sessions/{id}")

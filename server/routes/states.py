@@ -6,9 +6,20 @@ from fastapi import APIRouter, Depends, Response
 
 from statehost.server.calls import Call
 from statehost.server.deps import FrameBody, PrincipalDep, RuntimeDep, require_submit, require_token
-from statehost.server.routes._frames import FRAME_OPENAPI, frame_response
+from statehost.server.errors import (
+    PayloadError,
+    PayloadTooLargeError,
+    ProtocolError,
+    SessionNotFoundError,
+    StateConflictError,
+    StateNotFoundError,
+    StorageError,
+    ValidationError,
+)
+from statehost.server.openapi import frames
+from statehost.server.routes._frames import frame_response
 from statehost.server.transfer import pull_states, push_states
-from statehost.wire import PullRequest, PushRequest
+from statehost.wire import PullReply, PullRequest, PushReply, PushRequest
 
 router = APIRouter(
     prefix="/v1/states",
@@ -17,8 +28,11 @@ router = APIRouter(
 )
 
 
-@router.post("/push", response_class=Response, openapi_extra=FRAME_OPENAPI,
-             summary="Upload state values into the session (a frame, scope submit)")
+@router.post("/push", response_class=Response,
+             summary="Upload state values into the session (a frame, scope submit)",
+             **frames(
+    PushRequest, PushReply, SessionNotFoundError, StateNotFoundError, ProtocolError, PayloadError,
+    StateConflictError, ValidationError, PayloadTooLargeError, StorageError))
 async def push(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     message = PushRequest.from_frame(frame)
     session = rt.session(message.session, principal, "POST /v1/states/push")
@@ -29,8 +43,8 @@ async def push(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Res
     return frame_response(reply)
 
 
-@router.post("/pull", response_class=Response, openapi_extra=FRAME_OPENAPI,
-             summary="Download state values (a frame, scope submit)")
+@router.post("/pull", response_class=Response,
+             **frames(PullRequest, PullReply, SessionNotFoundError, StateNotFoundError))
 async def pull(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     message = PullRequest.from_frame(frame)
     session = rt.session(message.session, principal, "POST /v1/states/pull")

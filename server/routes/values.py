@@ -30,10 +30,12 @@ from statehost.server.errors import (
     PreconditionFailedError,
     ProtocolError,
     StateDamagedError,
+    StorageError,
     ValidationError,
 )
 from statehost.server.execution import to_host
 from statehost.server.names import check_name
+from statehost.server.openapi import BINARY, errors
 from statehost.server.persistence import StateRow
 from statehost.server.staging import Transaction
 from statehost.server.store import Session
@@ -212,7 +214,8 @@ def _npy_response(array: np.ndarray, headers: dict[str, str]) -> Response:
 
 
 # -- routes -----------------------------------------------------------------------
-@router.get("/{namespace}/states", summary="List the named states of a namespace (metadata)")
+@router.get("/{namespace}/states", summary="List the named states of a namespace (metadata)",
+            responses=errors(NotFoundError, ValidationError))
 def list_states(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     """Shapes, dtypes, bytes, version, last writer and status of every named state."""
     where = f"GET /v1/namespaces/{namespace}/states"
@@ -222,7 +225,8 @@ def list_states(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dict
             "states": [rt.registry.describe(r) for r in rt.registry.db.states(namespace)]}
 
 
-@router.get("/{namespace}/states/{name}", summary="Metadata of one named state")
+@router.get("/{namespace}/states/{name}", summary="Metadata of one named state",
+            responses=errors(NotFoundError, ValidationError))
 def state_info(namespace: str, name: str, rt: RuntimeDep,
                principal: PrincipalDep) -> dict[str, Any]:
     """``name`` is ``object`` for a State put on its own, else ``object.path``."""
@@ -233,7 +237,8 @@ def state_info(namespace: str, name: str, rt: RuntimeDep,
 @router.get(
     "/{namespace}/states/{name}/value",
     summary="A state's value as JSON nested lists, or .npy with Accept: application/x-npy",
-    responses={200: {"content": {"application/json": {}, NPY: {}}}, 413: {}, 422: {}},
+    responses={200: {"content": {"application/json": {}, NPY: {"schema": BINARY}}},
+               **errors(NotFoundError, StateDamagedError, PayloadTooLargeError, ValidationError)},
 )
 async def get_value(namespace: str, name: str, request: Request, rt: RuntimeDep,
                     principal: PrincipalDep) -> Response:
@@ -269,10 +274,16 @@ async def get_value(namespace: str, name: str, request: Request, rt: RuntimeDep,
 @router.put(
     "/{namespace}/states/{name}/value",
     summary="Write a state's value (JSON or .npy); If-Match: <version> refuses lost updates",
+    responses=errors(NotFoundError, StateDamagedError, ProtocolError, PreconditionFailedError,
+                     PayloadTooLargeError, ValidationError, StorageError),
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": ValueBody.model_json_schema()},
-        NPY: {"schema": {"type": "string", "format": "binary"}},
-    }}},
+        NPY: {"schema": BINARY},
+    }}, "parameters": [{
+        "name": "If-Match", "in": "header", "required": False,
+        "description": "write only if the state is still at this version (412 otherwise)",
+        "schema": {"type": "string", "pattern": r'^\s*(\*|(W/)?"?[0-9]+"?)\s*$'},
+    }]},
 )
 async def put_value(namespace: str, name: str, request: Request, rt: RuntimeDep,
                     principal: PrincipalDep, session: RequestSessionDep) -> JSONResponse:

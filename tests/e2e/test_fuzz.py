@@ -148,7 +148,7 @@ class Resident:
     """The client's state that no fuzzed frame names: it must keep its value throughout."""
 
     state: statehost.ParamState
-    step: Any  # a remote transform adding its argument (shape (4,)) to the state
+    step: Any  # a RemoteMapping adding its argument (shape (4,)) to the state
     value: np.ndarray
 
     def assert_unchanged(self, client: Any) -> None:
@@ -175,8 +175,10 @@ class Target:
     ids: list[str]  # every id a fuzzed frame may name (never the resident's), another
     # session's state among them
     names: list[str]  # object names a fuzzed frame may name
-    hostile: dict[str, Section]  # transforms of functions that misbehave, each of scratch
-    transforms: list[Any]  # real transforms of scratch, to tamper with
+    victim: statehost.ParamState  # in the client's session; the misbehaving calls use it
+    hostile: dict[str, dict[str, Section]]  # "call" (of victim) / "register" (of named):
+    # transforms of functions that misbehave, by name
+    transforms: dict[str, list[Any]]  # the same keys: real transforms to tamper with
     log_offset: int = 0
 
     def __repr__(self) -> str:
@@ -193,10 +195,10 @@ class Target:
         try:
             status, headers, data = self.wire.post(path, body)
         except (ConnectionError, http.client.HTTPException) as exc:
-            self._fault(path, body, f"no answer ({type(exc).__name__}: {exc})")
+            self.fault(f"POST {path}", body, f"no answer ({type(exc).__name__}: {exc})")
         self.tally.statuses[status] += 1
         if status >= 500:
-            self._fault(path, body, f"{status} {data[:600]!r}")
+            self.fault(f"POST {path}", body, f"{status} {data[:600]!r}")
             return status, headers, data
         if 200 <= status < 300:
             assert headers.get("content-type") == CONTENT_TYPE, (status, headers, data[:300])
@@ -212,8 +214,8 @@ class Target:
         assert isinstance(error.get("traceback", ""), str), error
         return status, headers, data
 
-    def _fault(self, path: str, body: bytes, answer: str) -> None:
-        """A 5xx or a dropped connection: a known bug is tallied, anything else fails."""
+    def fault(self, request: str, body: bytes, answer: str) -> None:
+        """A 5xx or a dropped connection: an open fault is tallied, anything else fails."""
         cause = server_fault(self.served, self.log_offset)
         self.log_offset = self.served.log.stat().st_size
         bug = next((name for name, fault in FAULTS.items()
@@ -223,8 +225,8 @@ class Target:
             return
         saved = self.failures / f"fault-{sum(self.tally.faults.values())}.bin"
         saved.write_bytes(body)
-        self.tally.unknown.append(f"POST {path} -> {answer}; cause {cause}; body in {saved}")
-        pytest.fail(f"POST {path} answered {answer}; the server's traceback ends in {cause}. "
+        self.tally.unknown.append(f"{request} -> {answer}; cause {cause}; body in {saved}")
+        pytest.fail(f"{request} answered {answer}; the server's traceback ends in {cause}. "
                     f"The body is saved in {saved}.\n{self.served.output()[-6000:]}")
 
 
@@ -287,6 +289,10 @@ def _hostile_transforms(state: statehost.State) -> list[Any]:
     class Escape(BaseException):
         pass
 
+    class BadRepr:
+        def __repr__(self) -> str:
+            raise RuntimeError("this object cannot be shown")
+
     def system_exit(x):
         raise SystemExit(3)
 
@@ -334,9 +340,23 @@ def _hostile_transforms(state: statehost.State) -> list[Any]:
     def odd_outputs(x):
         return (x.astype(jnp.float16), {"k": [x.astype(jnp.bool_)]}, None, x.astype(jnp.int8))
 
+    # Signatures a registered function's description must survive.
+    def nan_default(x, scale=float("nan")):
+        return state.value * 0 + x
+
+    def big_default(x, big=10**5000):
+        return state.value * 0 + x
+
+    def bad_repr_default(x, d=BadRepr()):  # noqa: B008
+        return state.value * 0 + x
+
+    def odd_annotation(x: "\ud800 not text"):  # noqa: F722
+        return state.value * 0 + x
+
     functions = [system_exit, keyboard_interrupt, base_exception, unprintable,
                  surrogate_message, nan_attribute, write_text, write_none, write_tree, recurse,
-                 huge, returns_state, returns_text, odd_outputs]
+                 huge, returns_state, returns_text, nan_default, big_default,
+                 bad_repr_default, odd_annotation, odd_outputs]
     return [jit(f) for f in functions] + [vmap(odd_outputs), vmap(write_tree, in_axes=None)]
 
 
@@ -360,9 +380,15 @@ def target(tmp_path_factory):
         other.push(elsewhere)
         ids = [scratch.id, stream.id, named.id, elsewhere.id, uuid.uuid4().hex,
                "0" * 32, "F" * 32, "not-an-id", ""]
-        hostile_transforms = _hostile_transforms(scratch)
-        hostile = {f"{type(h).__name__}:{h.origin_fun.__name__}": pack(h)
-                   for h in hostile_transforms}
+        victim = statehost.ParamState(jnp.zeros(4, jnp.float32), name="victim")
+        client.push(victim)
+        own = {"call": (victim, scratch_fn), "register": (named, named_fn)}
+        hostile, transforms = {}, {}
+        for kind, (state, remote) in own.items():
+            made = _hostile_transforms(state)
+            hostile[kind] = {f"{type(h).__name__}:{h.origin_fun.__name__}": pack(h)
+                             for h in made}
+            transforms[kind] = [remote, *made[-3:]]
         tally = Tally()
         failures = tmp / "failures"
         failures.mkdir()
@@ -372,7 +398,7 @@ def target(tmp_path_factory):
         yield Target(served, client, resident, wire, tally, failures, client._session,
                      scratch, scratch_fn.placement.packed(scratch_fn), stream, named,
                      named_fn.placement.packed(named_fn), ids, names,
-                     hostile, [scratch_fn, *hostile_transforms[-3:]])
+                     victim, hostile, transforms)
         wire.close()
         print(f"\n{tally.line()}; {wire.reconnects} reconnects")
         for cause, count in tally.faults.most_common():
@@ -701,10 +727,12 @@ def mutated(draw: Any, t: Target, kind: str) -> tuple[str, bytes]:
         header["digest"] = hashlib.sha256(section.payload).hexdigest()
         return path, _rebuild(header, sections)
     if how == "transform":  # a real transform of a misbehaving function, or one tampered with
+        pool = "register" if kind == "register" else "call"
         if draw(st.booleans()):
-            section = t.hostile[draw(st.sampled_from(list(t.hostile)), label="hostile")]
+            hostile = t.hostile[pool]
+            section = hostile[draw(st.sampled_from(list(hostile)), label="hostile")]
         else:
-            transform = copy.copy(draw(st.sampled_from(t.transforms)))
+            transform = copy.copy(draw(st.sampled_from(t.transforms[pool])))
             for key in draw(st.lists(st.sampled_from(sorted(vars(transform))), min_size=1,
                                      max_size=2), label="attributes"):
                 if draw(st.booleans()):
@@ -714,8 +742,7 @@ def mutated(draw: Any, t: Target, kind: str) -> tuple[str, bytes]:
             section = pack(transform)
         sections["function"] = section
         header["digest"] = hashlib.sha256(section.payload).hexdigest()
-        if kind == "call":
-            header["refs"] = [t.scratch.id]
+        header["refs"] = [s.id for s in section.states]
         return path, _rebuild(header, sections)
     if how == "args":  # well-formed (args, kwargs) of odd values
         args = draw(st.lists(_python_values(t), max_size=2).map(tuple))
@@ -742,10 +769,10 @@ class Fault:
 
 
 def _call(t: Target, function: Section | None = None, args: Section | None = None) -> bytes:
-    """A call of ``function`` (default: the scratch adder) on scratch, in the fuzzed session."""
+    """A call of ``function`` (default: the scratch adder) in the fuzzed session."""
     function = function or t.scratch_fn.section
     return CallRequest(session=t.session, digest=hashlib.sha256(function.payload).hexdigest(),
-                       refs=(t.scratch.id,), function=function,
+                       refs=tuple(s.id for s in function.states), function=function,
                        args=args or pack(((np.ones(4, np.float32),), {}))).to_frame().to_bytes()
 
 
@@ -768,32 +795,40 @@ FAULTS: dict[str, Fault] = {
     "surrogate-in-error": Fault(
         r"UnicodeEncodeError: .*surrogates not allowed @ server/errors\.py:_(api|unhandled)",
         PATHS["pull"],
-        lambda t: PullRequest(session="\ud800", ids=(t.scratch.id,)).to_frame().to_bytes(),
-        None),
+        lambda t: PullRequest(session="\ud800", ids=(t.scratch.id,)).to_frame().to_bytes(), None),
     "nan-in-error": Fault(
         r"ValueError: Out of range float values are not JSON compliant @ server/errors\.py:_api",
         PATHS["pull"],
         lambda t: _with_versions(PullRequest(session=t.session, ids=(t.scratch.id,))
-                                 .to_frame().to_bytes(), protocol=float("nan")),
-        None),
+                                 .to_frame().to_bytes(), protocol=float("nan")), None),
     "bytes-in-error": Fault(
         r"TypeError: Object of type \w+ is not JSON serializable @ server/errors\.py:_api",
         PATHS["call"],
         lambda t: _call(t, args=_pack_refs(((_Ref(StateRef(b"id", statehost.ParamState, None,
-                                                                None)),), {}))),
-        None),
+                                                                None)),), {}))), None),
     "user-base-exception": Fault(
         r"^(SystemExit|KeyboardInterrupt|GeneratorExit|[\w.]*Escape)\b.* @ statehost/transform/",
-        PATHS["call"], lambda t: _call(t, t.hostile["StatefulFunction:system_exit"]),
-        None),
+        PATHS["call"], lambda t: _call(t, t.hostile["call"]["StatefulFunction:system_exit"]), None),
     "pickle-base-exception": Fault(
         r"^SystemExit\b.* @ statehost/wire/_pickle\.py",
-        PATHS["call"], lambda t: _call(t, args=pack(_Reduce(sys.exit, 3), refs=False)),
-        None),
+        PATHS["call"], lambda t: _call(t, args=pack(_Reduce(sys.exit, 3), refs=False)), None),
+    "deep-pickle-repr": Fault(
+        r"RecursionError: .* @ server/staging\.py:_load_records",
+        PATHS["push"],
+        lambda t: PushRequest(session=t.session, states=Section(_deep_pickle(100_000)))
+        .to_frame().to_bytes(), None),
+    "register-unreprable-default": Fault(
+        r"RuntimeError: this object cannot be shown @ server/registered\.py:_plain",
+        PATHS["register"],
+        lambda t: RegisterRequest(
+            session=t.session, name="fuzz/badrepr", refs=(t.named.id,),
+            digest=hashlib.sha256(t.hostile["register"]["StatefulFunction:bad_repr_default"]
+                                  .payload).hexdigest(),
+            function=t.hostile["register"]["StatefulFunction:bad_repr_default"])
+        .to_frame().to_bytes(), None),
     "user-unprintable-exception": Fault(
         r"RuntimeError: this exception cannot be printed @ server/execution\.py:_user_error",
-        PATHS["call"], lambda t: _call(t, t.hostile["StatefulFunction:unprintable"]),
-        None),
+        PATHS["call"], lambda t: _call(t, t.hostile["call"]["StatefulFunction:unprintable"]), None),
 }
 
 
@@ -801,7 +836,7 @@ FAULTS: dict[str, Fault] = {
 @settings(FUZZ, max_examples=120)
 @given(data=st.data())
 def test_valid_frames_are_accepted(target, data):
-    """The control: unmutated frames of every kind get a 2xx, or a 4xx the state explains."""
+    """The control: the unmutated frames of every kind are accepted."""
     kind = data.draw(st.sampled_from(KINDS), label="kind")
     status, _, body = target.send(PATHS[kind], data.draw(valid_frames(target, kind)))
     assert status == 200, body[:2000]
@@ -892,23 +927,29 @@ def test_json_views_of_what_the_fuzzer_left(target):
     with httpx.Client(base_url=target.served.url, headers=headers, timeout=60) as http:
 
         def get(path: str, **kwargs: Any) -> Any:
-            response = http.request(kwargs.pop("method", "GET"), path, **kwargs)
-            assert response.status_code < 500, (path, response.text[:2000])
+            method = kwargs.pop("method", "GET")
+            response = http.request(method, path, **kwargs)
+            if response.status_code >= 500:
+                target.fault(f"{method} {path}", response.request.content,
+                             f"{response.status_code} {response.text[:600]}")
             return response
+
+        def q(name: str) -> str:  # fuzzed names may hold any code point, even surrogates
+            return urllib.parse.quote(name.encode("utf-8", "surrogatepass"), safe="")
 
         namespaces = [n["name"] for n in get("/v1/namespaces").json()["namespaces"]]
         assert "fuzz" in namespaces
         for ns in namespaces:
             for state in get(f"/v1/namespaces/{ns}/states").json()["states"]:
-                get(f"/v1/namespaces/{ns}/states/{state['name']}")
-                get(f"/v1/namespaces/{ns}/states/{state['name']}/value")
-                get(f"/v1/namespaces/{ns}/states/{state['name']}/value",
+                get(f"/v1/namespaces/{ns}/states/{q(state['name'])}")
+                get(f"/v1/namespaces/{ns}/states/{q(state['name'])}/value")
+                get(f"/v1/namespaces/{ns}/states/{q(state['name'])}/value",
                     headers={"accept": "application/x-npy"})
             for obj in get(f"/v1/namespaces/{ns}/objects").json()["objects"]:
-                get(f"/v1/namespaces/{ns}/objects/{obj['name']}")
+                get(f"/v1/namespaces/{ns}/objects/{q(obj['name'])}")
             for fn in get(f"/v1/namespaces/{ns}/functions").json()["functions"]:
                 name = fn["name"].split("/", 1)[1]
-                get(f"/v1/namespaces/{ns}/functions/{name}/invoke", method="POST",
+                get(f"/v1/namespaces/{ns}/functions/{q(name)}/invoke", method="POST",
                     json={"args": [[1.0, 2.0, 3.0]]})
             get(f"/v1/namespaces/{ns}/checkpoint", method="POST")
         get("/metrics")
