@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_remote.py
 	$(PY) bench/bench_named.py
 	$(PY) bench/bench_cli.py
+	$(PY) bench/bench_outputs.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check statehost client server tests bench examples
