@@ -134,28 +134,22 @@ def _fail(what: str) -> WireError:
     )
 
 
-def _depth(text: bytes) -> int:
-    """The deepest nesting of JSON arrays/objects, counted without parsing (strings skipped)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > MAX_HEADER_DEPTH:
-                return deepest
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
+def _too_deep(value: Any) -> bool:
+    """Whether parsed JSON nests lists/objects deeper than ``MAX_HEADER_DEPTH``.
+
+    Checked on the parsed header (one visit per container: a few microseconds for a
+    real one); the JSON parser itself refuses absurd depths with RecursionError.
+    """
+    todo = [(value, 1)]
+    while todo:
+        node, depth = todo.pop()
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > MAX_HEADER_DEPTH:
+                    return True
+                todo.append((child, depth + 1))
+    return False
 
 
 def decode(data: bytes | bytearray | memoryview) -> Frame:
@@ -173,17 +167,18 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
     pos = 8 + head_len
     if pos + 4 > total:
         raise _fail(f"the header claims {head_len} bytes but the body has only {total}")
-    text = bytes(view[8:pos])
-    if _depth(text) > MAX_HEADER_DEPTH:
-        raise _fail(f"the header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
-        header = json.loads(text)
+        header = json.loads(bytes(view[8:pos]))
+    except RecursionError as exc:
+        raise _fail(f"the header nests deeper than {MAX_HEADER_DEPTH} levels") from exc
     # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer literal of more than
     # sys.get_int_max_str_digits() digits (4300), which json.loads refuses with a bare ValueError.
-    except (ValueError, RecursionError) as exc:
+    except ValueError as exc:
         raise _fail(f"the header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise _fail(f"the header is a JSON {type(header).__name__}, not an object")
+    if _too_deep(header):
+        raise _fail(f"the header nests deeper than {MAX_HEADER_DEPTH} levels")
     (count,) = _U32.unpack_from(view, pos)
     pos += 4
     buffers = []

@@ -102,9 +102,20 @@ _RULES: dict[Any, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
 }
 
 
+class _Field(typing.NamedTuple):
+    """A header field, with its rule looked up once (this runs on every frame)."""
+
+    name: str
+    want: str
+    check: Callable[[Any], bool]
+    convert: Callable[[Any], Any]
+    default: Any
+    as_list: bool  # sent as a JSON list (a tuple here)
+
+
 @functools.cache
-def _layout(cls: type[Message]) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, bool]]]:
-    """``(header fields as (name, annotation, default), sections as (name, required))``."""
+def _layout(cls: type[Message]) -> tuple[list[_Field], list[tuple[str, bool]]]:
+    """``(header fields, sections as (name, required))`` of a message class."""
     hints = typing.get_type_hints(cls, globals())
     header, sections = [], []
     for f in dataclasses.fields(cls):
@@ -115,7 +126,7 @@ def _layout(cls: type[Message]) -> tuple[list[tuple[str, Any, Any]], list[tuple[
             assert kind in _RULES, (cls, f.name, kind)
             default = f.default if f.default_factory is dataclasses.MISSING \
                 else f.default_factory()
-            header.append((f.name, kind, default))
+            header.append(_Field(f.name, *_RULES[kind], default, kind in (Ids, Flags)))
     return header, sections
 
 
@@ -128,9 +139,9 @@ class Message:
     def to_frame(self) -> Encoded:
         header_fields, section_fields = _layout(type(self))
         header: dict[str, Any] = {"kind": self.kind}
-        for name, kind, _ in header_fields:
-            value = getattr(self, name)
-            header[name] = list(value) if kind in (Ids, Flags) else value
+        for field in header_fields:
+            value = getattr(self, field.name)
+            header[field.name] = list(value) if field.as_list else value
         sections = {name: getattr(self, name) for name, _ in section_fields
                     if getattr(self, name) is not None}
         return encode(header, sections)
@@ -143,14 +154,14 @@ class Message:
         if kind != cls.kind:
             raise _fault(cls, "kind", repr(cls.kind), frame.header.get("kind",
                                                                         dataclasses.MISSING))
-        for name, annotation, default in header_fields:
-            want, check, convert = _RULES[annotation]
-            if name not in frame.header:
+        header = frame.header
+        for name, want, check, convert, default, _ in header_fields:
+            if name not in header:
                 if default is dataclasses.MISSING:
                     raise _fault(cls, name, want, default)
                 values[name] = default
                 continue
-            raw = frame.header[name]
+            raw = header[name]
             if not check(raw):
                 raise _fault(cls, name, want, raw)
             values[name] = convert(raw)
