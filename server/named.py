@@ -24,7 +24,7 @@ from statehost.server.errors import (
     StateNotFoundError,
 )
 from statehost.server.execution import to_host
-from statehost.server.names import split_name
+from statehost.server.names import check_name, split_name
 from statehost.server.persistence import Database, ObjectRow, Persistence, StateRow, state_file
 from statehost.server.persistence.files import describe_sharding
 from statehost.server.store import Meta, Session, StateStore, state_nbytes
@@ -54,7 +54,9 @@ class Registry:
 
     # -- access -------------------------------------------------------------------
     def visible(self, session_or_principal: Any, namespace: str, scope: str, where: str) -> None:
-        """404 for a namespace the caller cannot read (never 403: names stay hidden)."""
+        """A 422 for a name that is not one (``names.check_name``), a 404 for a namespace the
+        caller cannot read (never 403: names stay hidden), a 403 for a missing scope."""
+        check_name(namespace, "namespace", where)
         principal = getattr(session_or_principal, "principal", session_or_principal)
         if not principal.can(namespace, "read"):
             raise NotFoundError(f"{where}: no namespace {namespace!r} visible to this token.")

@@ -13,9 +13,11 @@ from typing import Any
 
 from statehost.server.errors import ValidationError
 
-__all__ = ["check_name", "split_name"]
+__all__ = ["NAME_PATTERN", "check_name", "split_name"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+#: The rule as a regular expression (the OpenAPI document shows it on name parameters).
+NAME_PATTERN = _NAME.pattern
 _RULE = ("1 to 128 letters, digits, '_', '-' or '.', not starting with '.' or '-'; "
          "e.g. 'team' or 'net-v2'")
 

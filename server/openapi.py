@@ -41,7 +41,7 @@ from statehost.server.errors import (
     ValidationError,
     VersionMismatchError,
 )
-from statehost.server.names import _NAME
+from statehost.server.names import NAME_PATTERN
 from statehost.wire import CONTENT_TYPE, ERROR_KINDS, Message
 
 __all__ = ["BINARY", "ERROR_SCHEMA", "errors", "frames", "install_openapi"]
@@ -202,7 +202,7 @@ def _name_patterns(path: str, operation: dict[str, Any]) -> None:
             continue
         if (before, name) in _NAME_PARAMETERS:
             # The validator's own regex, so the document and the check cannot drift apart.
-            parameter.setdefault("schema", {})["pattern"] = _NAME.pattern
+            parameter.setdefault("schema", {})["pattern"] = NAME_PATTERN
 
 
 def install_openapi(app: FastAPI) -> None:

@@ -122,7 +122,6 @@ def _describe(rt: Any, row: FunctionRow) -> dict[str, Any]:
             responses=errors(NotFoundError, ValidationError))
 def list_functions(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     where = f"GET /v1/namespaces/{namespace}/functions"
-    check_name(namespace, "namespace", where)
     rt.registry.visible(principal, namespace, "read", where)
     return {"namespace": namespace,
             "functions": [_describe(rt, r) for r in rt.registry.db.functions(namespace)]}
@@ -130,7 +129,6 @@ def list_functions(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> d
 
 def _lookup(rt: Any, principal: Any, namespace: str, name: str, where: str
             ) -> tuple[FunctionRow, dict[str, str]]:
-    check_name(namespace, "namespace", where)
     check_name(name, "function", where)
     rt.registry.visible(principal, namespace, "invoke", where)
     row = find(rt, namespace, name, where)

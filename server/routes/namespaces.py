@@ -10,7 +10,6 @@ from pydantic import BaseModel
 
 from statehost.server.deps import PrincipalDep, RuntimeDep, require_token
 from statehost.server.errors import NotFoundError, ValidationError
-from statehost.server.names import check_name
 from statehost.server.openapi import errors
 from statehost.server.persistence import Durability
 
@@ -39,7 +38,6 @@ def list_namespaces(rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
 def set_namespace(namespace: str, body: NamespaceBody, rt: RuntimeDep,
                   principal: PrincipalDep) -> dict[str, str]:
     where = f"PUT /v1/namespaces/{namespace}"
-    check_name(namespace, "namespace", where)
     rt.registry.visible(principal, namespace, "admin", where)
     rt.persistence.set_durability(namespace, body.durability)
     return {"namespace": namespace, "durability": str(body.durability)}

@@ -80,7 +80,6 @@ async def get(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Resp
 
 
 def _object(rt: Any, principal: Any, namespace: str, name: str, scope: str, where: str) -> Any:
-    check_name(namespace, "namespace", where)
     check_name(name, "object", where)
     rt.registry.visible(principal, namespace, scope, where)
     obj = rt.registry.db.get_object(namespace, name)
@@ -90,10 +89,9 @@ def _object(rt: Any, principal: Any, namespace: str, name: str, scope: str, wher
 
 
 @router.get("/{namespace}/objects", summary="The named objects of a namespace",
-         responses=errors(NotFoundError, ValidationError))
+            responses=errors(NotFoundError, ValidationError))
 def list_objects(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     where = f"GET /v1/namespaces/{namespace}/objects"
-    check_name(namespace, "namespace", where)
     rt.registry.visible(principal, namespace, "read", where)
     rows = rt.registry.db.states(namespace)
     return {"namespace": namespace, "objects": [
@@ -139,7 +137,6 @@ async def delete_object(namespace: str, name: str, rt: RuntimeDep,
 async def checkpoint(namespace: str, rt: RuntimeDep, principal: PrincipalDep,
                      name: str | None = None) -> dict[str, Any]:
     where = f"POST /v1/namespaces/{namespace}/checkpoint"
-    check_name(namespace, "namespace", where)
     if name is not None:
         check_name(name, "object", where)
     rt.registry.visible(principal, namespace, "invoke", where)

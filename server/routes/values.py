@@ -34,7 +34,6 @@ from statehost.server.errors import (
     ValidationError,
 )
 from statehost.server.execution import to_host
-from statehost.server.names import check_name
 from statehost.server.openapi import BINARY, errors
 from statehost.server.persistence import StateRow
 from statehost.server.staging import Transaction
@@ -58,7 +57,6 @@ class ValueBody(BaseModel):
 # -- helpers ----------------------------------------------------------------------
 def _find(rt: Any, principal: Any, namespace: str, name: str, scope: str,
           where: str) -> StateRow:
-    check_name(namespace, "namespace", where)
     rt.registry.visible(principal, namespace, scope, where)
     for row in rt.registry.db.states(namespace):
         if row.full_name == name:
@@ -219,7 +217,6 @@ def _npy_response(array: np.ndarray, headers: dict[str, str]) -> Response:
 def list_states(namespace: str, rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     """Shapes, dtypes, bytes, version, last writer and status of every named state."""
     where = f"GET /v1/namespaces/{namespace}/states"
-    check_name(namespace, "namespace", where)
     rt.registry.visible(principal, namespace, "read", where)
     return {"namespace": namespace,
             "states": [rt.registry.describe(r) for r in rt.registry.db.states(namespace)]}
