@@ -18,7 +18,10 @@
         │   └── FunctionNotCachedError  the server dropped a callable (HTTP 409; resent)
         ├── NotFoundError               no such name, or not visible to this token (HTTP 404)
         │   ├── SessionNotFoundError    the session is closed (HTTP 404; reopened for you)
-        │   └── StateNotFoundError      the server has no such state (HTTP 404)
+        │   ├── StateNotFoundError      the server has no such state (HTTP 404)
+        │   └── CallNotFoundError       no such queued or running call of yours (HTTP 404)
+        ├── CallTimeoutError            a call dropped at its deadline, never started (408)
+        ├── CallCancelledError          a call cancelled before it started (HTTP 409)
         ├── StateConflictError          an upload based on an outdated version (HTTP 409)
         ├── StateDamagedError           a named state the server could not load (HTTP 409)
         ├── NameConflictError           a state that already belongs to another name (409)
@@ -46,6 +49,9 @@ from statehost._errors import StatehostError
 __all__ = [
     "BY_TYPE",
     "AuthError",
+    "CallCancelledError",
+    "CallNotFoundError",
+    "CallTimeoutError",
     "ClientClosedError",
     "ClientError",
     "ForbiddenError",
@@ -152,6 +158,20 @@ class StateNotFoundError(NotFoundError):
         return list(self.body.get("missing", []))
 
 
+class CallNotFoundError(NotFoundError):
+    """No queued or running call with that id belongs to this token (it finished, or it
+    was never this token's)."""
+
+
+class CallTimeoutError(ClientError):
+    """The call waited on the server past its deadline and was dropped before it started:
+    nothing was applied, and sending it again is safe."""
+
+
+class CallCancelledError(ClientError):
+    """The call was cancelled before it started: nothing was applied."""
+
+
 class StateConflictError(ClientError):
     """The server refused a lost update: a state changed there since this client synced.
 
@@ -218,7 +238,8 @@ BY_TYPE: dict[str, type[ClientError]] = {
         NotFoundError, SessionNotFoundError, StateNotFoundError, MethodNotAllowedError,
         FunctionNotCachedError, StateConflictError, StateDamagedError, NameConflictError,
         PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError,
-        ValidationError, RemoteExecutionError, ServerError, StorageError,
+        ValidationError, RemoteExecutionError, ServerError, StorageError, CallNotFoundError,
+        CallTimeoutError, CallCancelledError,
     )
 }
 

@@ -31,6 +31,9 @@ __all__ = [
     "ERROR_CLASSES",
     "ApiError",
     "AuthError",
+    "CallCancelledError",
+    "CallNotFoundError",
+    "CallTimeoutError",
     "ForbiddenError",
     "FunctionNotCachedError",
     "MethodNotAllowedError",
@@ -117,8 +120,23 @@ class StateNotFoundError(ApiError):
     """No such state visible to this session (``missing`` lists the ids)."""
 
 
+class CallNotFoundError(ApiError):
+    """No queued or running call with that id visible to this token (another principal's
+    call answers exactly like a finished or unknown one)."""
+
+
 class MethodNotAllowedError(ApiError):
     """The route does not take this method."""
+
+
+class CallTimeoutError(ApiError):
+    """A call waited past its deadline and was dropped before it started: nothing was
+    applied (``waited_s``, ``timeout_s``)."""
+
+
+class CallCancelledError(ApiError):
+    """A call cancelled before it started (``POST /v1/calls/{id}/cancel``, or the server
+    stopped waiting for it): nothing was applied."""
 
 
 class FunctionNotCachedError(ApiError):

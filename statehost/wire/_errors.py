@@ -28,7 +28,11 @@ ERROR_KINDS: dict[str, ErrorKind] = {kind.name: kind for kind in (
     ErrorKind("NotFoundError", 404, "no such name, route or object visible to this token"),
     ErrorKind("SessionNotFoundError", 404, "no such open session for this token"),
     ErrorKind("StateNotFoundError", 404, "no such state visible to this session"),
+    ErrorKind("CallNotFoundError", 404, "no such queued or running call visible to this token"),
     ErrorKind("MethodNotAllowedError", 405, "the route does not take this method"),
+    ErrorKind("CallTimeoutError", 408, "a call that waited past its deadline and was never "
+              "started; nothing applied"),
+    ErrorKind("CallCancelledError", 409, "a call cancelled before it started; nothing applied"),
     ErrorKind("FunctionNotCachedError", 409, "the server no longer has that callable"),
     ErrorKind("StateConflictError", 409, "an upload based on an outdated version"),
     ErrorKind("StateDamagedError", 409, "a named state that could not be loaded"),
