@@ -2,31 +2,50 @@
 
 Every binary request (a call, a push, a pull, a put, a get, an invoke, a JSON
 value write, a flush) becomes a ``Call``: it has an id, an owner (the session
-and its principal), the states it locks, a status and timings. The scheduler
-queues calls; cancelling a queued call, listing what runs, and (later) jobs,
-deadlines and fairness read and change this one object.
+and its principal), the states it locks, a status, a deadline and timings. The
+scheduler queues calls; cancelling, deadlines, listing what runs (and is stuck),
+and (later) jobs and fairness read and change this one object.
 
 Status moves one way::
 
     queued ──> running ──> committed | failed
-       └─────> cancelled   (only before it started: a running device program
-                            cannot be interrupted, openxla/xla#16801)
+       └─────> cancelled   (only before it started: by request_cancel, or by the
+                            scheduler when the deadline passed in the queue)
+
+A running call cannot be stopped from outside: no API interrupts a launched XLA
+executable (openxla/xla#16801), and a Python thread cannot be killed. Cancelling a
+running call (or its deadline passing) sets a flag that work running in steps (a
+server-side loop) reads between steps, through :meth:`Call.should_stop`; a single
+device program runs to its end, and the call is reported as "running, cancel
+requested" meanwhile.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from statehost.server.errors import CallCancelledError
 
 if TYPE_CHECKING:
     from statehost.server.store import Session
 
 __all__ = ["Call", "CallCancelled", "CallStatus", "CallTable"]
+
+_MSG_BAD_TIMEOUT = (
+    "Call(timeout={timeout!r}): a timeout is the seconds a call may take from its creation, "
+    "a number > 0 (math.inf: no deadline at all; None: the server's --call-timeout)."
+)
+
+#: The exception a call cancelled before it started raises in place of its result (an
+#: ``ApiError``, so a request whose call was cancelled answers 409 with what happened).
+CallCancelled = CallCancelledError
 
 
 class CallStatus(enum.StrEnum):
@@ -35,10 +54,6 @@ class CallStatus(enum.StrEnum):
     COMMITTED = "committed"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-class CallCancelled(Exception):
-    """Raised in place of a call's result when it was cancelled before it started."""
 
 
 @dataclass(eq=False)
@@ -50,6 +65,14 @@ class Call:
         session: the owner (``None`` for server work such as flushes).
         keys: the state ids whose locks it takes, in sorted order.
         id: the client's call id when it sent one, else a fresh one.
+        timeout: seconds the call may take from its creation, as asked for: ``None`` lets
+            the scheduler apply the server's default (``--call-timeout``), ``math.inf``
+            means no deadline.
+        deadline: the ``time.monotonic()`` past which it is not started any more, and
+            after which a running call should stop at its next step; ``None``: none.
+        cancel_requested: someone asked to cancel it (see :meth:`request_cancel`).
+        error: why it failed or was dropped (a ``CallTimeoutError``, a
+            ``CallCancelledError``, the work's exception).
     """
 
     kind: str
@@ -57,33 +80,128 @@ class Call:
     keys: tuple[str, ...]
     work: Callable[[Call], Any]
     id: str = field(default_factory=lambda: secrets.token_hex(8))
+    timeout: float | None = None
     status: CallStatus = CallStatus.QUEUED
     created: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
     error: BaseException | None = None
+    deadline: float | None = field(default=None, init=False)
+    cancel_requested: bool = field(default=False, init=False)
+    # Status changes happen on the event loop (cancel) and on workers (start, end).
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # Set by the scheduler while the call is queued there: told when a cancel took effect.
+    _on_cancel: Callable[[Call, bool], None] | None = field(default=None, init=False,
+                                                            repr=False)
 
     def __post_init__(self) -> None:
         self.keys = tuple(sorted(set(self.keys)))
+        if self.timeout is not None:
+            if not isinstance(self.timeout, int | float) or not self.timeout > 0:
+                raise ValueError(_MSG_BAD_TIMEOUT.format(timeout=self.timeout))
+            if not math.isinf(self.timeout):
+                self.deadline = self.created + self.timeout
 
     @property
     def principal(self) -> Any:
         return None if self.session is None else self.session.principal
 
-    def cancel(self) -> bool:
-        """Cancels the call if it has not started; returns whether it did."""
-        if self.status is CallStatus.QUEUED:
-            self.status = CallStatus.CANCELLED
-            return True
-        return False
+    # -- deadline and cancellation ------------------------------------------------------
+    def apply_default_timeout(self, seconds: float) -> None:
+        """Gives a call created without a timeout the server's default (0: none)."""
+        if self.timeout is None and self.deadline is None and 0 < seconds < math.inf:
+            self.deadline = self.created + seconds
 
-    def describe(self) -> dict[str, Any]:
-        now = time.monotonic()
+    def is_past_deadline(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (time.monotonic() if now is None else now) \
+            >= self.deadline
+
+    def should_stop(self) -> bool:
+        """Whether work running in steps should stop before its next step: the call was
+        cancelled, or its deadline has passed. A single device program cannot be
+        interrupted (openxla/xla#16801), so this is checked between device programs."""
+        return self.cancel_requested or self.status is CallStatus.CANCELLED \
+            or self.is_past_deadline()
+
+    def request_cancel(self) -> CallStatus:
+        """Cancels the call: a queued one becomes ``cancelled`` and never starts; a running
+        one keeps running with ``cancel_requested`` set, which work that runs in steps reads
+        (:meth:`should_stop`) between steps. A running device program cannot be interrupted
+        (no API stops a launched XLA executable: openxla/xla#16801), so a call that is one
+        device program finishes (and commits) anyway. A finished call is left as it is.
+
+        Returns:
+            The status after the request: ``cancelled``, ``running`` (with
+            ``cancel_requested``), or the finished call's ``committed`` / ``failed``.
+
+        Example:
+            >>> call = Call("call", None, (), lambda call: None)
+            >>> call.request_cancel(), call.cancel_requested
+            (<CallStatus.CANCELLED: 'cancelled'>, True)
+        """
+        with self._lock:
+            status = self.status
+            changed = status is CallStatus.QUEUED or (
+                status is CallStatus.RUNNING and not self.cancel_requested)
+            if status is CallStatus.QUEUED:
+                self.status = CallStatus.CANCELLED
+                self.error = CallCancelledError(_cancelled_message(self))
+            if changed:
+                self.cancel_requested = True
+            status, hook = self.status, self._on_cancel
+        if changed and hook is not None:
+            hook(self, status is CallStatus.CANCELLED)
+        return status
+
+    def cancel(self) -> bool:
+        """Cancels the call if it has not started; returns whether it did (a running call
+        is left alone: see :meth:`request_cancel` to ask it to stop)."""
+        with self._lock:
+            if self.status is not CallStatus.QUEUED:
+                return False
+        return self.request_cancel() is CallStatus.CANCELLED
+
+    # -- used by the scheduler ------------------------------------------------------------
+    def begin(self, now: float) -> bool:
+        """queued -> running, unless it was cancelled meanwhile; returns whether it started."""
+        with self._lock:
+            if self.status is not CallStatus.QUEUED:
+                return False
+            self.status, self.started = CallStatus.RUNNING, now
+            return True
+
+    def drop(self, error: BaseException) -> bool:
+        """queued -> cancelled with ``error`` (its deadline passed); whether it was queued."""
+        with self._lock:
+            if self.status is not CallStatus.QUEUED:
+                return False
+            self.status, self.error = CallStatus.CANCELLED, error
+            return True
+
+    # -- reporting --------------------------------------------------------------------
+    def running_s(self, now: float | None = None) -> float | None:
+        if self.started is None:
+            return None
+        return (self.finished or (time.monotonic() if now is None else now)) - self.started
+
+    def describe(self, now: float | None = None) -> dict[str, Any]:
+        """The call as ``/v1/info`` and the cancel route show it. A running call past its
+        deadline shows ``cancel_requested`` true: it is asked to stop, as if cancelled."""
+        now = time.monotonic() if now is None else now
+        running = self.running_s(now)
         return {"id": self.id, "kind": self.kind, "status": str(self.status),
                 "session": None if self.session is None else self.session.id[:8],
                 "states": len(self.keys), "age_s": round(now - self.created, 3),
-                "running_s": None if self.started is None else round(
-                    (self.finished or now) - self.started, 3)}
+                "running_s": None if running is None else round(running, 3),
+                "cancel_requested": self.cancel_requested or (
+                    self.status is CallStatus.RUNNING and self.is_past_deadline(now)),
+                "deadline_in_s": None if self.deadline is None else round(
+                    self.deadline - now, 3)}
+
+
+def _cancelled_message(call: Call) -> str:
+    return (f"{call.kind} {call.id}: cancelled before it started (POST /v1/calls/{call.id}/"
+            "cancel, or the server stopped waiting for it); nothing was applied.")
 
 
 class CallTable:
@@ -105,7 +223,17 @@ class CallTable:
         with self._lock:
             return [c for c in self._calls.values() if c.session is session]
 
-    def __iter__(self) -> Iterable[Call]:
+    def find(self, call_id: str, principal: Any) -> Call | None:
+        """The queued or running call ``call_id`` of one of ``principal``'s sessions; server
+        work and other principals' calls are never found (they look like finished ones)."""
+        with self._lock:
+            found = [c for c in self._calls.values()
+                     if c.id == call_id and c.session is not None and c.principal == principal]
+        # A client that re-sends an id finds the running (or else the oldest) one.
+        found.sort(key=lambda c: (c.status is not CallStatus.RUNNING, c.created))
+        return found[0] if found else None
+
+    def __iter__(self) -> Iterator[Call]:
         with self._lock:
             return iter(list(self._calls.values()))
 
