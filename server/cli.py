@@ -92,6 +92,11 @@ _SERVE_FLAGS = (
           type=parse_size),
     _Flag("--session-ttl", "session_ttl", "seconds before an idle session's states are freed",
           type=float),
+    _Flag("--call-timeout", "call_timeout", "seconds a call that sets no timeout may wait "
+          "and run: still queued then, it is dropped (never started); running, it is asked "
+          "to stop at its next step (0: no default deadline)", type=float),
+    _Flag("--session-workers", "session_workers", "the most workers one session's calls may "
+          "hold at once; its other calls wait, holding no worker", type=int),
     _Flag("--shutdown-grace", "shutdown_grace", "seconds SIGTERM waits for running calls; "
           f"calls still running then are abandoned and the exit status is {_EXIT_ABANDONED}",
           type=float),
@@ -108,6 +113,8 @@ def _default(field: dataclasses.Field[Any]) -> str:
         return "none: one is generated at the first start and kept in the data dir"
     if field.name == "data_dir":
         return "$XDG_DATA_HOME/statehost, else ~/.local/share/statehost"
+    if field.name == "session_workers":
+        return "max(1, workers // 2)"
     if isinstance(value, bool):
         return str(value).lower()
     if field.name == "max_body" and value % 2**30 == 0:

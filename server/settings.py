@@ -86,6 +86,13 @@ class Settings:
         max_body: request bodies larger than this get 413 (bytes).
         session_ttl: seconds after which an idle session and its states are freed.
         workers: threads running device work.
+        session_workers: the most workers one session's calls may hold at once; its other
+            calls wait in the queue (holding no thread). ``None``: ``max(1, workers // 2)``.
+        call_timeout: the deadline, in seconds from its arrival, of a call that sets none of
+            its own: one still queued then is dropped (``CallTimeoutError``), one running is
+            asked to stop at its next step (0: no default deadline).
+        stuck_after: a call running longer than this (seconds) is listed as stuck in
+            ``/v1/info`` and counted in the ``statehost_calls_stuck`` metric.
         function_cache_size: unpickled callables kept, least recently used evicted.
         durability: default durability of new namespaces: sync, interval or none.
         flush_interval: seconds between flushes of dirty named states (``interval``).
@@ -105,6 +112,9 @@ class Settings:
     max_body: int = 4 * 2**30
     session_ttl: float = 3600.0
     workers: int = 4
+    session_workers: int | None = None
+    call_timeout: float = 3600.0
+    stuck_after: float = 60.0
     function_cache_size: int = 256
     durability: Durability = Durability.INTERVAL
     flush_interval: float = 5.0
@@ -144,6 +154,20 @@ class Settings:
                              f"{self.max_unflushed_commits} must be >= 1.")
         if self.session_ttl <= 0:
             raise ValueError(f"statehost settings: session_ttl={self.session_ttl} must be > 0.")
+        if self.workers < 1:
+            raise ValueError(f"statehost settings: workers={self.workers} must be >= 1.")
+        if self.session_workers is None:
+            object.__setattr__(self, "session_workers", max(1, self.workers // 2))
+        elif self.session_workers < 1:
+            raise ValueError(f"statehost settings: session_workers={self.session_workers} "
+                             "must be >= 1 (it bounds the workers one session may hold; "
+                             "unset it for max(1, workers // 2)).")
+        if not self.call_timeout >= 0:
+            raise ValueError(f"statehost settings: call_timeout={self.call_timeout} must be "
+                             ">= 0 seconds (0: no default deadline).")
+        if not self.stuck_after > 0:
+            raise ValueError(f"statehost settings: stuck_after={self.stuck_after} must be "
+                             "> 0 seconds.")
         if self.shutdown_grace < 0:
             raise ValueError(f"statehost settings: shutdown_grace={self.shutdown_grace} must "
                              "be >= 0.")
@@ -160,9 +184,10 @@ def _convert(name: str, raw: str) -> Any:
         if name == "max_body":
             return parse_size(raw)
         if name in {"port", "cpu_devices", "workers", "function_cache_size",
-                    "json_max_elements", "max_unflushed_commits"}:
+                    "json_max_elements", "max_unflushed_commits", "session_workers"}:
             return int(raw)
-        if name in {"session_ttl", "flush_interval", "shutdown_grace"}:
+        if name in {"session_ttl", "flush_interval", "shutdown_grace", "call_timeout",
+                    "stuck_after"}:
             return float(raw)
         return raw
     except ValueError as exc:
