@@ -51,3 +51,28 @@ class Metrics:
         self.queue_depth = Gauge(
             "statehost_queue_depth", "Calls waiting for a worker or a state lock.", registry=r
         )
+        self.session_calls = Gauge(
+            "statehost_session_calls", "Calls queued or running per session (the session id's "
+            "first 8 characters; 'server' for the server's own work such as flushes).",
+            ["session", "status"], registry=r,
+        )
+        self.calls_stuck = Gauge(
+            "statehost_calls_stuck", "Calls running longer than stuck_after or past their "
+            "deadline (GET /v1/info lists them).", registry=r,
+        )
+        self.call_cancellations = Counter(
+            "statehost_call_cancellations", "Cancel requests that took effect: 'queued' ones "
+            "never started, 'running' ones were asked to stop at their next step.", ["when"],
+            registry=r,
+        )
+        self.call_timeouts = Counter(
+            "statehost_call_timeouts", "Calls dropped at their deadline before they started "
+            "(CallTimeoutError).", registry=r,
+        )
+        self.call_queue_seconds = Histogram(
+            "statehost_call_queue_seconds", "Time from a call's arrival to its start (waiting "
+            "for a worker, its session's turn or its states).",
+            buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900,
+                     3600),
+            registry=r,
+        )

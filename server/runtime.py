@@ -29,7 +29,9 @@ class Runtime:
     def __post_init__(self) -> None:
         self.sessions = SessionTable(self.settings.session_ttl)
         self.functions = FunctionCache(self.settings.function_cache_size)
-        self.scheduler = Scheduler(self.settings.workers)
+        self.scheduler = Scheduler(
+            self.settings.workers, session_workers=self.settings.session_workers,
+            call_timeout=self.settings.call_timeout, metrics=self.metrics)
         self.persistence = Persistence(
             self.settings.data_dir, self.store, self.settings.durability,
             failures=self.metrics.flush_failures,
@@ -75,3 +77,8 @@ class Runtime:
         for namespace in self.persistence.namespaces():
             m.namespace_bytes.labels(namespace).set(self.store.nbytes(namespace))
         m.queue_depth.set(self.scheduler.queued)
+        m.session_calls.clear()  # sessions with nothing in flight leave no sample behind
+        for session, counts in self.scheduler.by_session().items():
+            for status, count in counts.items():
+                m.session_calls.labels(session, status).set(count)
+        m.calls_stuck.set(len(self.scheduler.stuck(self.settings.stuck_after)))

@@ -1,10 +1,23 @@
-"""The one scheduler for device work: a worker pool that runs ``Call``s, a lock per state.
+"""The one scheduler for device work: a queue of ``Call``s, a worker pool, a lock per state.
 
-A call first takes the locks of every state it touches, in sorted order (so two
-calls can never deadlock), so calls on the same states run one at a time while
-calls on disjoint states run side by side. A lock exists only while some call
-holds or waits for it, so the table never outgrows the calls in flight
-(unknown ids named by a failing request leave nothing behind).
+A call waits in the queue, holding no thread, until three things are true at once: a
+worker is free, its session holds fewer than ``session_workers`` workers, and no
+running call holds one of its states. Then it takes all its states at once and runs
+on a worker. So calls on the same states run one at a time, calls on disjoint states
+run side by side, and one session's calls that never return (a jitted endless
+``while_loop``, a host callback that sleeps) occupy at most ``session_workers``
+threads: the other sessions' calls still get the rest.
+
+Order: the queue is scanned in arrival order, and a call that waits for a state keeps
+every later call off that state (first come, first served per state, so a call
+touching many states is not starved). A call waiting only for its session's bound
+keeps no state from anyone: one session's backlog cannot hold other sessions' states.
+
+A queued call whose deadline passes is dropped with a ``CallTimeoutError`` (it never
+started: nothing was applied); a cancelled one (``Call.request_cancel``) with a
+``CallCancelledError``. A running call cannot be interrupted (openxla/xla#16801): past
+its deadline it is reported as running with cancel requested, and work that runs in
+steps stops at its next step (``Call.should_stop``).
 """
 
 from __future__ import annotations
@@ -12,110 +25,287 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from statehost.server.calls import Call, CallCancelled, CallStatus, CallTable
+from statehost.server.errors import CallTimeoutError
+
+if TYPE_CHECKING:
+    from statehost.server.metrics import Metrics
 
 __all__ = ["Scheduler"]
 
-
-class _Lock:
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.users = 0
+_MSG_TIMEOUT = (
+    "{kind} {id}: not started within its {timeout:g} s deadline ({source}). It waited "
+    "{waited:.3g} s in the queue for {reason}, and was never started, so nothing was "
+    "applied. Fix: send it again (that is safe), with a longer timeout if the server stays "
+    "this busy; GET /v1/info lists the calls that have been running long ('stuck')."
+)
+_MSG_CLOSED = "{kind} {id}: the server is shutting down; the call was never started."
 
 
 class Scheduler:
-    def __init__(self, workers: int):
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="statehost-call")
-        self._locks: dict[str, _Lock] = {}
-        self._guard = threading.Lock()
-        self.calls = CallTable()
+    """Runs calls on ``workers`` threads (see the module docstring for the rules).
 
+    Arguments:
+        workers: threads running device work.
+        session_workers: the most workers one session may hold at once (``None``: all).
+        call_timeout: the deadline, in seconds from creation, of a call created without a
+            timeout (0: none).
+        metrics: the server's metrics, to count cancellations and timeouts and to time the
+            queue (``None``: not counted).
+    """
+
+    def __init__(self, workers: int, *, session_workers: int | None = None,
+                 call_timeout: float = 0.0, metrics: Metrics | None = None):
+        if workers < 1:
+            raise ValueError(f"Scheduler(workers={workers!r}): at least one worker is needed.")
+        self.workers = workers
+        self.session_workers = min(workers, session_workers or workers)
+        self.call_timeout = call_timeout
+        self.metrics = metrics
+        self.calls = CallTable()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="statehost-call")
+        self._guard = threading.Lock()  # everything below; taken before any call's lock
+        self._queue: dict[int, Call] = {}  # id(call) -> call, in arrival order
+        self._futures: dict[int, Future[Any]] = {}
+        self._held: dict[str, Call] = {}  # state id -> the running call holding it
+        self._per_session: dict[str, int] = {}  # session id -> workers it holds
+        self._busy = 0
+        self._closed = False
+
+    # -- what is in flight ------------------------------------------------------------
     @property
     def queued(self) -> int:
-        """Calls waiting for a worker or for their states' locks."""
+        """Calls waiting for a worker, their session's turn or their states."""
         return self.calls.count(CallStatus.QUEUED)
 
     @property
     def running(self) -> int:
-        """Calls holding their locks and running now."""
+        """Calls holding their states and running now."""
         return self.calls.count(CallStatus.RUNNING)
 
     def lock_count(self) -> int:
-        """How many state locks exist now (only those of calls in flight)."""
+        """How many states running calls hold now."""
         with self._guard:
-            return len(self._locks)
+            return len(self._held)
 
-    def _acquire(self, keys: tuple[str, ...]) -> list[_Lock]:
-        with self._guard:
-            held = []
-            for key in keys:
-                entry = self._locks.get(key)
-                if entry is None:
-                    entry = self._locks[key] = _Lock()
-                entry.users += 1
-                held.append(entry)
-        for entry in held:
-            entry.lock.acquire()
-        return held
+    def stuck(self, after: float, now: float | None = None) -> list[Call]:
+        """Running calls that have run longer than ``after`` seconds or past their deadline,
+        oldest first."""
+        now = time.monotonic() if now is None else now
+        found = [c for c in self.calls if c.status is CallStatus.RUNNING and (
+            (c.running_s(now) or 0.0) > after or c.is_past_deadline(now))]
+        return sorted(found, key=lambda c: c.started or now)
 
-    def _release(self, keys: tuple[str, ...], held: list[_Lock]) -> None:
-        for entry in reversed(held):
-            entry.lock.release()
-        with self._guard:
-            for key, entry in zip(keys, held, strict=True):
-                entry.users -= 1
-                if entry.users == 0:
-                    del self._locks[key]
+    def by_session(self) -> dict[str, dict[str, int]]:
+        """``{session id prefix ("server" for server work): {"queued": n, "running": n}}``."""
+        counts: dict[str, dict[str, int]] = {}
+        for call in self.calls:
+            if call.status in (CallStatus.QUEUED, CallStatus.RUNNING):
+                key = "server" if call.session is None else call.session.id[:8]
+                entry = counts.setdefault(key, {"queued": 0, "running": 0})
+                entry[str(call.status)] += 1
+        return counts
 
-    def _execute(self, call: Call) -> Any:
-        try:
-            return self._locked(call)
-        finally:  # here, not in submit: a call runs on even when its awaiting task is gone
-            self.calls.discard(call)
-
-    def _locked(self, call: Call) -> Any:
-        if call.status is CallStatus.CANCELLED:
-            raise CallCancelled(f"{call.kind} {call.id}: cancelled before it started.")
-        held = self._acquire(call.keys)
-        try:
-            if call.status is CallStatus.CANCELLED:
-                raise CallCancelled(f"{call.kind} {call.id}: cancelled before it started.")
-            call.status, call.started = CallStatus.RUNNING, time.monotonic()
-            try:
-                result = call.work(call)
-            except BaseException as exc:
-                call.status, call.error = CallStatus.FAILED, exc
-                raise
-            call.status = CallStatus.COMMITTED
-            return result
-        finally:
-            call.finished = time.monotonic()
-            self._release(call.keys, held)
-
+    # -- submitting ---------------------------------------------------------------------
     async def submit(self, call: Call) -> Any:
-        """Runs ``call`` on a worker thread holding its states' locks; returns its result.
+        """Queues ``call``, runs it on a worker holding its states; returns its result.
 
-        If the awaiting task is cancelled (a shutdown past its grace), a call that has not
-        started never will; one that runs finishes on its worker, and stays listed in
-        :attr:`calls` until it does.
+        A call created without a timeout gets ``call_timeout``. It raises the work's
+        exception, ``CallTimeoutError`` when the deadline passed before it started, or
+        ``CallCancelledError`` when it was cancelled before it started. If the awaiting task
+        is cancelled (a shutdown past its grace), a call that has not started never will;
+        one that runs is asked to stop (``Call.should_stop``), finishes on its worker, and
+        stays listed in :attr:`calls` until it does.
         """
-        self.calls.add(call)
+        call.apply_default_timeout(self.call_timeout)
+        future: Future[Any] = Future()
+        with self._guard:
+            with call._lock:
+                if call.status is not CallStatus.QUEUED:  # cancelled before it was submitted
+                    raise call.error or CallCancelled(f"{call.kind} {call.id}: cancelled.")
+                call._on_cancel = self._cancelled
+            if self._closed:
+                raise CallCancelled(_MSG_CLOSED.format(kind=call.kind, id=call.id))
+            self._queue[id(call)] = call
+            self._futures[id(call)] = future
+            self.calls.add(call)
+            start = self._dispatch()
+        self._start(start)
+        timer = None
+        if call.deadline is not None and call.status is CallStatus.QUEUED:
+            timer = asyncio.get_running_loop().call_later(
+                max(0.0, call.deadline - time.monotonic()), self._expire, call)
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._execute, call)
+            return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            call.cancel()
+            call.request_cancel()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def run(self, keys: Any, fn: Any, *args: Any, kind: str = "work",
-                  session: Any = None) -> Any:
+                  session: Any = None, timeout: float | None = None) -> Any:
         """Shorthand: ``fn(*args)`` as a call holding the locks of ``keys``."""
-        return await self.submit(Call(kind, session, tuple(keys), lambda call: fn(*args)))
+        return await self.submit(Call(kind, session, tuple(keys), lambda call: fn(*args),
+                                      timeout=timeout))
 
     def shutdown(self) -> None:
+        """Drops every queued call (never started) and waits for the running ones."""
+        with self._guard:
+            self._closed = True
+            for call in list(self._queue.values()):
+                if call.drop(CallCancelled(_MSG_CLOSED.format(kind=call.kind, id=call.id))):
+                    self._finish_queued(call)
         self._pool.shutdown(wait=True, cancel_futures=False)
+
+    # -- the queue (every method below but _run runs with the guard held) -----------------
+    def _dispatch(self) -> list[Call]:
+        """Takes every queued call that can start now off the queue, in arrival order, and
+        marks it running; drops those cancelled or past their deadline. Returns the calls
+        to hand to the pool (after the guard is released)."""
+        start: list[Call] = []
+        if self._closed or not self._queue:
+            return start
+        now = time.monotonic()
+        waited_on: set[str] = set()  # states an earlier queued call waits for
+        for key, call in list(self._queue.items()):
+            if self._busy >= self.workers:
+                break
+            if call.status is not CallStatus.QUEUED:  # cancelled: its hook may not have run
+                self._finish_queued(call)
+                continue
+            if call.is_past_deadline(now):
+                self._time_out(call, now)
+                continue
+            if self._session_full(call):
+                continue
+            if any(k in self._held or k in waited_on for k in call.keys):
+                waited_on.update(call.keys)
+                continue
+            if not call.begin(now):
+                self._finish_queued(call)
+                continue
+            del self._queue[key]
+            for k in call.keys:
+                self._held[k] = call
+            if call.session is not None:
+                sid = call.session.id
+                self._per_session[sid] = self._per_session.get(sid, 0) + 1
+            self._busy += 1
+            start.append(call)
+        return start
+
+    def _session_full(self, call: Call) -> bool:
+        return call.session is not None and \
+            self._per_session.get(call.session.id, 0) >= self.session_workers
+
+    def _waiting_for(self, call: Call) -> str:
+        """What a queued call is waiting for, in words (for its timeout message)."""
+        if self._session_full(call):
+            return (f"its session's turn: the session already ran {self.session_workers} "
+                    f"call(s), the most one session may run at once (--session-workers)")
+        if self._busy >= self.workers:
+            return f"a free worker: all {self.workers} were busy (STATEHOST_WORKERS)"
+        held = sum(k in self._held for k in call.keys)
+        if held:
+            return f"{held} of its {len(call.keys)} state(s), held by running calls"
+        return "calls queued before it on the same states"
+
+    def _time_out(self, call: Call, now: float) -> None:
+        assert call.deadline is not None
+        timeout, waited = call.deadline - call.created, now - call.created
+        error = CallTimeoutError(_MSG_TIMEOUT.format(
+            kind=call.kind, id=call.id, timeout=timeout, waited=waited,
+            reason=self._waiting_for(call),
+            source="its own timeout" if call.timeout is not None
+            else "the server's default, --call-timeout"),
+            waited_s=round(waited, 3), timeout_s=timeout)
+        if call.drop(error):
+            if self.metrics is not None:
+                self.metrics.call_timeouts.inc()
+        self._finish_queued(call)
+
+    def _finish_queued(self, call: Call) -> None:
+        """Takes a call that will never start off the queue and answers its awaiter."""
+        self._queue.pop(id(call), None)
+        self.calls.discard(call)
+        future = self._futures.pop(id(call), None)
+        if future is not None and not future.done():
+            future.set_exception(call.error or CallCancelled(f"{call.kind} {call.id}: "
+                                                             "cancelled."))
+
+    # -- events -------------------------------------------------------------------------
+    def _expire(self, call: Call) -> None:
+        """The deadline timer of a call (on the event loop)."""
+        with self._guard:
+            if self._queue.get(id(call)) is not call:
+                return  # started, cancelled or dropped already
+            self._time_out(call, max(time.monotonic(), call.deadline or 0.0))
+            start = self._dispatch()
+        self._start(start)
+
+    def _cancelled(self, call: Call, was_queued: bool) -> None:
+        """``Call.request_cancel`` took effect (on whichever thread called it)."""
+        if self.metrics is not None:
+            self.metrics.call_cancellations.labels("queued" if was_queued else "running").inc()
+        if not was_queued:
+            return
+        with self._guard:
+            if id(call) in self._queue:
+                self._finish_queued(call)
+            start = self._dispatch()
+        self._start(start)
+
+    def _start(self, calls: list[Call]) -> None:
+        for call in calls:
+            if self.metrics is not None and call.started is not None:
+                self.metrics.call_queue_seconds.observe(call.started - call.created)
+            try:
+                self._pool.submit(self._run, call)
+            except RuntimeError:  # the pool shut down between the dispatch and here
+                self._run(call, refused=True)
+
+    def _run(self, call: Call, refused: bool = False) -> None:
+        """A worker: runs the call, frees its states and its session's turn, starts what
+        can start now, then answers the awaiter (nothing here may raise). ``refused``:
+        the pool is gone, the work is not run."""
+        result: Any = None
+        error: BaseException | None = None
+        if refused:
+            error = CallCancelled(_MSG_CLOSED.format(kind=call.kind, id=call.id))
+        else:
+            try:
+                result = call.work(call)
+            except BaseException as exc:  # the awaiter gets it; the worker goes on
+                error = exc
+        with call._lock:
+            call.finished = time.monotonic()
+            if error is None:
+                call.status = CallStatus.COMMITTED
+            else:
+                call.status, call.error = CallStatus.FAILED, error
+        with self._guard:
+            for k in call.keys:
+                if self._held.get(k) is call:
+                    del self._held[k]
+            if call.session is not None:
+                sid = call.session.id
+                left = self._per_session.get(sid, 1) - 1
+                if left > 0:
+                    self._per_session[sid] = left
+                else:
+                    self._per_session.pop(sid, None)
+            self._busy -= 1
+            future = self._futures.pop(id(call), None)
+            start = self._dispatch()
+        self.calls.discard(call)
+        self._start(start)
+        if future is not None and not future.done():
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
