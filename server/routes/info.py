@@ -1,4 +1,5 @@
-"""``GET /v1/info``: versions, devices and limits, which the client checks at connect."""
+"""``GET /v1/info``: versions, devices and limits, which the client checks at connect, and
+the calls in flight (with the stuck ones: running long, or past their deadline)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from typing import Any
 import jax
 from fastapi import APIRouter, Depends
 
-from statehost.server.deps import SettingsDep, VersionsDep, require_token
+from statehost.server.deps import RuntimeDep, SettingsDep, VersionsDep, require_token
 
 router = APIRouter(prefix="/v1", tags=["info"], dependencies=[Depends(require_token)])
+
+#: What ``/v1/info`` shows of a stuck call (``Call.describe`` has more).
+_STUCK_FIELDS = ("id", "kind", "session", "age_s", "running_s", "cancel_requested")
 
 
 def _memory(device: Any) -> int | None:
@@ -20,13 +24,24 @@ def _memory(device: Any) -> int | None:
     return None if not stats else stats.get("bytes_limit")
 
 
-@router.get("/info", summary="Versions, devices and limits (the client checks them at connect)")
-def info(settings: SettingsDep, versions: VersionsDep) -> dict[str, Any]:
+@router.get("/info", summary="Versions, devices and limits (the client checks them at "
+            "connect), and the calls queued, running and stuck")
+def info(settings: SettingsDep, versions: VersionsDep, rt: RuntimeDep) -> dict[str, Any]:
+    """``calls.stuck`` lists the calls running longer than ``stuck_after`` seconds or past
+    their deadline, oldest first, with their session's first 8 characters. A running
+    device program cannot be interrupted (openxla/xla#16801): a stuck call that was
+    cancelled, or is past its deadline, shows ``cancel_requested`` until it returns."""
+    scheduler = rt.scheduler
+    stuck = [{k: call[k] for k in _STUCK_FIELDS}
+             for call in (c.describe() for c in scheduler.stuck(settings.stuck_after))]
     return {
         "versions": versions,
         "devices": [
             {"id": d.id, "platform": d.platform, "kind": d.device_kind, "memory": _memory(d)}
             for d in jax.devices()
         ],
-        "limits": {"max_body": settings.max_body, "session_ttl": settings.session_ttl},
+        "limits": {"max_body": settings.max_body, "session_ttl": settings.session_ttl,
+                   "workers": settings.workers, "session_workers": settings.session_workers,
+                   "call_timeout": settings.call_timeout, "stuck_after": settings.stuck_after},
+        "calls": {"queued": scheduler.queued, "running": scheduler.running, "stuck": stuck},
     }
