@@ -15,6 +15,7 @@ from statehost.server.errors import install_handlers
 from statehost.server.openapi import install_openapi
 from statehost.server.persistence import DamagedDatabaseError, flush, flusher
 from statehost.server.routes import (
+    call_control,
     calls,
     docs,
     functions,
@@ -127,8 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.versions = local_versions()
-    for module in (health, info, sessions, calls, states, objects, metrics, namespaces,
-                   values, functions, docs):
+    for module in (health, info, sessions, calls, call_control, states, objects, metrics,
+                   namespaces, values, functions, docs):
         app.include_router(module.router)
     app.include_router(objects.frames)
     install_handlers(app)
