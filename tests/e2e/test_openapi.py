@@ -31,7 +31,7 @@ CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conform
           "response_schema_conformance", "negative_data_rejection", "positive_data_acceptance",
           "unsupported_method", "allow_header_conformance"]
 FRAME_PATHS = r"^/v1/(call|states/push|states/pull|objects/put|objects/get|functions/register)$"
-JSON_OPERATIONS = 17  # every operation but the 6 frame ones
+JSON_OPERATIONS = 18  # every operation but the 6 frame ones
 MAX_EXAMPLES = 120  # per operation and phase: ~25 s per token on 2 cores
 
 # Real names mixed into the generated ones, so requests reach real states, not only 404s.

@@ -19,6 +19,7 @@ ROUTES = [
     ("POST", "/v1/sessions"),
     ("DELETE", "/v1/sessions/abc"),
     ("POST", "/v1/call"),
+    ("POST", "/v1/calls/abc/cancel"),
     ("POST", "/v1/states/push"),
     ("POST", "/v1/states/pull"),
     ("GET", "/metrics"),
@@ -52,6 +53,8 @@ def test_info_lists_versions_devices_and_limits(http):
     assert [d["id"] for d in info["devices"]] == list(range(8))
     assert {"id", "platform", "kind", "memory"} <= set(info["devices"][0])
     assert info["limits"]["max_body"] == 64 * 2**20
+    assert info["limits"]["call_timeout"] == 3600 and info["limits"]["session_workers"] == 2
+    assert info["calls"] == {"queued": 0, "running": 0, "stuck": []}
 
 
 def test_connect_with_a_wrong_token_raises_auth_error(transport):

@@ -99,10 +99,11 @@ def test_one_sessions_stuck_calls_leave_workers_to_other_sessions(gate, sessions
         a, b = create(), create()
         stuck = [asyncio.ensure_future(scheduler.submit(Call("call", a, (), _stuck_work)))
                  for _ in range(4)]
-        await _until_async(lambda: scheduler.running == 1)
+        await _until_async(lambda: scheduler.running and scheduler.queued + scheduler.running
+                           == 4)
         for _ in range(3):  # one after the other, on the worker a's queue does not hold
             assert await asyncio.wait_for(
-                scheduler.submit(Call("call", b, (), _quick_work)), 30) == 4.0
+                scheduler.submit(Call("call", b, (), _quick_work)), 10) == 4.0
         assert (scheduler.running, scheduler.queued) == (1, 3)
         assert scheduler.by_session() == {a.id[:8]: {"queued": 3, "running": 1}}
         gate.set()
