@@ -282,3 +282,43 @@ def test_the_api_docs_load_everything_from_the_server_itself(served, page):
         missing = http.get("/docs/assets/nothing.js")
         assert missing.status_code == 404
         assert "no such asset; the docs use favicon.png" in missing.json()["error"]["message"]
+
+
+def test_a_call_queued_past_call_timeout_is_dropped_and_the_stuck_one_listed(tmp_path):
+    """``--call-timeout`` / ``--session-workers`` / STATEHOST_WORKERS on a real server: with
+    one worker held by a host callback that sleeps, another client's call waits past the
+    default deadline and is dropped, never started; the sleeping call is listed as stuck
+    (past its deadline, so "cancel requested") and still commits: one device program cannot
+    be interrupted (openxla/xla#16801)."""
+    def slow(x):
+        def wait(v):
+            time.sleep(2.5)
+            return v
+
+        return jax.pure_callback(wait, jax.ShapeDtypeStruct(x.shape, x.dtype), x) + 1
+
+    with running_server(tmp_path, "--call-timeout", "1", "--session-workers", "1",
+                        env={"STATEHOST_WORKERS": "1"}) as served:
+        auth = {"authorization": f"Bearer {served.token}"}
+        limits = httpx.get(served.url + "/v1/info", headers=auth).json()["limits"]
+        assert (limits["workers"], limits["session_workers"], limits["call_timeout"]) == \
+            (1, 1, 1.0)
+        with statehost.connect(served.url, token=served.token) as a, \
+                statehost.connect(served.url, token=served.token) as b:
+            quick = b.jit(lambda x: x * 2)
+            np.testing.assert_array_equal(quick(jnp.ones(2)), 2 * np.ones(2))
+            result: list = []
+            thread = threading.Thread(target=lambda: result.append(a.jit(slow)(jnp.ones(2))))
+            thread.start()
+            while not httpx.get(served.url + "/v1/info", headers=auth).json()["calls"]["running"]:
+                time.sleep(0.02)
+            with pytest.raises(statehost.client.ClientError, match="never started, so nothing "
+                               "was applied") as caught:
+                quick(jnp.ones(2))
+            assert type(caught.value).__name__ == "CallTimeoutError" and caught.value.status == 408
+            calls = httpx.get(served.url + "/v1/info", headers=auth).json()["calls"]
+            (stuck,) = calls["stuck"]
+            assert stuck["session"] == a._session[:8] and stuck["cancel_requested"]
+            thread.join(30)
+            np.testing.assert_array_equal(result[0], 2 * np.ones(2))
+        assert served.metric("statehost_call_timeouts_total") == 1
