@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from statehost.server.calls import Call, CallCancelled, CallStatus, CallTable
@@ -69,7 +69,7 @@ class Scheduler:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="statehost-call")
         self._guard = threading.Lock()  # everything below; taken before any call's lock
         self._queue: dict[int, Call] = {}  # id(call) -> call, in arrival order
-        self._futures: dict[int, Future[Any]] = {}
+        self._awaiters: dict[int, _Awaiter] = {}
         self._held: dict[str, Call] = {}  # state id -> the running call holding it
         self._per_session: dict[str, int] = {}  # session id -> workers it holds
         self._busy = 0
@@ -121,7 +121,8 @@ class Scheduler:
         stays listed in :attr:`calls` until it does.
         """
         call.apply_default_timeout(self.call_timeout)
-        future: Future[Any] = Future()
+        loop = asyncio.get_running_loop()
+        awaiter = _Awaiter(loop, loop.create_future())
         with self._guard:
             with call._lock:
                 if call.status is not CallStatus.QUEUED:  # cancelled before it was submitted
@@ -130,16 +131,16 @@ class Scheduler:
             if self._closed:
                 raise CallCancelled(_MSG_CLOSED.format(kind=call.kind, id=call.id))
             self._queue[id(call)] = call
-            self._futures[id(call)] = future
+            self._awaiters[id(call)] = awaiter
             self.calls.add(call)
             start = self._dispatch()
         self._start(start)
         timer = None
         if call.deadline is not None and call.status is CallStatus.QUEUED:
-            timer = asyncio.get_running_loop().call_later(
-                max(0.0, call.deadline - time.monotonic()), self._expire, call)
+            timer = loop.call_later(max(0.0, call.deadline - time.monotonic()),
+                                    self._expire, call)
         try:
-            return await asyncio.wrap_future(future)
+            return await awaiter.future
         except asyncio.CancelledError:
             call.request_cancel()
             raise
@@ -233,9 +234,9 @@ class Scheduler:
         """Takes a call that will never start off the queue and answers its awaiter."""
         self._queue.pop(id(call), None)
         self.calls.discard(call)
-        future = self._futures.pop(id(call), None)
-        if future is not None and not future.done():
-            future.set_exception(call.error or CallCancelled(f"{call.kind} {call.id}: "
+        awaiter = self._awaiters.pop(id(call), None)
+        if awaiter is not None:
+            awaiter.answer(None, call.error or CallCancelled(f"{call.kind} {call.id}: "
                                                              "cancelled."))
 
     # -- events -------------------------------------------------------------------------
@@ -300,12 +301,37 @@ class Scheduler:
                 else:
                     self._per_session.pop(sid, None)
             self._busy -= 1
-            future = self._futures.pop(id(call), None)
+            awaiter = self._awaiters.pop(id(call), None)
             start = self._dispatch()
         self.calls.discard(call)
         self._start(start)
-        if future is not None and not future.done():
+        if awaiter is not None:
+            awaiter.answer(result, error)
+
+
+class _Awaiter:
+    """The event loop and future of the task awaiting a call's result.
+
+    Answered from any thread (a worker, a cancel, the deadline timer) through
+    ``call_soon_threadsafe``: one asyncio future per call, where ``run_in_executor`` makes a
+    ``concurrent.futures.Future`` (and its ``Condition``) and chains a second one to it.
+    """
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]):
+        self.loop, self.future = loop, future
+
+    def answer(self, result: Any, error: BaseException | None) -> None:
+        def settle() -> None:
+            if self.future.done():  # the awaiting task was cancelled
+                return
             if error is None:
-                future.set_result(result)
+                self.future.set_result(result)
             else:
-                future.set_exception(error)
+                self.future.set_exception(error)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed: nobody awaits the answer any more
+            pass
