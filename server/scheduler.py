@@ -125,8 +125,11 @@ class Scheduler:
         awaiter = _Awaiter(loop, loop.create_future())
         with self._guard:
             with call._lock:
-                if call.status is not CallStatus.QUEUED:  # cancelled before it was submitted
+                if call.status is CallStatus.CANCELLED:  # before it was submitted
                     raise call.error or CallCancelled(f"{call.kind} {call.id}: cancelled.")
+                if call.status is not CallStatus.QUEUED or id(call) in self._awaiters:
+                    raise RuntimeError(f"Scheduler.submit: {call.kind} {call.id} is "
+                                       f"{call.status} already; a Call is submitted once.")
                 call._on_cancel = self._cancelled
             if self._closed:
                 raise CallCancelled(_MSG_CLOSED.format(kind=call.kind, id=call.id))
@@ -207,8 +210,9 @@ class Scheduler:
     def _waiting_for(self, call: Call) -> str:
         """What a queued call is waiting for, in words (for its timeout message)."""
         if self._session_full(call):
-            return (f"its session's turn: the session already ran {self.session_workers} "
-                    f"call(s), the most one session may run at once (--session-workers)")
+            return (f"its session's turn: the session was running {self.session_workers} "
+                    f"call(s) already, the most one session may run at once "
+                    f"(--session-workers)")
         if self._busy >= self.workers:
             return f"a free worker: all {self.workers} were busy (STATEHOST_WORKERS)"
         held = sum(k in self._held for k in call.keys)

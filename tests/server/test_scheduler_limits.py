@@ -105,6 +105,10 @@ def test_one_sessions_stuck_calls_leave_workers_to_other_sessions(gate, sessions
             assert await asyncio.wait_for(
                 scheduler.submit(Call("call", b, (), _quick_work)), 10) == 4.0
         assert (scheduler.running, scheduler.queued) == (1, 3)
+        for call in scheduler.calls:  # one running, three queued
+            with pytest.raises(RuntimeError, match=f"{call.id} is {call.status} already; a "
+                               "Call is submitted once"):
+                await scheduler.submit(call)
         assert scheduler.by_session() == {a.id[:8]: {"queued": 3, "running": 1}}
         gate.set()
         assert await asyncio.gather(*stuck) == [2.0] * 4
@@ -188,7 +192,7 @@ def test_the_timeout_message_says_what_the_call_waited_for(gate, sessions):
         holder = asyncio.ensure_future(scheduler.submit(Call("call", a, ("x",), _stuck_work)))
         await _until_async(lambda: scheduler.running == 1)
         with pytest.raises(CallTimeoutError, match=r"\(the server's default, --call-timeout\)"
-                           r".* for its session's turn: the session already ran 1 call"):
+                           r".* for its session's turn: the session was running 1 call"):
             await scheduler.submit(Call("call", a, (), _quick_work))
         with pytest.raises(CallTimeoutError, match=r"for 1 of its 2 state\(s\), held by "
                            "running calls"):
@@ -583,3 +587,68 @@ def test_only_the_calls_owner_may_cancel_it(server, gate):
         assert answer[0].status_code == 200
         finished = s.http.post(f"/v1/calls/{call_id}/cancel")  # finished: no longer found
         assert finished.status_code == 404
+
+
+def test_under_load_no_state_is_shared_no_bound_exceeded_and_nothing_leaks(sessions):
+    """Many calls of a few sessions on a few states, with short deadlines and cancels mixed
+    in: two running calls never share a state, no session runs more than its bound, and
+    the scheduler is empty at the end."""
+    import random
+
+    create, _ = sessions
+    rng = random.Random(12)
+    guard = threading.Lock()
+    holding: dict[str, int] = {}
+    per_session: dict[str, int] = {}
+    problems: list[str] = []
+    ran: list[int] = []
+
+    def work(n: int, keys: tuple[str, ...], sid: str, pause: float):
+        def run(call: Call) -> int:
+            with guard:
+                problems.extend(f"{k} shared" for k in keys if holding.get(k))
+                holding.update({k: 1 for k in keys})
+                per_session[sid] = per_session.get(sid, 0) + 1
+                if per_session[sid] > 2:
+                    problems.append(f"session {sid} ran {per_session[sid]}")
+            time.sleep(pause)
+            with guard:
+                holding.update({k: 0 for k in keys})
+                per_session[sid] -= 1
+                ran.append(n)
+            return n
+        return run
+
+    async def main():
+        scheduler = Scheduler(4, session_workers=2)
+        people = [create() for _ in range(5)]
+        calls, tasks = [], []
+        for n in range(200):
+            s = rng.choice(people)
+            keys = tuple(rng.sample("abcdefg", rng.randint(0, 2)))
+            timeout = rng.choice([None, None, 0.002, 0.05])
+            call = Call("call", s, keys, work(n, keys, s.id, rng.choice([0, 0.001])),
+                        timeout=timeout)
+            calls.append(call)
+            tasks.append(asyncio.ensure_future(scheduler.submit(call)))
+            if rng.random() < 0.1:
+                await asyncio.sleep(0)
+                rng.choice(calls).request_cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert not problems, problems
+        for n, (call, outcome) in enumerate(zip(calls, outcomes, strict=True)):
+            if call.status is CallStatus.COMMITTED:
+                assert outcome == n
+            else:
+                assert call.status is CallStatus.CANCELLED and n not in ran
+                assert isinstance(outcome, CallTimeoutError | CallCancelledError)
+        assert sorted(ran) == [n for n, c in enumerate(calls) if c.status is
+                               CallStatus.COMMITTED]
+        assert any(isinstance(o, CallTimeoutError) for o in outcomes)
+        assert any(isinstance(o, CallCancelledError) for o in outcomes)
+        assert (scheduler.queued, scheduler.running, scheduler.lock_count()) == (0, 0, 0)
+        assert not scheduler._queue and not scheduler._awaiters and not scheduler._per_session
+        assert scheduler._busy == 0
+        scheduler.shutdown()
+
+    asyncio.run(main())
