@@ -251,6 +251,11 @@ def test_a_timeout_must_be_a_positive_number(timeout):
         Call("call", None, (), lambda c: None, timeout=timeout)
 
 
+def test_a_scheduler_needs_a_worker():
+    with pytest.raises(ValueError, match=r"Scheduler\(workers=0\): at least one worker"):
+        Scheduler(0)
+
+
 # -- cancellation -------------------------------------------------------------------------
 def test_a_cancelled_queued_call_never_starts(gate, sessions):
     create, _ = sessions
