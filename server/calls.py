@@ -97,7 +97,8 @@ class Call:
     def __post_init__(self) -> None:
         self.keys = tuple(sorted(set(self.keys)))
         if self.timeout is not None:
-            if not isinstance(self.timeout, int | float) or not self.timeout > 0:
+            if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float) \
+                    or not self.timeout > 0:
                 raise ValueError(_MSG_BAD_TIMEOUT.format(timeout=self.timeout))
             if not math.isinf(self.timeout):
                 self.deadline = self.created + self.timeout

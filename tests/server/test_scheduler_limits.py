@@ -244,7 +244,7 @@ def test_the_server_default_applies_to_calls_without_a_timeout_of_their_own(sess
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("timeout", [0, -1, math.nan, "10"])
+@pytest.mark.parametrize("timeout", [0, -1, math.nan, "10", True])
 def test_a_timeout_must_be_a_positive_number(timeout):
     with pytest.raises(ValueError, match=r"Call\(timeout=.*\): a timeout is the seconds a "
                        r"call may take from its creation, a number > 0"):
