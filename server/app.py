@@ -25,6 +25,7 @@ from statehost.server.routes import (
     objects,
     sessions,
     states,
+    stream,
     values,
 )
 from statehost.server.runtime import Runtime
@@ -127,7 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.versions = local_versions()
-    for module in (health, info, sessions, calls, states, objects, metrics, namespaces,
+    for module in (health, info, sessions, calls, stream, states, objects, metrics, namespaces,
                    values, functions, docs):
         app.include_router(module.router)
     app.include_router(objects.frames)

@@ -352,6 +352,9 @@ def serve(args: argparse.Namespace) -> int:
         # uvicorn waits this long for running requests (calls) after SIGTERM, then cancels
         # them; the app's lifespan then flushes without waiting for their threads.
         timeout_graceful_shutdown=settings.shutdown_grace,
+        # The call stream (routes/stream.py): a frame per message, up to the body limit;
+        # frames are mostly arrays and already compact, so no per-message deflate.
+        ws="websockets", ws_max_size=settings.max_body, ws_per_message_deflate=False,
     )
     server = _server_class(uvicorn)(config)
     server.run()

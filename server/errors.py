@@ -117,6 +117,10 @@ class StateNotFoundError(ApiError):
     """No such state visible to this session (``missing`` lists the ids)."""
 
 
+class ArrayNotFoundError(ApiError):
+    """No such array kept on the server for this session (``missing`` lists the names)."""
+
+
 class MethodNotAllowedError(ApiError):
     """The route does not take this method."""
 
@@ -135,6 +139,14 @@ class StateDamagedError(ApiError):
 
 class NameConflictError(ApiError):
     """A state that already belongs to another name."""
+
+
+class CallCancelledError(ApiError):
+    """The call was cancelled before it started: nothing was applied."""
+
+
+class CallNotRunError(ApiError):
+    """A call queued behind a failed call of the same client stream: not run."""
 
 
 class PreconditionFailedError(ApiError):

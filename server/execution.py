@@ -27,14 +27,16 @@ from statehost.server.callable_cache import (
     unpickle,
 )
 from statehost.server.errors import (
+    ArrayNotFoundError,
     FunctionNotCachedError,
     ProtocolError,
     RemoteExecutionError,
     ServerError,
     StateNotFoundError,
+    ValidationError,
 )
 from statehost.server.staging import _MSG_MISSING_STATES, Transaction
-from statehost.wire import CallReply, CallRequest, pack
+from statehost.wire import CallReply, CallRequest, handle_name, outputs_signature, pack
 
 if TYPE_CHECKING:
     from statehost.server.calls import Call
@@ -121,6 +123,41 @@ def _is_weak(leaf: Any) -> bool:
     return isinstance(leaf, jax.Array) and jax.typeof(leaf).weak_type
 
 
+_MSG_OUTPUTS_CHANGED = (
+    "{where}: the call returned {got}, and the client expected {want} (what the first call "
+    "with these argument shapes returned). The call was not applied. This happens when a "
+    "call's outputs depend on state shapes that changed on the server. Fix: run it again; "
+    "the client then runs it synchronously once, and learns the new outputs."
+)
+_MSG_NO_ARRAY = (
+    "{where}: argument {name!r} is an array kept on the server that this session no longer "
+    "has (freed when the client dropped it, or the session ended). Fix: pass a value that "
+    "is alive in the client, or np.asarray(x) it there while it still is."
+)
+
+
+def _describe(leaf: Any) -> tuple[tuple[int, ...], str, bool] | str:
+    if isinstance(leaf, jax.Array):
+        return tuple(leaf.shape), str(leaf.dtype), _is_weak(leaf)
+    return type(leaf).__name__
+
+
+def _skeleton(leaf: Any) -> Any:
+    """An output leaf as the client first learns it: its shape and dtype, not its data."""
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, weak_type=_is_weak(leaf))
+    return leaf
+
+
+def kept(session: Session, name: str, where: str) -> Any:
+    """The array kept on the server as ``name`` (``statehost.wire.handle_name``)."""
+    try:
+        return session.handles[name]
+    except KeyError:
+        raise ArrayNotFoundError(_MSG_NO_ARRAY.format(where=where, name=name),
+                                 missing=[name]) from None
+
+
 # -- POST /v1/call --------------------------------------------------------------
 @dataclass
 class CallResult:
@@ -179,19 +216,41 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
         written = [s.id for s in tx.pending.states]
         wanted = list(dict.fromkeys(written + list(request.pull_ids))) if request.pull else []
         pulled = [(i, tx.current(s)) for i in wanted if (s := tx.lookup(i)) is not None]
-        weak_types = tuple(map(_is_weak, jax.tree_util.tree_leaves(out)))
-        out, values = to_host((out, pulled), _WHERE)
-        results = pack(out, refs=False, code=False)
+        leaves, treedef = jax.tree_util.tree_flatten(out)
+        weak_types = tuple(map(_is_weak, leaves))
+        if request.keep:
+            results = _keep_outputs(request, leaves, treedef)
+            values = jax.device_get(pulled) if request.pull else None
+        else:
+            out, values = to_host((out, pulled), _WHERE)
+            results = pack(out, refs=False, code=False)
         states = pack(values, refs=False, code=False) if request.pull else None
         done = tx.commit()
     except BaseException:
         tx.rollback()
         raise
+    if request.keep:  # only a committed call's outputs are kept
+        session.handles.update(
+            (handle_name(call.id, i), leaf) for i, leaf in enumerate(leaves))
     reply = CallReply(call_id=call.id, written=tuple(done.written), compiled=compiled,
                       state_versions=done.versions,
                       uploaded_versions=done.uploaded_versions, weak_types=weak_types,
                       results=results, states=states)
     return CallResult(reply, compiled, cached)
+
+
+def _keep_outputs(request: CallRequest, leaves: list[Any], treedef: Any) -> Any:
+    """The reply's ``results`` for a call whose outputs stay here: their structure when
+    asked; checks that they are what the client expects (else nothing is committed)."""
+    if request.expect is not None:
+        got = outputs_signature(map(_describe, leaves))
+        if got != request.expect:
+            raise ValidationError(_MSG_OUTPUTS_CHANGED.format(
+                where=_WHERE, got=got or "no outputs", want=request.expect or "no outputs"))
+    if not request.describe:
+        return None
+    return pack(jax.tree_util.tree_unflatten(treedef, [_skeleton(x) for x in leaves]),
+                refs=False, code=False)
 
 
 # -- registered functions ---------------------------------------------------------

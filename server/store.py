@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 
@@ -44,6 +45,13 @@ class Session:
     principal: Principal = _ANONYMOUS
     states: set[str] = field(default_factory=set)
     client: str = ""
+    # Outputs of the call stream's calls kept here (``wire.handle_name`` -> array), until
+    # the client frees them or the session ends.
+    handles: dict[str, Any] = field(default_factory=dict)
+    # The reply frames of the stream's latest finished calls (call id -> bytes): a call
+    # re-sent after a reconnect gets its first outcome, and is never applied twice.
+    outcomes: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
+    running: dict[str, Any] = field(default_factory=dict)  # call id -> Future of its reply
 
     @classmethod
     def for_request(cls, principal: Principal, client: str = "") -> Session:
