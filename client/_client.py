@@ -153,6 +153,7 @@ class Client:
         self.url = base_url.rstrip("/")
         self._http = Http(self.url, auth, timeout, transport)
         self._max_in_flight = max_in_flight
+        self._max_body = 4 * 2**30
         # Async needs the call stream: over the network, or a transport that serves one.
         self.dispatch = dispatch if self._http.can_stream() else "sync"
         self._dispatcher: Dispatcher | None = None
@@ -165,6 +166,8 @@ class Client:
         try:
             self.server_info = self._http.json("GET", "/v1/info")
             self._check_versions(self.server_info.get("versions", {}))
+            self._max_body = int(self.server_info.get("limits", {}).get("max_body",
+                                                                        self._max_body))
             self._open_session()
         except BaseException:
             self._http.close()
@@ -201,7 +204,7 @@ class Client:
             except ClientError as exc:
                 failure = exc
             finally:
-                self._dispatcher.stream.close()
+                self._dispatcher.close()
                 self._dispatcher = None
         try:
             if self._session is not None:
@@ -247,9 +250,9 @@ class Client:
             from statehost.client._stream import Stream
 
             self._http.client  # raises ClientClosedError after close()  # noqa: B018
-            stream = Stream(lambda: self._http.open_stream("/v1/stream"), self._max_in_flight,
-                            f"statehost client {self.url}")
-            self._dispatcher = Dispatcher(self, stream)
+            self._dispatcher = Dispatcher(self, lambda: Stream(
+                lambda: self._http.open_stream("/v1/stream"), self._max_in_flight,
+                f"statehost client {self.url}"))
         return self._dispatcher
 
     def __repr__(self) -> str:
@@ -431,12 +434,14 @@ class Client:
 
     def list(self, namespace: str) -> list[dict[str, Any]]:
         """The objects of a namespace, each with its states' metadata."""
+        self._synced()
         return self._http.json("GET", f"/v1/namespaces/{namespace}/objects")["objects"]
 
     def info(self, name: str) -> dict[str, Any]:
         """Metadata of ``"namespace/name"``: states with shapes, dtypes, bytes, version,
         last writer, updated-at and status."""
         namespace, _, obj = name.partition("/")
+        self._synced()
         return self._http.json("GET", f"/v1/namespaces/{namespace}/objects/{obj}")
 
     def delete(self, name: str) -> None:
@@ -453,6 +458,7 @@ class Client:
     def checkpoint(self, name: str) -> int:
         """Writes ``"namespace/name"`` (or a whole ``"namespace"``) to disk now."""
         namespace, _, obj = name.partition("/")
+        self._synced()
         params = {"name": obj} if obj else {}
         return self._http.json("POST", f"/v1/namespaces/{namespace}/checkpoint",
                                params=params)["flushed"]
@@ -601,7 +607,7 @@ class Client:
                 refs=tuple(refs), uploads=self._ledger.bases(uploads),
                 default_stream=twin.state.id, pull=placement.pull,
                 pull_ids=tuple(self._ledger.stale_among(refs)) if placement.pull else (),
-                keep=keep, describe=keep,
+                keep=keep,
                 function=None if self._ledger.has_function(packed.digest) else packed.section,
                 args=call_args, states=self._records(uploads) if uploads else None)
 
@@ -634,12 +640,14 @@ class Client:
         call_args = pack(_to_host((args, kwargs)))
         twin = self._stream_twin()
         refs = self._refs(packed.states, call_args.states, twin)
-        if signature is None or not self._ledger.has_function(packed.digest) or any(
-                self._ledger.needs_upload(s) for s in refs.values()):
+        if signature is None or not dispatcher.may_go_async() \
+                or not self._ledger.has_function(packed.digest) or any(
+                self._ledger.needs_upload(s) for s in refs.values()) \
+                or call_args.nbytes > self._max_body:
             return self._call_blocking(transform, placement, packed, call_args, twin, refs, key)
         message = CallRequest(
             session=self._session, call_id=secrets.token_hex(8), digest=packed.digest,
-            refs=tuple(refs), default_stream=twin.state.id, keep=True,
+            refs=tuple(refs), default_stream=twin.state.id, keep=True, returns="none",
             expect=signature.expect, args=call_args)
         call = dispatcher.issue(message, transform, packed.digest)
         if placement.pull:
@@ -657,24 +665,30 @@ class Client:
     def _call_blocking(self, transform: StatefulCall, placement: RemotePlacement, packed: Any,
                        call_args: Any, twin: _StreamTwin, refs: dict[str, State],
                        key: Any) -> Any:
-        """The first call of a signature (or one that uploads): a round trip on the stream,
-        so its errors raise here; it teaches the client the outputs of the signature."""
+        """The first call of a signature (or one that uploads): a blocking round trip, so its
+        errors raise here; it teaches the client the outputs of the signature. It goes over
+        HTTP (``POST /v1/call`` with ``keep``): nothing is in flight once the stream is
+        synced, so the order holds, and it gets HTTP's chunked uploads, its 413 for an
+        oversized body, and a graceful shutdown's wait for running requests."""
         dispatcher = self._stream()
         dispatcher.sync()  # a synchronising point: earlier failures raise first
         message = self._call_message(packed, placement, call_args, twin, refs, keep=True)
         try:
             frame = self._send("/v1/call", message, refs=refs, digest=packed.digest,
-                               retries=placement.retries, post=dispatcher.roundtrip)
+                               retries=placement.retries)
         except RemoteExecutionError as exc:
             raise _localized(exc, transform) from None
         reply = CallReply.from_frame(frame)
+        dispatcher.checked()
         self._committed(reply, packed.digest, message.counts, refs, twin)
-        leaves, treedef = jax.tree_util.tree_flatten(reply.results.load())
-        signature = Signature(treedef, leaves, tuple(reply.written))
+        values = jax.tree_util.tree_leaves(local_outputs(reply))
+        signature = Signature(jax.tree_util.tree_structure(reply.results.load()), [
+            jax.ShapeDtypeStruct(v.shape, v.dtype, weak_type=v.weak_type)
+            if isinstance(v, jax.Array) else v for v in values], tuple(reply.written))
         if key is not None:
             dispatcher.signatures[key] = signature
         return dispatcher.outputs(AsyncCall(reply.call_id, dispatcher, None, transform,
-                                            packed.digest), signature)
+                                            packed.digest), signature, values)
 
 
 class _StreamTwin:

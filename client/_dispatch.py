@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import secrets
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -41,6 +42,7 @@ from statehost.client._arrays import RemoteArray
 from statehost.client._errors import (
     ClientError,
     FunctionNotCachedError,
+    SessionNotFoundError,
     StateNotFoundError,
 )
 from statehost.client._http import client_error
@@ -146,13 +148,46 @@ class _Mirror(DeferredValue):
 class Dispatcher:
     """A client's asynchronous calls on its stream (see the module docstring)."""
 
-    def __init__(self, client: Client, stream: Stream):
+    def __init__(self, client: Client, open_stream: Callable[[], Stream]):
         self.client = client
-        self.stream = stream
+        self._open_stream = open_stream
+        self._stream: Stream | None = None
         self.signatures: dict[Any, Signature] = {}
         self._issued: collections.deque[AsyncCall] = collections.deque()
         self._failure: AsyncCall | None = None  # the first failed call not raised yet
         self._frees: list[str] = []
+        # The stream generation the session was last checked at (by a blocking call over
+        # HTTP, which reopens a closed session); None: check again before going async.
+        self._checked: tuple[Stream, int] | None = None
+
+    @property
+    def stream(self) -> Stream:
+        """The call stream, opened on first use (a client that only makes blocking calls
+        and reads their values never opens one)."""
+        if self._stream is None:
+            self._stream = self._open_stream()
+        return self._stream
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+    def may_go_async(self) -> bool:
+        """False after the connection was reopened or lost, or the server said the
+        session is closed: the next call runs blocking (over HTTP), which reopens the
+        session if it must (a restarted server) and says so if values were lost."""
+        stream = self._stream
+        if stream is not None and stream.broken and not self._issued:
+            stream.close()
+            self._stream = stream = None
+        return stream is not None and not stream.broken \
+            and self._checked == (stream, stream.generation)
+
+    def checked(self) -> None:
+        """A blocking call just succeeded: the session is open; open the stream (for the
+        asynchronous calls to come) and remember it as current."""
+        stream = self.stream
+        self._checked = (stream, stream.generation)
 
     # -- signatures ------------------------------------------------------------------
     @staticmethod
@@ -186,12 +221,16 @@ class Dispatcher:
         self._issued.append(call)
         return call
 
-    def outputs(self, call: AsyncCall, signature: Signature) -> Any:
-        """The call's outputs: a ``RemoteArray`` per array leaf, freed when dropped."""
+    def outputs(self, call: AsyncCall, signature: Signature, values: list[Any] | None = None
+                ) -> Any:
+        """The call's outputs: a ``RemoteArray`` per array leaf, freed when dropped.
+        ``values``: their ``jax.Array``s when the reply brought them (a blocking call)."""
         leaves = []
         for i, leaf in enumerate(signature.skeleton):
             if isinstance(leaf, jax.ShapeDtypeStruct):
                 array = RemoteArray(call, i, leaf.shape, leaf.dtype, bool(leaf.weak_type))
+                if values is not None:
+                    array._value = values[i]
                 weakref.finalize(array, self._freed, handle_name(call.id, i))
                 leaves.append(array)
             else:
@@ -230,6 +269,8 @@ class Dispatcher:
                            "CallCancelledError": "cancelled"}.get(kind, "failed")
             if isinstance(error, FunctionNotCachedError):
                 ledger.function_dropped(call.digest)
+            if isinstance(error, SessionNotFoundError):
+                self._checked = None
             if isinstance(error, StateNotFoundError):
                 ledger.forget(error.missing)
             call.error = self.client._localized_error(error, call.transform)
@@ -267,6 +308,8 @@ class Dispatcher:
 
     def sync(self) -> None:
         """Waits for every call in flight; raises the first failure not raised yet."""
+        if self._stream is None:
+            return
         if self._issued:
             last = self._issued[-1].pending
             if last is not None:
@@ -322,13 +365,18 @@ class Dispatcher:
         return as_array(value, reply.weak_types[0] if reply.weak_types else False)
 
     def resolve_state(self, deferred: RemoteStateValue) -> Any:
-        call = deferred.call
-        if call is not None:
+        call, deferred.call = deferred.call, None
+        if call is not None and call.pending is not None:
             try:
-                self.wait(call)
-            except ClientError:
-                deferred.call = None  # read again: the server's value, which it did not change
+                self._wait(call.pending)
+            except KeyboardInterrupt:
+                deferred.call = call
                 raise
+            self.drain()
+        if self._failure is not None:
+            # The failure is raised once, here; read again, the state has the server's
+            # value, which the failed call (and the calls not run behind it) left as it was.
+            raise self._take_failure()
         reply = PullReply.from_frame(self.roundtrip(PullRequest(
             session=self.client._session, call_id=secrets.token_hex(8),
             ids=(deferred.state_id,))))
@@ -347,6 +395,8 @@ class Dispatcher:
     def _flush_frees(self, *, force: bool) -> None:
         if not self._frees or (not force and len(self._frees) < _FREE_BATCH):
             return
+        if self._stream is None and len(self._frees) < _FREE_BATCH:
+            return  # a few arrays of blocking calls: not worth a stream (the session frees)
         batch, self._frees = self._frees, []
         self.stream.post(FreeRequest(session=self.client._session, handles=tuple(batch))
                          .to_frame().to_bytes())

@@ -45,8 +45,9 @@ class WebSocketConnection:
         self.close_reason = ""
         # No size limit here (the server enforces its own), no compression (frames hold
         # arrays), and no keepalive pings that a long call's silence could fail.
+        # Entered as a context manager (websockets 17 warns otherwise); close() exits it.
         self._ws = connect(url, additional_headers=headers, max_size=None, compression=None,
-                           open_timeout=min(timeout, 10.0), ping_interval=None)
+                           open_timeout=min(timeout, 10.0), ping_interval=None).__enter__()
 
     def send(self, data: bytes) -> None:
         self._ws.send(data)
@@ -107,12 +108,18 @@ class Stream:
         self._send_lock = threading.Lock()
         self._failure: str | None = None  # why the stream is unusable, once it is
         self._closing = False
+        self.generation = 0  # how many times the connection was opened again
         self._reader = threading.Thread(target=self._read, name="statehost-stream", daemon=True)
         self._reader.start()
 
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    @property
+    def broken(self) -> bool:
+        """The connection was lost for good: a new ``Stream`` must be opened."""
+        return self._failure is not None
 
     def send(self, call_id: str, data: bytes) -> Pending:
         """Sends a request that has a reply; blocks while ``max_in_flight`` wait for theirs."""
@@ -150,6 +157,15 @@ class Stream:
 
     # -- the reader thread ---------------------------------------------------------------
     def _read(self) -> None:
+        try:
+            self._read_replies()
+        except BaseException as exc:  # never leave a waiter hanging
+            self._fail_all(f"{self._where}: reading the server's replies failed "
+                           f"({type(exc).__name__}: {exc}); the outcome of the requests in "
+                           "flight is unknown.")
+            raise
+
+    def _read_replies(self) -> None:
         while True:
             data = self._conn.recv()
             if data is None:
@@ -191,6 +207,7 @@ class Stream:
             with self._room:
                 waiting = [p for p in self._pending.values() if p.data is not None]
                 self._conn = conn
+                self.generation += 1
             for pending in waiting:  # in issue order: dicts keep insertion order
                 self._write(pending.data)
             return True

@@ -27,7 +27,6 @@ from statehost.server.callable_cache import (
     unpickle,
 )
 from statehost.server.errors import (
-    ArrayNotFoundError,
     FunctionNotCachedError,
     ProtocolError,
     RemoteExecutionError,
@@ -129,33 +128,12 @@ _MSG_OUTPUTS_CHANGED = (
     "call's outputs depend on state shapes that changed on the server. Fix: run it again; "
     "the client then runs it synchronously once, and learns the new outputs."
 )
-_MSG_NO_ARRAY = (
-    "{where}: argument {name!r} is an array kept on the server that this session no longer "
-    "has (freed when the client dropped it, or the session ended). Fix: pass a value that "
-    "is alive in the client, or np.asarray(x) it there while it still is."
-)
 
 
 def _describe(leaf: Any) -> tuple[tuple[int, ...], str, bool] | str:
     if isinstance(leaf, jax.Array):
         return tuple(leaf.shape), str(leaf.dtype), _is_weak(leaf)
     return type(leaf).__name__
-
-
-def _skeleton(leaf: Any) -> Any:
-    """An output leaf as the client first learns it: its shape and dtype, not its data."""
-    if isinstance(leaf, jax.Array):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, weak_type=_is_weak(leaf))
-    return leaf
-
-
-def kept(session: Session, name: str, where: str) -> Any:
-    """The array kept on the server as ``name`` (``statehost.wire.handle_name``)."""
-    try:
-        return session.handles[name]
-    except KeyError:
-        raise ArrayNotFoundError(_MSG_NO_ARRAY.format(where=where, name=name),
-                                 missing=[name]) from None
 
 
 # -- POST /v1/call --------------------------------------------------------------
@@ -216,14 +194,14 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
         written = [s.id for s in tx.pending.states]
         wanted = list(dict.fromkeys(written + list(request.pull_ids))) if request.pull else []
         pulled = [(i, tx.current(s)) for i in wanted if (s := tx.lookup(i)) is not None]
-        leaves, treedef = jax.tree_util.tree_flatten(out)
+        leaves = jax.tree_util.tree_leaves(out)
         weak_types = tuple(map(_is_weak, leaves))
-        if request.keep:
-            results = _keep_outputs(request, leaves, treedef)
-            values = jax.device_get(pulled) if request.pull else None
-        else:
+        _check_outputs(request, leaves)
+        if request.returns == "values":
             out, values = to_host((out, pulled), _WHERE)
             results = pack(out, refs=False, code=False)
+        else:
+            values, results = to_host(pulled, _WHERE), None
         states = pack(values, refs=False, code=False) if request.pull else None
         done = tx.commit()
     except BaseException:
@@ -239,18 +217,16 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
     return CallResult(reply, compiled, cached)
 
 
-def _keep_outputs(request: CallRequest, leaves: list[Any], treedef: Any) -> Any:
-    """The reply's ``results`` for a call whose outputs stay here: their structure when
-    asked; checks that they are what the client expects (else nothing is committed)."""
+def _check_outputs(request: CallRequest, leaves: list[Any]) -> None:
+    """A kept call's outputs are what its client expects (else nothing is committed)."""
+    if request.returns not in ("values", "none"):
+        raise ProtocolError(f"{_WHERE}: header.returns must be 'values' or 'none', got "
+                            f"{request.returns!r}.")
     if request.expect is not None:
         got = outputs_signature(map(_describe, leaves))
         if got != request.expect:
             raise ValidationError(_MSG_OUTPUTS_CHANGED.format(
                 where=_WHERE, got=got or "no outputs", want=request.expect or "no outputs"))
-    if not request.describe:
-        return None
-    return pack(jax.tree_util.tree_unflatten(treedef, [_skeleton(x) for x in leaves]),
-                refs=False, code=False)
 
 
 # -- registered functions ---------------------------------------------------------

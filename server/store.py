@@ -23,10 +23,17 @@ import jax
 
 from statehost import State
 from statehost.server.auth import Principal
+from statehost.server.errors import ArrayNotFoundError
 
 __all__ = ["Meta", "Session", "SessionTable", "StateStore", "state_nbytes"]
 
 _ANONYMOUS = Principal(None, "admin", "anonymous")
+
+_MSG_NO_ARRAY = (
+    "{where}: argument {name!r} is an array kept on the server that this session no longer "
+    "has (freed when the client dropped it, or the session ended). Fix: pass a value that "
+    "is alive in the client, or np.asarray(x) it there while it still is."
+)
 
 
 def state_nbytes(state: State) -> int:
@@ -58,6 +65,14 @@ class Session:
         """A session that lives for one JSON request (it owns nothing when it ends)."""
         now = time.monotonic()
         return cls(secrets.token_hex(16), now, now, principal, client=client)
+
+    def kept(self, name: str, where: str) -> Any:
+        """The array kept here as ``name`` (``statehost.wire.handle_name``), or a 404."""
+        try:
+            return self.handles[name]
+        except KeyError:
+            raise ArrayNotFoundError(_MSG_NO_ARRAY.format(where=where, name=name),
+                                     missing=[name]) from None
 
     @property
     def writer(self) -> str:

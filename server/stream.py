@@ -11,9 +11,11 @@ kinds: ``statehost.wire._stream``). What it guarantees:
 - **Failure stops the line.** After a call fails, the calls behind it answer
   ``CallNotRunError`` until the client sends ``resume`` (it does once the user
   has seen the failure), so no state moves past a failed call.
-- **Exactly once.** A call id seen before in the session is answered with the
-  first outcome (kept in ``Session.outcomes``), or awaited if it is still
-  running: a call re-sent after a reconnect is never applied twice.
+- **Exactly once.** A call id that committed before in the session is answered
+  with that first reply (kept in ``Session.outcomes``), or awaited if it is
+  still running: a call re-sent after a reconnect is never applied twice. A call
+  that failed applied nothing, so a re-send of it runs again (and is refused
+  again, or not, as the states are now).
 - **Cancel** (``ControlRequest(op="cancel")``) acts at once, out of order:
   queued calls are dropped with ``CallCancelledError``; a running one is asked to
   stop between steps (one device program cannot be interrupted, openxla/xla#16801).
@@ -41,11 +43,12 @@ from statehost.server.errors import (
     ApiError,
     CallCancelledError,
     CallNotRunError,
+    PayloadTooLargeError,
     ProtocolError,
     ServerError,
     error_body,
 )
-from statehost.server.execution import kept, run_call
+from statehost.server.execution import run_call
 from statehost.server.transfer import pull_states
 from statehost.wire import (
     CallRequest,
@@ -118,14 +121,20 @@ class Channel:
         Raises :class:`ChannelClosed` for a frame that cannot be read.
         """
         m = self.rt.metrics
-        if len(data) > self.rt.settings.max_body:
-            raise ChannelClosed(1009, f"{WHERE}: a message of {len(data)} bytes is over this "
-                                "server's limit (max_body).")
         try:
             frame = checked_frame(data, self.versions, WHERE)
         except ApiError as exc:
             raise ChannelClosed(1007, exc.message[:120]) from exc
         m.wire_bytes.labels("in", "stream").inc(len(data))
+        limit = self.rt.settings.max_body
+        if len(data) > limit:
+            if frame.header.get("kind") == CallRequest.kind:
+                self._failed = self._failed or str(frame.header.get("call_id"))
+            self._answer_later(frame, PayloadTooLargeError(
+                f"{WHERE}: a message of {len(data)} bytes is over this server's limit of "
+                f"{limit} bytes (max_body); it was not run. Fix: send less per call, or start "
+                "the server with a larger --max-body.", limit=limit))
+            return
         if frame.header.get("kind") == ControlRequest.kind:
             control = self._decode(ControlRequest, frame)
             if control is not None and control.op == "cancel":
@@ -254,13 +263,13 @@ class Channel:
         except ApiError as exc:
             m.calls.labels("stream_error").inc()
             self._failed = call_id
-            data = self._remember(session, call_id, self._error(call_id, exc))
+            data = self._error(call_id, exc)
         except Exception as exc:
             log.exception("%s: call %s failed in the server", WHERE, call_id)
             self._failed = call_id
             fault = ServerError(f"{WHERE}: call {call_id}: the server failed ({type(exc).__name__}"
                                 f": {exc}). The call was not applied.")
-            data = self._remember(session, call_id, self._error(call_id, fault))
+            data = self._error(call_id, fault)
         else:
             m.calls.labels("ok").inc()
             m.compiles.inc(result.compiled)
@@ -292,7 +301,7 @@ class Channel:
         session = self._session(message.session)
 
         def fetch(call: Call) -> FetchReply:
-            arrays = [kept(session, name, WHERE) for name in message.handles]
+            arrays = [session.kept(name, WHERE) for name in message.handles]
             weak = tuple(isinstance(a, jax.Array) and jax.typeof(a).weak_type for a in arrays)
             values = jax.device_get(arrays)
             return FetchReply(call_id=message.call_id, weak_types=weak,

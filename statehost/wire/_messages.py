@@ -60,7 +60,8 @@ Versions = dict[str, int]  # state id -> version
 Paths = dict[str, str]  # state id -> path inside an object
 Json = dict[str, Any]  # any JSON object
 Flags = tuple[bool, ...]  # a JSON list of true/false
-Names = tuple[str, ...]  # a JSON list of short strings (call ids, array handles)
+ShortName = typing.NewType("ShortName", str)  # a call id or an array handle's name
+Names = tuple[ShortName, ...]  # a JSON list of them
 Seconds = float | None  # a duration in seconds >= 0, or null
 
 
@@ -200,13 +201,14 @@ class CallRequest(Message):
     (``StateRecord``s), each with the version it is based on. ``args`` holds
     ``(args, kwargs)``. With ``pull``, the written states and ``pull_ids`` come back.
 
-    With ``keep`` (the call stream's asynchronous calls), the outputs stay on the
-    server as arrays named ``"{call_id}:{leaf index}"`` (``FetchRequest`` reads
-    them, ``FreeRequest`` drops them) and the reply carries no values; with
-    ``describe`` it carries their structure (``jax.ShapeDtypeStruct`` leaves).
-    ``expect`` is what the client predicts the outputs are (``describe_outputs``):
-    a call whose outputs differ is refused before it commits. ``timeout``: the
-    call is dropped if it has not started within that many seconds.
+    With ``keep`` (asynchronous dispatch), the outputs also stay on the server as
+    arrays named ``"{call_id}:{leaf index}"`` (``FetchRequest`` reads them,
+    ``FreeRequest`` drops them). ``returns`` says what the reply's ``results`` hold:
+    ``"values"`` (the outputs' host copies) or ``"none"`` (nothing: an asynchronous
+    call's outputs are read later, if ever). ``expect`` is what the client predicts
+    the outputs are (``outputs_signature``): a call whose outputs differ is refused
+    before it commits. ``timeout``: the call is dropped if it has not started
+    within that many seconds.
     """
 
     kind: ClassVar[str] = "call"
@@ -219,7 +221,7 @@ class CallRequest(Message):
     pull: bool = False
     pull_ids: Ids = ()
     keep: bool = False
-    describe: bool = False
+    returns: str = "values"
     expect: str | None = None
     timeout: Seconds = None
     function: Section | None = None
@@ -243,7 +245,7 @@ class CallReply(Message):
     state_versions: Versions = dataclasses.field(default_factory=dict)
     uploaded_versions: Versions = dataclasses.field(default_factory=dict)
     weak_types: Flags = ()
-    results: Section | None = None  # None only for a ``keep`` call without ``describe``
+    results: Section | None = None  # None only for ``returns="none"``
     states: Section | None = None
 
 
