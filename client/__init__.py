@@ -6,7 +6,10 @@ once; the client itself (and with it JAX) on first use.
 
 from statehost._lazy import lazy_exports as _lazy_exports
 from statehost.client._errors import (
+    ArrayNotFoundError,
     AuthError,
+    CallCancelledError,
+    CallNotRunError,
     ClientClosedError,
     ClientError,
     ForbiddenError,
@@ -32,7 +35,10 @@ from statehost.client._errors import (
 )
 
 __all__ = [
+    "ArrayNotFoundError",
     "AuthError",
+    "CallCancelledError",
+    "CallNotRunError",
     "Client",
     "ClientClosedError",
     "ClientError",
@@ -46,6 +52,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PreconditionFailedError",
     "ProtocolError",
+    "RemoteArray",
     "RemoteDevice",
     "RemoteExecutionError",
     "RemotePlacement",
@@ -67,6 +74,7 @@ __getattr__, __dir__ = _lazy_exports(__name__, globals(), {
     "Client": "statehost.client._client",
     "connect": "statehost.client._client",
     "SyncLedger": "statehost.client._ledger",
+    "RemoteArray": "statehost.client._arrays",
     "RemoteDevice": "statehost.client._remote",
     "RemotePlacement": "statehost.client._remote",
     "FrameTransport": "statehost.client._transport",

@@ -21,6 +21,7 @@ import numpy as np
 
 from statehost._state import State
 from statehost.client._errors import (
+    ClientError,
     FunctionNotCachedError,
     RemoteExecutionError,
     SessionNotFoundError,
@@ -29,6 +30,7 @@ from statehost.client._errors import (
     VersionMismatchError,
     remote_execution_error,
 )
+from statehost.client._dispatch import AsyncCall, Dispatcher, Signature
 from statehost.client._http import Http
 from statehost.client._ledger import SyncLedger
 from statehost.client._outputs import local_outputs
@@ -45,6 +47,7 @@ from statehost.transform._placement import place
 from statehost.transform._stateful import StatefulCall
 from statehost.wire import (
     CallReply,
+    Message,
     CallRequest,
     Frame,
     GetReply,
@@ -78,6 +81,7 @@ _MSG_GONE_STATES = (
     "only, left by pull=False calls or never pulled: those values are gone. The local states "
     "keep the values they last had here; re-running the call uploads those."
 )
+_DISPATCH_MODES = ("async", "sync")
 # A request is re-sent at most this many times for the client's own bookkeeping: a
 # callable the server dropped from its cache, a session it closed.
 _RESENDS = 2
@@ -117,7 +121,12 @@ class Client:
             you, and re-reads the local token file when the server refuses it).
         transport: an ``httpx`` transport to use instead of the network (tests); when it
             is also a ``FrameTransport`` (``statehost.server.testing.InProcessTransport``
-            is), frames go through it too.
+            is), frames go through it too, and its ``open_stream`` carries the call stream.
+        dispatch: ``"async"`` (default): a call whose signature ran before returns at once
+            with ``RemoteArray`` outputs, as JAX dispatches (``client/_dispatch.py``);
+            ``"sync"``: every call is a blocking round trip returning ``jax.Array``s.
+        max_in_flight: asynchronous calls waiting for the server at most; the next one
+            blocks until one completes.
 
     Example:
         >>> client = statehost.connect("http://127.0.0.1:8470")    # doctest: +SKIP
@@ -131,9 +140,23 @@ class Client:
         timeout: float = 60.0,
         auth: str | TokenSource | None = None,
         transport: Any = None,
+        dispatch: str = "async",
+        max_in_flight: int = 64,
     ):
+        if dispatch not in _DISPATCH_MODES:
+            raise ValueError(f"statehost.connect: dispatch={dispatch!r} is not one of "
+                             f"{_DISPATCH_MODES}. Example: statehost.connect(url, dispatch='sync').")
+        if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) \
+                or max_in_flight < 1:
+            raise ValueError(f"statehost.connect: max_in_flight={max_in_flight!r} must be an "
+                             "int >= 1 (default 64).")
         self.url = base_url.rstrip("/")
         self._http = Http(self.url, auth, timeout, transport)
+        self._max_in_flight = max_in_flight
+        self._max_body = 4 * 2**30
+        # Async needs the call stream: over the network, or a transport that serves one.
+        self.dispatch = dispatch if self._http.can_stream() else "sync"
+        self._dispatcher: Dispatcher | None = None
         self._ledger = SyncLedger()
         # This client's own stand-in for each local default random stream: the process's
         # stream has one id, and two clients of one process must not share a server state.
@@ -143,6 +166,8 @@ class Client:
         try:
             self.server_info = self._http.json("GET", "/v1/info")
             self._check_versions(self.server_info.get("versions", {}))
+            self._max_body = int(self.server_info.get("limits", {}).get("max_body",
+                                                                        self._max_body))
             self._open_session()
         except BaseException:
             self._http.close()
@@ -167,9 +192,20 @@ class Client:
         self._ledger.forget_server()
 
     def close(self) -> None:
-        """Closes the session (the server frees its states) and the connection."""
+        """Waits for the calls in flight, then closes the session (the server frees its
+        states) and the connection. Raises an asynchronous call's failure not raised yet
+        (after closing)."""
         if self._http.closed:
             return
+        failure = None
+        if self._dispatcher is not None:
+            try:
+                self._dispatcher.sync()
+            except ClientError as exc:
+                failure = exc
+            finally:
+                self._dispatcher.close()
+                self._dispatcher = None
         try:
             if self._session is not None:
                 self._http.json("DELETE", f"/v1/sessions/{self._session}")
@@ -177,13 +213,47 @@ class Client:
             pass
         finally:
             self._http.close()
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> Client:
         self._http.client  # raises if closed  # noqa: B018
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, *exc: object) -> None:
+        try:
+            self.close()
+        except ClientError:
+            if kind is None:  # an exception already on its way out stays the one raised
+                raise
+
+    def sync(self) -> None:
+        """Waits for every asynchronous call of this client; raises the first failure
+        among them not raised yet (with its remote traceback). A no-op for
+        ``dispatch="sync"``.
+
+        Example:
+            >>> for batch in data:                 # doctest: +SKIP
+            ...     loss = step(batch)             # returns at once
+            >>> client.sync()                      # doctest: +SKIP
+        """
+        if self._dispatcher is not None:
+            self._dispatcher.sync()
+
+    def _synced(self) -> None:
+        """A synchronising point: what was issued before has run (or raised)."""
+        if self._dispatcher is not None:
+            self._dispatcher.sync()
+
+    def _stream(self) -> Dispatcher:
+        if self._dispatcher is None:
+            from statehost.client._stream import Stream
+
+            self._http.client  # raises ClientClosedError after close()  # noqa: B018
+            self._dispatcher = Dispatcher(self, lambda: Stream(
+                lambda: self._http.open_stream("/v1/stream"), self._max_in_flight,
+                f"statehost client {self.url}"))
+        return self._dispatcher
 
     def __repr__(self) -> str:
         state = "closed" if self._http.closed else f"session {self._session[:8]}"
@@ -201,7 +271,7 @@ class Client:
         return place(factory(fun, *args, **kwargs), placement)
 
     def pmap(self, fun: Any = MISSING, *args: Any, pull: bool = True, retries: int = 0,
-             **kwargs: Any) -> Any:
+             sync: bool = False, **kwargs: Any) -> Any:
         """``statehost.transform.pmap`` run on the server: same arguments, plus two.
 
         Arguments:
@@ -211,31 +281,37 @@ class Client:
             retries: on a :class:`StateConflictError` (a local value based on an
                 outdated version), pull the conflicting states and run again, up to
                 this many times. The local changes to those states are dropped.
+            sync: run every call as a blocking round trip returning ``jax.Array``s, even
+                when the client dispatches asynchronously (``connect(dispatch=...)``).
 
         Returns:
             The ``statehost.transform.StatefulMapping`` that ``pmap`` builds, placed on
             this client's server (its ``placement`` is a :class:`RemotePlacement`); a
             decorator when ``fun`` is omitted.
         """
-        return self._wrap(_local_pmap, fun, {"pull": pull, "retries": retries}, args, kwargs)
+        return self._wrap(_local_pmap, fun, {"pull": pull, "retries": retries, "sync": sync},
+                          args, kwargs)
 
     def vmap(self, fun: Any = MISSING, *, pull: bool = True, retries: int = 0,
-             **kwargs: Any) -> Any:
+             sync: bool = False, **kwargs: Any) -> Any:
         """``statehost.transform.vmap`` run on the server: same arguments, plus ``pull``,
-        ``retries`` (see :meth:`pmap`)."""
-        return self._wrap(_local_vmap, fun, {"pull": pull, "retries": retries}, (), kwargs)
+        ``retries``, ``sync`` (see :meth:`pmap`)."""
+        return self._wrap(_local_vmap, fun, {"pull": pull, "retries": retries, "sync": sync},
+                          (), kwargs)
 
     def jit(self, fun: Any = MISSING, *, pull: bool = True, retries: int = 0,
-            **kwargs: Any) -> Any:
+            sync: bool = False, **kwargs: Any) -> Any:
         """``statehost.transform.jit`` run on the server: same arguments, plus ``pull``,
-        ``retries`` (see :meth:`pmap`)."""
-        return self._wrap(_local_jit, fun, {"pull": pull, "retries": retries}, (), kwargs)
+        ``retries``, ``sync`` (see :meth:`pmap`)."""
+        return self._wrap(_local_jit, fun, {"pull": pull, "retries": retries, "sync": sync},
+                          (), kwargs)
 
     def StatefulMapping(self, fun: Any, *args: Any, pull: bool = True, retries: int = 0,  # noqa: N802
-                        **kwargs: Any) -> Any:
-        """``statehost.transform.StatefulMapping`` run on the server, plus ``pull``, ``retries``."""
-        return self._wrap(_LocalStatefulMapping, fun, {"pull": pull, "retries": retries}, args,
-                          kwargs)
+                        sync: bool = False, **kwargs: Any) -> Any:
+        """``statehost.transform.StatefulMapping`` run on the server, plus ``pull``,
+        ``retries``, ``sync`` (see :meth:`pmap`)."""
+        return self._wrap(_LocalStatefulMapping, fun,
+                          {"pull": pull, "retries": retries, "sync": sync}, args, kwargs)
 
     # -- state sync -----------------------------------------------------------
     def _records(self, states: Iterable[State]) -> Any:
@@ -261,6 +337,7 @@ class Client:
             module_or_states: a ``Module``, a ``State``, or a list/dict of them.
         """
         states = {s.id: s for s in _collect(module_or_states, "statehost.Client.push")}
+        self._synced()
         counts = {i: s.write_count for i, s in states.items()}
         reply = PushReply.from_frame(self._send("/v1/states/push", lambda: PushRequest(
             session=self._session, uploads=self._ledger.bases(states.values()),
@@ -275,6 +352,7 @@ class Client:
             module_or_states: a ``Module``, a ``State``, or a list/dict of them.
         """
         states = {s.id: s for s in _collect(module_or_states, "statehost.Client.pull")}
+        self._synced()
         try:
             reply = PullReply.from_frame(self._http.frame("/v1/states/pull", PullRequest(
                 session=self._session, ids=tuple(states))))
@@ -307,6 +385,7 @@ class Client:
                 f"States, got {type(obj).__name__}. Example: client.put('team/net', model)."
             )
         states = {s.id: s for s in _collect(obj, "statehost.Client.put")}
+        self._synced()
         structure = pack(obj, oob=False)
 
         def message() -> PutRequest:
@@ -327,6 +406,7 @@ class Client:
             pull: fetch the values now (default); with False the local states hold
                 ``None`` until ``client.pull`` (calls work without it).
         """
+        self._synced()
         reply = GetReply.from_frame(self._http.frame("/v1/objects/get", GetRequest(
             session=self._session, name=name, pull=pull)))
         values = dict(reply.states.load()) if reply.states is not None else {}
@@ -354,12 +434,14 @@ class Client:
 
     def list(self, namespace: str) -> list[dict[str, Any]]:
         """The objects of a namespace, each with its states' metadata."""
+        self._synced()
         return self._http.json("GET", f"/v1/namespaces/{namespace}/objects")["objects"]
 
     def info(self, name: str) -> dict[str, Any]:
         """Metadata of ``"namespace/name"``: states with shapes, dtypes, bytes, version,
         last writer, updated-at and status."""
         namespace, _, obj = name.partition("/")
+        self._synced()
         return self._http.json("GET", f"/v1/namespaces/{namespace}/objects/{obj}")
 
     def delete(self, name: str) -> None:
@@ -369,12 +451,14 @@ class Client:
         them: a later ``put`` or call uploads them again.
         """
         namespace, _, obj = name.partition("/")
+        self._synced()
         reply = self._http.json("DELETE", f"/v1/namespaces/{namespace}/objects/{obj}")
         self._ledger.forget(reply["deleted"])
 
     def checkpoint(self, name: str) -> int:
         """Writes ``"namespace/name"`` (or a whole ``"namespace"``) to disk now."""
         namespace, _, obj = name.partition("/")
+        self._synced()
         params = {"name": obj} if obj else {}
         return self._http.json("POST", f"/v1/namespaces/{namespace}/checkpoint",
                                params=params)["flushed"]
@@ -398,6 +482,7 @@ class Client:
         if not isinstance(placement, RemotePlacement):
             placement = RemotePlacement(self)
         packed = placement.packed(mapping)
+        self._synced()
         reply = RegisterReply.from_frame(self._send("/v1/functions/register",
                                                     lambda: RegisterRequest(
             session=self._session, name=name, digest=packed.digest,
@@ -406,8 +491,12 @@ class Client:
 
     # -- sending --------------------------------------------------------------
     def _send(self, path: str, message: Callable[[], Any], *, refs: Mapping[str, State] = {},
-              digest: str | None = None, retries: int = 0) -> Frame:
+              digest: str | None = None, retries: int = 0,
+              post: Callable[[Message], Frame] | None = None) -> Frame:
         """Sends ``message()``; re-sends it, built anew, after the client's own misses.
+
+        ``post`` sends one message and returns the reply (default: HTTP to ``path``; the
+        call stream's ``Dispatcher.roundtrip`` for a synchronous call in async mode).
 
         A callable the server dropped is sent again; a closed session is reopened (unless
         values only the server had are lost with it); on a conflict, up to ``retries``
@@ -416,7 +505,8 @@ class Client:
         resends = 0
         while True:
             try:
-                return self._http.frame(path, message())
+                built = message()
+                return post(built) if post is not None else self._http.frame(path, built)
             except FunctionNotCachedError:
                 if digest is None or resends == _RESENDS:
                     raise
@@ -477,12 +567,37 @@ class Client:
 
     def _call(self, transform: StatefulCall, placement: RemotePlacement, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
+        if self.dispatch == "async" and not placement.sync:
+            return self._call_async(transform, placement, args, kwargs)
+        self._synced()  # a blocking call runs after everything issued before it
         packed = placement.packed(transform)
         call_args = pack(_to_host((args, kwargs)))
         twin = self._stream_twin()
-        refs = {s.id: s for s in packed.states}
-        refs.update((s.id, s) for s in call_args.states)
+        refs = self._refs(packed.states, call_args.states, twin)
+        message = self._call_message(packed, placement, call_args, twin, refs, keep=False)
+        try:
+            frame = self._send("/v1/call", message, refs=refs, digest=packed.digest,
+                               retries=placement.retries)
+        except RemoteExecutionError as exc:
+            # The same error with file names filled in; chaining would print it twice.
+            raise _localized(exc, transform) from None
+        reply = CallReply.from_frame(frame)
+        self._committed(reply, packed.digest, message.counts, refs, twin)
+        return local_outputs(reply)
+
+    @staticmethod
+    def _refs(transform_states: Iterable[State], arg_states: Iterable[State],
+              twin: _StreamTwin) -> dict[str, State]:
+        refs = {s.id: s for s in transform_states}
+        refs.update((s.id, s) for s in arg_states)
         refs[twin.state.id] = twin.state
+        return refs
+
+    def _call_message(self, packed: Any, placement: RemotePlacement, call_args: Any,
+                      twin: _StreamTwin, refs: dict[str, State], *, keep: bool
+                      ) -> Callable[[], CallRequest]:
+        """The request, built anew for each (re-)send; ``.counts``: the uploads' write
+        counts at the last build."""
 
         def message() -> CallRequest:
             uploads = [s for s in refs.values() if self._ledger.needs_upload(s)]
@@ -492,24 +607,88 @@ class Client:
                 refs=tuple(refs), uploads=self._ledger.bases(uploads),
                 default_stream=twin.state.id, pull=placement.pull,
                 pull_ids=tuple(self._ledger.stale_among(refs)) if placement.pull else (),
+                keep=keep,
                 function=None if self._ledger.has_function(packed.digest) else packed.section,
                 args=call_args, states=self._records(uploads) if uploads else None)
 
-        try:
-            frame = self._send("/v1/call", message, refs=refs, digest=packed.digest,
-                               retries=placement.retries)
-        except RemoteExecutionError as exc:
-            # The same error with file names filled in; chaining would print it twice.
-            raise _localized(exc, transform) from None
-        reply = CallReply.from_frame(frame)
-        self._ledger.function_sent(packed.digest)
+        return message
+
+    def _committed(self, reply: CallReply, digest: str, counts: dict[str, int],
+                   refs: dict[str, State], twin: _StreamTwin) -> None:
+        """A synchronous call's reply: what the ledger and the local states learn."""
+        self._ledger.function_sent(digest)
         self._ledger.track(refs.values())
-        self._ledger.sent(message.counts, reply.uploaded_versions)
+        self._ledger.sent(counts, reply.uploaded_versions)
         pulled = self._apply(reply.states.load() if reply.states is not None else None,
                              reply.state_versions, refs)
         self._ledger.written_remotely(set(reply.written) - pulled)
         twin.publish(pulled)
-        return local_outputs(reply)
+
+    def _localized_error(self, error: ClientError, transform: Any) -> ClientError:
+        if isinstance(error, RemoteExecutionError) and transform is not None:
+            return _localized(error, transform)
+        return error
+
+    # -- the call, dispatched asynchronously --------------------------------------------
+    def _call_async(self, transform: StatefulCall, placement: RemotePlacement,
+                    args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """See ``client/_dispatch.py``: returns at once when the signature ran before."""
+        dispatcher = self._stream()
+        packed = placement.packed(transform)
+        key = dispatcher.key(packed.digest, placement.pull, (args, kwargs))
+        signature = dispatcher.signatures.get(key) if key is not None else None
+        call_args = pack(_to_host((args, kwargs)))
+        twin = self._stream_twin()
+        refs = self._refs(packed.states, call_args.states, twin)
+        if signature is None or not dispatcher.may_go_async() \
+                or not self._ledger.has_function(packed.digest) or any(
+                self._ledger.needs_upload(s) for s in refs.values()) \
+                or call_args.nbytes > self._max_body:
+            return self._call_blocking(transform, placement, packed, call_args, twin, refs, key)
+        message = CallRequest(
+            session=self._session, call_id=secrets.token_hex(8), digest=packed.digest,
+            refs=tuple(refs), default_stream=twin.state.id, keep=True, returns="none",
+            expect=signature.expect, args=call_args)
+        call = dispatcher.issue(message, transform, packed.digest)
+        if placement.pull:
+            for state_id in signature.written:
+                state = refs.get(state_id) or self._ledger.tracked(state_id)
+                if state is not None:
+                    dispatcher.defer(state, call)
+                    self._ledger.received(state, None)
+            if twin.state.id in signature.written:
+                twin.mirror(dispatcher)
+        else:
+            self._ledger.written_remotely(signature.written)
+        return dispatcher.outputs(call, signature)
+
+    def _call_blocking(self, transform: StatefulCall, placement: RemotePlacement, packed: Any,
+                       call_args: Any, twin: _StreamTwin, refs: dict[str, State],
+                       key: Any) -> Any:
+        """The first call of a signature (or one that uploads): a blocking round trip, so its
+        errors raise here; it teaches the client the outputs of the signature. It goes over
+        HTTP (``POST /v1/call`` with ``keep``): nothing is in flight once the stream is
+        synced, so the order holds, and it gets HTTP's chunked uploads, its 413 for an
+        oversized body, and a graceful shutdown's wait for running requests."""
+        dispatcher = self._stream()
+        dispatcher.sync()  # a synchronising point: earlier failures raise first
+        message = self._call_message(packed, placement, call_args, twin, refs, keep=True)
+        try:
+            frame = self._send("/v1/call", message, refs=refs, digest=packed.digest,
+                               retries=placement.retries)
+        except RemoteExecutionError as exc:
+            raise _localized(exc, transform) from None
+        reply = CallReply.from_frame(frame)
+        dispatcher.checked()
+        self._committed(reply, packed.digest, message.counts, refs, twin)
+        values = jax.tree_util.tree_leaves(local_outputs(reply))
+        signature = Signature(jax.tree_util.tree_structure(reply.results.load()), [
+            jax.ShapeDtypeStruct(v.shape, v.dtype, weak_type=v.weak_type)
+            if isinstance(v, jax.Array) else v for v in values], tuple(reply.written))
+        if key is not None:
+            dispatcher.signatures[key] = signature
+        return dispatcher.outputs(AsyncCall(reply.call_id, dispatcher, None, transform,
+                                            packed.digest), signature, values)
 
 
 class _StreamTwin:
@@ -535,6 +714,11 @@ class _StreamTwin:
             self.local.value = self.state.value
             self._seen = self.local.write_count
 
+    def mirror(self, dispatcher: Dispatcher) -> None:
+        """An asynchronous call writes the twin: the local stream reads its value lazily."""
+        dispatcher.mirror(self.local, self.state)
+        self._seen = self.local.write_count
+
 
 def _localized(exc: RemoteExecutionError, transform: StatefulCall) -> RemoteExecutionError:
     """The same error, with the user's file names in its remote traceback."""
@@ -552,6 +736,8 @@ def connect(
     timeout: float = 60.0,
     *,
     transport: Any = None,
+    dispatch: str = "async",
+    max_in_flight: int = 64,
 ) -> Client:
     """Connects to a ``statehost serve`` and checks that versions match.
 
@@ -563,6 +749,9 @@ def connect(
             (a server restarted on a new data dir has a new one).
         timeout: seconds to wait for any answer.
         transport: an ``httpx`` transport to use instead of the network (tests).
+        dispatch: ``"async"`` (default: warm calls return at once with ``RemoteArray``
+            outputs; see the README's "Asynchronous dispatch") or ``"sync"``.
+        max_in_flight: at most this many asynchronous calls wait for the server.
 
     Returns:
         A :class:`Client`; close it, or use it as a context manager.
@@ -572,5 +761,6 @@ def connect(
         ...     print(client.devices())
     """
     return Client(
-        base_url=url, timeout=timeout, auth=TokenSource.find(url, token), transport=transport
+        base_url=url, timeout=timeout, auth=TokenSource.find(url, token), transport=transport,
+        dispatch=dispatch, max_in_flight=max_in_flight,
     )

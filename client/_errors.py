@@ -19,13 +19,15 @@
         ├── NotFoundError               no such name, or not visible to this token (HTTP 404)
         │   ├── SessionNotFoundError    the session is closed (HTTP 404; reopened for you)
         │   ├── StateNotFoundError      the server has no such state (HTTP 404)
+        │   ├── ArrayNotFoundError      a RemoteArray the server no longer keeps (HTTP 404)
         │   └── CallNotFoundError       no such queued or running call of yours (HTTP 404)
         ├── CallTimeoutError            a call dropped at its deadline, never started (408)
-        ├── CallCancelledError          a call cancelled before it started (HTTP 409)
         ├── StateConflictError          an upload based on an outdated version (HTTP 409)
         ├── StateDamagedError           a named state the server could not load (HTTP 409)
         ├── NameConflictError           a state that already belongs to another name (409)
         ├── PreconditionFailedError     If-Match named another version (HTTP 412)
+        ├── CallCancelledError          cancelled before it started; nothing applied (409)
+        ├── CallNotRunError             an earlier call failed, so this one did not run (424)
         ├── RemoteExecutionError        the user's function raised on the server (HTTP 422)
         │   └── RemoteExecutionError(cls)  also a ``cls``, the remote exception's class, when
         │                               the client can import it (``except TypeError`` works)
@@ -48,9 +50,11 @@ from statehost._errors import StatehostError
 
 __all__ = [
     "BY_TYPE",
+    "ArrayNotFoundError",
     "AuthError",
     "CallCancelledError",
     "CallNotFoundError",
+    "CallNotRunError",
     "CallTimeoutError",
     "ClientClosedError",
     "ClientError",
@@ -168,8 +172,20 @@ class CallTimeoutError(ClientError):
     nothing was applied, and sending it again is safe."""
 
 
+class ArrayNotFoundError(NotFoundError):
+    """A ``RemoteArray`` passed to a call is no longer kept on the server."""
+
+
 class CallCancelledError(ClientError):
-    """The call was cancelled before it started: nothing was applied."""
+    """The call was cancelled (Ctrl-C, ``cancel()``) before it started: nothing applied."""
+
+
+class CallNotRunError(ClientError):
+    """The call was not run: an earlier asynchronous call of this client failed first.
+
+    Calls queued behind a failure do not run, so no state moves past the failed
+    call. The failure itself is raised once, at the next point that synchronises.
+    """
 
 
 class StateConflictError(ClientError):
@@ -238,8 +254,8 @@ BY_TYPE: dict[str, type[ClientError]] = {
         NotFoundError, SessionNotFoundError, StateNotFoundError, MethodNotAllowedError,
         FunctionNotCachedError, StateConflictError, StateDamagedError, NameConflictError,
         PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError,
-        ValidationError, RemoteExecutionError, ServerError, StorageError, CallNotFoundError,
-        CallTimeoutError, CallCancelledError,
+        ValidationError, RemoteExecutionError, ServerError, StorageError, ArrayNotFoundError,
+        CallCancelledError, CallNotRunError, CallNotFoundError, CallTimeoutError,
     )
 }
 

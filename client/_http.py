@@ -23,6 +23,7 @@ from statehost._errors import WireError
 from statehost.client._errors import (
     BY_TYPE,
     ClientClosedError,
+    ClientError,
     ProtocolError,
     RemoteExecutionError,
     ServerError,
@@ -33,7 +34,7 @@ from statehost.client._token import TokenSource
 from statehost.client._transport import FrameTransport, HttpxFrameTransport, StdlibFrameTransport
 from statehost.wire import CONTENT_TYPE, Frame, Message, decode
 
-__all__ = ["Http"]
+__all__ = ["Http", "client_error"]
 
 _CHUNK = 1 << 20
 
@@ -67,11 +68,17 @@ def _raise_for(status: int, body: bytes, what: str, note: str = "") -> None:
         return
     try:
         error = json.loads(body)["error"]
-        kind, message = str(error["type"]), str(error["message"])
+        message = str(error["message"])
     except Exception:
-        error, kind = {}, ""
+        error = {}
         message = f"HTTP {status}: {body[:500]!r}"
-    cls = BY_TYPE.get(kind)
+    raise client_error(status, error, message, what, note)
+
+
+def client_error(status: int, error: dict[str, Any], message: str, what: str,
+                 note: str = "") -> ClientError:
+    """The client exception for an error answer (``error`` is the body's ``"error"``)."""
+    cls = BY_TYPE.get(str(error.get("type", "")))
     if cls is None:
         cls = ServerError if status >= 500 else ProtocolError
     text = message if message.startswith(what) else f"{what}: {message}"
@@ -79,8 +86,8 @@ def _raise_for(status: int, body: bytes, what: str, note: str = "") -> None:
     if error.get("traceback"):
         text += f"\n\nRemote traceback:\n{error['traceback']}"
     if cls is RemoteExecutionError:
-        raise remote_execution_error(text, status=status, body=error)
-    raise cls(text, status=status, body=error)
+        return remote_execution_error(text, status=status, body=error)
+    return cls(text, status=status, body=error)
 
 
 class Http:
@@ -108,6 +115,7 @@ class Http:
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
             transport=transport,
         )
+        self._transport = transport
         if transport is None:
             self.frames: FrameTransport = StdlibFrameTransport(self.base_url, headers, timeout)
         elif isinstance(transport, FrameTransport):
@@ -133,6 +141,22 @@ class Http:
             self._client.close()
             self._client = None
             self.frames.close()
+
+    def can_stream(self) -> bool:
+        """Whether a call stream can open: over the network, or an injected transport that
+        serves one (``InProcessTransport.open_stream``)."""
+        return self._transport is None or hasattr(self._transport, "open_stream")
+
+    def open_stream(self, path: str) -> Any:
+        """A connection to the server's WebSocket ``path`` (see ``client/_stream.py``)."""
+        self.client  # raises ClientClosedError after close()  # noqa: B018
+        if self._transport is not None:
+            return self._transport.open_stream(path, dict(self._headers))
+        from statehost.client._stream import WebSocketConnection
+
+        url = "ws" + self.base_url[len("http"):] + path
+        with _translate(f"WebSocket {path}", self.base_url, self.timeout):
+            return WebSocketConnection(url, dict(self._headers), self.timeout)
 
     def _token_changed(self) -> bool:
         """After a 401: re-reads the token file; True when its token is new (now in use)."""

@@ -60,6 +60,13 @@ class SyncLedger:
             self._base[state.id] = version
         self._stale.discard(state.id)
 
+    def rebase(self, versions: Mapping[str, int]) -> None:
+        """The server committed these versions of states whose local value is the server's
+        (an asynchronous call wrote them; the local state holds its deferred value)."""
+        for state_id, version in versions.items():
+            if state_id in self._base or state_id in self._synced:
+                self._base[state_id] = version
+
     def written_remotely(self, ids: Iterable[str]) -> None:
         """The server holds newer values of these states than this client."""
         self._stale.update(ids)

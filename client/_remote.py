@@ -70,14 +70,18 @@ class RemotePlacement:
             after each call (``False``: they stay on the server until ``client.pull``).
         retries: how many times a call that met a ``StateConflictError`` pulls
             the conflicting states and runs again.
+        sync: every call is a blocking round trip (``jax.Array`` outputs), even when
+            the client dispatches asynchronously.
     """
 
-    def __init__(self, client: Client, *, pull: bool = True, retries: int = 0):
+    def __init__(self, client: Client, *, pull: bool = True, retries: int = 0,
+                 sync: bool = False):
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"client transform: retries={retries!r} must be an int >= 0.")
         self.client = client
         self.pull = bool(pull)
         self.retries = retries
+        self.sync = bool(sync)
         self._packed: _Packed | None = None
         self._packed_for: Any = None
 

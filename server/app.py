@@ -26,6 +26,7 @@ from statehost.server.routes import (
     objects,
     sessions,
     states,
+    stream,
     values,
 )
 from statehost.server.runtime import Runtime
@@ -128,8 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.versions = local_versions()
-    for module in (health, info, sessions, calls, call_control, states, objects, metrics,
-                   namespaces, values, functions, docs):
+    for module in (health, info, sessions, calls, call_control, stream, states, objects,
+                   metrics, namespaces, values, functions, docs):
         app.include_router(module.router)
     app.include_router(objects.frames)
     install_handlers(app)

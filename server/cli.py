@@ -359,6 +359,11 @@ def serve(args: argparse.Namespace) -> int:
         # uvicorn waits this long for running requests (calls) after SIGTERM, then cancels
         # them; the app's lifespan then flushes without waiting for their threads.
         timeout_graceful_shutdown=settings.shutdown_grace,
+        # The call stream (routes/stream.py): a frame per message. A little over the body
+        # limit, so that a message just over it gets a readable 413 (stream.py) rather than
+        # a closed socket; frames are mostly arrays, so no per-message deflate.
+        ws="websockets-sansio", ws_max_size=settings.max_body + (1 << 20),
+        ws_per_message_deflate=False,
     )
     server = _server_class(uvicorn)(config)
     server.run()

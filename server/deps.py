@@ -60,8 +60,14 @@ VersionsDep = Annotated[dict, Depends(get_versions)]
 async def require_token(request: Request) -> Principal:
     """Every route but ``/v1/health``: ``Authorization: Bearer <token>``; sets the principal."""
     settings, rt = request.app.state.settings, request.app.state.runtime
-    where = f"{request.method} {request.url.path}"
-    header = request.headers.get("authorization", "")
+    principal = authenticate(request.headers.get("authorization", ""), settings, rt,
+                             f"{request.method} {request.url.path}")
+    request.state.principal = principal
+    return principal
+
+
+def authenticate(header: str, settings: Settings, rt: Runtime, where: str) -> Principal:
+    """The principal of an ``Authorization`` header's bearer token (HTTP and the stream)."""
     scheme, _, token = header.partition(" ")
     if not header:
         raise AuthError(
@@ -78,7 +84,6 @@ async def require_token(request: Request) -> Principal:
             "printed at start, one from STATEHOST_TOKENS, or one made with "
             "`statehost token create`.",
         )
-    request.state.principal = principal
     return principal
 
 
@@ -150,11 +155,16 @@ async def read_frame(request: Request) -> Frame:
         raise ProtocolError(
             f"{where}: the body ended after {pos} of {len(body)} bytes (truncated upload).",
         )
+    request.state.body_bytes = pos
+    return checked_frame(body, versions, where)
+
+
+def checked_frame(body: Any, versions: dict[str, object], where: str) -> Frame:
+    """Decodes a frame and refuses one whose sender's versions cannot exchange pickles."""
     try:
         frame = decode(body)
     except WireError as exc:
         raise ProtocolError(f"{where}: {exc}") from exc
-    request.state.body_bytes = pos
     theirs = frame.header.get("versions")
     problems = version_problems(
         versions, theirs if isinstance(theirs, dict) else {}, me="server", them="client"

@@ -30,9 +30,11 @@ if TYPE_CHECKING:  # FastAPI loads with create_app only: the CLI's token command
 __all__ = [
     "ERROR_CLASSES",
     "ApiError",
+    "ArrayNotFoundError",
     "AuthError",
     "CallCancelledError",
     "CallNotFoundError",
+    "CallNotRunError",
     "CallTimeoutError",
     "ForbiddenError",
     "FunctionNotCachedError",
@@ -125,6 +127,10 @@ class CallNotFoundError(ApiError):
     call answers exactly like a finished or unknown one)."""
 
 
+class ArrayNotFoundError(ApiError):
+    """No such array kept on the server for this session (``missing`` lists the names)."""
+
+
 class MethodNotAllowedError(ApiError):
     """The route does not take this method."""
 
@@ -132,11 +138,6 @@ class MethodNotAllowedError(ApiError):
 class CallTimeoutError(ApiError):
     """A call waited past its deadline and was dropped before it started: nothing was
     applied (``waited_s``, ``timeout_s``)."""
-
-
-class CallCancelledError(ApiError):
-    """A call cancelled before it started (``POST /v1/calls/{id}/cancel``, or the server
-    stopped waiting for it): nothing was applied."""
 
 
 class FunctionNotCachedError(ApiError):
@@ -153,6 +154,14 @@ class StateDamagedError(ApiError):
 
 class NameConflictError(ApiError):
     """A state that already belongs to another name."""
+
+
+class CallCancelledError(ApiError):
+    """The call was cancelled before it started: nothing was applied."""
+
+
+class CallNotRunError(ApiError):
+    """A call queued behind a failed call of the same client stream: not run."""
 
 
 class PreconditionFailedError(ApiError):

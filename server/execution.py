@@ -32,9 +32,10 @@ from statehost.server.errors import (
     RemoteExecutionError,
     ServerError,
     StateNotFoundError,
+    ValidationError,
 )
 from statehost.server.staging import _MSG_MISSING_STATES, Transaction
-from statehost.wire import CallReply, CallRequest, pack
+from statehost.wire import CallReply, CallRequest, handle_name, outputs_signature, pack
 
 if TYPE_CHECKING:
     from statehost.server.calls import Call
@@ -121,6 +122,20 @@ def _is_weak(leaf: Any) -> bool:
     return isinstance(leaf, jax.Array) and jax.typeof(leaf).weak_type
 
 
+_MSG_OUTPUTS_CHANGED = (
+    "{where}: the call returned {got}, and the client expected {want} (what the first call "
+    "with these argument shapes returned). The call was not applied. This happens when a "
+    "call's outputs depend on state shapes that changed on the server. Fix: run it again; "
+    "the client then runs it synchronously once, and learns the new outputs."
+)
+
+
+def _describe(leaf: Any) -> tuple[tuple[int, ...], str, bool] | str:
+    if isinstance(leaf, jax.Array):
+        return tuple(leaf.shape), str(leaf.dtype), _is_weak(leaf)
+    return type(leaf).__name__
+
+
 # -- POST /v1/call --------------------------------------------------------------
 @dataclass
 class CallResult:
@@ -179,19 +194,39 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
         written = [s.id for s in tx.pending.states]
         wanted = list(dict.fromkeys(written + list(request.pull_ids))) if request.pull else []
         pulled = [(i, tx.current(s)) for i in wanted if (s := tx.lookup(i)) is not None]
-        weak_types = tuple(map(_is_weak, jax.tree_util.tree_leaves(out)))
-        out, values = to_host((out, pulled), _WHERE)
-        results = pack(out, refs=False, code=False)
+        leaves = jax.tree_util.tree_leaves(out)
+        weak_types = tuple(map(_is_weak, leaves))
+        _check_outputs(request, leaves)
+        if request.returns == "values":
+            out, values = to_host((out, pulled), _WHERE)
+            results = pack(out, refs=False, code=False)
+        else:
+            values, results = to_host(pulled, _WHERE), None
         states = pack(values, refs=False, code=False) if request.pull else None
         done = tx.commit()
     except BaseException:
         tx.rollback()
         raise
+    if request.keep:  # only a committed call's outputs are kept
+        session.handles.update(
+            (handle_name(call.id, i), leaf) for i, leaf in enumerate(leaves))
     reply = CallReply(call_id=call.id, written=tuple(done.written), compiled=compiled,
                       state_versions=done.versions,
                       uploaded_versions=done.uploaded_versions, weak_types=weak_types,
                       results=results, states=states)
     return CallResult(reply, compiled, cached)
+
+
+def _check_outputs(request: CallRequest, leaves: list[Any]) -> None:
+    """A kept call's outputs are what its client expects (else nothing is committed)."""
+    if request.returns not in ("values", "none"):
+        raise ProtocolError(f"{_WHERE}: header.returns must be 'values' or 'none', got "
+                            f"{request.returns!r}.")
+    if request.expect is not None:
+        got = outputs_signature(map(_describe, leaves))
+        if got != request.expect:
+            raise ValidationError(_MSG_OUTPUTS_CHANGED.format(
+                where=_WHERE, got=got or "no outputs", want=request.expect or "no outputs"))
 
 
 # -- registered functions ---------------------------------------------------------

@@ -57,7 +57,8 @@ class Runtime:
         return session
 
     def free(self, session: Session) -> int:
-        """Frees a session's states and the callables that refer to them."""
+        """Frees a session's states, kept arrays, and the callables that refer to them."""
+        session.handles.clear()
         ids = self.store.free(session)
         self.functions.evict_states(ids)
         self.refresh_gauges()

@@ -42,7 +42,7 @@ from statehost.server.persistence import Durability
 from statehost.server.persistence import StateRecord as DurableRecord
 from statehost.server.persistence.errors import describe_failure
 from statehost.transform import PendingWrites, defer_writes
-from statehost.wire import Section, StateRecord, StateRef, is_state_id
+from statehost.wire import HandleRef, Section, StateRecord, StateRef, is_state_id
 
 if TYPE_CHECKING:
     from statehost.server.runtime import Runtime
@@ -121,8 +121,11 @@ class Transaction:
                 missing=missing)
         return [state for _, state in found]
 
-    def load_ref(self, ref: StateRef) -> State:
-        """``persistent_load``: a state reference becomes the resident ``State`` itself."""
+    def load_ref(self, ref: StateRef | HandleRef) -> Any:
+        """``persistent_load``: a state reference becomes the resident ``State`` itself, an
+        array handle the array this session keeps under that name."""
+        if isinstance(ref, HandleRef):
+            return self.session.kept(ref.id, self.where)
         state = self.lookup(ref.id) if isinstance(ref.id, str) else None
         if state is None:
             raise StateNotFoundError(

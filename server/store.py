@@ -17,15 +17,23 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 
 from statehost import State
 from statehost.server.auth import Principal
+from statehost.server.errors import ArrayNotFoundError
 
 __all__ = ["Meta", "Session", "SessionTable", "StateStore", "state_nbytes"]
 
 _ANONYMOUS = Principal(None, "admin", "anonymous")
+
+_MSG_NO_ARRAY = (
+    "{where}: argument {name!r} is an array kept on the server that this session no longer "
+    "has (freed when the client dropped it, or the session ended). Fix: pass a value that "
+    "is alive in the client, or np.asarray(x) it there while it still is."
+)
 
 
 def state_nbytes(state: State) -> int:
@@ -44,12 +52,27 @@ class Session:
     principal: Principal = _ANONYMOUS
     states: set[str] = field(default_factory=set)
     client: str = ""
+    # Outputs of the call stream's calls kept here (``wire.handle_name`` -> array), until
+    # the client frees them or the session ends.
+    handles: dict[str, Any] = field(default_factory=dict)
+    # The reply frames of the stream's latest finished calls (call id -> bytes): a call
+    # re-sent after a reconnect gets its first outcome, and is never applied twice.
+    outcomes: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
+    running: dict[str, Any] = field(default_factory=dict)  # call id -> Future of its reply
 
     @classmethod
     def for_request(cls, principal: Principal, client: str = "") -> Session:
         """A session that lives for one JSON request (it owns nothing when it ends)."""
         now = time.monotonic()
         return cls(secrets.token_hex(16), now, now, principal, client=client)
+
+    def kept(self, name: str, where: str) -> Any:
+        """The array kept here as ``name`` (``statehost.wire.handle_name``), or a 404."""
+        try:
+            return self.handles[name]
+        except KeyError:
+            raise ArrayNotFoundError(_MSG_NO_ARRAY.format(where=where, name=name),
+                                     missing=[name]) from None
 
     @property
     def writer(self) -> str:

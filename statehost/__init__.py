@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchAxisError",
+    "DeferredValue",
     "HiddenState",
     "LongTermState",
     "ParamState",
@@ -32,6 +33,7 @@ __all__ = [
 
 __getattr__, __dir__ = _lazy_exports(__name__, globals(), {
     **{name: "statehost._state" for name in (
-        "HiddenState", "LongTermState", "ParamState", "ShortTermState", "State")},
+        "DeferredValue", "HiddenState", "LongTermState", "ParamState", "ShortTermState",
+        "State")},
     "clear_caches": "statehost.transform._cache",
 }, modules=("nn", "random", "transform", "util"))

@@ -2,7 +2,8 @@
 
 A ``State`` is a mutable box around a value (an array or a pytree of arrays)
 with a stable identity. Outside any transform, ``state.value`` is a plain
-attribute. Inside a statehost transform, reads and writes go to the active
+attribute, or a :class:`DeferredValue` that resolves on first read (a value
+that lives elsewhere, such as on a statehost server, until it is needed). Inside a statehost transform, reads and writes go to the active
 :class:`StateTrace`, which hands out traced values and records what the
 function read and wrote; the ``State`` object itself is only written after the
 whole transform succeeded.
@@ -21,6 +22,7 @@ import numpy as np
 from statehost._errors import StateTraceError
 
 __all__ = [
+    "DeferredValue",
     "HiddenState",
     "LongTermState",
     "ParamState",
@@ -45,6 +47,54 @@ _MSG_TRACER_LEAK = (
 _ACTIVE_TRACE: contextvars.ContextVar[StateTrace | None] = contextvars.ContextVar(
     "statehost_state_trace", default=None
 )
+
+
+class DeferredValue:
+    """A state value that is not here yet: it is fetched the first time it is read.
+
+    Whoever makes one (statehost's client, for the state values an asynchronous
+    remote call wrote) subclasses it and implements :meth:`resolve`. The core
+    never imports that code; it only keeps the contract:
+
+    - ``state.value`` (outside a transform) calls ``resolve()`` once, keeps the
+      result in place of the deferred value (without counting it as a write: the
+      value is the one the state already had, only fetched) and returns it;
+    - every transform reads states through ``state.value``'s path, so a function
+      never sees a deferred value: it is resolved before tracing;
+    - ``repr(state)`` shows :attr:`aval` (shapes and dtypes) and resolves nothing;
+    - pickling and ``copy.deepcopy`` resolve it (a copy carries the real value);
+    - :meth:`State.is_deferred` and :meth:`State.aval` let a host look without fetching.
+
+    An exception from ``resolve`` propagates to the reader, and the deferred value
+    stays in place, so the next read tries again (the client raises a failed call's
+    error that way, at the point that reads its result).
+
+    Attributes:
+        aval: the value's structure as a pytree of ``jax.ShapeDtypeStruct``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, statehost
+        >>> class Later(statehost.DeferredValue):
+        ...     def resolve(self):
+        ...         return jnp.ones(2)
+        >>> w = statehost.State(Later(jax.ShapeDtypeStruct((2,), jnp.float32)))
+        >>> w.is_deferred
+        True
+        >>> w.value.tolist(), w.is_deferred, w.write_count
+        ([1.0, 1.0], False, 0)
+    """
+
+    __slots__ = ("aval",)
+
+    def __init__(self, aval: PyTree):
+        self.aval = aval
+
+    def resolve(self) -> PyTree:
+        """The value itself (fetches it). Called at most once per successful read."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.aval})"
 
 
 class State:
@@ -92,8 +142,42 @@ class State:
     def value(self) -> PyTree:
         trace = _ACTIVE_TRACE.get()
         if trace is None:
-            return self._value
+            return self._resolved()
         return trace.read(self)
+
+    def _resolved(self) -> PyTree:
+        """The value, a :class:`DeferredValue` fetched first (not counted as a write)."""
+        deferred = self._value
+        if not isinstance(deferred, DeferredValue):
+            return deferred
+        value = deferred.resolve()
+        if self._value is deferred:  # not replaced while it was fetched
+            self._value = value
+        return value
+
+    @property
+    def is_deferred(self) -> bool:
+        """Whether the value is a :class:`DeferredValue` not fetched yet."""
+        return isinstance(self._value, DeferredValue)
+
+    @property
+    def aval(self) -> PyTree:
+        """The value's shapes and dtypes (``jax.ShapeDtypeStruct``s), fetching nothing."""
+        value = self._value
+        if isinstance(value, DeferredValue):
+            return value.aval
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.result_type(x))
+            if hasattr(x, "dtype") or isinstance(x, int | float | complex | bool) else x,
+            value)
+
+    def defer(self, deferred: DeferredValue) -> None:
+        """Sets a value that resolves on first read; counts as a write, like ``value =``."""
+        if not isinstance(deferred, DeferredValue):
+            raise TypeError(f"{self._label()}.defer: expected a statehost.DeferredValue, got "
+                            f"{type(deferred).__name__}. Use state.value = ... for a value.")
+        self._value = deferred
+        self._writes += 1
 
     @value.setter
     def value(self, new: PyTree) -> None:
@@ -141,14 +225,14 @@ class State:
 
     # -- pickling -------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        return {"value": self._value, "id": self._id, "name": self.name, "tag": self.tag}
+        return {"value": self._resolved(), "id": self._id, "name": self.name, "tag": self.tag}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> State:
         """A deep copy is a different state: same value and kind, a new ``id``."""
         import copy
 
         twin = copy.copy(self)
-        twin._value = copy.deepcopy(self._value, memo)
+        twin._value = copy.deepcopy(self._resolved(), memo)
         twin._id = uuid.uuid4().hex
         twin._writes = 0
         return twin
@@ -225,10 +309,11 @@ def _describe_leaf(x: Any) -> str:
 def format_state(state: State, indent: int) -> str:
     """``ParamState(\\n  value=ShapedArray(float32[2,4])\\n)`` at ``indent``."""
     pad = " " * indent
-    leaves = jax.tree_util.tree_leaves(state._value)
-    treedef = jax.tree_util.tree_structure(state._value)
+    value = state.aval if state.is_deferred else state._value  # a repr fetches nothing
+    leaves = jax.tree_util.tree_leaves(value)
+    treedef = jax.tree_util.tree_structure(value)
     if treedef.num_leaves == 1 and treedef.num_nodes == 1:
-        body = _describe_leaf(state._value)
+        body = _describe_leaf(value)
     else:
         shown = jax.tree_util.tree_unflatten(treedef, [_describe_leaf(x) for x in leaves])
         body = repr(shown).replace("'", "")

@@ -28,7 +28,17 @@ def transport(app):
 
 @pytest.fixture
 def client(transport):
+    """A client whose every call is a blocking round trip (``dispatch="sync"``): the tests
+    that use it pin what happens at the call site. ``async_client`` is the default mode."""
+    with statehost.connect(URL, token=TOKEN, transport=transport, dispatch="sync") as client:
+        yield client
+
+
+@pytest.fixture
+def async_client(transport):
+    """A client as ``statehost.connect`` makes one: warm calls return at once."""
     with statehost.connect(URL, token=TOKEN, transport=transport) as client:
+        assert client.dispatch == "async"
         yield client
 
 

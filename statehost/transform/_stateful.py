@@ -390,7 +390,7 @@ class StatefulCall:
 
 
 def _plain_read(state: State) -> Any:
-    return state._value
+    return state._resolved()  # a DeferredValue is fetched before the function sees it
 
 
 def _lane_aval(value: Any, axis: int | None) -> Any:

@@ -16,10 +16,16 @@ __all__ = [
     "PROTOCOL",
     "CallReply",
     "CallRequest",
+    "ControlRequest",
     "Encoded",
     "ErrorKind",
+    "ErrorReply",
+    "FetchReply",
+    "FetchRequest",
     "Frame",
+    "FreeRequest",
     "GetReply",
+    "HandleRef",
     "GetRequest",
     "Message",
     "PullReply",
@@ -37,8 +43,10 @@ __all__ = [
     "decode",
     "encode",
     "fresh_buffer",
+    "handle_name",
     "is_state_id",
     "local_versions",
+    "outputs_signature",
     "pack",
     "state_ref",
     "unpack",
@@ -58,5 +66,9 @@ __getattr__, __dir__ = _lazy_exports(__name__, globals(), {
     **{name: "statehost.wire._versions" for name in (
         "PROTOCOL", "local_versions", "version_problems")},
     **{name: "statehost.wire._pickle" for name in (
-        "Section", "StateRecord", "StateRef", "StateValue", "pack", "state_ref", "unpack")},
+        "HandleRef", "Section", "StateRecord", "StateRef", "StateValue", "pack", "state_ref",
+        "unpack")},
+    **{name: "statehost.wire._stream" for name in (
+        "ControlRequest", "ErrorReply", "FetchReply", "FetchRequest", "FreeRequest",
+        "handle_name", "outputs_signature")},
 })

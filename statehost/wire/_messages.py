@@ -60,6 +60,17 @@ Versions = dict[str, int]  # state id -> version
 Paths = dict[str, str]  # state id -> path inside an object
 Json = dict[str, Any]  # any JSON object
 Flags = tuple[bool, ...]  # a JSON list of true/false
+ShortName = typing.NewType("ShortName", str)  # a call id or an array handle's name
+Names = tuple[ShortName, ...]  # a JSON list of them
+Seconds = float | None  # a duration in seconds >= 0, or null
+
+
+def _seconds(x: Any) -> bool:
+    return x is None or (type(x) in (int, float) and 0 <= x < float("inf"))
+
+
+def _short_names(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) and 0 < len(v) <= 64 for v in x)
 
 
 def is_state_id(value: Any) -> bool:
@@ -99,6 +110,8 @@ _RULES: dict[Any, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
     Json: ("a JSON object", lambda x: isinstance(x, dict), dict),
     Flags: ("a list of true/false",
             lambda x: isinstance(x, list) and all(isinstance(v, bool) for v in x), tuple),
+    Names: ("a list of strings of 1 to 64 characters", _short_names, tuple),
+    Seconds: ("a number of seconds >= 0, or null", _seconds, lambda x: x),
 }
 
 
@@ -126,7 +139,7 @@ def _layout(cls: type[Message]) -> tuple[list[_Field], list[tuple[str, bool]]]:
             assert kind in _RULES, (cls, f.name, kind)
             default = f.default if f.default_factory is dataclasses.MISSING \
                 else f.default_factory()
-            header.append(_Field(f.name, *_RULES[kind], default, kind in (Ids, Flags)))
+            header.append(_Field(f.name, *_RULES[kind], default, kind in (Ids, Flags, Names)))
     return header, sections
 
 
@@ -187,6 +200,15 @@ class CallRequest(Message):
     the call may touch; ``uploads`` the ones whose values travel in ``states``
     (``StateRecord``s), each with the version it is based on. ``args`` holds
     ``(args, kwargs)``. With ``pull``, the written states and ``pull_ids`` come back.
+
+    With ``keep`` (asynchronous dispatch), the outputs also stay on the server as
+    arrays named ``"{call_id}:{leaf index}"`` (``FetchRequest`` reads them,
+    ``FreeRequest`` drops them). ``returns`` says what the reply's ``results`` hold:
+    ``"values"`` (the outputs' host copies) or ``"none"`` (nothing: an asynchronous
+    call's outputs are read later, if ever). ``expect`` is what the client predicts
+    the outputs are (``outputs_signature``): a call whose outputs differ is refused
+    before it commits. ``timeout``: the call is dropped if it has not started
+    within that many seconds.
     """
 
     kind: ClassVar[str] = "call"
@@ -198,6 +220,10 @@ class CallRequest(Message):
     default_stream: str | None = None
     pull: bool = False
     pull_ids: Ids = ()
+    keep: bool = False
+    returns: str = "values"
+    expect: str | None = None
+    timeout: Seconds = None
     function: Section | None = None
     args: Section
     states: Section | None = None
@@ -219,7 +245,7 @@ class CallReply(Message):
     state_versions: Versions = dataclasses.field(default_factory=dict)
     uploaded_versions: Versions = dataclasses.field(default_factory=dict)
     weak_types: Flags = ()
-    results: Section
+    results: Section | None = None  # None only for ``returns="none"``
     states: Section | None = None
 
 
@@ -247,6 +273,7 @@ class PullRequest(Message):
 
     kind: ClassVar[str] = "pull"
     session: str
+    call_id: str | None = None  # on the call stream, to match the reply
     ids: Ids
 
 
@@ -255,6 +282,7 @@ class PullReply(Message):
     """``StateValue``s in ``states``, and each state's version."""
 
     kind: ClassVar[str] = "pull-reply"
+    call_id: str | None = None
     state_versions: Versions = dataclasses.field(default_factory=dict)
     states: Section
 

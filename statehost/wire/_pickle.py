@@ -3,7 +3,10 @@
 ``State`` objects inside a pickled section travel as :class:`StateRef`s, never
 with their values; the receiver's ``load_state`` turns each reference into its
 own ``State``. State values travel separately, as :class:`StateRecord`s (an
-upload) or :class:`StateValue`s (a download).
+upload) or :class:`StateValue`s (a download). An object whose class has a
+``__statehost_handle__`` method (the client's ``RemoteArray``: an array that
+stays on the server) travels as a :class:`HandleRef`, and the receiver hands
+back its own array.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import cloudpickle
 from statehost._errors import WireError, brief
 from statehost._state import State
 
-__all__ = ["Section", "StateRecord", "StateRef", "StateValue", "pack", "state_ref", "unpack"]
+__all__ = ["HandleRef", "Section", "StateRecord", "StateRef", "StateValue", "pack", "state_ref",
+           "unpack"]
 
 
 class StateRef(NamedTuple):
@@ -29,6 +33,12 @@ class StateRef(NamedTuple):
     cls: type
     name: str | None
     tag: str | None
+
+
+class HandleRef(NamedTuple):
+    """How an array kept on the server travels inside a pickle: its handle name only."""
+
+    id: str
 
 
 class StateRecord(NamedTuple):
@@ -92,6 +102,10 @@ class _RefPickler(cloudpickle.Pickler):
         if isinstance(obj, State):
             self.seen.setdefault(obj.id, obj)
             return state_ref(obj)
+        # Looked up on the type: a user object's __getattr__ must not run here.
+        handle = getattr(type(obj), "__statehost_handle__", None)
+        if handle is not None:
+            return HandleRef(handle(obj))
         return None
 
 
@@ -139,18 +153,19 @@ class _RefUnpickler(pickle.Unpickler):
         self._load_state = load_state
 
     def persistent_load(self, pid: Any) -> Any:
-        if not isinstance(pid, StateRef):
+        if not isinstance(pid, StateRef | HandleRef):
             raise WireError(
                 f"statehost wire: unknown persistent reference {brief(pid)}; only StateRef "
-                "may appear. Fix: send payloads pickled by statehost's client."
+                "and HandleRef may appear. Fix: send payloads pickled by statehost's client."
             )
         return self._load_state(pid)
 
 
-def _no_states(ref: StateRef) -> Any:
+def _no_states(ref: StateRef | HandleRef) -> Any:
+    what = "a State" if isinstance(ref, StateRef) else "an array kept on the server"
     raise WireError(
-        f"statehost wire: the payload refers to a State ({brief(ref)}) where none may appear. "
-        "Fix: send state values, not State objects, in this message."
+        f"statehost wire: the payload refers to {what} ({brief(ref)}) where none may appear. "
+        "Fix: send values, not State objects or remote arrays, in this message."
     )
 
 

@@ -18,7 +18,7 @@ PMAP = dict(axis_name="i", in_axes=0, out_axes=0, state_in_axes={0: PARAM},
 @pytest.fixture
 def other(transport):
     """A second client (another kernel) of the same server."""
-    with statehost.connect(URL, token=TOKEN, transport=transport) as other:
+    with statehost.connect(URL, token=TOKEN, transport=transport, dispatch="sync") as other:
         yield other
 
 

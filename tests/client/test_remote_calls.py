@@ -325,7 +325,7 @@ def test_states_of_another_session_are_invisible(client, transport):
 def test_closing_frees_the_session_and_its_states(app, transport):
     from tests.inprocess import TOKEN, URL
 
-    client = statehost.connect(URL, token=TOKEN, transport=transport)
+    client = statehost.connect(URL, token=TOKEN, transport=transport, dispatch="sync")
     client.push(Affine(LANES))
     assert len(app.state.runtime.store) == 1
     client.close()

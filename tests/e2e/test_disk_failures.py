@@ -65,8 +65,9 @@ def test_a_sync_commit_on_a_failing_disk_is_not_applied(tmp_path, break_disk):
         step()
         version = client.info("disk/w")["states"][0]["version"]
         with break_disk(served, tmp_path / "data"):
+            step()  # returns at once (asynchronous dispatch): the failure comes at the sync
             with pytest.raises(StorageError) as info:
-                step()
+                client.sync()
             message = str(info.value)
             assert info.value.status == 503 and "the call was not applied" in message
             assert str(tmp_path) not in message

@@ -59,7 +59,7 @@ def test_info_lists_versions_devices_and_limits(http):
 
 def test_connect_with_a_wrong_token_raises_auth_error(transport):
     with pytest.raises(statehost.client.AuthError, match="not accepted"):
-        statehost.connect(URL, token="wrong", transport=transport)
+        statehost.connect(URL, token="wrong", transport=transport, dispatch="sync")
 
 
 def test_connect_refuses_a_server_with_other_versions(tmp_path):
@@ -69,7 +69,7 @@ def test_connect_refuses_a_server_with_other_versions(tmp_path):
     transport = InProcessTransport(app)
     try:
         with pytest.raises(statehost.client.VersionMismatchError) as info:
-            statehost.connect(URL, token=TOKEN, transport=transport)
+            statehost.connect(URL, token=TOKEN, transport=transport, dispatch="sync")
         message = str(info.value)
         assert "jax: client has" in message and "server has 0.4.30" in message
         assert "python" in message and "server has 3.9" in message

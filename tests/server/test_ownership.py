@@ -37,7 +37,7 @@ def tokens(app, client):
 
 
 def _connect(transport, token):
-    return statehost.connect(URL, token=token, transport=transport)
+    return statehost.connect(URL, token=token, transport=transport, dispatch="sync")
 
 
 def _raw(transport, token, path, message):

@@ -44,7 +44,7 @@ def test_failing_flushes_degrade_health_and_bound_the_backlog(served, tmp_path):
     rt, transport = served
     http = httpx.Client(transport=transport, base_url="http://x",
                         headers={"authorization": f"Bearer {TOKEN}"})
-    with statehost.connect("http://x", token=TOKEN, transport=transport) as client:
+    with statehost.connect("http://x", token=TOKEN, transport=transport, dispatch="sync") as client:
         counter = statehost.ShortTermState(jnp.zeros((), jnp.int32))
         client.put("team/c", counter)
         file = tmp_path / "data" / "states" / "team" / f"{counter.id}.safetensors"
@@ -81,7 +81,7 @@ def test_failing_flushes_degrade_health_and_bound_the_backlog(served, tmp_path):
 
 def test_a_failed_write_raises_a_storage_error_without_paths(served, tmp_path):
     rt, transport = served
-    with statehost.connect("http://x", token=TOKEN, transport=transport) as client:
+    with statehost.connect("http://x", token=TOKEN, transport=transport, dispatch="sync") as client:
         counter = statehost.ShortTermState(jnp.zeros((), jnp.int32))
         client.put("team/c", counter)
         file = tmp_path / "data" / "states" / "team" / f"{counter.id}.safetensors"
