@@ -102,7 +102,7 @@ def _direct_put() -> Callable[[Any, bool], jax.Array | None] | None:
         keeps = canonical.get(dtype)
         if keeps is None:
             try:
-                keeps = jax.dtypes.canonicalize_dtype(dtype) == dtype and dtype != object
+                keeps = dtype.kind != "O" and jax.dtypes.canonicalize_dtype(dtype) == dtype
             except (TypeError, ValueError):  # a dtype JAX has no arrays of
                 keeps = False
             canonical[dtype] = keeps
