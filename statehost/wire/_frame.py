@@ -187,8 +187,9 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
     pos = 8 + head_len
     if pos + 4 > total:
         raise _fail(f"the header claims {head_len} bytes but the body has only {total}")
+    text = bytes(view[8:pos])
     try:
-        header = json.loads(bytes(view[8:pos]))
+        header = json.loads(text)
     except RecursionError as exc:
         raise _fail(f"the header nests deeper than {MAX_HEADER_DEPTH} levels") from exc
     # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer literal of more than
@@ -197,7 +198,8 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
         raise _fail(f"the header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise _fail(f"the header is a JSON {type(header).__name__}, not an object")
-    if _too_deep(header):
+    # JSON cannot nest deeper than it has brackets: most headers need no walk at all.
+    if text.count(b"[") + text.count(b"{") > MAX_HEADER_DEPTH and _too_deep(header):
         raise _fail(f"the header nests deeper than {MAX_HEADER_DEPTH} levels")
     (count,) = _U32.unpack_from(view, pos)
     pos += 4
