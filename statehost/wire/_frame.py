@@ -48,6 +48,9 @@ MAX_HEADER_BYTES = 8 << 20
 MAX_HEADER_DEPTH = 8
 
 _SEPARATORS = (",", ":")
+# What json.dumps(..., separators=_SEPARATORS) uses, made once: json.dumps makes a new
+# encoder on every call that passes options.
+_COMPACT = json.JSONEncoder(separators=_SEPARATORS)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 # Pieces smaller than this are coalesced into one chunk when streaming.
@@ -69,9 +72,9 @@ def fresh_buffer(nbytes: int) -> memoryview:
 class Encoded:
     """An encoded frame as a list of pieces; stream it with :meth:`chunks`."""
 
-    def __init__(self, pieces: list[Any]):
+    def __init__(self, pieces: list[Any], nbytes: int | None = None):
         self.pieces = pieces
-        self.nbytes = sum(memoryview(p).nbytes for p in pieces)
+        self.nbytes = sum(memoryview(p).nbytes for p in pieces) if nbytes is None else nbytes
 
     def chunks(self, size: int = 1 << 20) -> Iterator[bytes | memoryview]:
         """Yields the frame in pieces of at most ``size`` bytes, small pieces coalesced."""
@@ -100,7 +103,7 @@ class Encoded:
 @functools.cache
 def _versions_json() -> str:
     """This process's versions as JSON: the same in every frame, so encoded once."""
-    return json.dumps(local_versions(), separators=_SEPARATORS)
+    return _COMPACT.encode(local_versions())
 
 
 def encode(header: Mapping[str, Any], sections: Mapping[str, Section] | None = None) -> Encoded:
@@ -114,20 +117,22 @@ def encode(header: Mapping[str, Any], sections: Mapping[str, Section] | None = N
     if header and "versions" not in header and "sections" not in header:
         # The bytes json.dumps gives for {**header, "versions": ..., "sections": ...}, with
         # the versions' JSON made once per process rather than once per frame.
-        text = json.dumps(header if type(header) is dict else dict(header),
-                          separators=_SEPARATORS)
+        text = _COMPACT.encode(header if type(header) is dict else dict(header))
         head = (f'{text[:-1]},"versions":{_versions_json()},"sections":'
-                f"{json.dumps(layout, separators=_SEPARATORS)}}}").encode()
+                f"{_COMPACT.encode(layout)}}}").encode()
     else:
         full = dict(header)
         full["versions"] = local_versions()
         full["sections"] = layout
-        head = json.dumps(full, separators=_SEPARATORS).encode()
+        head = _COMPACT.encode(full).encode()
     pieces: list[Any] = [MAGIC + _U32.pack(len(head)) + head + _U32.pack(len(buffers))]
+    nbytes = len(pieces[0])
     for buf in buffers:
-        pieces.append(_U64.pack(memoryview(buf).nbytes))
+        size = memoryview(buf).nbytes
+        pieces.append(_U64.pack(size))
         pieces.append(buf)
-    return Encoded(pieces)
+        nbytes += 8 + size
+    return Encoded(pieces, nbytes)
 
 
 @dataclass
