@@ -68,6 +68,7 @@ class StdlibFrameTransport:
         self._timeout = timeout
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
+        self._tls: ssl.SSLContext | None = None
 
     def _connection(self) -> _Connection:
         with self._lock:
@@ -76,7 +77,12 @@ class StdlibFrameTransport:
                 if not conn.dropped():
                     return conn
                 conn.close()
-        return _Connection(self._host, self._port, self._timeout, self._https)
+        if self._https and self._tls is None:
+            # What http.client.HTTPSConnection uses; the hook PEP 476 documents for opting
+            # out of verification is honoured this way too.
+            self._tls = ssl._create_default_https_context()
+            self._tls.set_alpn_protocols(["http/1.1"])
+        return _Connection(self._host, self._port, self._timeout, self._tls)
 
     def post_frame(self, path: str, chunks: Body | Iterable[Body], nbytes: int,
                    headers: dict[str, str]) -> tuple[int, Body]:
@@ -124,12 +130,12 @@ class _Connection:
     caller's messages read as they did with it.
     """
 
-    def __init__(self, host: str, port: int, timeout: float, https: bool):
+    def __init__(self, host: str, port: int, timeout: float, tls: ssl.SSLContext | None):
         sock = socket.create_connection((host, port), timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if https:  # what http.client.HTTPSConnection does by default
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=host)
         except BaseException:
             sock.close()
             raise

@@ -7,7 +7,10 @@ transport against ``statehost serve``.
 """
 
 import http.client
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 
 import pytest
@@ -163,3 +166,39 @@ def test_a_header_value_with_a_line_break_is_refused_before_sending(scripted):
     with pytest.raises(ValueError, match="Invalid header value"):
         _post(transport)
     assert server.requests == []
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for a test cert")
+def test_https_verifies_the_server_certificate(tmp_path, monkeypatch):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    sock = socket.create_server(("127.0.0.1", 0))
+    url = f"https://127.0.0.1:{sock.getsockname()[1]}"
+
+    def serve(times):
+        for _ in range(times):
+            conn, _ = sock.accept()
+            try:
+                with tls.wrap_socket(conn, server_side=True) as wrapped:
+                    _read_request(wrapped)
+                    wrapped.sendall(_ok(b"secret"))
+            except ssl.SSLError:  # the client refused our certificate
+                conn.close()
+
+    thread = threading.Thread(target=serve, args=(2,), daemon=True)
+    thread.start()
+    try:
+        untrusting = StdlibFrameTransport(url, {}, 5.0)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _post(untrusting)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        trusting = StdlibFrameTransport(url, {}, 5.0)
+        assert _post(trusting) == (200, b"secret")
+        trusting.close()
+    finally:
+        thread.join(5)
+        sock.close()
