@@ -219,7 +219,7 @@ class Transaction:
         for state in self.new.values():
             store.add(state, self.session)
         self.pending.commit()
-        uploaded_versions = {}
+        uploaded_versions: dict[str, int] = {}
         if uploaded:  # an upload is a commit (version + 1), and so is the run's write after it
             store.bump(existing, writer)
             uploaded_versions = {i: store.meta(i).version for i in uploaded}
