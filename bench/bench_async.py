@@ -443,7 +443,7 @@ def print_targets(medians: Medians, links: list[str], tiny_steps: int) -> None:
     width = max(len(c[0]) for c in checks)
     for name, value, op, bound in checks:
         if isinstance(value, str):
-            print(f"  {name:{width}s}   {'':7s} target {op} {bound:.2f}x: {value}")
+            print(f"  {name:{width}s} {'':8s} target {op} {bound:.2f}x: {value}")
             continue
         met = value <= bound if op == "<=" else value >= bound
         print(f"  {name:{width}s} {value:7.2f}x target {op} {bound:.2f}x: "
