@@ -299,6 +299,14 @@ def workload_rows(work: Workload, links: list[Link], wanted: set[str],
     return rows
 
 
+def close_quietly(client: Any) -> None:
+    """Closes a client; an error it still holds (close synchronises) is already in its row."""
+    try:
+        client.close()
+    except Exception as exc:
+        print(f"bench_async: closing {client!r} raised {type(exc).__name__}: {exc}")
+
+
 def measure(rows: list[Row], steps: int, blocks: int, warmup: int) -> None:
     """``blocks`` timed blocks of ``steps`` steps per row, the rows taking turns."""
     for row in rows:
@@ -392,6 +400,23 @@ def print_table(rows: list[Row], medians: Medians, links: list[str],
         print(" | ".join(out).rstrip())
         if i == 0:
             print("-+-".join("-" * w for w in widths))
+
+
+def print_round_trips(trips: dict[str, float],
+                      links: list[tuple[str, float | None]]) -> None:
+    """What each link costs a bare round trip, and what its delay adds over the 0 ms link."""
+    print("\nbare round trip through each link (GET /v1/health, median of 50):")
+    base = trips.get("0 ms")
+    for label, delay in links:
+        added = ""
+        if base is not None and delay:
+            added = (f"  adds {fmt_us(trips[label] - base)} us over 0 ms, "
+                     f"{(trips[label] - base) / (2e-3 * delay):.2f}x the {2 * delay:g} ms "
+                     "of delay (2 x its delay each way)")
+        elif base is not None and delay is None:
+            added = (f"  {trips[label] / base:.2f}x the 0 ms link (the difference: the "
+                     "proxy's own hop)")
+        print(f"  {label:8s} {fmt_us(trips[label]):>9s} us{added}")
 
 
 def print_calls_per_second(medians: Medians, links: list[str]) -> None:
@@ -528,11 +553,12 @@ def main() -> None:
                 proxying(served.url, delay))
             if missing_async is None:
                 sync = statehost.connect(url, token=token, timeout=120, dispatch="sync")
+                stack.callback(close_quietly, sync)
                 fast = statehost.connect(url, token=token, timeout=120, dispatch="async")
-                stack.enter_context(fast)
+                stack.callback(close_quietly, fast)
             else:
                 sync, fast = statehost.connect(url, token=token, timeout=120), None
-            stack.enter_context(sync)
+                stack.callback(close_quietly, sync)
             links.append(Link(label, url, sync, fast))
             round_trips[label] = bare_round_trip(url)
         steps = {}
@@ -547,8 +573,7 @@ def main() -> None:
     print(f"\nper step, median over {args.blocks} blocks, in microseconds; x local = the row / "
           "the local row (which uses no link: its time is under every link)")
     print_table(rows, medians, labels, steps, args.blocks)
-    trips = ", ".join(f"{label} {fmt_us(s)} us" for label, s in round_trips.items())
-    print(f"\nbare round trip through each link (GET /v1/health, median of 50): {trips}")
+    print_round_trips(round_trips, links_wanted)
     if "tiny" in steps:
         print_calls_per_second(medians, labels)
     print_targets(medians, labels, steps.get("tiny", 0))
