@@ -263,16 +263,21 @@ class Row:
             self.block(steps)
             return (time.perf_counter() - start) / steps
         except Exception as exc:  # a row of an API in flux must not hide the others
-            self.problem = f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+            self.problem = failure(exc)
             return None
+
+
+def failure(exc: Exception) -> str:
+    """A row's note for an exception: its type and the first 80 characters of its message."""
+    first = (str(exc).splitlines() or [""])[0]
+    return f"failed ({type(exc).__name__}: {first[:80]})"
 
 
 def make_row(case: str, name: str, link: str | None, make: Callable[[], Block]) -> Row:
     try:
         return Row(case, name, link, make())
     except Exception as exc:
-        problem = f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
-        return Row(case, name, link, None, problem)
+        return Row(case, name, link, None, failure(exc))
 
 
 def workload_rows(work: Workload, links: list[Link], wanted: set[str],
@@ -309,6 +314,8 @@ def close_quietly(client: Any) -> None:
 
 def measure(rows: list[Row], steps: int, blocks: int, warmup: int) -> None:
     """``blocks`` timed blocks of ``steps`` steps per row, the rows taking turns."""
+    if not rows:
+        return
     for row in rows:
         row.run(warmup)  # compiles; the first call of a signature is synchronous anyway
     for b in range(blocks):
