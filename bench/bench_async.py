@@ -501,9 +501,9 @@ def parse_links(text: str) -> list[tuple[str, float | None]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=1000, help="steps per block, tiny")
-    parser.add_argument("--heavy-steps", type=int, default=20, help="steps per block, heavy")
-    parser.add_argument("--blocks", type=int, default=5, help="timed blocks per row")
+    parser.add_argument("--steps", type=int, help="steps per block, tiny (1000)")
+    parser.add_argument("--heavy-steps", type=int, help="steps per block, heavy (20)")
+    parser.add_argument("--blocks", type=int, help="timed blocks per row (5)")
     parser.add_argument("--cases", default="tiny,heavy", help="comma-separated: tiny,heavy")
     parser.add_argument("--links", default="0,1",
                         help="delays each way in ms through the proxy, comma-separated; "
@@ -513,13 +513,17 @@ def main() -> None:
     parser.add_argument("--heavy-dims", default=HEAVY_DIMS,
                         help="batch x inputs x hidden x outputs per lane of the heavy MLP")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 50 tiny steps, 3 heavy steps, 2 blocks")
+                        help="a smoke run: 50 tiny steps, 3 heavy steps, 2 blocks, unless "
+                        "given")
     parser.add_argument("--log-level", default="info",
                         help="uvicorn log level of the server (statehost serve's default, "
                         "info, logs every request)")
     args = parser.parse_args()
-    if args.quick:
-        args.steps, args.heavy_steps, args.blocks = 50, 3, 2
+    defaults = {"steps": 50, "heavy_steps": 3, "blocks": 2} if args.quick else \
+        {"steps": 1000, "heavy_steps": 20, "blocks": 5}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     wanted_rows = set(args.rows.split(","))
     unknown = wanted_rows - set(ROWS)
     if unknown:
