@@ -131,7 +131,7 @@ def test_chunks_are_delayed_side_by_side_in_order_and_the_end_of_stream_follows(
     assert elapsed < 0.6, elapsed
 
 
-def test_the_proxy_says_why_it_cannot_start():
+def test_proxying_refuses_a_target_url_without_host_and_port():
     with pytest.raises(ValueError, match="target_url wants http://HOST:PORT"):
         with delay_proxy.proxying("not a url", 1):
             pass
