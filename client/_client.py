@@ -511,6 +511,61 @@ class Client:
         twin.publish(pulled)
         return local_outputs(reply)
 
+    # -- jobs and loops
+    def loop(self, mapping: Any, steps: int, *args: Any, over: Any = None, keep: str = "last",
+             progress: bool = True, timeout: float | None = None, wait: bool = True,
+             **kwargs: Any) -> Any:
+        """Runs ``mapping`` ``steps`` times on the server, without a round trip per step.
+
+        Each step commits, so a loop that fails, is cancelled (Ctrl-C, ``Job.cancel``) or
+        times out leaves the states of its last completed step. With the mapping's
+        ``pull=True`` the written states come back into the local ``State`` objects.
+
+        Arguments:
+            mapping: a transform from ``client.pmap`` / ``vmap`` / ``jit``.
+            steps: how many steps (>= 1).
+            args, kwargs: the mapping's arguments, the same at every step.
+            over: a pytree of arrays of ``steps`` rows; step ``i`` gets row ``i`` after
+                ``args``, as ``jax.lax.scan`` passes ``xs``.
+            keep: ``"last"``: the outputs are the last step's; ``"all"``: every step's,
+                stacked on a new leading axis.
+            progress: a progress bar with steps/s and ETA (``STATEHOST_PROGRESS=0``: none).
+            timeout: seconds after which the server stops the loop between steps.
+            wait: ``False`` returns the :class:`~statehost.client.Job` at once.
+
+        Returns:
+            The outputs (``wait=True``), or the ``Job``.
+
+        Example:
+            >>> step = client.pmap(model, axis_name="i")              # doctest: +SKIP
+            >>> losses = client.loop(step, 1000, over=batches, keep="all")  # doctest: +SKIP
+        """
+        from statehost.client import _jobs  # here: this section is all jobs add to the class
+
+        return _jobs.loop(self, mapping, steps, args, kwargs, over=over, keep=keep,
+                          progress=progress, timeout=timeout, wait=wait)
+
+    def submit(self, mapping: Any, *args: Any, timeout: float | None = None,
+               **kwargs: Any) -> Any:
+        """Runs one call of ``mapping`` as a job, and returns its ``statehost.client.Job``
+        at once.
+
+        Example:
+            >>> job = client.submit(client.jit(train_epoch), data)  # doctest: +SKIP
+            >>> job.result()                                         # doctest: +SKIP
+        """
+        from statehost.client import _jobs
+
+        return _jobs.loop(self, mapping, 1, args, kwargs, over=None, keep="last",
+                          progress=False, timeout=timeout, wait=False, api="submit")
+
+    def job(self, id: str) -> Any:  # noqa: A002  the job's id, as Job.id names it
+        """The ``statehost.client.Job`` ``id`` of this token (submitted by any process):
+        ``JobNotFoundError`` if the server has none."""
+        from statehost.client import _jobs
+
+        return _jobs.attach(self, id)
+
 
 class _StreamTwin:
     """A client's own ``RandomState`` standing in, on the server, for a local stream.
