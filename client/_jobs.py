@@ -178,6 +178,8 @@ class Job:
                         yield name, data
                         if name == "end":
                             return
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise self._not_done()
             except TransportError as exc:
                 if not isinstance(exc.__cause__, httpx.ReadTimeout | TimeoutError):
                     raise

@@ -167,10 +167,14 @@ def _stopped(job: Job, reason: str, progress: _Progress) -> None:
     job.stop(reason, exc.body(), exc.status)
 
 
+def _freed(ids: frozenset[str], store: Any) -> list[str]:
+    return [state_id for state_id in ids if store.meta(state_id) is None]
+
+
 def _check_resident(job: Job, ids: frozenset[str], store: Any,
                     cause: BaseException | None = None) -> None:
     """A 404 naming the loop's states that were freed while it ran (checked per step)."""
-    gone = [state_id for state_id in ids if store.meta(state_id) is None]
+    gone = _freed(ids, store)
     if gone:
         raise StateNotFoundError(_MSG_GONE.format(job=job.id, ids=", ".join(gone)),
                                  missing=gone) from cause
@@ -231,6 +235,11 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
             done = tx.commit()
         except BaseException as exc:
             tx.rollback()
+            reason = job.should_stop()
+            if reason is not None and _freed(loaded, store):
+                # A client that pressed Ctrl-C and exited closed its session mid-step.
+                _stopped(job, reason, progress)
+                return
             _check_resident(job, loaded, store, exc)  # freed during the step: say so
             raise
         if i == 0:
