@@ -84,6 +84,16 @@ def _bar_class() -> Any:
     return tqdm
 
 
+def _bar(total: int, job_id: str) -> Any:
+    """A tqdm bar of ``total`` steps (tqdm shows steps/s and the ETA); ``None`` when tqdm
+    is not installed (it comes with ``statehost[client]``)."""
+    try:
+        cls = _bar_class()
+    except ImportError:
+        return None
+    return cls(total=total, unit="step", desc=f"job {job_id[:8]}", dynamic_ncols=True)
+
+
 @dataclass
 class _Context:
     """What the submitting client needs to apply a loop's result to its local states."""
@@ -209,8 +219,8 @@ class Job:
             for name, data in self._events(deadline):
                 if name == "progress":
                     if bar is None and _progress_enabled(progress):
-                        bar = _bar_class()(total=int(data["total"]), unit="step",
-                                           desc=f"job {self.id[:8]}", dynamic_ncols=True)
+                        bar = _bar(int(data["total"]), self.id)
+                        progress = bar is not None
                     if bar is not None:
                         bar.update(int(data["done"]) - bar.n)
                 elif name == "end":

@@ -17,7 +17,7 @@ import pytest
 
 import statehost
 from statehost.client import JobCancelledError, JobNotDoneError
-from tests.serving import running_server
+from tests.serving import free_port, running_server
 
 # The loop's step sleeps this long on the server (a host callback), so a loop of N steps
 # takes N x STEP seconds at least.
@@ -242,3 +242,48 @@ def test_statehost_jobs_lists_the_tokens_jobs(served, tmp_path):
     assert header.split()[:4] == ["JOB", "STATUS", "STEPS", "STEPS/S"]
     row = next(r for r in rows if r.startswith(job_id))
     assert row.split()[1:3] == ["completed", "4/4"]
+
+
+def test_statehost_jobs_loads_neither_the_server_nor_jax(tmp_path):
+    from tests.e2e.test_cli_ops import _closed_url, _layers, _loaded_by
+
+    loaded = _loaded_by(tmp_path, "jobs", "--url", _closed_url(), "--timeout", "2")
+    assert _layers(loaded) == {"statehost.client", "httpx"} and "jax" not in loaded
+
+
+def test_statehost_jobs_without_a_server_fails_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    result = subprocess.run([str(Path(sys.executable).with_name("statehost")), "jobs", "--url",
+                             f"http://127.0.0.1:{free_port()}", "--timeout", "2"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("statehost jobs: GET /v1/jobs: cannot connect to")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_stops_a_running_loop_between_steps_and_flushes_it(tmp_path):
+    with running_server(tmp_path, env={"STATEHOST_DURABILITY": "interval",
+                                       "STATEHOST_FLUSH_INTERVAL": "3600"}) as served:
+        with statehost.connect(served.url, token=served.token) as client:
+            counter = statehost.ParamState(jnp.zeros((), jnp.int32))
+            client.put("e2e/shutdown", counter)
+
+            def step():
+                import jax
+
+                jax.debug.callback(lambda: time.sleep(STEP))
+                counter.value = counter.value + 1
+                return counter.value
+
+            job = client.loop(client.jit(step), 100000, wait=False)
+            while job.progress[0] < 5:
+                time.sleep(0.02)
+            started = time.monotonic()
+            served.process.send_signal(signal.SIGTERM)
+            assert served.process.wait(timeout=30) == 0, served.output()[-3000:]
+            assert time.monotonic() - started < 15
+    with running_server(tmp_path) as again:  # the same data dir: the flushed state is back
+        with statehost.connect(again.url, token=again.token) as client:
+            done = int(client.get("e2e/shutdown").value)
+            assert 5 <= done < 100000

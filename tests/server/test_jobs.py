@@ -360,3 +360,21 @@ def test_a_resent_submission_is_the_same_job(client):
     client.job("ab" * 8).wait()
     client.pull(w)
     assert float(w.value) == 3.0  # 1 + 2 steps, once
+
+
+@pytest.mark.parametrize("setting", ["on", "progress=False", "STATEHOST_PROGRESS=0"])
+def test_the_progress_bar_shows_steps_and_can_be_turned_off(client, capsys, monkeypatch,
+                                                            setting):
+    monkeypatch.delenv("STATEHOST_PROGRESS")
+    if setting == "STATEHOST_PROGRESS=0":
+        monkeypatch.setenv("STATEHOST_PROGRESS", "0")
+    w = statehost.ParamState(jnp.zeros((), jnp.int32))
+    step = client.jit(lambda: setattr(w, "value", w.value + 1))
+
+    client.loop(step, 5, progress=setting != "progress=False")
+
+    err = capsys.readouterr().err
+    if setting == "on":
+        assert "5/5" in err and "step/s" in err and "job " in err
+    else:
+        assert err == ""
