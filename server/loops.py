@@ -44,7 +44,7 @@ from statehost.server.errors import (
 )
 
 # The one call path's helpers, shared so a loop step runs exactly as a call does.
-from statehost.server.execution import _is_weak, _resolve, _run, to_host
+from statehost.server.execution import _is_weak, _resolve, _run, _user_error, to_host
 from statehost.server.staging import _MSG_MISSING_STATES, Transaction
 from statehost.wire import CallReply, LoopRequest, pack
 
@@ -145,6 +145,9 @@ def run_loop(call: Call, request: LoopRequest, job: Job, rt: Runtime) -> None:
             f"{_WHERE}: job {job.id} failed in the server ({type(exc).__name__}: {exc}).",
             traceback=None), progress)
         raise
+    finally:
+        if call.session is not None:
+            call.session.last_seen = time.monotonic()  # its TTL counts from the job's end
 
 
 def _fail(job: Job, exc: ApiError, progress: _Progress) -> None:
@@ -182,6 +185,17 @@ def _one_array(out: Any, tx: Transaction) -> jax.Array | None:
             return value
     leaves = jax.tree_util.tree_leaves((out, list(tx.pending.values.values())))
     return next((x for x in leaves if isinstance(x, jax.Array)), None)
+
+
+def _wait(array: jax.Array, step: int, job: Job) -> None:
+    """Waits for step ``step``'s program; an error it met on the device is the user's."""
+    try:
+        array.block_until_ready()
+    except Exception as exc:
+        # Device errors surface when a result is awaited, after the step was committed.
+        raise _user_error(exc, f"{_WHERE}: job {job.id}: step {step + 1}'s program failed on "
+                               f"the device after the step was committed (the states written "
+                               f"from it on may be unusable)") from exc
 
 
 def _freed(ids: frozenset[str], store: Any) -> list[str]:
@@ -269,13 +283,12 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
         if len(behind) > _AHEAD:
             oldest = behind.popleft()
             if oldest is not None:
-                oldest.block_until_ready()
+                _wait(oldest, i - _AHEAD, job)
         now = time.monotonic()
         if now - touched > _TOUCH_EVERY:
             session.last_seen = touched = now  # a running job keeps its session open
     progress.compiled = transform.cache_info().misses - misses
     job.complete(_reply(job, request, tx, out, kept if keep_all else None, progress))
-    session.last_seen = time.monotonic()
 
 
 def _reply(job: Job, request: LoopRequest, tx: Transaction, out: Any, kept: list[Any] | None,

@@ -378,3 +378,22 @@ def test_the_progress_bar_shows_steps_and_can_be_turned_off(client, capsys, monk
         assert "5/5" in err and "step/s" in err and "job " in err
     else:
         assert err == ""
+
+
+def test_a_step_whose_program_fails_at_run_time_is_reported_with_its_step(client):
+    w = statehost.ParamState(jnp.zeros((), jnp.int32))
+
+    def check(value):
+        if value >= 2:
+            raise RuntimeError(f"value {value} is too large")
+
+    def step():
+        jax.debug.callback(check, w.value)
+        w.value = w.value + 1
+        return w.value
+
+    with pytest.raises(RemoteExecutionError, match=r"value 2 is too large") as info:
+        client.loop(client.jit(step), 5)
+
+    assert info.value.body["completed"] == 2 and "step 3 of 5" in str(info.value)
+    assert int(w.value) == 2
