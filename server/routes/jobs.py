@@ -54,7 +54,7 @@ __all__ = ["router", "stop_jobs", "table"]
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
 
 _SUBMIT = "POST /v1/jobs"
-_JOB_ID = re.compile(r"^[0-9a-f]{16,32}$")
+_JOB_ID = re.compile(r"[0-9a-f]{16,32}")  # fullmatch: no trailing newline either
 _EVENTS_PER_SECOND = 10
 _PING_EVERY = 10.0  # an SSE comment, so proxies and read timeouts see a live stream
 
@@ -110,7 +110,7 @@ def _jobs(request: Request) -> JobTable:
 def _find(request: Request, job_id: str, principal: Any) -> Job:
     job = _jobs(request).get(job_id, principal)
     if job is None:
-        shown = job_id if _JOB_ID.match(job_id) else repr(job_id[:40])
+        shown = job_id if _JOB_ID.fullmatch(job_id) else repr(job_id[:40])
         raise JobNotFoundError(_MSG_NOT_FOUND.format(
             where=f"{request.method} {request.url.path}", id=shown,
             kept=_jobs(request).max_finished))
@@ -124,7 +124,7 @@ def _check(message: LoopRequest) -> None:
         problems.append(f"steps={message.steps} must be >= 1")
     if message.keep not in KEEP:
         problems.append(f"keep={message.keep!r} must be one of {', '.join(map(repr, KEEP))}")
-    if message.call_id is not None and not _JOB_ID.match(message.call_id):
+    if message.call_id is not None and not _JOB_ID.fullmatch(message.call_id):
         problems.append(f"call_id={message.call_id!r:.60} must be 16 to 32 lowercase hex "
                         "digits (it becomes the job's id)")
     if problems:

@@ -1,5 +1,7 @@
 """Server-side loops and jobs through the real client and app (in process, no sockets)."""
 
+import json
+import re
 import time
 
 import jax
@@ -397,3 +399,59 @@ def test_a_step_whose_program_fails_at_run_time_is_reported_with_its_step(client
 
     assert info.value.body["completed"] == 2 and "step 3 of 5" in str(info.value)
     assert int(w.value) == 2
+
+
+def _raw_submit(client, **fields):
+    step = client.jit(lambda: None)
+    packed = step.placement.packed(step)
+    message = LoopRequest(session=client._session, digest=packed.digest,
+                          function=packed.section, args=pack(((), {}, None)),
+                          **{"steps": 2, **fields})
+    status, body = client._http.frames.post_frame(
+        "/v1/jobs", message.to_frame().to_bytes(), 0, {"content-type": CONTENT_TYPE})
+    return status, json.loads(bytes(body))
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"steps": 0}, r"steps=0 must be >= 1"),
+    ({"keep": "first"}, r"keep='first' must be one of 'last', 'all'"),
+    ({"call_id": "not-hex"}, r"call_id='not-hex' must be 16 to 32 lowercase hex digits"),
+    ({"call_id": "ab" * 8 + "\n"}, r"must be 16 to 32 lowercase hex digits"),
+])
+def test_a_bad_loop_header_is_a_422_before_anything_runs(client, fields, expected):
+    status, body = _raw_submit(client, **fields)
+    assert status == 422 and body["error"]["type"] == "ValidationError"
+    assert re.search(expected, body["error"]["message"]), body
+    assert client._http.json("GET", "/v1/jobs") == {"jobs": []}
+
+
+def test_a_bad_timeout_is_refused_by_the_wire(client):
+    step = client.jit(lambda: None)
+    packed = step.placement.packed(step)
+    message = LoopRequest(session=client._session, digest=packed.digest, steps=1,
+                          args=pack(((), {}, None)), timeout=-1.0)
+    status, body = client._http.frames.post_frame(
+        "/v1/jobs", message.to_frame().to_bytes(), 0, {"content-type": CONTENT_TYPE})
+    assert status == 400
+    assert "'timeout' must be a number of seconds >= 0, or null" in json.loads(bytes(body))[
+        "error"]["message"]
+
+
+def test_the_json_routes_show_progress_cancel_and_stream_events(client):
+    _, step = _slow_step(client)
+    job = client.loop(step, 10_000, wait=False)
+    while job.progress[0] < 2:
+        time.sleep(0.01)
+
+    shown = client._http.json("GET", f"/v1/jobs/{job.id}")
+    cancelled = client._http.json("POST", f"/v1/jobs/{job.id}/cancel")
+    events = client._http.client.get(f"/v1/jobs/{job.id}/events").text  # in process: at the end
+
+    assert shown["status"] == "running" and shown["progress"]["total"] == 10_000
+    assert {"done", "total", "steps_per_second", "eta_s", "elapsed_s"} <= set(shown["progress"])
+    assert cancelled["cancel_requested"] is True
+    assert events.startswith("event: progress\ndata: {") and "\nevent: end\ndata: {" in events
+    end = json.loads(events.rsplit("event: end\ndata: ", 1)[1])
+    assert end["status"] == "cancelled" and end["error"]["type"] == "JobCancelledError"
+    with pytest.raises(JobCancelledError):
+        job.result()
