@@ -455,3 +455,18 @@ def test_the_json_routes_show_progress_cancel_and_stream_events(client):
     assert end["status"] == "cancelled" and end["error"]["type"] == "JobCancelledError"
     with pytest.raises(JobCancelledError):
         job.result()
+
+
+def test_a_local_transform_is_shipped_as_a_client_one_would_be(client):
+    model = Affine(LANES)
+
+    out = client.loop(pmap(model, **_options()), 3, over=_deltas(3))
+
+    np.testing.assert_allclose(out, 1 + _deltas(3).sum(0), rtol=1e-6)
+    np.testing.assert_allclose(model.weight.value, out)
+
+
+def test_loop_needs_a_transform(client):
+    with pytest.raises(TypeError, match=r"statehost.Client.loop: expected a transform \("
+                                        r"client.pmap / client.vmap / client.jit\), got function"):
+        client.loop(lambda: None, 3)
