@@ -51,3 +51,8 @@ class Metrics:
         self.queue_depth = Gauge(
             "statehost_queue_depth", "Calls waiting for a worker or a state lock.", registry=r
         )
+        self.jobs = Gauge(
+            "statehost_jobs", "Jobs (server-side loops) by status: queued, running, "
+            "completed, failed, cancelled (finished ones as long as the server keeps them).",
+            ["status"], registry=r,
+        )

@@ -228,7 +228,7 @@ class CallRequest(Message):
     (``StateRecord``s), each with the version it is based on. ``args`` holds
     ``(args, kwargs)``. With ``pull``, the written states and ``pull_ids`` come back.
 
-    With ``keep`` (asynchronous dispatch), the outputs also stay on the server as
+    With ``keep_outputs`` (asynchronous dispatch), the outputs also stay on the server as
     arrays named ``"{call_id}:{leaf index}"`` (``FetchRequest`` reads them,
     ``FreeRequest`` drops them). ``returns`` says what the reply's ``results`` hold:
     ``"values"`` (the outputs' host copies) or ``"none"`` (nothing: an asynchronous
@@ -247,7 +247,7 @@ class CallRequest(Message):
     default_stream: str | None = None
     pull: bool = False
     pull_ids: Ids = ()
-    keep: bool = False
+    keep_outputs: bool = False
     returns: str = "values"
     expect: str | None = None
     timeout: Seconds = None
