@@ -1,4 +1,4 @@
-"""The client's commands: ``statehost ls``, ``doctor`` and ``checkpoint``.
+"""The client's commands: ``statehost ls``, ``doctor``, ``checkpoint`` and ``jobs``.
 
 They look at and act on a running server through its JSON API, with httpx and no
 session: they ship no pickles, so they work even where the client's and the server's
@@ -30,7 +30,7 @@ from statehost.client._errors import (
 )
 from statehost.client._token import TokenSource
 
-__all__ = ["COMMANDS", "checkpoint", "doctor", "ls"]
+__all__ = ["COMMANDS", "checkpoint", "doctor", "jobs", "ls"]
 
 _DEFAULT_URL = "http://127.0.0.1:8470"
 
@@ -285,9 +285,45 @@ def checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 120:
+        return f"{value:.1f} s"
+    return f"{value / 60:.1f} min" if value < 7200 else f"{value / 3600:.1f} h"
+
+
+def jobs(args: argparse.Namespace) -> int:
+    """Prints the token's jobs (every session's, oldest first): status, progress, rate."""
+    try:
+        with _Remote(args) as remote:
+            listed = remote.json("GET", "/v1/jobs")["jobs"]
+    except ClientError as exc:
+        return _fail("jobs", exc)
+    if not listed:
+        print(f"no jobs on {args.url} for this token")
+        return 0
+    rows = [("JOB", "STATUS", "STEPS", "STEPS/S", "ELAPSED", "ETA", "SESSION", "NOTE")]
+    for job in listed:
+        shown = job["progress"]
+        rate = shown.get("steps_per_second")
+        error = job.get("error") or {}
+        note = error.get("type", "")
+        if job.get("cancel_requested") and job["status"] in ("queued", "running"):
+            note = "cancel requested"
+        elif job["status"] == "cancelled":
+            note = job.get("reason") or "cancelled"
+        rows.append((job["id"], job["status"], f"{shown['done']}/{shown['total']}",
+                     "-" if rate is None else f"{rate:.1f}", _seconds(shown.get("elapsed_s")),
+                     _seconds(shown.get("eta_s")), job.get("session", "-"), note))
+    _table(rows)
+    return 0
+
+
 #: The commands ``statehost._cli`` dispatches here, by name.
 COMMANDS: dict[str, Command] = {
     "ls": Command(_ls_arguments, ls),
     "doctor": Command(_common_arguments, doctor),
     "checkpoint": Command(_checkpoint_arguments, checkpoint),
+    "jobs": Command(_common_arguments, jobs),
 }

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from statehost._state import State
+from statehost.client._dispatch import AsyncCall, Dispatcher, Signature
 from statehost.client._errors import (
     ClientError,
     FunctionNotCachedError,
@@ -30,7 +31,6 @@ from statehost.client._errors import (
     VersionMismatchError,
     remote_execution_error,
 )
-from statehost.client._dispatch import AsyncCall, Dispatcher, Signature
 from statehost.client._http import Http
 from statehost.client._ledger import SyncLedger
 from statehost.client._outputs import local_outputs
@@ -47,11 +47,11 @@ from statehost.transform._placement import place
 from statehost.transform._stateful import StatefulCall
 from statehost.wire import (
     CallReply,
-    Message,
     CallRequest,
     Frame,
     GetReply,
     GetRequest,
+    Message,
     PullReply,
     PullRequest,
     PushReply,
@@ -145,7 +145,8 @@ class Client:
     ):
         if dispatch not in _DISPATCH_MODES:
             raise ValueError(f"statehost.connect: dispatch={dispatch!r} is not one of "
-                             f"{_DISPATCH_MODES}. Example: statehost.connect(url, dispatch='sync').")
+                             f"{_DISPATCH_MODES}. Example: statehost.connect(url, "
+                             "dispatch='sync').")
         if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) \
                 or max_in_flight < 1:
             raise ValueError(f"statehost.connect: max_in_flight={max_in_flight!r} must be an "
@@ -607,7 +608,7 @@ class Client:
                 refs=tuple(refs), uploads=self._ledger.bases(uploads),
                 default_stream=twin.state.id, pull=placement.pull,
                 pull_ids=tuple(self._ledger.stale_among(refs)) if placement.pull else (),
-                keep=keep,
+                keep_outputs=keep,
                 function=None if self._ledger.has_function(packed.digest) else packed.section,
                 args=call_args, states=self._records(uploads) if uploads else None)
 
@@ -647,7 +648,7 @@ class Client:
             return self._call_blocking(transform, placement, packed, call_args, twin, refs, key)
         message = CallRequest(
             session=self._session, call_id=secrets.token_hex(8), digest=packed.digest,
-            refs=tuple(refs), default_stream=twin.state.id, keep=True, returns="none",
+            refs=tuple(refs), default_stream=twin.state.id, keep_outputs=True, returns="none",
             expect=signature.expect, args=call_args)
         call = dispatcher.issue(message, transform, packed.digest)
         if placement.pull:
@@ -667,7 +668,7 @@ class Client:
                        key: Any) -> Any:
         """The first call of a signature (or one that uploads): a blocking round trip, so its
         errors raise here; it teaches the client the outputs of the signature. It goes over
-        HTTP (``POST /v1/call`` with ``keep``): nothing is in flight once the stream is
+        HTTP (``POST /v1/call`` with ``keep_outputs``): nothing is in flight once the stream is
         synced, so the order holds, and it gets HTTP's chunked uploads, its 413 for an
         oversized body, and a graceful shutdown's wait for running requests."""
         dispatcher = self._stream()
@@ -689,6 +690,61 @@ class Client:
             dispatcher.signatures[key] = signature
         return dispatcher.outputs(AsyncCall(reply.call_id, dispatcher, None, transform,
                                             packed.digest), signature, values)
+
+    # -- jobs and loops
+    def loop(self, mapping: Any, steps: int, *args: Any, over: Any = None, keep: str = "last",
+             progress: bool = True, timeout: float | None = None, wait: bool = True,
+             **kwargs: Any) -> Any:
+        """Runs ``mapping`` ``steps`` times on the server, without a round trip per step.
+
+        Each step commits, so a loop that fails, is cancelled (Ctrl-C, ``Job.cancel``) or
+        times out leaves the states of its last completed step. With the mapping's
+        ``pull=True`` the written states come back into the local ``State`` objects.
+
+        Arguments:
+            mapping: a transform from ``client.pmap`` / ``vmap`` / ``jit``.
+            steps: how many steps (>= 1).
+            args, kwargs: the mapping's arguments, the same at every step.
+            over: a pytree of arrays of ``steps`` rows; step ``i`` gets row ``i`` after
+                ``args``, as ``jax.lax.scan`` passes ``xs``.
+            keep: ``"last"``: the outputs are the last step's; ``"all"``: every step's,
+                stacked on a new leading axis.
+            progress: a progress bar with steps/s and ETA (``STATEHOST_PROGRESS=0``: none).
+            timeout: seconds after which the server stops the loop between steps.
+            wait: ``False`` returns the :class:`~statehost.client.Job` at once.
+
+        Returns:
+            The outputs (``wait=True``), or the ``Job``.
+
+        Example:
+            >>> step = client.pmap(model, axis_name="i")              # doctest: +SKIP
+            >>> losses = client.loop(step, 1000, over=batches, keep="all")  # doctest: +SKIP
+        """
+        from statehost.client import _jobs  # here: this section is all jobs add to the class
+
+        return _jobs.loop(self, mapping, steps, args, kwargs, over=over, keep_outputs=keep,
+                          progress=progress, timeout=timeout, wait=wait)
+
+    def submit(self, mapping: Any, *args: Any, timeout: float | None = None,
+               **kwargs: Any) -> Any:
+        """Runs one call of ``mapping`` as a job, and returns its ``statehost.client.Job``
+        at once.
+
+        Example:
+            >>> job = client.submit(client.jit(train_epoch), data)  # doctest: +SKIP
+            >>> job.result()                                         # doctest: +SKIP
+        """
+        from statehost.client import _jobs
+
+        return _jobs.loop(self, mapping, 1, args, kwargs, over=None, keep="last",
+                          progress=False, timeout=timeout, wait=False, api="submit")
+
+    def job(self, id: str) -> Any:  # noqa: A002  the job's id, as Job.id names it
+        """The ``statehost.client.Job`` ``id`` of this token (submitted by any process):
+        ``JobNotFoundError`` if the server has none."""
+        from statehost.client import _jobs
+
+        return _jobs.attach(self, id)
 
 
 class _StreamTwin:

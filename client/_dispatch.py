@@ -166,6 +166,8 @@ class Dispatcher:
         and reads their values never opens one)."""
         if self._stream is None:
             self._stream = self._open_stream()
+            # A client dropped without close(): its socket closes with it.
+            weakref.finalize(self.client, self._stream.close)
         return self._stream
 
     def close(self) -> None:
@@ -185,8 +187,13 @@ class Dispatcher:
 
     def checked(self) -> None:
         """A blocking call just succeeded: the session is open; open the stream (for the
-        asynchronous calls to come) and remember it as current."""
-        stream = self.stream
+        asynchronous calls to come) and remember it as current. Never raises: the call
+        committed, and a stream that cannot open now is tried again at the next call."""
+        try:
+            stream = self.stream
+        except ClientError:
+            self._checked = None
+            return
         self._checked = (stream, stream.generation)
 
     # -- signatures ------------------------------------------------------------------

@@ -20,7 +20,8 @@
         │   ├── SessionNotFoundError    the session is closed (HTTP 404; reopened for you)
         │   ├── StateNotFoundError      the server has no such state (HTTP 404)
         │   ├── ArrayNotFoundError      a RemoteArray the server no longer keeps (HTTP 404)
-        │   └── CallNotFoundError       no such queued or running call of yours (HTTP 404)
+        │   ├── CallNotFoundError       no such queued or running call of yours (HTTP 404)
+        │   └── JobNotFoundError        no such job visible to this token (HTTP 404)
         ├── CallTimeoutError            a call dropped at its deadline, never started (408)
         ├── StateConflictError          an upload based on an outdated version (HTTP 409)
         ├── StateDamagedError           a named state the server could not load (HTTP 409)
@@ -28,6 +29,8 @@
         ├── PreconditionFailedError     If-Match named another version (HTTP 412)
         ├── CallCancelledError          cancelled before it started; nothing applied (409)
         ├── CallNotRunError             an earlier call failed, so this one did not run (424)
+        ├── JobNotDoneError             the job's result is not there yet (409; a TimeoutError)
+        ├── JobCancelledError           the job was cancelled or timed out (HTTP 409)
         ├── RemoteExecutionError        the user's function raised on the server (HTTP 422)
         │   └── RemoteExecutionError(cls)  also a ``cls``, the remote exception's class, when
         │                               the client can import it (``except TypeError`` works)
@@ -60,6 +63,9 @@ __all__ = [
     "ClientError",
     "ForbiddenError",
     "FunctionNotCachedError",
+    "JobCancelledError",
+    "JobNotDoneError",
+    "JobNotFoundError",
     "MethodNotAllowedError",
     "NameConflictError",
     "NotFoundError",
@@ -247,6 +253,30 @@ class StorageError(ServerError):
     """The server could not write to its disk; the request was not applied."""
 
 
+class JobNotFoundError(NotFoundError):
+    """No job with that id is visible to this token."""
+
+
+class JobNotDoneError(ClientError, TimeoutError):
+    """The job is still queued or running; ``Job.result(timeout=...)`` waits for it."""
+
+
+class JobCancelledError(ClientError):
+    """The job was cancelled (or timed out) between steps.
+
+    Its states are those of its last completed step: ``completed`` says how many steps
+    committed, ``reason`` is ``"cancelled"`` or ``"timeout"``.
+    """
+
+    @property
+    def completed(self) -> int:
+        return int(self.body.get("completed", 0))
+
+    @property
+    def reason(self) -> str:
+        return str(self.body.get("reason", "cancelled"))
+
+
 #: error kind name (``statehost.wire.ERROR_KINDS``) -> the class raised for it.
 BY_TYPE: dict[str, type[ClientError]] = {
     cls.__name__: cls for cls in (
@@ -256,6 +286,7 @@ BY_TYPE: dict[str, type[ClientError]] = {
         PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError,
         ValidationError, RemoteExecutionError, ServerError, StorageError, ArrayNotFoundError,
         CallCancelledError, CallNotRunError, CallNotFoundError, CallTimeoutError,
+        JobNotFoundError, JobNotDoneError, JobCancelledError,
     )
 }
 

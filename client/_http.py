@@ -188,8 +188,8 @@ class Http:
         self.client  # raises ClientClosedError after close()  # noqa: B018
         reread = False
         while True:
-            # A small frame goes as one bytes: http.client then sends it in the same write
-            # as the headers; as a list it took a second write, and a tiny call +1.1 ms.
+            # A small frame goes as one bytes, which the transport sends in the same write
+            # as the request head; as a list it took a second write, and a tiny call +1.1 ms.
             chunks = encoded.to_bytes() if encoded.nbytes <= _CHUNK else encoded.chunks(_CHUNK)
             with _translate(what, self.base_url, self.timeout):
                 status, body = self.frames.post_frame(path, chunks, encoded.nbytes, headers)

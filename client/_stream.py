@@ -153,7 +153,8 @@ class Stream:
             self._conn.close()
         except Exception:  # noqa: S110  closing a dead socket
             pass
-        self._reader.join(timeout=5)
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout=5)
 
     # -- the reader thread ---------------------------------------------------------------
     def _read(self) -> None:
@@ -164,6 +165,12 @@ class Stream:
                            f"({type(exc).__name__}: {exc}); the outcome of the requests in "
                            "flight is unknown.")
             raise
+        finally:
+            self._closing = True
+            try:
+                self._conn.close()  # release the socket of a closed connection
+            except Exception:  # noqa: S110
+                pass
 
     def _read_replies(self) -> None:
         while True:

@@ -6,7 +6,10 @@
    the 10 repeat calls sent no state bytes and compiled nothing, that the state's buffers
    sit on the accelerator between calls (``client.info``), and that ``client.pull`` then
    gives the right values;
-4. runs ``bench/bench_remote.py``'s tiny and resident cases on the accelerator.
+4. runs ``bench/bench_remote.py``'s tiny and resident cases on the accelerator;
+5. runs ``bench/bench_async.py``'s tiny and compute-heavy cases on the accelerator: the
+   local loop, the remote sync and async loops and ``client.loop``, over 0 and 1 ms links
+   (rows whose API the client lacks print ``n/a (...)``; issue 12 adds async dispatch).
 
 Run from the repository root: ``python deploy/gpu_check.py`` (the shell script sets up the
 environment first). Exits 1 if a check fails.
@@ -65,7 +68,7 @@ def main() -> int:
             return self.weight.value
 
     rows: list[tuple[str, str, str]] = []
-    bench = None
+    bench = bench_async = None
 
     def check(name: str, ok: bool, detail: str) -> None:
         rows.append((name, "ok" if ok else "FAILED", detail))
@@ -155,6 +158,24 @@ def main() -> int:
         )
         check("bench/bench_remote.py tiny,resident", bench.returncode == 0,
               "table below" if bench.returncode == 0 else bench.stderr.strip()[-300:])
+
+        # 5. async dispatch: bench_async's tiny and compute-heavy rows on the accelerator
+        bench_async = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "bench_async.py"), "--cases", "tiny,heavy",
+             "--links", "0,1", "--steps", "1000", "--heavy-steps", "20", "--blocks", "3",
+             "--log-level", "warning"],
+            env={**env, "BENCH_PLATFORM": platform if platform != "gpu" else "cuda"},
+            capture_output=True, text=True, timeout=600, cwd=tmp,
+        )
+        # A row prints "n/a (...)" where the client lacks its API (not a failure here) and
+        # "failed (...)" where it raised (a failure: the API is there and broke).
+        notes = re.findall(r"(n/a|failed) \((?!the )(.*?)\)(?:;|$)", bench_async.stdout, re.M)
+        missing = sorted({why for kind, why in notes if kind == "n/a"})
+        failed = sorted({why for kind, why in notes if kind == "failed"})
+        detail = "; ".join(["table below"] + [f"n/a: {', '.join(missing)}"] * bool(missing)
+                           + [f"failed: {failed[0][:200]}"] * bool(failed))
+        check("bench/bench_async.py tiny,heavy", bench_async.returncode == 0 and not failed,
+              detail if bench_async.returncode == 0 else bench_async.stderr.strip()[-300:])
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -172,6 +193,11 @@ def main() -> int:
         keep = re.compile(r"^(case|tiny|resident|-|targets|measured|  )")
         print("\nbench/bench_remote.py on this machine:")
         print("\n".join(ln for ln in bench.stdout.splitlines() if keep.match(ln)))
+    if bench_async is not None and bench_async.returncode == 0:
+        lines = bench_async.stdout.splitlines()
+        start = next((i for i, ln in enumerate(lines) if ln.startswith("per step")), 0)
+        print("\nbench/bench_async.py on this machine:")
+        print("\n".join(lines[start:]))
     return 0 if all(r[1] == "ok" for r in rows) else 1
 
 

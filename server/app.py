@@ -21,6 +21,7 @@ from statehost.server.routes import (
     functions,
     health,
     info,
+    jobs,
     metrics,
     namespaces,
     objects,
@@ -101,6 +102,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            # Loops stop between steps (each step committed), so their workers are free.
+            await jobs.stop_jobs(app.state.jobs, grace=min(5.0, settings.shutdown_grace))
             # uvicorn gave running calls the shutdown grace; those still running now are
             # abandoned (a thread cannot be stopped), so nothing here may wait for them.
             abandoned = runtime.scheduler.running
@@ -129,7 +132,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.versions = local_versions()
-    for module in (health, info, sessions, calls, call_control, stream, states, objects,
+    app.state.jobs = jobs.table(runtime)
+    for module in (health, info, sessions, calls, call_control, stream, jobs, states, objects,
                    metrics, namespaces, values, functions, docs):
         app.include_router(module.router)
     app.include_router(objects.frames)

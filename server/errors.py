@@ -38,6 +38,9 @@ __all__ = [
     "CallTimeoutError",
     "ForbiddenError",
     "FunctionNotCachedError",
+    "JobCancelledError",
+    "JobNotDoneError",
+    "JobNotFoundError",
     "MethodNotAllowedError",
     "NameConflictError",
     "NotFoundError",
@@ -191,6 +194,18 @@ class ServerError(ApiError):
 
 class StorageError(ApiError):
     """The server could not write to its disk; the request was not applied."""
+
+
+class JobNotFoundError(ApiError):
+    """No such job visible to this token (another principal's job is none)."""
+
+
+class JobNotDoneError(ApiError):
+    """The job is queued or running: its result is not there yet (``status``, ``done``)."""
+
+
+class JobCancelledError(ApiError):
+    """The job was cancelled or timed out between steps (``reason``, ``completed``)."""
 
 
 assert set(ERROR_CLASSES) == set(ERROR_KINDS), set(ERROR_KINDS) ^ set(ERROR_CLASSES)

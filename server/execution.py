@@ -207,7 +207,7 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
     except BaseException:
         tx.rollback()
         raise
-    if request.keep:  # only a committed call's outputs are kept
+    if request.keep_outputs:  # only a committed call's outputs are kept
         session.handles.update(
             (handle_name(call.id, i), leaf) for i, leaf in enumerate(leaves))
     reply = CallReply(call_id=call.id, written=tuple(done.written), compiled=compiled,

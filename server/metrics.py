@@ -76,3 +76,8 @@ class Metrics:
                      3600),
             registry=r,
         )
+        self.jobs = Gauge(
+            "statehost_jobs", "Jobs (server-side loops) by status: queued, running, "
+            "completed, failed, cancelled (finished ones as long as the server keeps them).",
+            ["status"], registry=r,
+        )

@@ -113,13 +113,14 @@ class Transaction:
 
     def require(self, ids: Any) -> list[State]:
         """The states ``ids``, or a 404 naming every one this session cannot see."""
-        found = [(i, self.lookup(i)) for i in ids]
-        missing = [i for i, state in found if state is None]
-        if missing:
+        ids = tuple(ids)
+        states = [self.lookup(i) for i in ids]
+        if any(state is None for state in states):
+            missing = [i for i, state in zip(ids, states, strict=True) if state is None]
             raise StateNotFoundError(
                 _MSG_MISSING_STATES.format(where=self.where, ids=", ".join(missing)),
                 missing=missing)
-        return [state for _, state in found]
+        return states
 
     def load_ref(self, ref: StateRef | HandleRef) -> Any:
         """``persistent_load``: a state reference becomes the resident ``State`` itself, an
@@ -213,20 +214,22 @@ class Transaction:
     # -- the end ------------------------------------------------------------------
     def commit(self) -> Commit:
         """Writes ``sync`` namespaces' new values to disk, then installs everything."""
-        written = [s.id for s in self.pending.states]
-        existing = [i for i in self.uploaded if i not in self.new]
+        store, uploaded = self.store, self.uploaded
+        written = [s.id for s in self.pending.values]
+        existing = [i for i in uploaded if i not in self.new]
         self._write_durable(existing, written)
         writer = self.session.writer
         for state in self.new.values():
-            self.store.add(state, self.session)
+            store.add(state, self.session)
         self.pending.commit()
-        self.store.bump(existing, writer)
-        uploaded_versions = {i: self.store.meta(i).version for i in self.uploaded}
-        self.store.bump(written, writer)
-        touched = set(self.uploaded) | set(written) | self.loaded
-        versions = {i: self.store.meta(i).version for i in touched}
+        uploaded_versions: dict[str, int] = {}
+        if uploaded:  # an upload is a commit (version + 1), and so is the run's write after it
+            store.bump(existing, writer)
+            uploaded_versions = {i: store.meta(i).version for i in uploaded}
+        store.bump(written, writer)
+        versions = {i: store.meta(i).version for i in (*uploaded, *written, *self.loaded)}
         self.new, self.old = {}, {}
-        return Commit(written, list(self.uploaded), versions, uploaded_versions)
+        return Commit(written, list(uploaded), versions, uploaded_versions)
 
     def _write_durable(self, uploaded: list[str], written: list[str]) -> None:
         """For ``sync`` namespaces, the disk write is part of the commit: it goes first.

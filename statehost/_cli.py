@@ -1,7 +1,7 @@
 """The ``statehost`` command: a dispatcher that loads only the command being run.
 
 ``serve``, ``token`` and ``repair`` belong to the server (``statehost.server.cli``); ``ls``,
-``doctor`` and ``checkpoint`` to the client (``statehost.client._cli``). This module
+``doctor``, ``checkpoint`` and ``jobs`` to the client (``statehost.client._cli``). This module
 knows their names and one-line help, builds the top-level parser from them, and
 imports the module that owns a command, by name, only when that command runs. So the
 core imports neither the client nor the server (the same lazy door as ``_connect``),
@@ -50,12 +50,14 @@ _COMMANDS: dict[str, _Owner] = {
     "doctor": _Owner(_CLIENT, "client",
                      "check that this client and a running server can work together"),
     "checkpoint": _Owner(_CLIENT, "client", "write named states to the server's disk now"),
+    "jobs": _Owner(_CLIENT, "client", "list this token's jobs (server-side loops) and their "
+                                      "progress"),
 }
 
 _DESCRIPTION = (
     "statehost serve starts the server that owns this machine's devices; statehost token "
     "manages the per-namespace tokens it accepts; statehost repair rebuilds its database; "
-    "statehost ls, doctor and checkpoint look at and act on a running server over HTTP. "
+    "statehost ls, doctor, checkpoint and jobs look at and act on a running server over HTTP. "
     "'statehost COMMAND --help' shows a command's options."
 )
 _MSG_MISSING_EXTRA = (

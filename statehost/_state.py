@@ -3,7 +3,8 @@
 A ``State`` is a mutable box around a value (an array or a pytree of arrays)
 with a stable identity. Outside any transform, ``state.value`` is a plain
 attribute, or a :class:`DeferredValue` that resolves on first read (a value
-that lives elsewhere, such as on a statehost server, until it is needed). Inside a statehost transform, reads and writes go to the active
+that lives elsewhere, such as on a statehost server, until it is needed).
+Inside a statehost transform, reads and writes go to the active
 :class:`StateTrace`, which hands out traced values and records what the
 function read and wrote; the ``State`` object itself is only written after the
 whole transform succeeded.

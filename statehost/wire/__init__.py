@@ -1,7 +1,7 @@
 """statehost.wire: the only code the client and the server share.
 
 Frames (``_frame``), pickled sections and state references (``_pickle``),
-typed messages (``_messages``), versions (``_versions``) and the error kinds
+typed messages (``_messages``; a loop's, ``_jobs``), versions (``_versions``) and the error kinds
 (``_errors``). Pure Python + numpy + cloudpickle. Names load on first use (``statehost._lazy``).
 """
 
@@ -10,6 +10,7 @@ from statehost._lazy import lazy_exports as _lazy_exports
 __all__ = [
     "CONTENT_TYPE",
     "ERROR_KINDS",
+    "KEEP",
     "MAGIC",
     "MAX_HEADER_BYTES",
     "MAX_HEADER_DEPTH",
@@ -27,6 +28,7 @@ __all__ = [
     "GetReply",
     "HandleRef",
     "GetRequest",
+    "LoopRequest",
     "Message",
     "PullReply",
     "PullRequest",
@@ -61,6 +63,7 @@ __getattr__, __dir__ = _lazy_exports(__name__, globals(), {
         "CallReply", "CallRequest", "GetReply", "GetRequest", "Message", "PullReply",
         "PullRequest", "PushReply", "PushRequest", "PutReply", "PutRequest", "RegisterReply",
         "RegisterRequest", "is_state_id")},
+    **{name: "statehost.wire._jobs" for name in ("KEEP", "LoopRequest")},
     **{name: "statehost.wire._errors" for name in (
         "ERROR_KINDS", "ErrorKind")},
     **{name: "statehost.wire._versions" for name in (

@@ -46,4 +46,8 @@ ERROR_KINDS: dict[str, ErrorKind] = {kind.name: kind for kind in (
     ErrorKind("CallNotRunError", 424, "an earlier call of this client failed: not run"),
     ErrorKind("ServerError", 500, "a fault of the server itself"),
     ErrorKind("StorageError", 503, "the server could not write to its disk; nothing applied"),
+    ErrorKind("JobNotFoundError", 404, "no such job visible to this token"),
+    ErrorKind("JobNotDoneError", 409, "the job has not finished: its result is not there yet"),
+    ErrorKind("JobCancelledError", 409,
+              "the job was cancelled or timed out; its states are at its last completed step"),
 )}

@@ -17,6 +17,7 @@ body, a header that is not a JSON object, too large or nested too deep.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Iterator, Mapping
@@ -46,6 +47,10 @@ CONTENT_TYPE = "application/vnd.statehost.frame"
 MAX_HEADER_BYTES = 8 << 20
 MAX_HEADER_DEPTH = 8
 
+_SEPARATORS = (",", ":")
+# What json.dumps(..., separators=_SEPARATORS) uses, made once: json.dumps makes a new
+# encoder on every call that passes options.
+_COMPACT = json.JSONEncoder(separators=_SEPARATORS)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 # Pieces smaller than this are coalesced into one chunk when streaming.
@@ -67,9 +72,9 @@ def fresh_buffer(nbytes: int) -> memoryview:
 class Encoded:
     """An encoded frame as a list of pieces; stream it with :meth:`chunks`."""
 
-    def __init__(self, pieces: list[Any]):
+    def __init__(self, pieces: list[Any], nbytes: int | None = None):
         self.pieces = pieces
-        self.nbytes = sum(memoryview(p).nbytes for p in pieces)
+        self.nbytes = sum(memoryview(p).nbytes for p in pieces) if nbytes is None else nbytes
 
     def chunks(self, size: int = 1 << 20) -> Iterator[bytes | memoryview]:
         """Yields the frame in pieces of at most ``size`` bytes, small pieces coalesced."""
@@ -92,26 +97,42 @@ class Encoded:
 
     def to_bytes(self) -> bytes:
         """The whole frame as one ``bytes`` (fine for small frames; large ones: ``chunks``)."""
-        return b"".join(memoryview(p).cast("B") for p in self.pieces)
+        return b"".join(p if type(p) is bytes else memoryview(p).cast("B") for p in self.pieces)
+
+
+@functools.cache
+def _versions_json() -> str:
+    """This process's versions as JSON: the same in every frame, so encoded once."""
+    return _COMPACT.encode(local_versions())
 
 
 def encode(header: Mapping[str, Any], sections: Mapping[str, Section] | None = None) -> Encoded:
     """Encodes a frame: ``header`` plus the sender's versions and the sections' layout."""
-    full = dict(header)
-    full["versions"] = local_versions()
     layout: dict[str, list[int]] = {}
     buffers: list[Any] = []
     for name, section in (sections or {}).items():
         layout[name] = [len(buffers), 1 + len(section.buffers)]
         buffers.append(section.payload)
         buffers.extend(section.buffers)
-    full["sections"] = layout
-    head = json.dumps(full, separators=(",", ":")).encode()
+    if header and "versions" not in header and "sections" not in header:
+        # The bytes json.dumps gives for {**header, "versions": ..., "sections": ...}, with
+        # the versions' JSON made once per process rather than once per frame.
+        text = _COMPACT.encode(header if type(header) is dict else dict(header))
+        head = (f'{text[:-1]},"versions":{_versions_json()},"sections":'
+                f"{_COMPACT.encode(layout)}}}").encode()
+    else:
+        full = dict(header)
+        full["versions"] = local_versions()
+        full["sections"] = layout
+        head = _COMPACT.encode(full).encode()
     pieces: list[Any] = [MAGIC + _U32.pack(len(head)) + head + _U32.pack(len(buffers))]
+    nbytes = len(pieces[0])
     for buf in buffers:
-        pieces.append(_U64.pack(memoryview(buf).nbytes))
+        size = memoryview(buf).nbytes
+        pieces.append(_U64.pack(size))
         pieces.append(buf)
-    return Encoded(pieces)
+        nbytes += 8 + size
+    return Encoded(pieces, nbytes)
 
 
 @dataclass
@@ -137,19 +158,23 @@ def _fail(what: str) -> WireError:
 def _too_deep(value: Any) -> bool:
     """Whether parsed JSON nests lists/objects deeper than ``MAX_HEADER_DEPTH``.
 
-    Checked on the parsed header (one visit per container: a few microseconds for a
-    real one); the JSON parser itself refuses absurd depths with RecursionError.
+    Checked on the parsed header, one level at a time (a few microseconds for a real
+    one); the JSON parser itself refuses absurd depths with RecursionError. Parsed JSON
+    holds only exact ``dict``s and ``list``s, so ``type(...) in`` suffices.
     """
-    todo = [(value, 1)]
-    while todo:
-        node, depth = todo.pop()
-        children = node.values() if isinstance(node, dict) else node
-        for child in children:
-            if isinstance(child, dict | list):
-                if depth + 1 > MAX_HEADER_DEPTH:
-                    return True
-                todo.append((child, depth + 1))
+    level, depth = [value], 1
+    while level:
+        below = []
+        for node in level:
+            below += [c for c in (node.values() if type(node) is dict else node)
+                      if type(c) in _CONTAINERS]
+        if below and depth == MAX_HEADER_DEPTH:
+            return True
+        level, depth = below, depth + 1
     return False
+
+
+_CONTAINERS = (dict, list)
 
 
 def decode(data: bytes | bytearray | memoryview) -> Frame:
@@ -158,7 +183,7 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
     total = view.nbytes
     if total < 8:
         raise _fail(f"the body has {total} bytes, fewer than the 8-byte preamble")
-    if bytes(view[:4]) != MAGIC:
+    if view[:4] != MAGIC:
         raise _fail(f"the body starts with {bytes(view[:4])!r}, not {MAGIC!r}")
     (head_len,) = _U32.unpack_from(view, 4)
     if head_len > MAX_HEADER_BYTES:
@@ -167,8 +192,9 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
     pos = 8 + head_len
     if pos + 4 > total:
         raise _fail(f"the header claims {head_len} bytes but the body has only {total}")
+    text = bytes(view[8:pos])
     try:
-        header = json.loads(bytes(view[8:pos]))
+        header = json.loads(text)
     except RecursionError as exc:
         raise _fail(f"the header nests deeper than {MAX_HEADER_DEPTH} levels") from exc
     # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer literal of more than
@@ -177,7 +203,8 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
         raise _fail(f"the header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise _fail(f"the header is a JSON {type(header).__name__}, not an object")
-    if _too_deep(header):
+    # JSON cannot nest deeper than it has brackets: most headers need no walk at all.
+    if text.count(b"[") + text.count(b"{") > MAX_HEADER_DEPTH and _too_deep(header):
         raise _fail(f"the header nests deeper than {MAX_HEADER_DEPTH} levels")
     (count,) = _U32.unpack_from(view, pos)
     pos += 4
@@ -197,7 +224,7 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
         raise _fail(f"{total - pos} bytes follow the last buffer")
     layout = header.get("sections", {})
     if not isinstance(layout, dict) or not all(
-        isinstance(v, list) and len(v) == 2 and all(type(n) is int for n in v)
+        type(v) is list and len(v) == 2 and type(v[0]) is int and type(v[1]) is int
         and 0 <= v[0] and 1 <= v[1] and v[0] + v[1] <= count
         for v in layout.values()
     ):

@@ -90,38 +90,39 @@ def _version(x: Any) -> bool:
     return type(x) is int and x >= 0
 
 
-# annotation -> (description, check of the decoded JSON value, conversion)
-_RULES: dict[Any, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
-    str: ("a string", lambda x: isinstance(x, str), str),
-    str | None: ("a string or null", lambda x: x is None or isinstance(x, str), lambda x: x),
-    bool: ("true or false", lambda x: isinstance(x, bool), bool),
-    int: ("an integer >= 0", _version, int),
+# annotation -> (description, check of the decoded JSON value ``x``, its conversion), both
+# as Python expressions: each message class compiles them into its own decoder (_codec).
+_RULES: dict[Any, tuple[str, str, str]] = {
+    str: ("a string", "isinstance(x, str)", "str(x)"),
+    str | None: ("a string or null", "x is None or isinstance(x, str)", "x"),
+    bool: ("true or false", "isinstance(x, bool)", "bool(x)"),
+    int: ("an integer >= 0", "_version(x)", "int(x)"),
     Ids: ("a list of state ids (32 hex digits)",
-          lambda x: isinstance(x, list) and all(map(is_state_id, x)), tuple),
+          "isinstance(x, list) and all(map(is_state_id, x))", "tuple(x)"),
     Bases: ("an object of state id -> version or null",
-            lambda x: isinstance(x, dict) and all(
-                is_state_id(k) and (v is None or _version(v)) for k, v in x.items()), dict),
+            "isinstance(x, dict) and all(is_state_id(k) and (v is None or _version(v)) "
+            "for k, v in x.items())", "dict(x)"),
     Versions: ("an object of state id -> version",
-               lambda x: isinstance(x, dict) and all(
-                   is_state_id(k) and _version(v) for k, v in x.items()), dict),
+               "isinstance(x, dict) and all(is_state_id(k) and _version(v) "
+               "for k, v in x.items())", "dict(x)"),
     Paths: ("an object of state id -> path string",
-            lambda x: isinstance(x, dict) and all(
-                is_state_id(k) and isinstance(v, str) for k, v in x.items()), dict),
-    Json: ("a JSON object", lambda x: isinstance(x, dict), dict),
+            "isinstance(x, dict) and all(is_state_id(k) and isinstance(v, str) "
+            "for k, v in x.items())", "dict(x)"),
+    Json: ("a JSON object", "isinstance(x, dict)", "dict(x)"),
     Flags: ("a list of true/false",
-            lambda x: isinstance(x, list) and all(isinstance(v, bool) for v in x), tuple),
-    Names: ("a list of strings of 1 to 64 characters", _short_names, tuple),
-    Seconds: ("a number of seconds >= 0, or null", _seconds, lambda x: x),
+            "isinstance(x, list) and all(isinstance(v, bool) for v in x)", "tuple(x)"),
+    Names: ("a list of strings of 1 to 64 characters", "_short_names(x)", "tuple(x)"),
+    Seconds: ("a number of seconds >= 0, or null", "_seconds(x)", "x"),
 }
 
 
 class _Field(typing.NamedTuple):
-    """A header field, with its rule looked up once (this runs on every frame)."""
+    """A header field, with its rule looked up once per class."""
 
     name: str
     want: str
-    check: Callable[[Any], bool]
-    convert: Callable[[Any], Any]
+    check: str  # an expression of the JSON value ``x``
+    convert: str  # likewise
     default: Any
     as_list: bool  # sent as a JSON list (a tuple here)
 
@@ -143,6 +144,65 @@ def _layout(cls: type[Message]) -> tuple[list[_Field], list[tuple[str, bool]]]:
     return header, sections
 
 
+def _no_section(cls: type[Message], name: str, frame: Frame) -> WireError:
+    return WireError(
+        f"statehost wire: {cls.__name__} needs a {name!r} section and the frame "
+        f"has only {sorted(frame.sections) or 'none'}. Fix: send messages built "
+        "by statehost's client."
+    )
+
+
+@functools.cache
+def _codec(cls: type[Message]) -> tuple[Callable[[Any], Encoded], Callable[[Frame], Any]]:
+    """``(to_frame, from_frame)`` of ``cls``, compiled from its layout once per class.
+
+    Every frame goes through these on both sides of every call; a loop over the
+    ``_Field``s, with a call per rule, cost about twice as much per message as code
+    with the fields and rules spelled out. Decoding checks fields in declaration
+    order, so the first bad field is the one reported, as before.
+    """
+    header, sections = _layout(cls)
+    env: dict[str, Any] = {
+        "cls": cls, "encode": encode, "MISSING": dataclasses.MISSING, "_fault": _fault,
+        "_no_section": _no_section, "_version": _version, "is_state_id": is_state_id,
+        "_seconds": _seconds, "_short_names": _short_names, "want_kind": repr(cls.kind),
+    }
+    put = ", ".join(f"{f.name!r}: " + (f"list(self.{f.name})" if f.as_list else f"self.{f.name}")
+                    for f in header)
+    to_frame = ["def to_frame(self):", f"    header = {{'kind': self.kind, {put}}}",
+                "    sections = {}"]
+    for name, _ in sections:
+        to_frame += [f"    if self.{name} is not None:",
+                     f"        sections[{name!r}] = self.{name}"]
+    to_frame.append("    return encode(header, sections)")
+
+    from_frame = [
+        "def from_frame(frame):",
+        "    header = frame.header",
+        f"    if header.get('kind') != {cls.kind!r}:",
+        "        raise _fault(cls, 'kind', want_kind, header.get('kind', MISSING))",
+    ]
+    for i, f in enumerate(header):
+        env[f"want{i}"], env[f"default{i}"] = f.want, f.default
+        from_frame += [f"    x = header.get({f.name!r}, MISSING)", "    if x is MISSING:"]
+        from_frame.append(f"        raise _fault(cls, {f.name!r}, want{i}, x)"
+                          if f.default is dataclasses.MISSING else f"        v{i} = default{i}")
+        from_frame += [f"    elif {f.check}:", f"        v{i} = {f.convert}", "    else:",
+                       f"        raise _fault(cls, {f.name!r}, want{i}, x)"]
+    from_frame.append("    sections = frame.sections")
+    for j, (name, required) in enumerate(sections):
+        from_frame.append(f"    s{j} = sections.get({name!r})")
+        if required:
+            from_frame += [f"    if s{j} is None:",
+                           f"        raise _no_section(cls, {name!r}, frame)"]
+    fields = [f"{f.name}=v{i}" for i, f in enumerate(header)]
+    fields += [f"{name}=s{j}" for j, (name, _) in enumerate(sections)]
+    from_frame.append(f"    return cls({', '.join(fields)})")
+    code = "\n".join(to_frame) + "\n\n" + "\n".join(from_frame) + "\n"
+    exec(compile(code, f"<statehost.wire codec of {cls.__name__}>", "exec"), env)
+    return env["to_frame"], env["from_frame"]
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Message:
     """Base of every message; subclasses declare their fields."""
@@ -150,44 +210,11 @@ class Message:
     kind: ClassVar[str]
 
     def to_frame(self) -> Encoded:
-        header_fields, section_fields = _layout(type(self))
-        header: dict[str, Any] = {"kind": self.kind}
-        for field in header_fields:
-            value = getattr(self, field.name)
-            header[field.name] = list(value) if field.as_list else value
-        sections = {name: getattr(self, name) for name, _ in section_fields
-                    if getattr(self, name) is not None}
-        return encode(header, sections)
+        return _codec(type(self))[0](self)
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Self:
-        header_fields, section_fields = _layout(cls)
-        values: dict[str, Any] = {}
-        kind = frame.header.get("kind")
-        if kind != cls.kind:
-            raise _fault(cls, "kind", repr(cls.kind), frame.header.get("kind",
-                                                                        dataclasses.MISSING))
-        header = frame.header
-        for name, want, check, convert, default, _ in header_fields:
-            if name not in header:
-                if default is dataclasses.MISSING:
-                    raise _fault(cls, name, want, default)
-                values[name] = default
-                continue
-            raw = header[name]
-            if not check(raw):
-                raise _fault(cls, name, want, raw)
-            values[name] = convert(raw)
-        for name, required in section_fields:
-            section = frame.sections.get(name)
-            if section is None and required:
-                raise WireError(
-                    f"statehost wire: {cls.__name__} needs a {name!r} section and the frame "
-                    f"has only {sorted(frame.sections) or 'none'}. Fix: send messages built "
-                    "by statehost's client."
-                )
-            values[name] = section
-        return cls(**values)
+        return _codec(cls)[1](frame)
 
 
 # -- calls ---------------------------------------------------------------------
@@ -201,7 +228,7 @@ class CallRequest(Message):
     (``StateRecord``s), each with the version it is based on. ``args`` holds
     ``(args, kwargs)``. With ``pull``, the written states and ``pull_ids`` come back.
 
-    With ``keep`` (asynchronous dispatch), the outputs also stay on the server as
+    With ``keep_outputs`` (asynchronous dispatch), the outputs also stay on the server as
     arrays named ``"{call_id}:{leaf index}"`` (``FetchRequest`` reads them,
     ``FreeRequest`` drops them). ``returns`` says what the reply's ``results`` hold:
     ``"values"`` (the outputs' host copies) or ``"none"`` (nothing: an asynchronous
@@ -220,7 +247,7 @@ class CallRequest(Message):
     default_stream: str | None = None
     pull: bool = False
     pull_ids: Ids = ()
-    keep: bool = False
+    keep_outputs: bool = False
     returns: str = "values"
     expect: str | None = None
     timeout: Seconds = None

@@ -340,7 +340,7 @@ def test_a_resent_call_id_is_answered_with_its_first_outcome(async_client, trans
     twin = async_client._stream_twin()
     message = CallRequest(session=async_client._session, call_id="again", digest=packed.digest,
                           refs=(count.id, twin.state.id), default_stream=twin.state.id,
-                          keep=True, args=pack(((), {})))
+                          keep_outputs=True, args=pack(((), {})))
     conn = _raw(transport)
     conn.send(message.to_frame().to_bytes())
     first = conn.recv()

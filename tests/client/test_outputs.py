@@ -79,3 +79,32 @@ def test_a_numpy_scalar_becomes_a_0d_array():
     got = as_array(np.float32(1.5), weak_type=True)
 
     assert repr(got) == repr(jnp.asarray(1.5))
+
+
+@pytest.mark.parametrize("weak_type", [False, True])
+@pytest.mark.parametrize("value", [
+    np.ones((2, 3), np.float32), np.float32(1.5), np.arange(4, dtype=np.int8), np.array(True),
+    np.ones(3, jnp.bfloat16), np.zeros((0, 2), np.complex64),
+    np.ones(3, np.float64),  # not a dtype JAX keeps (x64 off): the public path
+    np.ones((4, 4), np.float32)[:, ::2],  # not contiguous: the public path
+], ids=repr)
+def test_the_direct_path_makes_what_jnp_asarray_makes(value, weak_type):
+    """``as_array`` skips ``jnp.asarray``'s primitive dispatch where it can (a private
+    JAX step, ``_outputs._direct_put``); what it returns must not differ in any way."""
+    expected = jnp.asarray(value)
+    if weak_type:
+        expected.aval = expected.aval.update(weak_type=True)
+
+    got = as_array(value, weak_type)
+
+    assert type(got) is type(expected) and _aval(got) == _aval(expected)
+    assert got.sharding == expected.sharding and got.committed == expected.committed
+    assert repr(got) == repr(expected)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_the_direct_path_honours_the_default_device():
+    device = jax.devices()[-1]
+    with jax.default_device(device):
+        got = as_array(np.ones(2, np.float32))
+    assert got.devices() == {device} and not got.committed

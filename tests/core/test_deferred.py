@@ -79,7 +79,8 @@ def test_every_transform_resolves_deferred_values_before_use(transform):
     if transform == "jit":
         f = statehost.transform.jit(step)
     elif transform == "vmap":
-        f = statehost.transform.vmap(step, in_axes=0, state_in_axes={0: OfType(statehost.ParamState)},
+        f = statehost.transform.vmap(step, in_axes=0,
+                                     state_in_axes={0: OfType(statehost.ParamState)},
                                      state_out_axes={0: OfType(statehost.ParamState)})
     else:
         f = statehost.transform.pmap(step, axis_name="i", in_axes=0,

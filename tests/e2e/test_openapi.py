@@ -31,7 +31,7 @@ CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conform
           "response_schema_conformance", "negative_data_rejection", "positive_data_acceptance",
           "unsupported_method", "allow_header_conformance"]
 FRAME_PATHS = r"^/v1/(call|states/push|states/pull|objects/put|objects/get|functions/register)$"
-JSON_OPERATIONS = 18  # every operation but the 6 frame ones
+JSON_OPERATIONS = 23  # every operation but the 7 frame ones (POST /v1/jobs: CONFIG)
 MAX_EXAMPLES = 120  # per operation and phase: ~25 s per token on 2 cores
 
 # Real names mixed into the generated ones, so requests reach real states, not only 404s.
@@ -45,6 +45,12 @@ values = ["net", "tree", "fn"]
 [parameters]
 "path.namespace" = { dictionary = "namespaces", probability = 0.5 }
 "path.name" = { dictionary = "names", probability = 0.5 }
+
+# POST /v1/jobs takes a frame (its answer is JSON): left out like FRAME_PATHS, which cannot
+# name it without GET /v1/jobs.
+[[operations]]
+include-name = "POST /v1/jobs"
+enabled = false
 
 # Well-formed requests that the state itself refuses: a value of another shape or dtype, a
 # pytree state (422), an If-Match of an older version (412), a value too large for JSON

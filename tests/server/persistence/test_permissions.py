@@ -33,7 +33,8 @@ def test_a_server_writes_its_data_private(tmp_path, loose_umask):
     app = create_app(Settings(tokens=(TOKEN,), data_dir=data, durability="sync"))
     transport = InProcessTransport(app)
     try:
-        with statehost.connect("http://x", token=TOKEN, transport=transport, dispatch="sync") as client:
+        with statehost.connect("http://x", token=TOKEN, transport=transport,
+                               dispatch="sync") as client:
             client.put("team/w", statehost.ParamState(jnp.arange(3.0)))
             modes = _modes(data)  # while running: the -wal and -shm files exist
     finally:
