@@ -648,8 +648,8 @@ class Client:
             return self._call_blocking(transform, placement, packed, call_args, twin, refs, key)
         message = CallRequest(
             session=self._session, call_id=secrets.token_hex(8), digest=packed.digest,
-            refs=tuple(refs), default_stream=twin.state.id, keep_outputs=True, returns="none",
-            expect=signature.expect, args=call_args)
+            refs=tuple(refs), default_stream=twin.state.id, keep_outputs=True,
+            returns="none", expect=signature.expect, args=call_args)
         call = dispatcher.issue(message, transform, packed.digest)
         if placement.pull:
             for state_id in signature.written:
@@ -668,8 +668,8 @@ class Client:
                        key: Any) -> Any:
         """The first call of a signature (or one that uploads): a blocking round trip, so its
         errors raise here; it teaches the client the outputs of the signature. It goes over
-        HTTP (``POST /v1/call`` with ``keep_outputs``): nothing is in flight once the stream is
-        synced, so the order holds, and it gets HTTP's chunked uploads, its 413 for an
+        HTTP (``POST /v1/call`` with ``keep_outputs``): nothing is in flight once the stream
+        is synced, so the order holds, and it gets HTTP's chunked uploads, its 413 for an
         oversized body, and a graceful shutdown's wait for running requests."""
         dispatcher = self._stream()
         dispatcher.sync()  # a synchronising point: earlier failures raise first
@@ -722,7 +722,7 @@ class Client:
         """
         from statehost.client import _jobs  # here: this section is all jobs add to the class
 
-        return _jobs.loop(self, mapping, steps, args, kwargs, over=over, keep_outputs=keep,
+        return _jobs.loop(self, mapping, steps, args, kwargs, over=over, keep=keep,
                           progress=progress, timeout=timeout, wait=wait)
 
     def submit(self, mapping: Any, *args: Any, timeout: float | None = None,
