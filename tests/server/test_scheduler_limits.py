@@ -662,3 +662,28 @@ def test_under_load_no_state_is_shared_no_bound_exceeded_and_nothing_leaks(sessi
         scheduler.shutdown()
 
     asyncio.run(main())
+
+
+def test_the_cancel_route_stops_a_running_loop_between_steps(server):
+    """A job's loop is one scheduler Call with the job's id: it is listed while it runs, and
+    cancelling the call stops it at its next step (the job says how far it got)."""
+    from statehost.client import JobCancelledError
+
+    s = server(stuck_after=0.05)
+    with s.connect() as client:
+        w = statehost.ParamState(jnp.zeros((), jnp.int32))
+
+        def step():
+            jax.debug.callback(lambda: time.sleep(0.02))
+            w.value = w.value + 1
+            return w.value
+
+        job = client.loop(client.jit(step), 10_000, wait=False, progress=False)
+        _until(lambda: s.http.get("/v1/info").json()["calls"]["stuck"])
+        (listed,) = s.http.get("/v1/info").json()["calls"]["stuck"]
+        assert (listed["id"], listed["kind"]) == (job.id, "loop")
+        answer = s.http.post(f"/v1/calls/{job.id}/cancel").json()
+        assert answer == {"id": job.id, "status": "running", "cancel_requested": True}
+        with pytest.raises(JobCancelledError, match=r"was cancelled after \d+ of 10000") as info:
+            job.result()
+        assert 0 < info.value.completed < 10_000 and int(w.value) == info.value.completed
