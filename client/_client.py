@@ -272,7 +272,7 @@ class Client:
         return place(factory(fun, *args, **kwargs), placement)
 
     def pmap(self, fun: Any = MISSING, *args: Any, pull: bool = True, retries: int = 0,
-             sync: bool = False, **kwargs: Any) -> Any:
+             sync: bool = False, timeout: float | None = None, **kwargs: Any) -> Any:
         """``statehost.transform.pmap`` run on the server: same arguments, plus two.
 
         Arguments:
@@ -284,35 +284,39 @@ class Client:
                 this many times. The local changes to those states are dropped.
             sync: run every call as a blocking round trip returning ``jax.Array``s, even
                 when the client dispatches asynchronously (``connect(dispatch=...)``).
+            timeout: seconds a call may wait on the server before it starts; past it, it
+                is dropped with ``CallTimeoutError`` and nothing is applied (default: the
+                server's ``--call-timeout``). A running call is never interrupted.
 
         Returns:
             The ``statehost.transform.StatefulMapping`` that ``pmap`` builds, placed on
             this client's server (its ``placement`` is a :class:`RemotePlacement`); a
             decorator when ``fun`` is omitted.
         """
-        return self._wrap(_local_pmap, fun, {"pull": pull, "retries": retries, "sync": sync},
+        return self._wrap(_local_pmap, fun, {"pull": pull, "retries": retries, "sync": sync, "timeout": timeout},
                           args, kwargs)
 
     def vmap(self, fun: Any = MISSING, *, pull: bool = True, retries: int = 0,
-             sync: bool = False, **kwargs: Any) -> Any:
+             sync: bool = False, timeout: float | None = None, **kwargs: Any) -> Any:
         """``statehost.transform.vmap`` run on the server: same arguments, plus ``pull``,
-        ``retries``, ``sync`` (see :meth:`pmap`)."""
-        return self._wrap(_local_vmap, fun, {"pull": pull, "retries": retries, "sync": sync},
+        ``retries``, ``sync``, ``timeout`` (see :meth:`pmap`)."""
+        return self._wrap(_local_vmap, fun, {"pull": pull, "retries": retries, "sync": sync, "timeout": timeout},
                           (), kwargs)
 
     def jit(self, fun: Any = MISSING, *, pull: bool = True, retries: int = 0,
-            sync: bool = False, **kwargs: Any) -> Any:
+            sync: bool = False, timeout: float | None = None, **kwargs: Any) -> Any:
         """``statehost.transform.jit`` run on the server: same arguments, plus ``pull``,
-        ``retries``, ``sync`` (see :meth:`pmap`)."""
-        return self._wrap(_local_jit, fun, {"pull": pull, "retries": retries, "sync": sync},
+        ``retries``, ``sync``, ``timeout`` (see :meth:`pmap`)."""
+        return self._wrap(_local_jit, fun, {"pull": pull, "retries": retries, "sync": sync, "timeout": timeout},
                           (), kwargs)
 
     def StatefulMapping(self, fun: Any, *args: Any, pull: bool = True, retries: int = 0,  # noqa: N802
-                        sync: bool = False, **kwargs: Any) -> Any:
+                        sync: bool = False, timeout: float | None = None,
+                        **kwargs: Any) -> Any:
         """``statehost.transform.StatefulMapping`` run on the server, plus ``pull``,
-        ``retries``, ``sync`` (see :meth:`pmap`)."""
+        ``retries``, ``sync``, ``timeout`` (see :meth:`pmap`)."""
         return self._wrap(_LocalStatefulMapping, fun,
-                          {"pull": pull, "retries": retries, "sync": sync}, args, kwargs)
+                          {"pull": pull, "retries": retries, "sync": sync, "timeout": timeout}, args, kwargs)
 
     # -- state sync -----------------------------------------------------------
     def _records(self, states: Iterable[State]) -> Any:
@@ -608,7 +612,7 @@ class Client:
                 refs=tuple(refs), uploads=self._ledger.bases(uploads),
                 default_stream=twin.state.id, pull=placement.pull,
                 pull_ids=tuple(self._ledger.stale_among(refs)) if placement.pull else (),
-                keep_outputs=keep,
+                keep_outputs=keep, timeout=placement.timeout,
                 function=None if self._ledger.has_function(packed.digest) else packed.section,
                 args=call_args, states=self._records(uploads) if uploads else None)
 
@@ -649,7 +653,7 @@ class Client:
         message = CallRequest(
             session=self._session, call_id=secrets.token_hex(8), digest=packed.digest,
             refs=tuple(refs), default_stream=twin.state.id, keep_outputs=True,
-            returns="none", expect=signature.expect, args=call_args)
+            returns="none", timeout=placement.timeout, expect=signature.expect, args=call_args)
         call = dispatcher.issue(message, transform, packed.digest)
         if placement.pull:
             for state_id in signature.written:

@@ -70,14 +70,20 @@ class RemotePlacement:
             after each call (``False``: they stay on the server until ``client.pull``).
         retries: how many times a call that met a ``StateConflictError`` pulls
             the conflicting states and runs again.
+        timeout: seconds a call may wait on the server before it starts.
         sync: every call is a blocking round trip (``jax.Array`` outputs), even when
             the client dispatches asynchronously.
     """
 
     def __init__(self, client: Client, *, pull: bool = True, retries: int = 0,
-                 sync: bool = False):
+                 sync: bool = False, timeout: float | None = None):
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"client transform: retries={retries!r} must be an int >= 0.")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, int | float) or not 0 < timeout < float("inf")):
+            raise ValueError(f"client transform: timeout={timeout!r} must be a number of "
+                             "seconds > 0, or None for the server's --call-timeout.")
+        self.timeout = None if timeout is None else float(timeout)
         self.client = client
         self.pull = bool(pull)
         self.retries = retries

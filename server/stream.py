@@ -43,6 +43,7 @@ from statehost.server.errors import (
     ApiError,
     CallCancelledError,
     CallNotRunError,
+    CallTimeoutError,
     PayloadTooLargeError,
     ProtocolError,
     ServerError,
@@ -85,6 +86,11 @@ _MSG_NOT_RUN = (
     "Every state is as the calls before {failed} left it. Fix: read the failure, then "
     "re-issue the calls you still want."
 )
+_MSG_TIMEOUT = (
+    "{where}: call {call_id} has a timeout of {timeout:g} s and waited {waited:.3g} s behind "
+    "this client's earlier calls, so it was never started: nothing was applied. Fix: give it "
+    "a longer timeout= (client.jit(f, timeout=...)), or issue fewer calls ahead of it."
+)
 _MSG_CANCELLED = (
     "{where}: call {call_id} was cancelled before it started (its client asked: Ctrl-C, or "
     "cancel()). Nothing was applied."
@@ -108,11 +114,13 @@ class Channel:
         self.versions = versions
         self.principal = principal
         self._send = send
-        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
+        # Each request with the time it arrived (a call's timeout counts from there).
+        self._queue: asyncio.Queue[tuple[Frame, float] | None] = asyncio.Queue()
         self._failed: str | None = None  # the call id the client has not resumed after
         self._cancelled: set[str] = set()
         self._current: Call | None = None
         self._closed = False
+        self._arrived = 0.0  # when the request being run arrived
 
     # -- reading -----------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
@@ -143,7 +151,7 @@ class Channel:
         if self._queue.qsize() >= _BACKLOG:
             raise ChannelClosed(1008, f"{WHERE}: more than {_BACKLOG} requests are waiting; "
                                 "the client must wait for answers (max_in_flight).")
-        self._queue.put_nowait(frame)
+        self._queue.put_nowait((frame, time.monotonic()))
 
     def _decode(self, cls: type[Message], frame: Frame) -> Any:
         try:
@@ -177,10 +185,11 @@ class Channel:
     async def run(self) -> None:
         """Runs the requests in order until :meth:`close`."""
         while True:
-            frame = await self._queue.get()
-            if frame is None or self._closed:
+            item = await self._queue.get()
+            if item is None or self._closed:
                 return
-            await self._one(frame)
+            self._arrived = item[1]
+            await self._one(item[0])
 
     async def _one(self, frame: Frame) -> None:
         kind = frame.header.get("kind")
@@ -239,8 +248,19 @@ class Channel:
             self.rt.metrics.calls.labels("cancelled").inc()
             return self._error(call_id, CallCancelledError(
                 _MSG_CANCELLED.format(where=WHERE, call_id=call_id)))
+        timeout = message.timeout
+        if timeout is not None:  # it counts from arrival, the calls before it included
+            waited = time.monotonic() - self._arrived
+            if waited >= timeout:
+                self._failed = call_id
+                self.rt.metrics.call_timeouts.inc()
+                return self._error(call_id, CallTimeoutError(_MSG_TIMEOUT.format(
+                    where=WHERE, call_id=call_id, timeout=timeout, waited=waited),
+                    waited_s=round(waited, 3), timeout_s=timeout))
+            timeout -= waited
         keys = (*message.refs, *message.uploads, *filter(None, [message.default_stream]))
-        work = Call("call", session, keys, lambda c: run_call(c, message, self.rt), id=call_id)
+        work = Call("call", session, keys, lambda c: run_call(c, message, self.rt), id=call_id,
+                    timeout=timeout)
         outcome = session.running[call_id] = asyncio.get_running_loop().create_future()
         try:
             data = await self._submit(session, work)

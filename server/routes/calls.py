@@ -56,7 +56,7 @@ async def call(request: Request, frame: FrameBody) -> Response:
     session = rt.session(message.session, request.state.principal, "POST /v1/call")
     keys = (*message.refs, *message.uploads, *filter(None, [message.default_stream]))
     work = Call("call", session, keys, lambda c: run_call(c, message, rt),
-                **({"id": message.call_id} if message.call_id else {}))
+                timeout=message.timeout, **({"id": message.call_id} if message.call_id else {}))
     try:
         result = await rt.scheduler.submit(work)
     except ApiError as exc:

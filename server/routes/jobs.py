@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -178,8 +179,10 @@ async def submit(request: Request, frame: FrameBody, principal: PrincipalDep
     job = Job(session, message.steps, message.keep, message.timeout,
               **({"id": message.call_id} if message.call_id else {}))
     keys = (*message.refs, *message.uploads, *filter(None, [message.default_stream]))
+    # A job's own timeout bounds it (the loop stops between steps past it); without one
+    # it may wait and run as long as it takes, not the server's per-call default.
     job.call = Call("loop", session, keys, lambda call: run_loop(call, message, job, rt),
-                    id=job.id)
+                    id=job.id, timeout=message.timeout or math.inf)
     jobs.add(job)
     jobs.tasks.add(task := asyncio.ensure_future(_drive(rt, job, job.call)))
     task.add_done_callback(jobs.tasks.discard)

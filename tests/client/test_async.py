@@ -349,3 +349,27 @@ def test_a_resent_call_id_is_answered_with_its_first_outcome(async_client, trans
     conn.close()
     async_client.pull(count)
     assert int(count.value) == 2  # applied once
+
+
+def test_a_call_past_its_timeout_before_it_starts_is_dropped(transport):
+    count, bump = _counter()
+    held = _held(bump)
+    with statehost.connect(URL, token=TOKEN, transport=transport) as client:
+        slow = client.jit(held)
+        GATE.set()
+        slow()
+        GATE.clear()
+        quick = client.jit(bump, timeout=0.2)
+        quick()  # learns its signature (runs at once: nothing holds the state)
+        slow()  # holds the count for as long as the gate is shut
+        late = quick()  # must wait for the slow call's lock: past 0.2 s it is dropped
+        time.sleep(0.6)
+        GATE.set()
+        with pytest.raises(statehost.client.CallTimeoutError, match="never started"):
+            np.asarray(late)
+        assert int(count.value) == 3  # slow, quick, slow: the late call applied nothing
+
+
+def test_a_bad_timeout_is_refused_when_the_transform_is_built(async_client):
+    with pytest.raises(ValueError, match="timeout=-1 must be a number of seconds > 0"):
+        async_client.jit(lambda: 1, timeout=-1)
