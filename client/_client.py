@@ -293,21 +293,21 @@ class Client:
             this client's server (its ``placement`` is a :class:`RemotePlacement`); a
             decorator when ``fun`` is omitted.
         """
-        return self._wrap(_local_pmap, fun, {"pull": pull, "retries": retries, "sync": sync, "timeout": timeout},
+        return self._wrap(_local_pmap, fun, _options(pull, retries, sync, timeout),
                           args, kwargs)
 
     def vmap(self, fun: Any = MISSING, *, pull: bool = True, retries: int = 0,
              sync: bool = False, timeout: float | None = None, **kwargs: Any) -> Any:
         """``statehost.transform.vmap`` run on the server: same arguments, plus ``pull``,
         ``retries``, ``sync``, ``timeout`` (see :meth:`pmap`)."""
-        return self._wrap(_local_vmap, fun, {"pull": pull, "retries": retries, "sync": sync, "timeout": timeout},
+        return self._wrap(_local_vmap, fun, _options(pull, retries, sync, timeout),
                           (), kwargs)
 
     def jit(self, fun: Any = MISSING, *, pull: bool = True, retries: int = 0,
             sync: bool = False, timeout: float | None = None, **kwargs: Any) -> Any:
         """``statehost.transform.jit`` run on the server: same arguments, plus ``pull``,
         ``retries``, ``sync``, ``timeout`` (see :meth:`pmap`)."""
-        return self._wrap(_local_jit, fun, {"pull": pull, "retries": retries, "sync": sync, "timeout": timeout},
+        return self._wrap(_local_jit, fun, _options(pull, retries, sync, timeout),
                           (), kwargs)
 
     def StatefulMapping(self, fun: Any, *args: Any, pull: bool = True, retries: int = 0,  # noqa: N802
@@ -315,8 +315,8 @@ class Client:
                         **kwargs: Any) -> Any:
         """``statehost.transform.StatefulMapping`` run on the server, plus ``pull``,
         ``retries``, ``sync``, ``timeout`` (see :meth:`pmap`)."""
-        return self._wrap(_LocalStatefulMapping, fun,
-                          {"pull": pull, "retries": retries, "sync": sync, "timeout": timeout}, args, kwargs)
+        return self._wrap(_LocalStatefulMapping, fun, _options(pull, retries, sync, timeout),
+                          args, kwargs)
 
     # -- state sync -----------------------------------------------------------
     def _records(self, states: Iterable[State]) -> Any:
@@ -778,6 +778,11 @@ class _StreamTwin:
         """An asynchronous call writes the twin: the local stream reads its value lazily."""
         dispatcher.mirror(self.local, self.state)
         self._seen = self.local.write_count
+
+
+def _options(pull: bool, retries: int, sync: bool, timeout: float | None) -> dict[str, Any]:
+    """The client-only options of a transform (``RemotePlacement``'s arguments)."""
+    return {"pull": pull, "retries": retries, "sync": sync, "timeout": timeout}
 
 
 def _localized(exc: RemoteExecutionError, transform: StatefulCall) -> RemoteExecutionError:
