@@ -24,10 +24,12 @@ from statehost.client._dispatch import AsyncCall, Dispatcher, Signature
 from statehost.client._errors import (
     ClientError,
     FunctionNotCachedError,
+    NotFoundError,
     RemoteExecutionError,
     SessionNotFoundError,
     StateConflictError,
     StateNotFoundError,
+    TransportError,
     VersionMismatchError,
     remote_execution_error,
 )
@@ -511,7 +513,17 @@ class Client:
         while True:
             try:
                 built = message()
-                return post(built) if post is not None else self._http.frame(path, built)
+                try:
+                    return post(built) if post is not None else self._http.frame(path, built)
+                except (KeyboardInterrupt, TransportError) as exc:
+                    call_id = getattr(built, "call_id", None) if path == "/v1/call" else None
+                    if call_id is None:
+                        raise
+                    outcome = self._interrupted(call_id)
+                    if isinstance(exc, KeyboardInterrupt):
+                        exc.add_note(outcome)
+                        raise
+                    raise TransportError(f"{exc} {outcome}") from exc
             except FunctionNotCachedError:
                 if digest is None or resends == _RESENDS:
                     raise
@@ -531,6 +543,23 @@ class Client:
                 self.pull([s for i in ids if (s := self._ledger.tracked(i)) is not None])
                 continue
             resends += 1
+
+    def _interrupted(self, call_id: str) -> str:
+        """The outcome of a blocking call whose answer did not come (Ctrl-C, a timeout):
+        it is cancelled if it has not started, and the text says what became of it."""
+        try:
+            state = self._http.json("POST", f"/v1/calls/{call_id}/cancel", timeout=5.0)
+        except NotFoundError:
+            return (f"Call {call_id} had already finished on the server when the client asked: "
+                    "it committed, unless it failed; client.pull(...) shows the states.")
+        except Exception as exc:  # the server is gone too: say so, do not guess
+            return (f"Call {call_id}: its outcome is unknown (the server did not answer "
+                    f"either: {type(exc).__name__}).")
+        if state.get("status") == "cancelled":
+            return f"Call {call_id} was cancelled before it started: nothing was applied."
+        return (f"Call {call_id} is still running on the server and cannot be interrupted "
+                "(one device program cannot be, openxla/xla#16801): it commits when it ends, "
+                "unless it fails; client.pull(...) afterwards shows its effect.")
 
     def _forget_missing(self, exc: StateNotFoundError, refs: Mapping[str, State],
                         what: str) -> bool:
