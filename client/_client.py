@@ -9,6 +9,7 @@ request is a typed message of ``statehost.wire``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import socket
@@ -157,6 +158,9 @@ class Client:
         self._http = Http(self.url, auth, timeout, transport)
         self._max_in_flight = max_in_flight
         self._max_body = 4 * 2**30
+        # Call ids: unique in a session, cheap (os.urandom per call cost a GIL hand-off).
+        self._id_prefix = secrets.token_hex(4)
+        self._ids = itertools.count()
         # Async needs the call stream: over the network, or a transport that serves one.
         self.dispatch = dispatch if self._http.can_stream() else "sync"
         self._dispatcher: Dispatcher | None = None
@@ -242,6 +246,10 @@ class Client:
         """
         if self._dispatcher is not None:
             self._dispatcher.sync()
+
+    def next_call_id(self) -> str:
+        """A fresh id for a request of this client (16 hex digits)."""
+        return f"{self._id_prefix}{next(self._ids):08x}"
 
     def _synced(self) -> None:
         """A synchronising point: what was issued before has run (or raised)."""
@@ -637,7 +645,7 @@ class Client:
             uploads = [s for s in refs.values() if self._ledger.needs_upload(s)]
             message.counts = {s.id: s.write_count for s in uploads}
             return CallRequest(
-                session=self._session, call_id=secrets.token_hex(8), digest=packed.digest,
+                session=self._session, call_id=self.next_call_id(), digest=packed.digest,
                 refs=tuple(refs), uploads=self._ledger.bases(uploads),
                 default_stream=twin.state.id, pull=placement.pull,
                 pull_ids=tuple(self._ledger.stale_among(refs)) if placement.pull else (),
@@ -680,7 +688,7 @@ class Client:
                 or call_args.nbytes > self._max_body:
             return self._call_blocking(transform, placement, packed, call_args, twin, refs, key)
         message = CallRequest(
-            session=self._session, call_id=secrets.token_hex(8), digest=packed.digest,
+            session=self._session, call_id=self.next_call_id(), digest=packed.digest,
             refs=tuple(refs), default_stream=twin.state.id, keep_outputs=True,
             returns="none", timeout=placement.timeout, expect=signature.expect, args=call_args)
         call = dispatcher.issue(message, transform, packed.digest)

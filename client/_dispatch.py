@@ -29,7 +29,6 @@ round trip), as JAX dispatches locally and IFRT proxy does remotely:
 from __future__ import annotations
 
 import collections
-import secrets
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -366,7 +365,7 @@ class Dispatcher:
     def fetch(self, call: AsyncCall, index: int) -> jax.Array:
         self.wait(call)
         reply = FetchReply.from_frame(self.roundtrip(FetchRequest(
-            session=self.client._session, call_id=secrets.token_hex(8),
+            session=self.client._session, call_id=self.client.next_call_id(),
             handles=(handle_name(call.id, index),))))
         (value,) = reply.values.load()
         return as_array(value, reply.weak_types[0] if reply.weak_types else False)
@@ -385,7 +384,7 @@ class Dispatcher:
             # value, which the failed call (and the calls not run behind it) left as it was.
             raise self._take_failure()
         reply = PullReply.from_frame(self.roundtrip(PullRequest(
-            session=self.client._session, call_id=secrets.token_hex(8),
+            session=self.client._session, call_id=self.client.next_call_id(),
             ids=(deferred.state_id,))))
         ((_, value),) = reply.states.load()
         state = self.client._ledger.tracked(deferred.state_id)

@@ -121,6 +121,11 @@ class Channel:
         self._current: Call | None = None
         self._closed = False
         self._arrived = 0.0  # when the request being run arrived
+        m = rt.metrics  # the per-message counters, looked up once (labels() costs ~1 us)
+        self._bytes_in = m.wire_bytes.labels("in", "stream")
+        self._bytes_out = m.wire_bytes.labels("out", "stream")
+        self._calls_ok = m.calls.labels("ok")
+        self._cache_hits = m.function_cache.labels("hit")
 
     # -- reading -----------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
@@ -128,12 +133,11 @@ class Channel:
 
         Raises :class:`ChannelClosed` for a frame that cannot be read.
         """
-        m = self.rt.metrics
         try:
             frame = checked_frame(data, self.versions, WHERE)
         except ApiError as exc:
             raise ChannelClosed(1007, exc.message[:120]) from exc
-        m.wire_bytes.labels("in", "stream").inc(len(data))
+        self._bytes_in.inc(len(data))
         limit = self.rt.settings.max_body
         if len(data) > limit:
             if frame.header.get("kind") == CallRequest.kind:
@@ -222,7 +226,7 @@ class Channel:
             await self._send(data)
         except Exception:  # the socket closed under us: close() follows from the reader
             return
-        self.rt.metrics.wire_bytes.labels("out", "stream").inc(len(data))
+        self._bytes_out.inc(len(data))
 
     def _session(self, session_id: str) -> Session:
         return self.rt.session(session_id, self.principal, WHERE)
@@ -291,9 +295,13 @@ class Channel:
                                 f": {exc}). The call was not applied.")
             data = self._error(call_id, fault)
         else:
-            m.calls.labels("ok").inc()
-            m.compiles.inc(result.compiled)
-            m.function_cache.labels("hit" if result.cached else "miss").inc()
+            self._calls_ok.inc()
+            if result.compiled:
+                m.compiles.inc(result.compiled)
+            if result.cached:
+                self._cache_hits.inc()
+            else:
+                m.function_cache.labels("miss").inc()
             data = self._remember(session, call_id, result.reply.to_frame().to_bytes())
         finally:
             self._current = None
