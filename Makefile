@@ -11,7 +11,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[server,test]"
+	$(PY) -m pip install --quiet -e ".[client,server,test]"
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -197,7 +197,7 @@ class Channel:
 
     async def _one(self, frame: Frame) -> None:
         kind = frame.header.get("kind")
-        handler = self._HANDLERS.get(kind)
+        handler = self._HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
             self._answer_later(frame, ProtocolError(
                 f"{WHERE}: unknown message kind {kind!r}; the stream takes "
@@ -215,6 +215,14 @@ class Channel:
             await self._write(ErrorReply(call_id=getattr(message, "call_id", None),
                                          status=exc.status, error=exc.body()["error"]
                                          ).to_frame().to_bytes())
+            return
+        except Exception as exc:  # a fault of the server: answered, and the channel goes on
+            log.exception("%s: a %s request failed in the server", WHERE, kind)
+            if cls is CallRequest:
+                self._failed = message.call_id or "(no id)"
+            await self._write(self._error(getattr(message, "call_id", None), ServerError(
+                f"{WHERE}: the server failed on this {kind} request ({type(exc).__name__}: "
+                f"{exc}); nothing was applied.")))
             return
         if reply is not None:
             await self._write(reply)

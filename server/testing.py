@@ -44,6 +44,7 @@ class InProcessTransport(httpx.BaseTransport):
             app.router.lifespan_context(app)
         )
         self._lifespan.__enter__()
+        self._sockets: list[_InProcessSocket] = []
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         body = request.read()
@@ -78,13 +79,18 @@ class InProcessTransport(httpx.BaseTransport):
 
     def open_stream(self, path: str, headers: dict[str, str]) -> _InProcessSocket:
         """A WebSocket connection to the app's ``path`` (``send``, ``recv``, ``close``)."""
-        return _InProcessSocket(self._portal, self.app, path, headers)
+        socket = _InProcessSocket(self._portal, self.app, path, headers)
+        self._sockets.append(socket)
+        return socket
 
     def close(self) -> None:
         """Closing an httpx client leaves the app running; see :meth:`shutdown`."""
 
     def shutdown(self) -> None:
-        """Runs the app's shutdown and stops its event-loop thread."""
+        """Closes the sockets still open (their app tasks end), runs the app's shutdown
+        and stops its event-loop thread."""
+        for socket in self._sockets:
+            socket.close()
         self._lifespan.__exit__(None, None, None)
         self._portal_cm.__exit__(None, None, None)
 
@@ -153,12 +159,13 @@ class _InProcessSocket:
         self._loop.call_soon_threadsafe(
             self._in.put_nowait, {"type": "websocket.receive", "bytes": bytes(data)})
 
-    def recv(self) -> bytes | None:
+    def recv(self, timeout: float | None = None) -> bytes | None:
+        """The next message; ``None`` once closed. ``queue.Empty`` past ``timeout``."""
         if self._pushback is not None:
             kind, payload = self._pushback
             self._pushback = None
         else:
-            kind, payload = self._out.get()
+            kind, payload = self._out.get(timeout=timeout)
         while kind == "accept":
             kind, payload = self._out.get()
         if kind == "close":

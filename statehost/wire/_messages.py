@@ -62,11 +62,11 @@ Json = dict[str, Any]  # any JSON object
 Flags = tuple[bool, ...]  # a JSON list of true/false
 ShortName = typing.NewType("ShortName", str)  # a call id or an array handle's name
 Names = tuple[ShortName, ...]  # a JSON list of them
-Seconds = float | None  # a duration in seconds >= 0, or null
+Seconds = float | None  # a duration in seconds, 0 < x <= 1e9, or null
 
 
 def _seconds(x: Any) -> bool:
-    return x is None or (type(x) in (int, float) and 0 <= x < float("inf"))
+    return x is None or (type(x) in (int, float) and 0 < x <= 1e9)
 
 
 def _short_names(x: Any) -> bool:
@@ -112,7 +112,7 @@ _RULES: dict[Any, tuple[str, str, str]] = {
     Flags: ("a list of true/false",
             "isinstance(x, list) and all(isinstance(v, bool) for v in x)", "tuple(x)"),
     Names: ("a list of strings of 1 to 64 characters", "_short_names(x)", "tuple(x)"),
-    Seconds: ("a number of seconds >= 0, or null", "_seconds(x)", "x"),
+    Seconds: ("a number of seconds above 0 (at most 1e9), or null", "_seconds(x)", "x"),
 }
 
 

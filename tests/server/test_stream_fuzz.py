@@ -12,6 +12,7 @@ value, and the normal client goes on working.
 from __future__ import annotations
 
 import json
+import queue
 import struct
 
 import jax.numpy as jnp
@@ -122,7 +123,10 @@ class _Channel:
         self.conn.send(marker.to_frame().to_bytes())
         answers = []
         while True:
-            message = self.conn.recv()
+            try:
+                message = self.conn.recv(timeout=20)
+            except queue.Empty:
+                pytest.fail(f"no answer within 20 s after sending {data[:300]!r}")
             if message is None:
                 assert self.conn.close_code in _CLOSE_CODES, self.conn.close_code
                 self.conn, self.closed = None, self.closed + 1
