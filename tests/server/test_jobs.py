@@ -433,8 +433,8 @@ def test_a_bad_timeout_is_refused_by_the_wire(client):
     status, body = client._http.frames.post_frame(
         "/v1/jobs", message.to_frame().to_bytes(), 0, {"content-type": CONTENT_TYPE})
     assert status == 400
-    assert "'timeout' must be a number of seconds >= 0, or null" in json.loads(bytes(body))[
-        "error"]["message"]
+    assert "'timeout' must be a number of seconds above 0 (at most 1e9), or null" in json.loads(
+        bytes(body))["error"]["message"]
 
 
 def test_the_json_routes_show_progress_cancel_and_stream_events(client):
