@@ -12,9 +12,9 @@ it travels as a handle: the server uses its own buffer and no bytes move.
 If the call failed, every one of those raises its error (the first time it is
 the failure itself, with the remote traceback; see ``client/_dispatch.py``).
 
-``jax.tree_util`` sees a ``RemoteArray`` as a leaf. JAX functions other than
-``jnp.asarray`` / ``jnp.array`` do not accept it directly (jax 0.10 refuses
-``__jax_array__`` during abstractification): write ``jnp.sin(jnp.asarray(x))``.
+``jax.tree_util`` sees a ``RemoteArray`` as a leaf, and JAX functions take it as they
+take a ``jax.Array`` (``jnp.sin(x)``, ``jax.jit(f)(x)``): tracing needs only its shape
+and dtype, and running fetches its value (``client/_jax_interop.py`` says how).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from statehost.client._jax_interop import register
 from statehost.wire import handle_name
 
 if TYPE_CHECKING:
@@ -73,6 +74,19 @@ class RemoteArray:
     def handle(self) -> str:
         """The name the server keeps this array under."""
         return handle_name(self._call.id, self._index)
+
+    # JAX reads these with getattr(x, name, None) when it traces or runs a program that
+    # takes the array: answering them must not fetch. The server's placement is not a
+    # local one, so they are None until the value is here, then the local value's.
+    @property
+    def sharding(self) -> Any:
+        """The fetched value's sharding; ``None`` until the value was fetched."""
+        return None if self._value is None else self._value.sharding
+
+    @property
+    def format(self) -> Any:
+        """The fetched value's format (layout); ``None`` until the value was fetched."""
+        return None if self._value is None else self._value.format
 
     def __statehost_handle__(self) -> str:  # statehost.wire._pickle: travels as a HandleRef
         return self.handle
@@ -174,3 +188,4 @@ for _name in ("neg", "pos", "abs", "invert"):
     setattr(RemoteArray, f"__{_name}__",
             (lambda op: lambda self: op(self._fetch()))(getattr(operator, _name)))
 RemoteArray.__hash__ = None  # type: ignore[assignment]  # as jax.Array: unhashable
+register(RemoteArray)
