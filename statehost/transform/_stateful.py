@@ -338,7 +338,7 @@ class StatefulCall:
                     raise StateTraceError(
                         _MSG_STALE_WRITE.format(api=api, fun=fun_name, state=state._label())
                     )
-            return out, [trace.values[s] for s in plan.outputs]
+            return out, tuple(trace.values[s] for s in plan.outputs)
 
         return pure
 

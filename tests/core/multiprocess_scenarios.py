@@ -1,0 +1,92 @@
+"""Transform scenarios run both in one process and in each process of a jax.distributed group.
+
+``python -m tests.core.multiprocess_scenarios ADDRESS COUNT INDEX OUT`` joins a group of
+``COUNT`` processes (4 CPU devices each, gloo collectives) as process ``INDEX`` and writes
+the scenarios' results, gathered over the group, to ``OUT`` (``.npz``). The test imports
+the same functions and runs them in its own single process on 8 devices: both must agree.
+
+Each scenario takes ``lanes``, the slice of the 8 global lanes this process holds (all of
+them in one process), as a multi-controller JAX program does: every process passes its
+host-local lanes to ``pmap``, and collectives span the whole group.
+"""
+
+import sys
+
+import numpy as np
+
+LANES = 8
+DELTA = np.arange(LANES * 4, dtype=np.float32).reshape(LANES, 4)
+
+
+def affine_pmap(lanes: slice) -> dict[str, np.ndarray]:
+    """The seed's Affine under pmap, plus a psum across every lane of the group."""
+    import jax
+
+    import statehost
+    from statehost.transform import pmap
+    from tests.core.models import PARAM, Affine
+
+    model = Affine(lanes.stop - lanes.start)
+
+    def step(delta):
+        out = model(delta + jax.lax.psum(delta, "i"))
+        return out.sum(axis=-1)
+
+    mapped = pmap(step, axis_name="i", in_axes=0, out_axes=0, state_in_axes={0: PARAM},
+                  state_out_axes={0: PARAM})
+    for _ in range(3):
+        out = mapped(DELTA[lanes])
+    assert isinstance(model.weight, statehost.ParamState)
+    return {"weight": _gathered(model.weight.value), "out": _gathered(out)}
+
+
+def replicated_jit_and_vmap(lanes: slice) -> dict[str, np.ndarray]:
+    """States every process holds whole: jit and vmap compute the same value everywhere."""
+    import jax.numpy as jnp
+
+    import statehost
+    from statehost.transform import jit, vmap
+
+    count = statehost.State(jnp.zeros(()))
+
+    def bump(x):
+        count.value = count.value + x.sum()
+        return count.value
+
+    bumped = jit(bump)
+    firsts = [bumped(jnp.ones(3)) for _ in range(2)]
+    scale = statehost.ParamState(jnp.arange(4.0))
+    scaled = vmap(lambda row: row * scale.value, in_axes=0)(jnp.asarray(DELTA))
+    return {"count": np.asarray(count.value), "firsts": np.asarray(firsts),
+            "scaled": np.asarray(scaled)}
+
+
+SCENARIOS = {"affine_pmap": affine_pmap, "replicated_jit_and_vmap": replicated_jit_and_vmap}
+
+
+def _gathered(value):
+    """The whole value over the group's lanes (this process's own when it is alone)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return np.asarray(value)
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+def _main(address: str, count: int, index: int, out: str) -> None:
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", LANES // count)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(address, num_processes=count, process_id=index)
+    per = LANES // count
+    lanes = slice(index * per, (index + 1) * per)
+    results = {f"{name}.{key}": value for name, scenario in SCENARIOS.items()
+               for key, value in scenario(lanes).items()}
+    np.savez(out, **results)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
