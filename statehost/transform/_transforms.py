@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, overload
 
 import jax
+import numpy as np
 
 from statehost.transform._axes import argnums
 from statehost.transform._jit import MISSING
@@ -54,7 +55,7 @@ class PmapMapping:
         axis_name: Any,
         axis_size: int | None,
     ) -> Callable[..., Any]:
-        return jax.pmap(
+        mapped = jax.pmap(
             fun,
             axis_name=axis_name,
             in_axes=in_axes,
@@ -64,6 +65,9 @@ class PmapMapping:
             axis_size=axis_size,
             donate_argnums=self.donate_argnums,
         )
+        if jax.process_count(self.backend) == 1:
+            return mapped
+        return _GroupPmapWrapper(mapped, out_axes, self.devices, self.backend)
 
     def check_lanes(self, lanes: int, api: str) -> None:
         """Raises a clear error when ``lanes`` cannot be placed one per device."""
@@ -75,9 +79,11 @@ class PmapMapping:
                     )
                 )
             return
-        devices = jax.local_devices(backend=self.backend)
+        group = jax.process_count(self.backend) > 1  # lanes may span the group's devices
+        devices = (jax.devices if group else jax.local_devices)(backend=self.backend)
         if lanes > len(devices):
-            where = f"backend {self.backend!r}" if self.backend else "this host"
+            where = (f"backend {self.backend!r}" if self.backend
+                     else "this jax.distributed group" if group else "this host")
             kinds = sorted({d.platform for d in devices})
             raise ValueError(
                 _MSG_TOO_MANY_LANES.format(
@@ -102,6 +108,46 @@ class PmapMapping:
             f"jax.pmap(devices={self.devices!r}, backend={self.backend!r}, "
             f"donate_argnums={self.donate_argnums!r})"
         )
+
+
+class _GroupPmapWrapper:
+    """``jax.pmap`` in a ``jax.distributed`` group, global arrays in, global arrays out.
+
+    Multi-controller ``jax.pmap`` takes either each process's host-local lanes or global
+    arrays spanning every process's devices, but always returns host-local arrays (jax
+    0.10.2, ``pmap.global_array_to_host_local_array``). A state kept as a global array
+    (a server's, shared by every process of its group) must stay one, so when any input is
+    global the outputs are made global again (no copy: each process's shards become its
+    part of the global array). Host-local inputs get host-local outputs, as in JAX.
+    """
+
+    def __init__(self, mapped: Callable[..., Any], out_axes: Any,
+                 devices: Sequence[Any] | None, backend: str | None):
+        self.mapped = mapped
+        self.out_axes = out_axes
+        self.devices = devices
+        self.backend = backend
+
+    def __call__(self, *args: Any) -> Any:
+        out = self.mapped(*args)
+        leaves = jax.tree_util.tree_leaves(args)
+        if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+            return out
+        devices = self.devices or jax.devices(backend=self.backend)
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("lanes",))
+
+        def spec(axis: int | None, leaf: Any) -> Any:
+            lanes = [None] * np.ndim(leaf)
+            if axis is not None:
+                lanes[axis] = "lanes"
+            return jax.sharding.PartitionSpec(*lanes)
+
+        specs = jax.tree_util.tree_map(
+            lambda axis, sub: jax.tree_util.tree_map(lambda leaf: spec(axis, leaf), sub),
+            self.out_axes, out, is_leaf=lambda x: x is None)
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.host_local_array_to_global_array(out, mesh, specs)
 
 
 @overload

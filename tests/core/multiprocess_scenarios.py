@@ -61,7 +61,37 @@ def replicated_jit_and_vmap(lanes: slice) -> dict[str, np.ndarray]:
             "scaled": np.asarray(scaled)}
 
 
-SCENARIOS = {"affine_pmap": affine_pmap, "replicated_jit_and_vmap": replicated_jit_and_vmap}
+def global_states(lanes: slice) -> dict[str, np.ndarray]:
+    """States kept as global arrays over every device of the group, as a server keeps them:
+    pmap maps all 8 lanes and leaves them global, and jit reads them whole."""
+    import jax
+    import jax.numpy as jnp
+
+    import statehost
+    from statehost.transform import jit, pmap
+    from tests.core.models import PARAM, Affine
+
+    sharding = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(jax.devices()), ("lanes",)),
+        jax.sharding.PartitionSpec("lanes"))
+
+    def spread(value):
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    model = Affine(LANES)
+    model.weight.value = spread(np.ones((LANES, 4), np.float32))
+    mapped = pmap(lambda d: model(d + jax.lax.psum(d, "i")).sum(axis=-1), axis_name="i",
+                  in_axes=0, out_axes=0, state_in_axes={0: PARAM}, state_out_axes={0: PARAM})
+    for _ in range(3):
+        out = mapped(spread(DELTA))
+    assert model.weight.value.shape == (LANES, 4), model.weight.value.shape
+    total = jit(lambda: jnp.sum(model.weight.value) * 1)()
+    return {"weight": _gathered(model.weight.value), "out": _gathered(out),
+            "total": _gathered(total)}
+
+
+SCENARIOS = {"affine_pmap": affine_pmap, "global_states": global_states,
+             "replicated_jit_and_vmap": replicated_jit_and_vmap}
 
 
 def _gathered(value):
@@ -69,8 +99,9 @@ def _gathered(value):
     import jax
     from jax.experimental import multihost_utils
 
-    if jax.process_count() == 1:
-        return np.asarray(value)
+    if jax.process_count() == 1 or not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True)
+                          if jax.process_count() > 1 else value)
     return np.asarray(multihost_utils.process_allgather(value, tiled=True))
 
 
