@@ -67,7 +67,6 @@ def global_states(lanes: slice) -> dict[str, np.ndarray]:
     import jax
     import jax.numpy as jnp
 
-    import statehost
     from statehost.transform import jit, pmap
     from tests.core.models import PARAM, Affine
 
