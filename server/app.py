@@ -11,12 +11,15 @@ from typing import Any
 from fastapi import FastAPI
 
 from statehost import __version__
+from statehost.server.dashboard import DashboardLogins, MemoryHistory
 from statehost.server.errors import install_handlers
+from statehost.server.history import CallHistory
 from statehost.server.openapi import install_openapi
 from statehost.server.persistence import DamagedDatabaseError, flush, flusher
 from statehost.server.routes import (
     call_control,
     calls,
+    dashboard,
     docs,
     functions,
     health,
@@ -133,10 +136,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.versions = local_versions()
     app.state.jobs = jobs.table(runtime)
+    app.state.call_history = runtime.scheduler.calls.history = CallHistory()
+    app.state.dashboard_logins = DashboardLogins()
+    app.state.memory_history = MemoryHistory()
     for module in (health, info, sessions, calls, call_control, stream, jobs, states, objects,
-                   metrics, namespaces, values, functions, docs):
+                   metrics, namespaces, values, functions, docs, dashboard):
         app.include_router(module.router)
     app.include_router(objects.frames)
+    app.include_router(dashboard.pages)
     install_handlers(app)
     install_openapi(app)
     app.add_middleware(_RefusalWithoutTraceback)

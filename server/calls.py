@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from statehost.server.errors import CallCancelledError
 
 if TYPE_CHECKING:
+    from statehost.server.history import CallHistory
     from statehost.server.store import Session
 
 __all__ = ["Call", "CallCancelled", "CallStatus", "CallTable"]
@@ -88,6 +89,8 @@ class Call:
     error: BaseException | None = None
     deadline: float | None = field(default=None, init=False)
     cancel_requested: bool = field(default=False, init=False)
+    # What the work reports of itself for the call history (compiled, bytes_in, bytes_out).
+    notes: dict[str, Any] = field(default_factory=dict, init=False)
     # Status changes happen on the event loop (cancel) and on workers (start, end).
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     # Set by the scheduler while the call is queued there: told when a cancel took effect.
@@ -206,11 +209,12 @@ def _cancelled_message(call: Call) -> str:
 
 
 class CallTable:
-    """The calls queued or running now (finished ones are dropped)."""
+    """The calls queued or running now (finished ones are dropped, into ``history``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, history: CallHistory | None = None) -> None:
         self._calls: dict[int, Call] = {}
         self._lock = threading.Lock()
+        self.history = history  # told of every call the table forgets (it has ended)
 
     def add(self, call: Call) -> None:
         with self._lock:
@@ -218,7 +222,9 @@ class CallTable:
 
     def discard(self, call: Call) -> None:
         with self._lock:
-            self._calls.pop(id(call), None)
+            known = self._calls.pop(id(call), None) is not None
+        if known and self.history is not None:
+            self.history.record(call)
 
     def of(self, session: Session) -> list[Call]:
         with self._lock:

@@ -207,6 +207,9 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
     except BaseException:
         tx.rollback()
         raise
+    call.notes.update(compiled=compiled, bytes_in=request.args.nbytes + (
+        0 if request.states is None else request.states.nbytes), bytes_out=(
+        0 if results is None else results.nbytes) + (0 if states is None else states.nbytes))
     if request.keep_outputs:  # only a committed call's outputs are kept
         session.handles.update(
             (handle_name(call.id, i), leaf) for i, leaf in enumerate(leaves))

@@ -232,6 +232,11 @@ class JobTable:
         with self._lock:
             return [j for j in self._jobs.values() if j.principal == principal]
 
+    def all(self) -> list[Job]:
+        """Every job kept (going, and the last finished), oldest first."""
+        with self._lock:
+            return list(self._jobs.values())
+
     def going(self) -> list[Job]:
         with self._lock:
             return [j for j in self._jobs.values() if not j.is_done]

@@ -132,6 +132,11 @@ class SessionTable:
                 del self._sessions[s.id]
         return gone
 
+    def all(self) -> list[Session]:
+        """The open sessions, oldest first."""
+        with self._lock:
+            return list(self._sessions.values())
+
     def __len__(self) -> int:
         return len(self._sessions)
 
@@ -257,6 +262,11 @@ class StateStore:
             states = [s for i, s in self._states.items()
                       if namespace is None or self._meta[i].namespace == namespace]
         return sum(state_nbytes(s) for s in states)
+
+    def resident(self) -> list[tuple[State, Meta]]:
+        """Every resident state with what the store knows of it (a copy of the lists)."""
+        with self._lock:
+            return [(s, self._meta[i]) for i, s in self._states.items()]
 
     def __len__(self) -> int:
         return len(self._states)

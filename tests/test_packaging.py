@@ -33,6 +33,9 @@ def test_the_wheel_contains_every_module_of_the_three_packages(tmp_path):
         for path in (REPO_ROOT / folder).rglob("*.py")
     }
     assert expected - shipped == set(), "add the missing subpackages to pyproject.toml"
+    pages = {f"statehost/server/dashboard_static/{path.name}"
+             for path in (REPO_ROOT / "server" / "dashboard_static").iterdir()}
+    assert pages - shipped == set(), "the dashboard's files: see package-data in pyproject"
     metadata = next(n for n in shipped if n.endswith(".dist-info/entry_points.txt"))
     assert "statehost = statehost._cli:main" in zipfile.ZipFile(wheel).read(
         metadata).decode()

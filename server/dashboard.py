@@ -1,0 +1,187 @@
+"""What the dashboard shows: one snapshot of the box, as one caller may see it.
+
+``snapshot`` gathers, from what the server already holds (nothing here asks a device to
+do work or reads a file): the devices with the memory they use, a short memory history;
+the bytes resident per namespace; the sessions; the calls running and queued per
+namespace; the recent calls; the jobs with their progress; the compile-cache figures.
+A caller sees the namespaces its token may read: the operator sees everything, a
+namespace token its own namespace (devices are shown to every caller, without what other
+namespaces keep on them).
+
+``DashboardLogins`` holds the browser logins: ``/dashboard?token=...`` trades a valid token
+for a random cookie value once, as Jupyter does, so the token leaves the address bar and
+the page's scripts never see it (the cookie is HttpOnly).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+if TYPE_CHECKING:
+    from statehost.server.auth import Principal
+    from statehost.server.history import CallHistory
+    from statehost.server.jobs import JobTable
+    from statehost.server.runtime import Runtime
+
+__all__ = ["DashboardLogins", "MemoryHistory", "snapshot"]
+
+#: How many recent calls a snapshot carries (the history keeps more; /v1/dashboard?recent=).
+RECENT = 20
+#: Most sessions listed one by one in a snapshot (the rest are counted), so that a page's
+#: refresh stays small on a busy box.
+MAX_SESSIONS = 50
+
+
+class DashboardLogins:
+    """Cookie value -> principal, for browsers that logged in with a token.
+
+    Arguments:
+        ttl: seconds a login lasts.
+        size: most logins kept; the oldest is forgotten past it.
+    """
+
+    def __init__(self, ttl: float = 12 * 3600.0, size: int = 1000):
+        self.ttl = ttl
+        self.size = size
+        self._logins: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def open(self, principal: Principal) -> str:
+        """A new cookie value for ``principal``."""
+        key = secrets.token_urlsafe(32)
+        with self._lock:
+            self._logins[key] = (principal, time.monotonic() + self.ttl)
+            while len(self._logins) > self.size:
+                self._logins.popitem(last=False)
+        return key
+
+    def principal(self, key: str | None) -> Principal | None:
+        """The principal of a live login, or ``None``."""
+        if not key:
+            return None
+        with self._lock:
+            found = self._logins.get(key)
+            if found is None:
+                return None
+            if found[1] < time.monotonic():
+                del self._logins[key]
+                return None
+            return found[0]
+
+
+class MemoryHistory:
+    """Device memory in use, one sample per device at most every ``every`` seconds."""
+
+    def __init__(self, samples: int = 120, every: float = 1.0):
+        self.every = every
+        self._samples: deque[tuple[float, dict[str, int]]] = deque(maxlen=samples)
+        self._lock = threading.Lock()
+
+    def sample(self, used: dict[str, int], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._lock:
+            if self._samples and now - self._samples[-1][0] < self.every:
+                return
+            self._samples.append((now, dict(used)))
+
+    def series(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"t": round(t, 3), "used": used} for t, used in self._samples]
+
+
+def _device_memory(device: Any) -> tuple[int | None, int | None]:
+    """(bytes in use, bytes limit) as the platform reports them; (None, None) on CPU."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # CPU devices and some plugins have no memory stats
+        return None, None
+    if not stats:
+        return None, None
+    return stats.get("bytes_in_use"), stats.get("bytes_limit")
+
+
+def _resident(rt: Runtime) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes the store keeps (per device id, per namespace; anonymous states under "")."""
+    per_device: dict[str, int] = {}
+    per_namespace: dict[str, int] = {}
+    for state, meta in rt.store.resident():
+        for leaf in jax.tree_util.tree_leaves(state._value):
+            shards = getattr(leaf, "addressable_shards", None)
+            if shards is None:
+                continue
+            for shard in shards:
+                key = str(shard.device.id)
+                per_device[key] = per_device.get(key, 0) + shard.data.nbytes
+            namespace = meta.namespace or ""
+            per_namespace[namespace] = per_namespace.get(namespace, 0) + leaf.nbytes
+    return per_device, per_namespace
+
+
+def snapshot(rt: Runtime, jobs: JobTable, history: CallHistory, memory: MemoryHistory,
+             principal: Principal, recent: int = RECENT) -> dict[str, Any]:
+    """The dashboard's view of the box for ``principal`` (see the module docstring)."""
+    def visible(namespace: str | None) -> bool:
+        # The operator's own sessions (namespace None) are the operator's business.
+        if namespace is None:
+            return principal.namespace is None
+        return principal.can(namespace, "read")
+
+    per_device, per_namespace = _resident(rt)
+    devices, used = [], {}
+    for d in jax.devices():
+        in_use, limit = _device_memory(d)
+        resident = per_device.get(str(d.id), 0)
+        used[str(d.id)] = in_use if in_use is not None else resident
+        devices.append({"id": d.id, "platform": d.platform, "kind": d.device_kind,
+                        "bytes_in_use": in_use, "bytes_limit": limit,
+                        "resident_bytes": resident if principal.namespace is None else None})
+    memory.sample(used)
+
+    namespaces = [{"name": name, "durability": str(durability),
+                   "resident_bytes": per_namespace.get(name, 0)}
+                  for name, durability in rt.registry.db.namespaces().items() if visible(name)]
+    sessions = [s for s in rt.sessions.all() if visible(s.principal.namespace)]
+    now = time.monotonic()
+    calls = [c for c in rt.scheduler.calls if visible(
+        None if c.session is None else c.session.principal.namespace)
+        and c.session is not None]
+    by_namespace: dict[str, dict[str, int]] = {}
+    for c in calls:
+        assert c.session is not None
+        entry = by_namespace.setdefault(c.session.principal.namespace or "(operator)",
+                                        {"queued": 0, "running": 0})
+        key = str(c.status)
+        if key in entry:
+            entry[key] += 1
+    job_list = [j for j in jobs.all() if visible(j.principal.namespace)]
+    return {
+        "time": time.time(),
+        "viewer": {"namespace": principal.namespace, "scope": principal.scope,
+                   "label": principal.label},
+        "devices": devices,
+        "memory_history": memory.series(),
+        "namespaces": namespaces,
+        "anonymous_bytes": per_namespace.get("", 0) if principal.namespace is None else None,
+        "sessions": {
+            "count": len(sessions),
+            "shown": [{"id": s.id[:8], "namespace": s.principal.namespace,
+                       "client": s.client, "states": len(s.states),
+                       "idle_s": round(now - s.last_seen, 1)}
+                      for s in sessions[-MAX_SESSIONS:]],
+        },
+        "calls": {"by_namespace": by_namespace,
+                  "current": [c.describe(now) for c in calls[:MAX_SESSIONS]]},
+        "recent_calls": history.recent(recent, visible),
+        "calls_finished": history.total,
+        "jobs": [{"id": j.id, "status": str(j.status), "session": j.session.id[:8],
+                  "progress": j.progress(), "cancel_requested": j.cancel_requested}
+                 for j in job_list[-MAX_SESSIONS:]],
+        "compile_cache": {"functions": len(rt.functions),
+                          "capacity": rt.functions.max_entries},
+    }
