@@ -147,6 +147,27 @@ class RemoteArray:
     def __repr__(self) -> str:
         return repr(self._fetch())
 
+    def _status(self) -> str:
+        if not self._call.finished:
+            return "pending"
+        return "failed" if self._call.error is not None else "ready"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        # IPython's text display: no request (repr(x) fetches; a notebook shows this).
+        printer.text(repr(self._value) if self._value is not None else
+                     f"RemoteArray({self.dtype}{list(self.shape)}, {self._status()})")
+
+    def _repr_html_(self) -> str:
+        """The notebook display: shape, dtype and status; the value once fetched. Displaying
+        sends no request: ``np.asarray(x)`` or ``print(x)`` fetches."""
+        from statehost._display import html_table
+
+        rows = [("shape", str(self.shape)), ("dtype", str(self.dtype)),
+                ("status", self._status()), ("call", self._call.id)]
+        if self._value is not None:
+            rows.append(("value", repr(self._value)))
+        return html_table(None, rows, caption="statehost RemoteArray")
+
     def __str__(self) -> str:
         return str(self._fetch())
 

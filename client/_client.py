@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from statehost._display import add_tracker, html_table
 from statehost._state import State
 from statehost.client._dispatch import AsyncCall, Dispatcher, Signature
 from statehost.client._errors import (
@@ -164,7 +165,8 @@ class Client:
         # Async needs the call stream: over the network, or a transport that serves one.
         self.dispatch = dispatch if self._http.can_stream() else "sync"
         self._dispatcher: Dispatcher | None = None
-        self._ledger = SyncLedger()
+        self._ledger = SyncLedger(self.url)
+        add_tracker(self._ledger)  # module displays show what this connection knows
         # This client's own stand-in for each local default random stream: the process's
         # stream has one id, and two clients of one process must not share a server state.
         self._streams: weakref.WeakKeyDictionary[RandomState, _StreamTwin] = \
@@ -269,6 +271,23 @@ class Client:
     def __repr__(self) -> str:
         state = "closed" if self._http.closed else f"session {self._session[:8]}"
         return f"statehost.Client({self.url!r}, {state})"
+
+    def _repr_html_(self) -> str:
+        """The notebook display, from what the client holds (no request): the server, the
+        versions on both sides, the devices as of connect, the session, the dashboard."""
+        versions = self.server_info.get("versions", {})
+        mine = local_versions()
+        rows = [("server", self.url), ("session", "closed" if self._http.closed
+                                        else self._session[:8]),
+                ("dispatch", self.dispatch), ("dashboard", f"{self.url}/dashboard")]
+        rows += [(f"{name} (server / client)", f"{versions.get(name, '?')} / {mine.get(name)}")
+                 for name in ("statehost", "jax", "python", "cloudpickle")]
+        devices = [(d["id"], d["platform"], d["kind"],
+                    "–" if d.get("memory") is None else f"{d['memory'] / 2**30:.1f} GiB")
+                   for d in self.server_info.get("devices", [])]
+        return (html_table(None, rows, caption="statehost.Client")
+                + html_table(("device", "platform", "kind", "memory limit"), devices,
+                             caption=f"{len(devices)} device(s), as of connect"))
 
     # -- devices and transforms -----------------------------------------------
     def devices(self) -> list[RemoteDevice]:

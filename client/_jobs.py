@@ -158,6 +158,26 @@ class Job:
         states keep the values of the last completed step."""
         self._info = self._client._http.json("POST", f"/v1/jobs/{self.id}/cancel")
 
+    def _repr_html_(self) -> str:
+        """The notebook display, as of the job's last answer (no request): status and a
+        progress bar of steps done."""
+        import html
+
+        from statehost._display import html_table
+
+        info = self._info
+        progress = info.get("progress", {})
+        done, total = progress.get("done", 0), progress.get("total") or info.get("steps") or 0
+        rate, eta = progress.get("steps_per_second"), progress.get("eta_s")
+        rows = [("status", str(info.get("status", "unknown"))),
+                ("steps", f"{done} / {total or '?'}"),
+                ("steps/s", "–" if rate is None else f"{rate:.1f}"),
+                ("ETA", "–" if eta is None else f"{eta:.1f} s")]
+        bar = (f'<progress value="{int(done)}" max="{max(1, int(total))}"></progress>'
+               if total else "")
+        return (f"<div><b>statehost Job {html.escape(self.id)}</b> {bar}"
+                + html_table(None, rows) + "</div>")
+
     def __repr__(self) -> str:
         info = self._info
         if not info:

@@ -23,7 +23,8 @@ __all__ = ["SyncLedger"]
 
 
 class SyncLedger:
-    def __init__(self) -> None:
+    def __init__(self, server: str = "") -> None:
+        self.server = server  # the URL, for displays
         self._synced: dict[str, int] = {}
         self._base: dict[str, int] = {}
         self._stale: set[str] = set()
@@ -88,6 +89,22 @@ class SyncLedger:
             self._synced.pop(state_id, None)
             self._base.pop(state_id, None)
             self._stale.discard(state_id)
+
+    def describe_state(self, state: State) -> dict[str, str] | None:
+        """What a module's notebook display shows of ``state`` (``statehost._display``)."""
+        if self._tracked.get(state.id) is not state:
+            return None
+        if state.id in self._stale:
+            sync = "newer on the server"
+        elif state.id not in self._synced:
+            sync = "not on the server yet"
+        elif self.needs_upload(state):
+            sync = "changed locally"
+        else:
+            sync = "in sync"
+        base = self._base.get(state.id)
+        return {"server": self.server, "version": "–" if base is None else str(base),
+                "sync": sync}
 
     # -- callables --------------------------------------------------------------------
     def has_function(self, digest: str) -> bool:

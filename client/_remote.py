@@ -105,6 +105,17 @@ class RemotePlacement:
     def __repr__(self) -> str:
         return f"RemotePlacement({self.client.url!r}, pull={self.pull})"
 
+    def describe(self) -> dict[str, str]:
+        """Where and how the transform runs, for its notebook display (no request)."""
+        cached = self._packed is not None and self.client._ledger.has_function(
+            self._packed.digest)
+        return {"runs on": self.client.url,
+                "pull": "updated states come back with each call" if self.pull
+                else "states stay on the server until client.pull",
+                "dispatch": "blocking" if self.sync or self.client.dispatch == "sync"
+                else "asynchronous after the first call of a signature",
+                "cached on the server": "yes" if cached else "not yet (sent at the next call)"}
+
 
 def _code_objects(obj: Any, seen: set[int], out: dict[tuple[str, int], types.CodeType]) -> None:
     """Collects the code objects reachable from a function, method, class or Module."""

@@ -55,6 +55,12 @@ class Module:
     def __repr__(self) -> str:
         return _format_node(self, indent=0, seen=set())
 
+    def _repr_html_(self) -> str:
+        """The notebook display: a table of the states (``statehost._display``)."""
+        from statehost._display import module_html
+
+        return module_html(self)
+
 
 def _children(node: Any) -> Iterator[tuple[Hashable, Any]]:
     if isinstance(node, Module):

@@ -161,6 +161,18 @@ class StatefulCall:
     def _placement_repr(self) -> str:
         return "" if self._placement is None else f", placement={self._placement!r}"
 
+    def _repr_html_(self) -> str:
+        """The notebook display: the transform, its axes, and where it runs."""
+        from statehost._display import html_table
+
+        rows = [("transform", type(self).__name__), ("function", describe_fun(self.origin_fun))]
+        rows += [(name, repr(getattr(self, name))) for name in (
+            "in_axes", "out_axes", "axis_name", "state_in_axes", "state_out_axes")
+            if hasattr(self, name)]
+        describe = getattr(self._placement, "describe", None)
+        rows += list(describe().items()) if describe is not None else [("runs", "here")]
+        return html_table(None, rows)
+
     # -- cache ----------------------------------------------------------------
     def cache_info(self) -> CacheInfo:
         """Hits, misses, user-function traces and cached entries of this transform.
