@@ -24,6 +24,7 @@ from statehost.server.callable_cache import (
     Transform,
     check_digest,
     load_transform,
+    share_programs,
     unpickle,
 )
 from statehost.server.errors import (
@@ -35,7 +36,15 @@ from statehost.server.errors import (
     ValidationError,
 )
 from statehost.server.staging import _MSG_MISSING_STATES, Transaction
-from statehost.wire import CallReply, CallRequest, handle_name, outputs_signature, pack
+from statehost.wire import (
+    CallReply,
+    CallRequest,
+    HandleRef,
+    StateRef,
+    handle_name,
+    outputs_signature,
+    pack,
+)
 
 if TYPE_CHECKING:
     from statehost.server.calls import Call
@@ -158,7 +167,16 @@ def _resolve(request: CallRequest, tx: Transaction, rt: Runtime, session: Sessio
             f"{request.digest[:16]}...; send the function section again.")
     check_digest(request.function, request.digest, _WHERE)
     before = set(tx.loaded)
-    transform = load_transform(request.function, tx.load_ref, _WHERE)
+    met: list[Any] = []  # what the pickle refers to, in order: it numbers the states
+
+    def load(ref: StateRef | HandleRef) -> Any:
+        loaded = tx.load_ref(ref)
+        met.append(ref if isinstance(ref, HandleRef) else loaded)
+        return loaded
+
+    transform = load_transform(request.function, load, _WHERE)
+    stream = tx.lookup(request.default_stream) if request.default_stream is not None else None
+    share_programs(rt.functions.programs, transform, request.function, met, stream)
     rt.functions.put(key, CachedFunction(transform, frozenset(tx.loaded - before)))
     return transform, False
 
