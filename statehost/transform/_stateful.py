@@ -77,6 +77,9 @@ class Plan:
         lanes: the number of lanes (``None`` for ``jit``).
         dummy_lanes: whether a per-lane index is fed because nothing else is mapped.
         compiled: the transformed pure function.
+        calls_python: whether the traced program calls back into Python (a host
+            callback, ``jax.debug.print``): such a program is never shared, since the
+            callback is the code of the transform that traced it, states and all.
     """
 
     inputs: tuple[State, ...]
@@ -88,6 +91,7 @@ class Plan:
     lanes: int | None
     dummy_lanes: bool
     compiled: Callable[..., Any] | None = None
+    calls_python: bool = False
 
 
 @dataclass
@@ -350,7 +354,7 @@ class StatefulCall:
         where = sharing.positions
         used = [*plan.inputs, *plan.rngs, *plan.outputs, *(st for st, _ in plan.signature),
                 *self._per_lane]
-        if plan.compiled is None or any(st not in where for st in used):
+        if plan.compiled is None or plan.calls_python or any(st not in where for st in used):
             return
         sharing.cache.add(shared_key, SharedPlan(
             inputs=tuple(where[st] for st in plan.inputs), in_axes=plan.in_axes,
@@ -393,6 +397,7 @@ class StatefulCall:
             *lane_inputs
         )
         plan.compiled = self._transform(_replay(closed, out_shape), plan, len(dyn))
+        plan.calls_python = _calls_python(closed.jaxpr)
         return plan
 
     def _run_probe(
@@ -518,3 +523,17 @@ def _replay(closed: Any, out_shape: Any) -> Callable[..., Any]:
         return jax.tree_util.tree_unflatten(out_tree, evaluate(*jax.tree_util.tree_leaves(args)))
 
     return replay
+
+
+def _calls_python(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (or one nested in it: cond branches, scan bodies...) has a host
+    callback (``pure_callback``, ``io_callback``, ``jax.debug.callback`` / ``print``)."""
+    for eqn in jaxpr.eqns:
+        if "callback" in eqn.primitive.name:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr, or a Jaxpr
+                if hasattr(inner, "eqns") and _calls_python(inner):
+                    return True
+    return False

@@ -6,6 +6,7 @@ per session. Traces are counted by ``cache_info().traces`` and by the functions.
 
 import contextlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -172,3 +173,32 @@ def test_program_cache_size_must_be_positive():
     with pytest.raises(ValueError, match=r"ProgramCache\(max_entries=0\): must be >= 1"):
         ProgramCache(max_entries=0)
 
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_program_that_calls_back_into_python_is_not_shared(nested):
+    """The callback is the tracing transform's own Python: shared, it would read that
+    transform's state, whoever runs the program."""
+    cache = ProgramCache()
+    seen = []
+
+    def make(value):
+        w = statehost.State(jnp.full(2, value))
+
+        def report(x):
+            jax.debug.callback(lambda: seen.append(float(w.value[0])))
+            return x + 1.0
+
+        def step(x):
+            if nested:
+                return jax.lax.cond(x[0] > 0, report, lambda y: y, x)
+            return report(x)
+
+        f = jit(step)
+        f.share_programs(cache, "report", [w])
+        return f
+
+    for value in (1.0, 2.0):
+        make(value)(jnp.ones(2))
+        jax.effects_barrier()
+    assert seen == [1.0, 2.0] and len(cache) == 0
