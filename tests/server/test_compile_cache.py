@@ -82,6 +82,31 @@ def test_a_second_session_runs_the_same_function_without_tracing_or_compiling(
     assert _compiles(client, "fresh") == 1 and _compiles(client, "shared") == 1
 
 
+def _record_compiled(client, monkeypatch):
+    """``CallReply.compiled`` of each of ``client``'s calls, as the client receives it."""
+    seen, committed = [], client._committed
+
+    def record(reply, *rest):
+        seen.append(reply.compiled)
+        return committed(reply, *rest)
+
+    monkeypatch.setattr(client, "_committed", record)
+    return seen
+
+
+def test_the_reply_says_a_shared_program_compiled_nothing(transport, client, monkeypatch):
+    first, _ = _accumulate(client, 1.0, name="reply")
+    first_compiled = _record_compiled(client, monkeypatch)
+    first(jnp.ones((LANES, 4)))
+    first(jnp.ones((LANES, 4)))
+    with _connect(transport) as other:
+        second_compiled = _record_compiled(other, monkeypatch)
+        second, _ = _accumulate(other, 2.0, name="reply")
+        second(jnp.ones((LANES, 4)))
+        second(jnp.ones((LANES, 4), dtype=jnp.float32) * 2.0)
+    assert first_compiled == [1, 0] and second_compiled == [0, 0]
+
+
 def test_the_same_function_with_other_shapes_compiles_again(app, transport, client):
     first, _ = _accumulate(client, 1.0, name="shapes")
     first(jnp.ones((LANES, 4)))
