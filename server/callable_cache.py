@@ -28,8 +28,8 @@ from statehost.server.errors import ApiError, PayloadError, ProtocolError
 from statehost.transform import ProgramCache, StatefulFunction, StatefulMapping
 from statehost.wire import HandleRef, Section, StateRef
 
-__all__ = ["CachedFunction", "FunctionCache", "check_digest", "code_key", "load_transform",
-           "share_programs", "unpickle"]
+__all__ = ["CachedFunction", "FunctionCache", "RecordingLoader", "check_digest", "code_key",
+           "load_transform", "share_programs", "unpickle"]
 
 Transform = StatefulMapping | StatefulFunction
 
@@ -137,6 +137,20 @@ class FunctionCache:
 # "@" is no hex digit, so a key's marks come from replaced ids only (checked below).
 _STATE_ID = re.compile(r"[0-9a-f]{32}")
 _MARK = re.compile(rb"@[0-9]{31}")
+
+
+class RecordingLoader:
+    """A ``persistent_load`` that writes down what the pickle refers to, in order
+    (``met``): the ``State`` each reference loaded, and each ``HandleRef`` itself."""
+
+    def __init__(self, load_ref: Callable[[StateRef | HandleRef], Any]):
+        self._load_ref = load_ref
+        self.met: list[Any] = []
+
+    def __call__(self, ref: StateRef | HandleRef) -> Any:
+        loaded = self._load_ref(ref)
+        self.met.append(ref if isinstance(ref, HandleRef) else loaded)
+        return loaded
 
 
 def code_key(section: Section, states: list[State], stream_at: int | None) -> str | None:

@@ -21,6 +21,7 @@ import jax
 from statehost.random import RandomState, use_default_stream
 from statehost.server.callable_cache import (
     CachedFunction,
+    RecordingLoader,
     Transform,
     check_digest,
     load_transform,
@@ -36,15 +37,7 @@ from statehost.server.errors import (
     ValidationError,
 )
 from statehost.server.staging import _MSG_MISSING_STATES, Transaction
-from statehost.wire import (
-    CallReply,
-    CallRequest,
-    HandleRef,
-    StateRef,
-    handle_name,
-    outputs_signature,
-    pack,
-)
+from statehost.wire import CallReply, CallRequest, handle_name, outputs_signature, pack
 
 if TYPE_CHECKING:
     from statehost.server.calls import Call
@@ -167,16 +160,10 @@ def _resolve(request: CallRequest, tx: Transaction, rt: Runtime, session: Sessio
             f"{request.digest[:16]}...; send the function section again.")
     check_digest(request.function, request.digest, _WHERE)
     before = set(tx.loaded)
-    met: list[Any] = []  # what the pickle refers to, in order: it numbers the states
-
-    def load(ref: StateRef | HandleRef) -> Any:
-        loaded = tx.load_ref(ref)
-        met.append(ref if isinstance(ref, HandleRef) else loaded)
-        return loaded
-
+    load = RecordingLoader(tx.load_ref)  # the order of the states numbers them for sharing
     transform = load_transform(request.function, load, _WHERE)
     stream = tx.lookup(request.default_stream) if request.default_stream is not None else None
-    share_programs(rt.functions.programs, transform, request.function, met, stream)
+    share_programs(rt.functions.programs, transform, request.function, load.met, stream)
     rt.functions.put(key, CachedFunction(transform, frozenset(tx.loaded - before)))
     return transform, False
 
