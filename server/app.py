@@ -11,6 +11,11 @@ from typing import Any
 from fastapi import FastAPI
 
 from statehost import __version__
+from statehost.server.compile_cache import (
+    CompileSources,
+    compile_cache_dir,
+    persistent_compile_cache,
+)
 from statehost.server.dashboard import DashboardLogins, MemoryHistory
 from statehost.server.errors import install_handlers
 from statehost.server.history import CallHistory
@@ -86,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or Settings.from_env()
     runtime = Runtime(settings)
+    sources = runtime.functions.programs.observer = CompileSources(runtime.metrics.compiles)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -97,6 +103,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         await loop.run_in_executor(None, runtime.persistence.reload, runtime.store)
         await loop.run_in_executor(None, runtime.tokens.start)
+        compiling = contextlib.ExitStack()  # JAX's configuration, process-wide: restored at exit
+        compiling.enter_context(persistent_compile_cache(
+            compile_cache_dir(settings.data_dir) if settings.compile_cache else None))
+        sources.start()
+        compiling.callback(sources.stop)
         tasks = [asyncio.create_task(_sweep(runtime)), asyncio.create_task(flusher(runtime))]
         try:
             yield
@@ -128,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 runtime.scheduler.shutdown()  # waits for the pool's threads
             runtime.tokens.stop()
             runtime.persistence.close()
+            compiling.close()
 
     # docs_url/redoc_url None: routes/docs.py serves both pages without a CDN.
     app = FastAPI(title="statehost", version=__version__, lifespan=lifespan, docs_url=None,

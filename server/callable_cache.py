@@ -5,11 +5,17 @@ the unpickled ``StatefulMapping`` and with it the core's plan and compile
 cache, so it neither unpickles, nor traces, nor compiles again. Entries are
 keyed by the owner (a session, or a registered function's name) and the sha256
 digest of the pickle, and are evicted when a state they refer to is freed.
+
+Across sessions, transforms of the same code share their plans and compiled
+programs (``FunctionCache.programs``, see :func:`share_programs`): the code's key
+is the pickle with its states numbered in the order it met them, so a second
+client running the same function on its own states neither traces nor compiles.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -17,11 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from statehost._errors import WireError
+from statehost._state import State
 from statehost.server.errors import ApiError, PayloadError, ProtocolError
-from statehost.transform import StatefulFunction, StatefulMapping
-from statehost.wire import Section, StateRef
+from statehost.transform import ProgramCache, StatefulFunction, StatefulMapping
+from statehost.wire import HandleRef, Section, StateRef
 
-__all__ = ["CachedFunction", "FunctionCache", "check_digest", "load_transform", "unpickle"]
+__all__ = ["CachedFunction", "FunctionCache", "RecordingLoader", "check_digest", "code_key",
+           "load_transform", "share_programs", "unpickle"]
 
 Transform = StatefulMapping | StatefulFunction
 
@@ -85,12 +93,14 @@ class CachedFunction:
 
 
 class FunctionCache:
-    """Least-recently-used map from key to :class:`CachedFunction`."""
+    """Least-recently-used map from key to :class:`CachedFunction`; ``programs`` holds the
+    plans and compiled programs its transforms share across sessions (as many entries)."""
 
     def __init__(self, max_entries: int):
         self.max_entries = max_entries
         self._entries: OrderedDict[str, CachedFunction] = OrderedDict()
         self._lock = threading.Lock()
+        self.programs = ProgramCache(max_entries)
 
     def get(self, key: str) -> CachedFunction | None:
         with self._lock:
@@ -113,5 +123,77 @@ class FunctionCache:
             for key in [k for k, e in self._entries.items() if e.state_ids & gone]:
                 del self._entries[key]
 
+    def items(self) -> list[tuple[str, CachedFunction]]:
+        """A snapshot of the entries, least recently used first."""
+        with self._lock:
+            return list(self._entries.items())
+
     def __len__(self) -> int:
         return len(self._entries)
+
+
+# -- programs shared across sessions -----------------------------------------------
+# A state id as the client makes it (uuid4 hex), and the mark that replaces it in a key:
+# "@" is no hex digit, so a key's marks come from replaced ids only (checked below).
+_STATE_ID = re.compile(r"[0-9a-f]{32}")
+_MARK = re.compile(rb"@[0-9]{31}")
+
+
+class RecordingLoader:
+    """A ``persistent_load`` that writes down what the pickle refers to, in order
+    (``met``): the ``State`` each reference loaded, and each ``HandleRef`` itself."""
+
+    def __init__(self, load_ref: Callable[[StateRef | HandleRef], Any]):
+        self._load_ref = load_ref
+        self.met: list[Any] = []
+
+    def __call__(self, ref: StateRef | HandleRef) -> Any:
+        loaded = self._load_ref(ref)
+        self.met.append(ref if isinstance(ref, HandleRef) else loaded)
+        return loaded
+
+
+def code_key(section: Section, states: list[State], stream_at: int | None) -> str | None:
+    """What decides a shipped function's programs, whoever's states it refers to.
+
+    The sha256 of the pickle with each state's id replaced by its position in
+    ``states`` (the order the pickle met them), of its out-of-band buffers (array
+    constants in closures), and of where the default stream is (``stream_at``).
+    Two pickles have the same key exactly when they are the same code on states in
+    the same roles. ``None`` (do not share) when a state id is not a uuid4 hex or the
+    pickle already holds a mark, so the replacement could not be undone.
+    """
+    payload = bytes(section.payload)
+    if _MARK.search(payload) or not all(_STATE_ID.fullmatch(st.id) for st in states):
+        return None
+    for position, st in enumerate(states):
+        payload = payload.replace(st.id.encode(), b"@%031d" % position)
+    digest = hashlib.sha256(payload)
+    digest.update(f"|stream:{stream_at}|buffers:{len(section.buffers)}|".encode())
+    for buffer in section.buffers:
+        digest.update(f"{buffer.nbytes}:".encode())
+        digest.update(buffer)
+    return digest.hexdigest()
+
+
+def share_programs(cache: ProgramCache, transform: Transform, section: Section,
+                   met: list[Any], stream: State | None) -> bool:
+    """Lets ``transform`` share programs with other sessions' transforms of the same code.
+
+    ``met`` lists what unpickling the function section loaded, in order: ``State``
+    objects, and a ``HandleRef`` for each array this session keeps. A function that captures a kept
+    array is not shared: the array would be a constant of its traced program. The
+    default ``stream`` (a state the pickle does not name) is numbered after the
+    pickle's states. Returns whether the programs are shared; either way the cache's
+    observer hears of every program the transform builds.
+    """
+    named = list(dict.fromkeys(m for m in met if isinstance(m, State)))
+    states, stream_at = list(named), None
+    if stream is not None:
+        if stream not in states:
+            states.append(stream)
+        stream_at = states.index(stream)
+    kept_arrays = any(isinstance(m, HandleRef) for m in met)
+    code = None if kept_arrays else code_key(section, named, stream_at)
+    transform.share_programs(cache, code, states)
+    return code is not None

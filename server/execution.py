@@ -21,9 +21,11 @@ import jax
 from statehost.random import RandomState, use_default_stream
 from statehost.server.callable_cache import (
     CachedFunction,
+    RecordingLoader,
     Transform,
     check_digest,
     load_transform,
+    share_programs,
     unpickle,
 )
 from statehost.server.errors import (
@@ -158,7 +160,10 @@ def _resolve(request: CallRequest, tx: Transaction, rt: Runtime, session: Sessio
             f"{request.digest[:16]}...; send the function section again.")
     check_digest(request.function, request.digest, _WHERE)
     before = set(tx.loaded)
-    transform = load_transform(request.function, tx.load_ref, _WHERE)
+    load = RecordingLoader(tx.load_ref)  # the order of the states numbers them for sharing
+    transform = load_transform(request.function, load, _WHERE)
+    stream = tx.lookup(request.default_stream) if request.default_stream is not None else None
+    share_programs(rt.functions.programs, transform, request.function, load.met, stream)
     rt.functions.put(key, CachedFunction(transform, frozenset(tx.loaded - before)))
     return transform, False
 

@@ -22,8 +22,10 @@ class Metrics:
             registry=r,
         )
         self.compiles = Counter(
-            "statehost_compiles", "Calls that had to trace and compile (a plan-cache miss).",
-            registry=r,
+            "statehost_compiles", "Programs a call needed, by where they came from: 'fresh' "
+            "(traced and compiled), 'persistent' (traced, the executable read from JAX's "
+            "compilation cache on disk), 'shared' (another session's, same code: no trace, "
+            "no compile).", ["source"], registry=r,
         )
         self.function_cache = Counter(
             "statehost_function_cache", "Callable cache lookups.", ["result"], registry=r

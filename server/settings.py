@@ -101,6 +101,9 @@ class Settings:
         json_max_elements: largest array the JSON API answers as nested lists.
         shutdown_grace: seconds SIGTERM waits for running calls; calls still running then
             are abandoned and the server exits with status 4.
+        compile_cache: keep JAX's persistent compilation cache in
+            ``<data_dir>/compile-cache``, so a restart does not recompile
+            (``STATEHOST_COMPILE_CACHE=0`` turns it off).
     """
 
     host: str = "127.0.0.1"
@@ -121,6 +124,7 @@ class Settings:
     max_unflushed_commits: int = 1000
     json_max_elements: int = 1_000_000
     shutdown_grace: float = 30.0
+    compile_cache: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -177,7 +181,7 @@ def _convert(name: str, raw: str) -> Any:
     try:
         if name == "tokens":
             return tuple(t.strip() for t in raw.split(",") if t.strip())
-        if name == "insecure":
+        if name in {"insecure", "compile_cache"}:
             if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
                 raise ValueError("expected true or false")
             return raw.lower() in {"1", "true", "yes"}

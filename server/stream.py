@@ -304,8 +304,6 @@ class Channel:
             data = self._error(call_id, fault)
         else:
             self._calls_ok.inc()
-            if result.compiled:
-                m.compiles.inc(result.compiled)
             if result.cached:
                 self._cache_hits.inc()
             else:

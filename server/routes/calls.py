@@ -68,7 +68,6 @@ async def call(request: Request, frame: FrameBody) -> Response:
     finally:
         m.call_seconds.observe(time.perf_counter() - start)
     m.calls.labels("ok").inc()
-    m.compiles.inc(result.compiled)
     m.function_cache.labels("hit" if result.cached else "miss").inc()
     encoded = result.reply.to_frame()
     m.wire_bytes.labels("out", "results").inc(result.reply.results.nbytes)

@@ -20,12 +20,15 @@ class CacheInfo(NamedTuple):
         misses: calls that had to probe the function and compile it.
         traces: how many times the user's Python function body ran.
         entries: compiled functions currently cached.
+        shared: calls served by a plan and compiled function that another transform
+            of the same code made (see ``share_programs``): no trace, no compile.
     """
 
     hits: int
     misses: int
     traces: int
     entries: int
+    shared: int = 0
 
 
 class _Clearable(Protocol):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ from statehost.transform._probe import (
     leaf_signature,
     probe,
 )
+from statehost.transform._programs import ProgramCache, SharedPlan, Sharing
 
 __all__ = ["LaneSetup", "Plan", "StatefulCall"]
 
@@ -76,6 +77,9 @@ class Plan:
         lanes: the number of lanes (``None`` for ``jit``).
         dummy_lanes: whether a per-lane index is fed because nothing else is mapped.
         compiled: the transformed pure function.
+        calls_python: whether the traced program calls back into Python (a host
+            callback, ``jax.debug.print``): such a program is never shared, since the
+            callback is the code of the transform that traced it, states and all.
     """
 
     inputs: tuple[State, ...]
@@ -87,6 +91,7 @@ class Plan:
     lanes: int | None
     dummy_lanes: bool
     compiled: Callable[..., Any] | None = None
+    calls_python: bool = False
 
 
 @dataclass
@@ -146,7 +151,8 @@ class StatefulCall:
 
     def _init_cache(self) -> None:
         self._cache: dict[Hashable, list[Plan]] = {}
-        self._hits = self._misses = self._traces = 0
+        self._hits = self._misses = self._traces = self._shared = 0
+        self._sharing: Sharing | None = None
         # States an 'auto' mapping found to be per-lane read-modify-write buffers.
         self._per_lane: weakref.WeakSet[State] = weakref.WeakSet()
         register(self)
@@ -185,7 +191,7 @@ class StatefulCall:
             1
         """
         entries = sum(len(plans) for plans in self._cache.values())
-        return CacheInfo(self._hits, self._misses, self._traces, entries)
+        return CacheInfo(self._hits, self._misses, self._traces, entries, self._shared)
 
     def clear_cache(self) -> None:
         """Forgets every plan and compiled function of this transform."""
@@ -194,12 +200,45 @@ class StatefulCall:
     def _count_trace(self) -> None:
         self._traces += 1
 
+    def share_programs(self, cache: ProgramCache, code: Hashable | None, states: Sequence[State]
+                       ) -> None:
+        """Shares this transform's plans and compiled programs through ``cache``.
+
+        A call this transform has no plan for first looks in ``cache`` for one that
+        another transform with the same ``code`` made for the same call signature and
+        state shapes, and takes it (no trace, no compile: ``cache_info().shared``);
+        a plan it makes itself is offered there. The caller vouches that equal
+        ``code`` means equal code, and that ``states`` lists this transform's states
+        in an order equal code agrees on (a server numbers them in the order the
+        pickle met them). A plan that uses a state missing from ``states`` is never
+        shared.
+
+        Arguments:
+            cache: the :class:`~statehost.transform.ProgramCache` to share through.
+            code: a hashable key of the code (a digest of its pickle, say); ``None``:
+                share nothing, only tell the cache's observer about each program built.
+            states: this transform's states, numbered by position.
+
+        Returns:
+            None.
+
+        Example:
+            >>> import jax.numpy as jnp, statehost
+            >>> cache = statehost.transform.ProgramCache()
+            >>> f = statehost.transform.jit(lambda x: x * 2)
+            >>> f.share_programs(cache, "double", [])
+            >>> _ = f(jnp.ones(3)); len(cache)
+            1
+        """
+        ordered = tuple(dict.fromkeys(states))
+        self._sharing = Sharing(cache, code, ordered, {st: i for i, st in enumerate(ordered)})
+
     # -- pickling -------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         # The placement stays behind: an unpickled transform runs where it lands.
         for key in ("_cache", "_hits", "_misses", "_traces", "_per_lane", "__wrapped__",
-                    "_placement"):
+                    "_placement", "_shared", "_sharing"):
             state.pop(key, None)
         return state
 
@@ -230,13 +269,29 @@ class StatefulCall:
         else:
             read, write = _plain_read, State._commit
         plan = self._lookup(key, read)
-        if plan is None:
+        if plan is not None:
+            self._hits += 1
+            return self._run(plan, dyn, kwargs, read, write)
+        sharing = self._sharing
+        if sharing is None:
             self._misses += 1
             plan = self._make_plan(dyn, kwargs, statics, read)
             self._cache.setdefault(key, []).append(plan)
-        else:
-            self._hits += 1
-        return self._run(plan, dyn, kwargs, read, write)
+            return self._run(plan, dyn, kwargs, read, write)
+        shared_key = self._shared_key(sharing, key, statics)
+        plan = self._adopt(sharing, shared_key, read) if shared_key is not None else None
+        if plan is not None:
+            self._shared += 1
+            self._cache.setdefault(key, []).append(plan)
+            sharing.cache.adopted()
+            return self._run(plan, dyn, kwargs, read, write)
+        self._misses += 1
+        plan = self._make_plan(dyn, kwargs, statics, read)
+        self._cache.setdefault(key, []).append(plan)
+        if shared_key is not None:
+            self._offer(sharing, shared_key, plan)
+        with sharing.cache.built():  # JAX compiles it (or loads it from disk) in its first run
+            return self._run(plan, dyn, kwargs, read, write)
 
     def _split_static(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         statics = []
@@ -267,6 +322,60 @@ class StatefulCall:
             if all(state_signature(read(st)) == sig for st, sig in plan.signature):
                 return plan
         return None
+
+    # -- shared programs ---------------------------------------------------------
+    def _shared_key(self, sharing: Sharing, key: Hashable, statics: tuple[Any, ...]
+                    ) -> Hashable | None:
+        """The key of this call's plans in ``sharing.cache``; ``None``: not shareable.
+
+        Static arguments enter with their types (``1`` and ``True`` are equal keys of a
+        dict, not equal programs), and so do the per-lane buffers an ``'auto'`` mapping
+        has found, since they change what a probe decides.
+        """
+        if sharing.code is None:
+            return None
+        per_lane = []
+        for st in self._per_lane:
+            position = sharing.positions.get(st)
+            if position is None:
+                return None
+            per_lane.append(position)
+        return (sharing.code, len(sharing.states), key, tuple(map(type, statics)),
+                frozenset(per_lane))
+
+    def _adopt(self, sharing: Sharing, shared_key: Hashable, read: Callable[[State], Any]
+               ) -> Plan | None:
+        """A plan for this transform's states from one another transform shared."""
+        states = sharing.states
+        for shared in sharing.cache.candidates(shared_key):
+            if all(state_signature(read(states[i])) == sig for i, sig in shared.signature):
+                self._per_lane.update(states[i] for i in shared.per_lane)
+                return Plan(
+                    inputs=tuple(states[i] for i in shared.inputs), in_axes=shared.in_axes,
+                    rngs=tuple(states[i] for i in shared.rngs),
+                    outputs=tuple(states[i] for i in shared.outputs), out_axes=shared.out_axes,
+                    signature=tuple((states[i], sig) for i, sig in shared.signature),
+                    lanes=shared.lanes, dummy_lanes=shared.dummy_lanes,
+                    compiled=shared.compiled,
+                )
+        return None
+
+    def _offer(self, sharing: Sharing, shared_key: Hashable, plan: Plan) -> None:
+        """Puts ``plan`` in the shared cache, unless it uses a state ``sharing`` does not
+        number (one the function found some other way than through its pickle)."""
+        where = sharing.positions
+        used = [*plan.inputs, *plan.rngs, *plan.outputs, *(st for st, _ in plan.signature),
+                *self._per_lane]
+        if plan.compiled is None or plan.calls_python or any(st not in where for st in used):
+            return
+        sharing.cache.add(shared_key, SharedPlan(
+            inputs=tuple(where[st] for st in plan.inputs), in_axes=plan.in_axes,
+            rngs=tuple(where[st] for st in plan.rngs),
+            outputs=tuple(where[st] for st in plan.outputs), out_axes=plan.out_axes,
+            signature=tuple((where[st], sig) for st, sig in plan.signature),
+            lanes=plan.lanes, dummy_lanes=plan.dummy_lanes, compiled=plan.compiled,
+            per_lane=frozenset(where[st] for st in self._per_lane),
+        ))
 
     # -- cold path --------------------------------------------------------------
     def _make_plan(
@@ -300,6 +409,7 @@ class StatefulCall:
             *lane_inputs
         )
         plan.compiled = self._transform(_replay(closed, out_shape), plan, len(dyn))
+        plan.calls_python = _calls_python(closed.jaxpr)
         return plan
 
     def _run_probe(
@@ -425,3 +535,17 @@ def _replay(closed: Any, out_shape: Any) -> Callable[..., Any]:
         return jax.tree_util.tree_unflatten(out_tree, evaluate(*jax.tree_util.tree_leaves(args)))
 
     return replay
+
+
+def _calls_python(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (or one nested in it: cond branches, scan bodies...) has a host
+    callback (``pure_callback``, ``io_callback``, ``jax.debug.callback`` / ``print``)."""
+    for eqn in jaxpr.eqns:
+        if "callback" in eqn.primitive.name:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr, or a Jaxpr
+                if hasattr(inner, "eqns") and _calls_python(inner):
+                    return True
+    return False
