@@ -146,6 +146,7 @@ class Client:
         transport: Any = None,
         dispatch: str = "async",
         max_in_flight: int = 64,
+        progress: bool = True,
     ):
         if dispatch not in _DISPATCH_MODES:
             raise ValueError(f"statehost.connect: dispatch={dispatch!r} is not one of "
@@ -157,6 +158,7 @@ class Client:
                              "int >= 1 (default 64).")
         self.url = base_url.rstrip("/")
         self._http = Http(self.url, auth, timeout, transport)
+        self._http.progress = bool(progress)
         self._max_in_flight = max_in_flight
         self._max_body = 4 * 2**30
         # Call ids: unique in a session, cheap (os.urandom per call cost a GIL hand-off).
@@ -859,6 +861,7 @@ def connect(
     transport: Any = None,
     dispatch: str = "async",
     max_in_flight: int = 64,
+    progress: bool = True,
 ) -> Client:
     """Connects to a ``statehost serve`` and checks that versions match.
 
@@ -873,6 +876,8 @@ def connect(
         dispatch: ``"async"`` (default: warm calls return at once with ``RemoteArray``
             outputs; see the README's "Asynchronous dispatch") or ``"sync"``.
         max_in_flight: at most this many asynchronous calls wait for the server.
+        progress: progress bars on transfers of 64 MiB or more, in a terminal or a
+            notebook (``STATEHOST_PROGRESS=0`` turns them off too).
 
     Returns:
         A :class:`Client`; close it, or use it as a context manager.
@@ -883,5 +888,5 @@ def connect(
     """
     return Client(
         base_url=url, timeout=timeout, auth=TokenSource.find(url, token), transport=transport,
-        dispatch=dispatch, max_in_flight=max_in_flight,
+        dispatch=dispatch, max_in_flight=max_in_flight, progress=progress,
     )

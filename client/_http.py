@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from statehost._errors import WireError
+from statehost.client import _progress as progress
 from statehost.client._errors import (
     BY_TYPE,
     ClientClosedError,
@@ -116,6 +117,7 @@ class Http:
             transport=transport,
         )
         self._transport = transport
+        self.progress = True  # bars on large transfers (connect(progress=...))
         if transport is None:
             self.frames: FrameTransport = StdlibFrameTransport(self.base_url, headers, timeout)
         elif isinstance(transport, FrameTransport):
@@ -187,15 +189,27 @@ class Http:
         headers = {"content-type": CONTENT_TYPE, "content-length": str(encoded.nbytes)}
         self.client  # raises ClientClosedError after close()  # noqa: B018
         reread = False
-        while True:
-            # A small frame goes as one bytes, which the transport sends in the same write
-            # as the request head; as a list it took a second write, and a tiny call +1.1 ms.
-            chunks = encoded.to_bytes() if encoded.nbytes <= _CHUNK else encoded.chunks(_CHUNK)
-            with _translate(what, self.base_url, self.timeout):
-                status, body = self.frames.post_frame(path, chunks, encoded.nbytes, headers)
-            if status != 401 or reread or not self._token_changed():
-                break
-            reread = True
+        shown = progress.enabled(self.progress)
+        # The transport shows a bar for an answer of 64 MiB or more (client/_progress.py).
+        watch = progress.DOWNLOAD.set(f"{message.kind} download") if shown else None
+        try:
+            while True:
+                # A small frame goes as one bytes, which the transport sends in the same
+                # write as the request head; as a list it took a second write, and a tiny
+                # call +1.1 ms.
+                chunks = encoded.to_bytes() if encoded.nbytes <= _CHUNK else \
+                    encoded.chunks(_CHUNK)
+                if shown and encoded.nbytes >= progress.THRESHOLD:
+                    chunks = progress.uploading(chunks, encoded.nbytes, f"{message.kind} upload")
+                with _translate(what, self.base_url, self.timeout):
+                    status, body = self.frames.post_frame(path, chunks, encoded.nbytes,
+                                                          headers)
+                if status != 401 or reread or not self._token_changed():
+                    break
+                reread = True
+        finally:
+            if watch is not None:
+                progress.DOWNLOAD.reset(watch)
         note = self.token.refusal(reread) if status == 401 else ""
         _raise_for(status, bytes(body[:65536]) if status >= 400 else b"", what, note)
         try:

@@ -26,12 +26,13 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 import httpx
 
 from statehost.client._errors import ClientError, TransportError
+from statehost.client._progress import THRESHOLD, receiving
 from statehost.wire import fresh_buffer
 
 __all__ = ["FrameTransport", "HttpxFrameTransport", "StdlibFrameTransport"]
@@ -219,12 +220,23 @@ class _Connection:
         pos = min(len(self._buffer), nbytes)
         view[:pos] = self._buffer[:pos]
         del self._buffer[:pos]
+        if nbytes < THRESHOLD:  # the small answers of the hot path: no progress hook
+            self._receive(view, pos, nbytes, None)
+        else:
+            receiving(nbytes, lambda advance: self._receive(view, pos, nbytes, advance))
+        return view
+
+    def _receive(self, view: memoryview, pos: int, nbytes: int,
+                 advance: Callable[[int], None] | None) -> None:
+        if advance is not None:
+            advance(pos)
         while pos < nbytes:
             n = self.sock.recv_into(view[pos:])
             if not n:
                 raise TransportError(f"the answer ended after {pos} of {nbytes} bytes")
             pos += n
-        return view
+            if advance is not None:
+                advance(n)
 
     def _to_eof(self) -> bytearray:
         while self._fill():

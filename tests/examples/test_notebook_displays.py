@@ -1,4 +1,5 @@
-"""What a notebook shows of the client's objects, rendered by a real kernel (nbclient).
+"""What a notebook shows of the client's objects, rendered by a real kernel (nbclient),
+and a large transfer's progress bar there.
 
 Each object's display (``_repr_html_``, and IPython's text) comes from what the client
 already holds: displaying sends no request, which the cells check on the server's byte
@@ -62,6 +63,7 @@ CELLS = [
     "    return counter.value\n"
     "job = client.loop(client.jit(tick), 30, wait=False, progress=False)\n"
     "job.result(); job.refresh(); job",
+    "client.put('team/big', statehost.ParamState(jnp.ones((72 * 2**18,))))  # 72 MiB",
     "client.close()",
 ]
 
@@ -113,3 +115,6 @@ def test_the_client_objects_display_in_a_notebook(tmp_path):
     html, text = _html(cells[9])  # a job
     assert "statehost Job" in html and '<progress value="30" max="30">' in html
     assert "completed" in html and "30 / 30" in html
+
+    shown = "".join(o.get("text", "") for o in cells[10].outputs if o["output_type"] == "stream")
+    assert "put upload" in shown  # a transfer's bar (text: this kernel has no ipywidgets)
