@@ -39,7 +39,7 @@ from statehost.client._http import Http
 from statehost.client._ledger import SyncLedger
 from statehost.client._outputs import local_outputs
 from statehost.client._remote import RemoteDevice, RemotePlacement, localize_traceback
-from statehost.client._token import TokenSource
+from statehost.client._token import TokenSource, is_local_url
 from statehost.nn import Module
 from statehost.random import RandomState, default_stream
 from statehost.transform import StatefulMapping as _LocalStatefulMapping
@@ -177,6 +177,7 @@ class Client:
         try:
             self.server_info = self._http.json("GET", "/v1/info")
             self._check_versions(self.server_info.get("versions", {}))
+            self._use_unix_socket()
             self._max_body = int(self.server_info.get("limits", {}).get("max_body",
                                                                         self._max_body))
             self._open_session()
@@ -185,6 +186,28 @@ class Client:
             raise
 
     # -- lifecycle --------------------------------------------------------------
+    def _use_unix_socket(self) -> None:
+        """Given a loopback URL, moves to the Unix socket the server advertises, when this
+        process can open it and the very same server answers there (a loopback URL can be
+        a tunnel to another host, whose socket path may exist here for another server)."""
+        path = self.server_info.get("unix_socket")
+        if (not path or self._http.unix is not None or self._http._transport is not None
+                or not is_local_url(self.url) or not os.access(path, os.R_OK | os.W_OK)):
+            return
+        instance = self.server_info.get("instance")
+        try:
+            self._http.use_unix(path)
+            if self._http.json("GET", "/v1/info").get("instance") == instance:
+                return
+        except ClientError:
+            pass
+        self._http.use_unix(None)  # not the same server, or it would not answer: TCP
+
+    @property
+    def via(self) -> str:
+        """How this client reaches its server: ``"tcp"``, or ``"unix:///path"``."""
+        return "tcp" if self._http.unix is None else f"unix://{self._http.unix}"
+
     def _check_versions(self, server: dict[str, Any]) -> None:
         problems = version_problems(local_versions(), server, me="client", them="server")
         if problems:
@@ -272,15 +295,17 @@ class Client:
 
     def __repr__(self) -> str:
         state = "closed" if self._http.closed else f"session {self._session[:8]}"
-        return f"statehost.Client({self.url!r}, {state})"
+        via = "" if self._http.unix is None or self.url.startswith("unix://") \
+            else f", via unix://{self._http.unix}"
+        return f"statehost.Client({self.url!r}, {state}{via})"
 
     def _repr_html_(self) -> str:
         """The notebook display, from what the client holds (no request): the server, the
         versions on both sides, the devices as of connect, the session, the dashboard."""
         versions = self.server_info.get("versions", {})
         mine = local_versions()
-        rows = [("server", self.url), ("session", "closed" if self._http.closed
-                                        else self._session[:8]),
+        rows = [("server", self.url), ("via", self.via),
+                ("session", "closed" if self._http.closed else self._session[:8]),
                 ("dispatch", self.dispatch), ("dashboard", f"{self.url}/dashboard")]
         rows += [(f"{name} (server / client)", f"{versions.get(name, '?')} / {mine.get(name)}")
                  for name in ("statehost", "jax", "python", "cloudpickle")]
@@ -890,3 +915,4 @@ def connect(
         base_url=url, timeout=timeout, auth=TokenSource.find(url, token), transport=transport,
         dispatch=dispatch, max_in_flight=max_in_flight, progress=progress,
     )
+

@@ -103,27 +103,47 @@ class Http:
     ):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        # unix:///path/to.sock: HTTP over that Unix socket (the host in URLs is a dummy).
+        self.unix = self.base_url[len("unix://"):] if self.base_url.startswith("unix://") \
+            else None
         self.token = token if isinstance(token, TokenSource) else TokenSource.find(
             self.base_url, token) if token else TokenSource(None, "none")
         # One dict, shared with the frame transports: a re-read token reaches them too.
         self._headers = headers = {}
         if self.token.token:
             headers["authorization"] = f"Bearer {self.token.token}"
+        self._transport = transport
+        self.progress = True  # bars on large transfers (connect(progress=...))
+        self._open()
+
+    def _open(self) -> None:
+        """The JSON client and the frame transport, over TCP or :attr:`unix`."""
+        transport, headers, timeout = self._transport, self._headers, self.timeout
+        http_url = "http://localhost" if self.unix is not None else self.base_url
         self._client: httpx.Client | None = httpx.Client(
-            base_url=self.base_url,
+            base_url=http_url,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
-            transport=transport,
+            transport=transport if transport is not None or self.unix is None
+            else httpx.HTTPTransport(uds=self.unix),
         )
-        self._transport = transport
-        self.progress = True  # bars on large transfers (connect(progress=...))
         if transport is None:
-            self.frames: FrameTransport = StdlibFrameTransport(self.base_url, headers, timeout)
+            self.frames: FrameTransport = StdlibFrameTransport(http_url, headers, timeout,
+                                                               unix=self.unix)
         elif isinstance(transport, FrameTransport):
             self.frames = _WithHeaders(transport, headers)
         else:
             self.frames = HttpxFrameTransport(self._client)
+
+    def use_unix(self, path: str | None) -> None:
+        """From now on, talk to the server over its Unix socket ``path`` (same host), or
+        over TCP again (``None``)."""
+        assert self._transport is None and self._client is not None
+        self._client.close()
+        self.frames.close()
+        self.unix = path
+        self._open()
 
     @property
     def client(self) -> httpx.Client:
@@ -156,9 +176,10 @@ class Http:
             return self._transport.open_stream(path, dict(self._headers))
         from statehost.client._stream import WebSocketConnection
 
-        url = "ws" + self.base_url[len("http"):] + path
+        base = "http://localhost" if self.unix is not None else self.base_url
+        url = "ws" + base[len("http"):] + path
         with _translate(f"WebSocket {path}", self.base_url, self.timeout):
-            return WebSocketConnection(url, dict(self._headers), self.timeout)
+            return WebSocketConnection(url, dict(self._headers), self.timeout, unix=self.unix)
 
     def _token_changed(self) -> bool:
         """After a 401: re-reads the token file; True when its token is new (now in use)."""

@@ -38,16 +38,19 @@ _TICK = 0.1
 class WebSocketConnection:
     """A ``websockets`` synchronous client connection with the contract above."""
 
-    def __init__(self, url: str, headers: dict[str, str], timeout: float):
-        from websockets.sync.client import connect
+    def __init__(self, url: str, headers: dict[str, str], timeout: float,
+                 unix: str | None = None):
+        from websockets.sync.client import connect, unix_connect
 
         self.close_code: int | None = None
         self.close_reason = ""
         # No size limit here (the server enforces its own), no compression (frames hold
         # arrays), and no keepalive pings that a long call's silence could fail.
         # Entered as a context manager (websockets 17 warns otherwise); close() exits it.
-        self._ws = connect(url, additional_headers=headers, max_size=None, compression=None,
-                           open_timeout=min(timeout, 10.0), ping_interval=None).__enter__()
+        options = dict(additional_headers=headers, max_size=None, compression=None,
+                       open_timeout=min(timeout, 10.0), ping_interval=None)
+        self._ws = (unix_connect(unix, url, **options) if unix is not None
+                    else connect(url, **options)).__enter__()
 
     def send(self, data: bytes) -> None:
         self._ws.send(data)

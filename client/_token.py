@@ -23,7 +23,10 @@ from statehost._config import token_path
 __all__ = ["TokenSource"]
 
 
-def _is_loopback(url: str) -> bool:
+def is_local_url(url: str) -> bool:
+    """A loopback URL, or a Unix socket's (``unix:///path``): a server on this host."""
+    if url.startswith("unix://"):
+        return True
     host = urllib.parse.urlsplit(url).hostname or ""
     return host in {"localhost", "::1"} or host.startswith("127.")
 
@@ -60,7 +63,7 @@ class TokenSource:
     def find(cls, url: str, token: str | None = None) -> TokenSource:
         """As ``statehost.connect`` does: ``token``, else ``$STATEHOST_TOKEN``, else (for a
         loopback URL) the local server's token file."""
-        path = token_path() if _is_loopback(url) else None
+        path = token_path() if is_local_url(url) else None
         if token:
             return cls(token, "given", path)
         if os.environ.get("STATEHOST_TOKEN"):

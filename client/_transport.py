@@ -54,7 +54,9 @@ class FrameTransport(Protocol):
 class StdlibFrameTransport:
     """Kept-alive HTTP/1.1 connections to one server (``http`` or ``https``)."""
 
-    def __init__(self, base_url: str, headers: dict[str, str], timeout: float):
+    def __init__(self, base_url: str, headers: dict[str, str], timeout: float,
+                 unix: str | None = None):
+        self._unix = unix  # a Unix socket path: connect there, whatever the URL's host
         parts = urllib.parse.urlsplit(base_url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
@@ -83,7 +85,7 @@ class StdlibFrameTransport:
             # out of verification is honoured this way too.
             self._tls = ssl._create_default_https_context()
             self._tls.set_alpn_protocols(["http/1.1"])
-        return _Connection(self._host, self._port, self._timeout, self._tls)
+        return _Connection(self._host, self._port, self._timeout, self._tls, self._unix)
 
     def post_frame(self, path: str, chunks: Body | Iterable[Body], nbytes: int,
                    headers: dict[str, str]) -> tuple[int, Body]:
@@ -131,7 +133,18 @@ class _Connection:
     caller's messages read as they did with it.
     """
 
-    def __init__(self, host: str, port: int, timeout: float, tls: ssl.SSLContext | None):
+    def __init__(self, host: str, port: int, timeout: float, tls: ssl.SSLContext | None,
+                 unix: str | None = None):
+        if unix is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(unix)
+            except BaseException:
+                sock.close()
+                raise
+            self.sock, self._buffer = sock, bytearray()
+            return
         sock = socket.create_connection((host, port), timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -147,6 +148,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.versions = local_versions()
+    # Tells this server from another: a client that finds the advertised Unix socket checks
+    # that the same server answers there (a loopback URL can be a tunnel to another host).
+    app.state.instance = secrets.token_hex(8)
     app.state.jobs = jobs.table(runtime)
     app.state.call_history = runtime.scheduler.calls.history = CallHistory()
     app.state.dashboard_logins = DashboardLogins()

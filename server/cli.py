@@ -100,6 +100,9 @@ _SERVE_FLAGS = (
     _Flag("--shutdown-grace", "shutdown_grace", "seconds SIGTERM waits for running calls; "
           f"calls still running then are abandoned and the exit status is {_EXIT_ABANDONED}",
           type=float),
+    _Flag("--unix", "unix", "a Unix socket to serve on besides TCP, for clients on this "
+          "host (mode 0600): a path, auto ($XDG_RUNTIME_DIR/statehost/statehost.sock when "
+          "$XDG_RUNTIME_DIR exists) or off", metavar="PATH"),
 )
 
 
@@ -366,7 +369,15 @@ def serve(args: argparse.Namespace) -> int:
         ws_per_message_deflate=False,
     )
     server = _server_class(uvicorn)(config)
-    server.run()
+    sockets = _sockets(config, settings)
+    app.state.unix_socket = None if sockets is None else sockets[1].getsockname()
+    try:
+        server.run(sockets=sockets)
+    finally:
+        if sockets is not None:  # the socket file goes with the server that made it
+            sockets[1].close()
+            with contextlib.suppress(OSError):
+                os.unlink(app.state.unix_socket)
     if not server.started:  # as uvicorn.run does: a lifespan that failed to start
         return 3
     abandoned = app.state.runtime.scheduler.running
@@ -374,6 +385,26 @@ def serve(args: argparse.Namespace) -> int:
         _exit_now(_MSG_ABANDONED.format(count=abandoned, grace=settings.shutdown_grace,
                                         status=_EXIT_ABANDONED), _EXIT_ABANDONED)
     return 0
+
+
+def _sockets(config: Any, settings: Settings) -> list[Any] | None:
+    """TCP and the Unix socket, when there is one (``None``: uvicorn binds TCP itself)."""
+    from statehost.server import unix_socket
+
+    path = unix_socket.socket_path(settings.unix)
+    if path is None:
+        return None
+    try:
+        unix = unix_socket.bind(path)
+    except unix_socket.UnixSocketError as exc:
+        if settings.unix != "auto":
+            _exit_now(str(exc), 2)
+        logging.getLogger("statehost.server").warning("%s (serving on TCP only)", exc)
+        return None
+    tcp = config.bind_socket()  # uvicorn's own: its messages when the port is taken
+    print(f"  and on the Unix socket {path} (mode 0600; clients on this host use it)",
+          flush=True)
+    return [tcp, unix]
 
 
 def _exit_now(message: str, status: int) -> None:

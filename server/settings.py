@@ -104,6 +104,9 @@ class Settings:
         compile_cache: keep JAX's persistent compilation cache in
             ``<data_dir>/compile-cache``, so a restart does not recompile
             (``STATEHOST_COMPILE_CACHE=0`` turns it off).
+        unix: a Unix socket to serve on besides TCP, for clients on this host: a path,
+            ``auto`` ($XDG_RUNTIME_DIR/statehost/statehost.sock when $XDG_RUNTIME_DIR
+            exists) or ``off`` (see ``server/unix_socket.py``).
     """
 
     host: str = "127.0.0.1"
@@ -125,6 +128,7 @@ class Settings:
     json_max_elements: int = 1_000_000
     shutdown_grace: float = 30.0
     compile_cache: bool = True
+    unix: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

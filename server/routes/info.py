@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from statehost.server.deps import RuntimeDep, SettingsDep, VersionsDep, require_token
 
@@ -26,7 +26,8 @@ def _memory(device: Any) -> int | None:
 
 @router.get("/info", summary="Versions, devices and limits (the client checks them at "
             "connect), and the calls queued, running and stuck")
-def info(settings: SettingsDep, versions: VersionsDep, rt: RuntimeDep) -> dict[str, Any]:
+def info(request: Request, settings: SettingsDep, versions: VersionsDep, rt: RuntimeDep
+         ) -> dict[str, Any]:
     """``calls.stuck`` lists the calls running longer than ``stuck_after`` seconds or past
     their deadline, oldest first, with their session's first 8 characters. A running
     device program cannot be interrupted (openxla/xla#16801): a stuck call that was
@@ -44,4 +45,7 @@ def info(settings: SettingsDep, versions: VersionsDep, rt: RuntimeDep) -> dict[s
                    "workers": settings.workers, "session_workers": settings.session_workers,
                    "call_timeout": settings.call_timeout, "stuck_after": settings.stuck_after},
         "calls": {"queued": scheduler.queued, "running": scheduler.running, "stuck": stuck},
+        # A client on this host given a loopback URL switches to it (server/unix_socket.py).
+        "unix_socket": getattr(request.app.state, "unix_socket", None),
+        "instance": request.app.state.instance,
     }
