@@ -28,6 +28,8 @@ import jax
 import jax.monitoring
 from jax._src import compilation_cache as _jax_compilation_cache
 
+from statehost.server.persistence.permissions import make_private_dir
+
 __all__ = ["CompileSources", "compile_cache_dir", "persistent_compile_cache"]
 
 log = logging.getLogger("statehost.server")
@@ -62,6 +64,9 @@ def persistent_compile_cache(directory: Path | None) -> Iterator[None]:
     if directory is None:
         yield
         return
+    # JAX writes its entries with the process's umask; in a 0700 folder no one else enters
+    # them (the data dir's rule: server/persistence/permissions.py).
+    make_private_dir(directory)
     names = ["jax_compilation_cache_dir", *_CONFIG]
     saved = {name: getattr(jax.config, name) for name in names}
     for name, value in {"jax_compilation_cache_dir": str(directory), **_CONFIG}.items():
