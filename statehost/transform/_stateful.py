@@ -201,6 +201,46 @@ class StatefulCall:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._placement is not None:
             return self._placement.run(self, args, kwargs)
+        plan, dyn, read, write = self._plan_for(args, kwargs)
+        return self._run(plan, dyn, kwargs, read, write)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """The lowered program a call with these arguments runs, without running it.
+
+        Finds or makes the plan exactly as a call does (a cold signature is probed and
+        counted as a miss; the call that follows is then a hit), and lowers its
+        transformed function for the states' current values. ``lower(...).compile()``
+        compiles what the call will run, and JAX reuses that compilation for the call, so
+        a server can read ``memory_analysis()`` before it runs anything.
+
+        Arguments:
+            args, kwargs: the call's arguments.
+
+        Returns:
+            A ``jax.stages.Lowered``, or ``None`` when the mapping function has no
+            ``lower`` (a custom ``mapping_fn``).
+
+        Example:
+            >>> import jax.numpy as jnp, statehost
+            >>> f = statehost.transform.jit(lambda x: x + 1)
+            >>> f.lower(jnp.ones(2)).compile().memory_analysis().output_size_in_bytes
+            8
+        """
+        plan, dyn, read, _ = self._plan_for(args, kwargs, count_hit=False)
+        assert plan.compiled is not None
+        lower = getattr(plan.compiled, "lower", None)
+        if lower is None:
+            return None
+        values = [read(st) for st in plan.inputs]
+        keys, _ = self._rng_keys(plan, read)  # the advanced stream is dropped: nothing runs
+        extra = (self._lane_ids(plan.lanes),) if plan.dummy_lanes else ()
+        return lower(*dyn, kwargs, values, keys, *extra)
+
+    def _plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any], count_hit: bool = True
+                  ) -> tuple[
+            Plan, tuple[Any, ...], Callable[[State], Any], Callable[[State, Any], None]]:
+        """The cached (or new) plan for these arguments, the dynamic arguments, and where
+        state values are read from and written to."""
         outer = active_trace()
         if self._static_argnums:
             dyn, statics = self._split_static(args)
@@ -222,9 +262,9 @@ class StatefulCall:
             self._misses += 1
             plan = self._make_plan(dyn, kwargs, statics, read)
             self._cache.setdefault(key, []).append(plan)
-        else:
+        elif count_hit:
             self._hits += 1
-        return self._run(plan, dyn, kwargs, read, write)
+        return plan, dyn, read, write
 
     def _split_static(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         statics = []
