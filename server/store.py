@@ -260,3 +260,16 @@ class StateStore:
 
     def __len__(self) -> int:
         return len(self._states)
+
+    def resident(self) -> list[tuple[str, str, Any]]:
+        """``(id, label, value)`` of every resident state, the label naming it for messages
+        (``team/net:w`` for a named state, ``anonymous state 1a2b3c4d`` otherwise)."""
+        with self._lock:
+            found = [(i, s, self._meta.get(i)) for i, s in self._states.items()]
+        return [(i, _label(i, meta), s._value) for i, s, meta in found]
+
+
+def _label(state_id: str, meta: Meta | None) -> str:
+    if meta is not None and meta.namespace is not None:
+        return f"{meta.namespace}/{meta.name}"
+    return f"anonymous state {state_id[:8]}"

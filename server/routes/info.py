@@ -44,4 +44,11 @@ def info(settings: SettingsDep, versions: VersionsDep, rt: RuntimeDep) -> dict[s
                    "workers": settings.workers, "session_workers": settings.session_workers,
                    "call_timeout": settings.call_timeout, "stuck_after": settings.stuck_after},
         "calls": {"queued": scheduler.queued, "running": scheduler.running, "stuck": stuck},
+        # the fair scheduler's queues (a caller's namespace; see statehost.server.calls)
+        "queues": {ns: {**counts, "weight": settings.weight_of(ns)}
+                   for ns, counts in sorted(scheduler.by_namespace().items())},
+        "admission": {"enabled": scheduler.admission is not None,
+                      "device_memory": settings.device_memory,
+                      "reserved": {str(dev): n for dev, n in sorted(
+                          rt.admission.reserved().items())}},
     }
