@@ -42,7 +42,9 @@ def info(settings: SettingsDep, versions: VersionsDep, rt: RuntimeDep) -> dict[s
         ],
         "limits": {"max_body": settings.max_body, "session_ttl": settings.session_ttl,
                    "workers": settings.workers, "session_workers": settings.session_workers,
-                   "call_timeout": settings.call_timeout, "stuck_after": settings.stuck_after},
+                   "call_timeout": settings.call_timeout, "stuck_after": settings.stuck_after,
+                   "namespace_weight": settings.namespace_weight,
+                   "namespace_weights": dict(settings.namespace_weights)},
         "calls": {"queued": scheduler.queued, "running": scheduler.running, "stuck": stuck},
         # the fair scheduler's queues (a caller's namespace; see statehost.server.calls)
         "queues": {ns: {**counts, "weight": settings.weight_of(ns)}

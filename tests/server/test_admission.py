@@ -1,0 +1,218 @@
+"""Admission by device memory (``statehost.server.admission``), on CPU through
+``--device-memory``: a call whose compiled program fits runs; one that does not fit now
+waits in the queue (no thread) and runs once another session frees its states; one that
+waits past its deadline, or needs more than a device has, gets a 507 DeviceMemoryError
+that says why; XLA's own RESOURCE_EXHAUSTED is a DeviceMemoryError too. After every
+refusal the states are unchanged and the server goes on serving.
+
+Sizes: one float32 vector of 2**18 elements is 1 MiB. ``grow`` reads and writes ``w``
+(1 MiB in, 1 MiB out) and returns a 2 MiB array: its program needs about 4 MiB.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import statehost
+from statehost.client import DeviceMemoryError
+from statehost.server.admission import Admission, Demand, device_bytes, size
+from tests.server.scheduling import until
+
+MiB = 2**20
+N = 2**18  # float32 elements in 1 MiB
+
+
+def _grow(w):
+    def grow():
+        w.value = w.value + 1
+        return jnp.ones(2 * N, jnp.float32) * w.value[0]
+    return grow
+
+
+def _first(out) -> float:
+    """The first element of a call's output (reading it raises the call's error)."""
+    return float(np.asarray(out).reshape(-1)[0])
+
+
+def _waiting_for_memory(s) -> bool:
+    return any(c.short_of_memory is not None for c in s.scheduler.calls)
+
+
+@pytest.fixture
+def box(server):
+    """An 8 MiB device 0: tenant A keeps 6 MiB resident, B has its 1 MiB state ``w``."""
+    s = server(device_memory=8 * MiB, workers=2, session_workers=2)
+    a, b = s.connect(), s.connect()
+    big = statehost.ParamState(jnp.zeros(6 * N, jnp.float32))
+    a.push(big)
+    w = statehost.ParamState(jnp.zeros(N, jnp.float32))
+    b.push(w)
+    yield s, a, b, w
+    a.close()
+    b.close()
+
+
+def test_a_call_that_fits_runs_and_its_estimate_costs_no_second_compile(server):
+    s = server(device_memory=64 * MiB)
+    listened: list[str] = []
+
+    def listen(name: str, seconds: float, **kwargs) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            listened.append(name)
+
+    with s.connect() as client:
+        w = statehost.ParamState(jnp.zeros(N, jnp.float32))
+        grow = client.jit(_grow(w))
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        try:
+            assert _first(grow()) == 1.0
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listen)
+        assert _first(grow()) == 2.0
+        assert float(np.asarray(w.value)[0]) == 2.0
+    # the first call compiled its program once (for the estimate, and JAX reused it to
+    # run); the second used the cached estimate and the cached program
+    assert len(listened) == 1
+    assert s.metric("statehost_compiles_total") == 1
+    info = s.http.get("/v1/info").json()["admission"]
+    assert info == {"enabled": True, "device_memory": 64 * MiB, "reserved": {}}
+
+
+def test_a_call_that_does_not_fit_waits_until_another_session_frees_its_states(box):
+    s, a, b, w = box
+    grow = b.jit(_grow(w))
+    answer: list = []
+    thread = threading.Thread(target=lambda: answer.append(_first(grow())))
+    thread.start()
+    until(lambda: _waiting_for_memory(s))  # sent back to the queue: it holds no worker
+    assert (s.scheduler.running, s.scheduler.queued) == (0, 1)
+    assert not answer
+    a.close()  # frees A's 6 MiB: the call fits now
+    thread.join(60)
+    assert answer == [1.0]
+    b.pull(w)
+    assert float(np.asarray(w.value)[0]) == 1.0
+
+
+def test_a_call_that_waits_for_memory_past_its_deadline_gets_507(box):
+    s, a, b, w = box
+    grow = b.jit(_grow(w), timeout=0.3)
+    with pytest.raises(DeviceMemoryError, match=(
+            r"not started within its 0.3 s deadline: its program needs an estimated "
+            r"4\.0 MiB on device 0 \(temp .* \+ arguments .* \+ outputs .* - aliased .*\), "
+            r"and 1\.0 MiB of the device's 8\.0 MiB were free \(--device-memory less the "
+            r"resident states")) as caught:
+        _first(grow())
+    message = str(caught.value)
+    assert caught.value.status == 507
+    assert "was never started, so nothing was applied" in message
+    assert "Largest states resident on device 0: anonymous state" in message
+    assert "(6.0 MiB), anonymous state" in message  # A's state first, then B's w
+    # the program's few scalars (the random key, ...) come on top of the 4 MiB
+    assert 4 * MiB <= caught.value.estimate_bytes < 4 * MiB + 1024
+    assert caught.value.free_bytes == MiB
+    assert s.metric("statehost_call_timeouts_total") == 1
+    # nothing changed, and the server serves: w is as it was, and a small call runs
+    b.pull(w)
+    np.testing.assert_array_equal(np.asarray(w.value), np.zeros(N, np.float32))
+    assert float(b.jit(lambda x: x * 2)(np.float32(3))) == 6.0
+
+
+def test_a_call_larger_than_the_device_fails_at_once(server):
+    s = server(device_memory=2 * MiB)
+    with s.connect() as client:
+        w = statehost.ParamState(jnp.zeros(N, jnp.float32))
+        client.push(w)
+        with pytest.raises(DeviceMemoryError, match=(
+                r"its program needs an estimated 4\.0 MiB on device 0 .*, more than the "
+                r"device's 2\.0 MiB \(--device-memory less the resident states\): it can never "
+                r"run there, and was not started")) as caught:
+            _first(client.jit(_grow(w))())
+        assert caught.value.status == 507
+        assert s.scheduler.queued == 0  # refused, not waiting
+        client.pull(w)
+        np.testing.assert_array_equal(np.asarray(w.value), np.zeros(N, np.float32))
+
+
+def _huge(w):
+    def huge():  # 2 EiB: more than any address space, so no machine can allocate it
+        w.value = w.value + 1
+        return jnp.broadcast_to(w.value[0], (2**29, 2**30)) + 1
+    return huge
+
+
+def test_xla_running_out_of_memory_is_a_device_memory_error(server):
+    """Without admission (a CPU server with no --device-memory) the program runs, and XLA's
+    allocation fails: a real RESOURCE_EXHAUSTED, answered as a DeviceMemoryError."""
+    s = server()
+    assert s.http.get("/v1/info").json()["admission"]["enabled"] is False
+    with s.connect() as client:
+        w = statehost.ParamState(jnp.zeros(4, jnp.float32))
+        client.push(w)
+        with pytest.raises(DeviceMemoryError, match=(
+                r"XLA ran out of device memory while the call ran \(RESOURCE_EXHAUSTED: Out "
+                r"of memory allocating \d+ bytes\.\)\. The call was not applied: every state "
+                r"keeps its previous value")) as caught:
+            _first(client.jit(_huge(w))())
+        assert caught.value.status == 507 and caught.value.estimate_bytes is None
+        client.pull(w)
+        np.testing.assert_array_equal(np.asarray(w.value), np.zeros(4, np.float32))
+        assert float(client.jit(lambda x: x * 2)(np.float32(3))) == 6.0
+
+
+def test_with_admission_the_same_program_is_refused_before_it_runs(server):
+    s = server(device_memory=64 * MiB)
+    with s.connect() as client:
+        w = statehost.ParamState(jnp.zeros(4, jnp.float32))
+        with pytest.raises(DeviceMemoryError, match=r"needs an estimated 2048\.0 PiB|needs an "
+                           r"estimated [\d.]+ TiB on device 0 .* it can never run there"):
+            _first(client.jit(_huge(w))())
+
+
+# -- the pieces ------------------------------------------------------------------------------
+def test_device_bytes_counts_each_devices_share():
+    devices = jax.devices()
+    one = jax.device_put(np.zeros(N, np.float32), devices[1])
+    assert device_bytes(one) == {1: MiB}
+    sharded = jax.pmap(lambda x: x)(np.zeros((8, N), np.float32))  # a slice per device
+    assert device_bytes({"a": sharded}) == {d.id: MiB for d in devices}
+    assert device_bytes(np.zeros(4)) == {}  # a host array holds no device memory
+
+
+def test_admission_credits_the_calls_own_states_and_counts_reservations():
+    own = jax.device_put(np.zeros(N, np.float32), jax.devices()[0])
+    other = jax.device_put(np.zeros(4 * N, np.float32), jax.devices()[0])
+    resident = [("own", "own state", own), ("other", "team/net", other)]
+    admission = Admission(8 * MiB, lambda: resident)
+    demand = Demand(4 * MiB, (0,), arguments=MiB, outputs=3 * MiB)
+    # 8 - 5 resident = 3 free; the call needs 4 less its own 1 MiB already there
+    assert admission.check(demand, ["own"]).fits
+    verdict = admission.check(demand)
+    assert (verdict.fits, verdict.never, verdict.need, verdict.free) == (False, False, 4 * MiB,
+                                                                         3 * MiB)
+    call = object()
+    admission.reserve(call, Demand(2 * MiB, (0,)))  # a running call holds 2 MiB
+    assert not admission.check(demand, ["own"]).fits and admission.reserved() == {0: 2 * MiB}
+    admission.release(call)
+    assert admission.reserved() == {} and admission.check(demand, ["own"]).fits
+    assert admission.check(Demand(9 * MiB, (0,))).never
+    assert admission.largest(0) == "team/net (4.0 MiB), own state (1.0 MiB)"
+    assert Admission(None, lambda: resident).check(Demand(10**15, (0,))).fits  # no limit
+
+
+def test_sizes_read_as_units():
+    assert [size(n) for n in (512, 1536, 4 * MiB, 3 * 2**40)] == [
+        "512 B", "1.5 KiB", "4.0 MiB", "3.0 TiB"]
+
+
+def test_device_memory_must_be_a_positive_size():
+    from statehost.server import Settings
+
+    assert Settings.from_env({"STATEHOST_DEVICE_MEMORY": "64MiB"}).device_memory == 64 * MiB
+    with pytest.raises(ValueError, match="device_memory=0 must be a positive size"):
+        Settings(device_memory=0)
