@@ -278,7 +278,11 @@ class Scheduler:
             if picked is None:
                 self._next_turn()
                 continue
-            self._begin(picked, now)
+            if not self._begin(picked, now):  # cancelled meanwhile, on another thread
+                if self.admission is not None:
+                    self.admission.release(picked)
+                self._finish_queued(picked)
+                continue
             start.append(picked)
             self._turn_left -= 1
             if self._turn_left <= 0:
@@ -309,9 +313,11 @@ class Scheduler:
         self.admission.reserve(call, demand)
         return True
 
-    def _begin(self, call: Call, now: float) -> None:
-        if not call.begin(now):  # cannot happen: the guard is held and it was queued
-            raise AssertionError(f"{call.kind} {call.id} left the queue unseen")
+    def _begin(self, call: Call, now: float) -> bool:
+        """Marks a call running and gives it its states; ``False``: it was cancelled (a
+        cancel takes the call's lock, not the guard)."""
+        if not call.begin(now):
+            return False
         self._dequeue(call)
         for k in call.keys:
             self._held[k] = call
@@ -319,6 +325,7 @@ class Scheduler:
             sid = call.session.id
             self._per_session[sid] = self._per_session.get(sid, 0) + 1
         self._busy += 1
+        return True
 
     def admit(self, call: Call, demand: Demand) -> None:
         """On the call's worker, before anything ran: reserves ``demand``, or raises
@@ -347,6 +354,22 @@ class Scheduler:
         def arm() -> None:
             if self._recheck is None:
                 self._recheck = loop.call_later(RECHECK_S, self._rechecked)
+
+        try:
+            loop.call_soon_threadsafe(arm)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    def _arm_deadline(self, call: Call) -> None:
+        """A deadline timer for a call put back in the queue (its ``submit`` armed none if
+        it started at once)."""
+        awaiter = self._awaiters.get(id(call))
+        if awaiter is None or call.deadline is None:
+            return
+        loop, deadline = awaiter.loop, call.deadline
+
+        def arm() -> None:
+            loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, call)
 
         try:
             loop.call_soon_threadsafe(arm)
@@ -489,6 +512,7 @@ class Scheduler:
                 call.demand = back
                 self._enqueue(call)
                 self._unsorted = True
+                self._arm_deadline(call)
             else:
                 awaiter = self._awaiters.pop(id(call), None)
             start = self._dispatch()

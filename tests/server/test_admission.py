@@ -21,7 +21,7 @@ import pytest
 import statehost
 from statehost.client import DeviceMemoryError
 from statehost.server.admission import Admission, Demand, device_bytes, size
-from tests.server.scheduling import until
+from tests.server.scheduling import until, until_async
 
 MiB = 2**20
 N = 2**18  # float32 elements in 1 MiB
@@ -216,3 +216,97 @@ def test_device_memory_must_be_a_positive_size():
     assert Settings.from_env({"STATEHOST_DEVICE_MEMORY": "64MiB"}).device_memory == 64 * MiB
     with pytest.raises(ValueError, match="device_memory=0 must be a positive size"):
         Settings(device_memory=0)
+
+
+def test_a_cancelled_call_waiting_for_memory_never_starts(box):
+    s, a, b, w = box
+    grow = b.jit(_grow(w))
+    caught: list = []
+
+    def send():
+        try:
+            _first(grow())
+        except Exception as exc:  # the test looks at it below
+            caught.append(exc)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    until(lambda: _waiting_for_memory(s))
+    (call,) = list(s.scheduler.calls)
+    answer = s.http.post(f"/v1/calls/{call.id}/cancel").json()
+    assert answer == {"id": call.id, "status": "cancelled", "cancel_requested": True}
+    thread.join(60)
+    (error,) = caught
+    assert type(error).__name__ == "CallCancelledError" and error.status == 409
+    b.pull(w)
+    np.testing.assert_array_equal(np.asarray(w.value), np.zeros(N, np.float32))
+
+
+# -- the scheduler's side: waiting for memory keeps a call's place ---------------------------
+def test_a_call_waiting_for_memory_keeps_its_place_on_its_states(sessions, schedulers):
+    """X does not fit; Y on other states runs meanwhile; Z, on X's state and sent after X,
+    fits but waits behind X; when memory frees, X runs, then Z. Each work asks for its
+    memory before it runs, as ``execution._admit`` does."""
+    import asyncio
+
+    from statehost.server.calls import Call
+
+    create, _ = sessions
+    resident = [("other", "team/big", jax.device_put(np.zeros(4 * N, np.float32),
+                                                     jax.devices()[0]))]
+    admission = Admission(8 * MiB, lambda: list(resident))
+    order: list[str] = []
+
+    def work(name: str, mib: int):
+        def run(call: Call) -> str:
+            scheduler.admit(call, Demand(mib * MiB, (0,)))
+            order.append(name)
+            return name
+        return run
+
+    scheduler = schedulers(2, session_workers=2, admission=admission)
+
+    async def main():
+        s = create()
+        x = asyncio.ensure_future(scheduler.submit(Call("call", s, ("k",), work("x", 6))))
+        await until_async(lambda: any(c.short_of_memory for c in scheduler.calls))
+        assert await scheduler.submit(Call("call", s, ("j",), work("y", 1))) == "y"
+        z = asyncio.ensure_future(scheduler.submit(Call("call", s, ("k",), work("z", 1))))
+        await asyncio.sleep(0)
+        assert scheduler.queued == 2 and order == ["y"]  # z fits, but x is first on "k"
+        resident.clear()  # team/big deleted: the next look (RECHECK_S) finds room
+        assert await asyncio.gather(x, z) == ["x", "z"]
+        assert admission.reserved() == {}
+
+    asyncio.run(main())
+    assert order == ["y", "x", "z"]
+
+
+def test_a_call_waiting_for_memory_fails_with_507_at_its_deadline(sessions, schedulers):
+    import asyncio
+
+    from statehost.server.calls import Call
+    from statehost.server.errors import DeviceMemoryError as ServerDeviceMemoryError
+
+    create, _ = sessions
+    admission = Admission(8 * MiB, lambda: [])
+    scheduler = schedulers(1, admission=admission)
+    ran: list[str] = []
+
+    def work(call: Call) -> None:
+        scheduler.admit(call, Demand(5 * MiB, (0,)))
+        ran.append(call.id)
+
+    async def main():
+        holder = Call("call", create(), (), lambda c: None)
+        admission.reserve(holder, Demand(4 * MiB, (0,)))  # as if a running call held 4 MiB
+        with pytest.raises(ServerDeviceMemoryError, match=r"not started within its 0.2 s "
+                           r"deadline: its program needs an estimated 5\.0 MiB on device 0 "
+                           r".*and 4\.0 MiB of the device's 8\.0 MiB were free "
+                           r"\(--device-memory less the resident states; 4\.0 MiB held by "
+                           r"running calls\)") as caught:
+            await scheduler.submit(Call("call", create(), ("k",), work, timeout=0.2))
+        assert caught.value.status == 507 and not ran
+        assert scheduler.queued == 0 and scheduler.lock_count() == 0
+
+    asyncio.run(main())
