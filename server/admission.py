@@ -147,18 +147,21 @@ def device_bytes(value: Any) -> dict[int, int]:
     """Bytes a state value holds on each device (a replicated array counts on each)."""
     out: dict[int, int] = {}
     for leaf in jax.tree_util.tree_leaves(value):
-        if not isinstance(leaf, jax.Array):
-            continue
-        try:
-            shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-            devices: Iterable[Any] = leaf.sharding.device_set
-        except Exception:  # a sharding that cannot say: count each shard
-            for s in leaf.addressable_shards:
-                out[s.device.id] = out.get(s.device.id, 0) + s.data.nbytes
-            continue
-        for d in devices:
-            out[d.id] = out.get(d.id, 0) + shard
+        if isinstance(leaf, jax.Array):
+            for dev, n in _array_bytes(leaf):
+                out[dev] = out.get(dev, 0) + n
     return out
+
+
+def _array_bytes(leaf: jax.Array) -> tuple[tuple[int, int], ...]:
+    try:
+        shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        return tuple((d.id, shard) for d in leaf.sharding.device_set)
+    except Exception:  # a sharding that cannot say: count each shard
+        per: dict[int, int] = {}
+        for s in leaf.addressable_shards:
+            per[s.device.id] = per.get(s.device.id, 0) + s.data.nbytes
+        return tuple(per.items())
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -175,13 +178,17 @@ class Admission:
         resident: returns ``(label, value)`` of every resident state (the label names it
             in messages).
         devices: the server's devices (``jax.devices()`` by default).
+        value_of: a resident state's value by id (``None`` if gone), to credit a call's own
+            states without counting every resident one.
     """
 
     def __init__(self, device_memory: int | None,
                  resident: Callable[[], Iterable[tuple[str, str, Any]]],
-                 devices: Iterable[Any] | None = None):
+                 devices: Iterable[Any] | None = None,
+                 value_of: Callable[[str], Any] | None = None):
         self.device_memory = device_memory
         self._resident = resident
+        self._value_of = value_of
         self._devices = {d.id: d for d in (jax.devices() if devices is None else devices)}
         self._reported = {i for i, d in self._devices.items() if _limit(d) is not None}
         self._lock = threading.Lock()
@@ -217,12 +224,18 @@ class Admission:
         own = set(own)
         resident: dict[int, int] = {}
         mine: dict[int, int] = {}
-        if self.device_memory is not None or own:
+        # Every resident state is counted only for devices without figures of their own
+        # (O(states) per check; the platform's bytes_in_use costs nothing).
+        if self.device_memory is not None and not self._reported.issuperset(demand.devices):
             for state_id, _, value in self._resident():
                 for dev, n in device_bytes(value).items():
                     resident[dev] = resident.get(dev, 0) + n
                     if state_id in own:
                         mine[dev] = mine.get(dev, 0) + n
+        elif own and self._value_of is not None:
+            for state_id in own:
+                for dev, n in device_bytes(self._value_of(state_id)).items():
+                    mine[dev] = mine.get(dev, 0) + n
         with self._lock:
             reserved = dict(self._reserved)
         for dev in demand.devices:

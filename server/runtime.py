@@ -30,7 +30,9 @@ class Runtime:
     def __post_init__(self) -> None:
         self.sessions = SessionTable(self.settings.session_ttl)
         self.functions = FunctionCache(self.settings.function_cache_size)
-        self.admission = Admission(self.settings.device_memory, self.store.resident)
+        self.admission = Admission(
+            self.settings.device_memory, self.store.resident,
+            value_of=lambda i: getattr(self.store.by_id(i), "_value", None))
         self.scheduler = Scheduler(
             self.settings.workers, session_workers=self.settings.session_workers,
             call_timeout=self.settings.call_timeout, metrics=self.metrics,

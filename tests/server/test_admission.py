@@ -310,3 +310,32 @@ def test_a_call_waiting_for_memory_fails_with_507_at_its_deadline(sessions, sche
         assert scheduler.queued == 0 and scheduler.lock_count() == 0
 
     asyncio.run(main())
+
+
+class _ReportingDevice:
+    """A device that reports its memory, as a GPU's ``memory_stats()`` does (CPU devices
+    report none, so the platform's path is driven with this stand-in)."""
+
+    id, platform = 0, "gpu"
+
+    def __init__(self, limit: int, in_use: int):
+        self.limit, self.in_use = limit, in_use
+
+    def memory_stats(self) -> dict[str, int]:
+        return {"bytes_limit": self.limit, "bytes_in_use": self.in_use}
+
+
+def test_a_device_that_reports_its_memory_is_checked_against_its_own_figures():
+    device = _ReportingDevice(8 * MiB, 5 * MiB)
+    own = jax.device_put(np.zeros(N, np.float32), jax.devices()[0])  # a 1 MiB state on id 0
+    admission = Admission(None, lambda: pytest.fail("no resident scan on such a device"),
+                          devices=[device], value_of={"own": own}.get)
+    assert admission.enabled  # without --device-memory
+    assert admission.check(Demand(3 * MiB, (0,))).fits
+    verdict = admission.check(Demand(4 * MiB, (0,)))
+    assert (verdict.fits, verdict.free, verdict.source) == (False, 3 * MiB,
+                                                            "device.memory_stats()")
+    assert admission.check(Demand(4 * MiB, (0,)), ["own"]).fits  # its 1 MiB is in use already
+    device.in_use = 7 * MiB  # another process (or a fragment) took memory
+    assert not admission.check(Demand(3 * MiB, (0,))).fits
+    assert admission.check(Demand(9 * MiB, (0,))).never
