@@ -259,7 +259,10 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
         states = pack(values, refs=False, code=False) if request.pull else None
         done = tx.commit()
     except BaseException:
+        created = list(tx.new)
         tx.rollback()
+        if created:  # a callable cached by this call refers to states that never came to be
+            rt.functions.evict_states(created)
         raise
     if request.keep_outputs:  # only a committed call's outputs are kept
         session.handles.update(

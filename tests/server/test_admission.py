@@ -99,6 +99,24 @@ def test_a_call_that_does_not_fit_waits_until_another_session_frees_its_states(b
     assert float(np.asarray(w.value)[0]) == 1.0
 
 
+def test_a_call_that_uploads_its_state_waits_and_then_runs_with_it(box):
+    """The upload travels with the call: staged, rolled back when the call is sent back to
+    the queue, staged again when it starts."""
+    s, a, b, _ = box
+    fresh = statehost.ParamState(jnp.full(N, 5.0, jnp.float32))
+    grow = b.jit(_grow(fresh))
+    answer: list = []
+    thread = threading.Thread(target=lambda: answer.append(_first(grow())))
+    thread.start()
+    until(lambda: _waiting_for_memory(s))
+    a.close()
+    thread.join(60)
+    assert answer == [6.0]
+    b.pull(fresh)
+    assert float(np.asarray(fresh.value)[0]) == 6.0
+    assert _first(grow()) == 7.0  # resident now, and committed once
+
+
 def test_a_call_that_waits_for_memory_past_its_deadline_gets_507(box):
     s, a, b, w = box
     grow = b.jit(_grow(w), timeout=0.3)
@@ -339,3 +357,27 @@ def test_a_device_that_reports_its_memory_is_checked_against_its_own_figures():
     device.in_use = 7 * MiB  # another process (or a fragment) took memory
     assert not admission.check(Demand(3 * MiB, (0,))).fits
     assert admission.check(Demand(9 * MiB, (0,))).never
+
+
+def test_a_failed_first_call_leaves_no_callable_bound_to_its_uploads(server):
+    """A first call that uploads a new state and fails is rolled back; the callable it
+    cached referred to that never-committed state, so it is forgotten: the call sent again
+    (with its upload again) runs on the state that is committed. (A call sent back to the
+    queue for memory is rolled back the same way.)"""
+    s = server()
+    with s.connect() as client:
+        w = statehost.ParamState(jnp.zeros(4, jnp.float32))
+
+        def step(x):
+            if x.shape == (3,):
+                raise ValueError("not three")
+            w.value = w.value + x
+            return w.value
+
+        f = client.jit(step)
+        with pytest.raises(ValueError, match="not three"):
+            np.asarray(f(np.ones(3, np.float32)))
+        np.testing.assert_array_equal(np.asarray(f(np.ones(4, np.float32))),
+                                      np.ones(4, np.float32))
+        client.pull(w)
+        np.testing.assert_array_equal(np.asarray(w.value), np.ones(4, np.float32))
