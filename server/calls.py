@@ -109,6 +109,8 @@ class Call:
     seq: int = field(default=0, init=False, repr=False)
     demand: Any = field(default=None, init=False, repr=False)
     short_of_memory: Any = field(default=None, init=False, repr=False)
+    # Programs compiled by its attempts that were sent back for memory (counted once it runs).
+    compiled_before: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.keys = tuple(sorted(set(self.keys)))

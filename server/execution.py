@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from statehost.random import RandomState, use_default_stream
-from statehost.server.admission import Demand, is_out_of_memory, out_of_memory
+from statehost.server.admission import Demand, NotAdmitted, is_out_of_memory, out_of_memory
 from statehost.server.callable_cache import (
     CachedFunction,
     Transform,
@@ -242,9 +242,13 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
             raise ProtocolError(f"{_WHERE}: the payload uses states {sorted(outside)} that "
                                 "header.refs does not list.")
         misses = transform.cache_info().misses
-        demand = _admit(call, rt, tx, transform, args[0], args[1], stream, _WHERE)
+        try:
+            demand = _admit(call, rt, tx, transform, args[0], args[1], stream, _WHERE)
+        except NotAdmitted:  # back to the queue: what it compiled counts when it runs
+            call.compiled_before += transform.cache_info().misses - misses
+            raise
         out = _run(tx, transform, args[0], args[1], stream, _WHERE, demand)
-        compiled = transform.cache_info().misses - misses
+        compiled = transform.cache_info().misses - misses + call.compiled_before
         written = [s.id for s in tx.pending.states]
         wanted = list(dict.fromkeys(written + list(request.pull_ids))) if request.pull else []
         pulled = [(i, tx.current(s)) for i in wanted if (s := tx.lookup(i)) is not None]

@@ -95,6 +95,7 @@ def test_a_call_that_does_not_fit_waits_until_another_session_frees_its_states(b
     a.close()  # frees A's 6 MiB: the call fits now
     thread.join(60)
     assert answer == [1.0]
+    assert s.metric("statehost_compiles_total") == 1  # compiled when first sent back
     b.pull(w)
     assert float(np.asarray(w.value)[0]) == 1.0
 
