@@ -35,7 +35,8 @@
         │   └── RemoteExecutionError(cls)  also a ``cls``, the remote exception's class, when
         │                               the client can import it (``except TypeError`` works)
         └── ServerError                 the server failed (HTTP 5xx)
-            └── StorageError            the server's disk failed; nothing was applied (503)
+            ├── StorageError            the server's disk failed; nothing was applied (503)
+            └── DeviceMemoryError       the call does not fit in device memory; not run (507)
 
 Which class answers which error kind of the wire (``statehost.wire.ERROR_KINDS``) is
 :data:`BY_TYPE`, checked against that table by the tests; a ``RemoteExecutionError`` is
@@ -61,6 +62,7 @@ __all__ = [
     "CallTimeoutError",
     "ClientClosedError",
     "ClientError",
+    "DeviceMemoryError",
     "ForbiddenError",
     "FunctionNotCachedError",
     "JobCancelledError",
@@ -253,6 +255,22 @@ class StorageError(ServerError):
     """The server could not write to its disk; the request was not applied."""
 
 
+class DeviceMemoryError(ServerError):
+    """The call does not fit in the free memory of the server's devices, or XLA ran out of
+    device memory while it ran; nothing was applied. ``estimate_bytes`` and ``free_bytes``
+    are the server's figures (``None`` when XLA itself ran out)."""
+
+    @property
+    def estimate_bytes(self) -> int | None:
+        value = self.body.get("estimate_bytes")
+        return value if isinstance(value, int) else None
+
+    @property
+    def free_bytes(self) -> int | None:
+        value = self.body.get("free_bytes")
+        return value if isinstance(value, int) else None
+
+
 class JobNotFoundError(NotFoundError):
     """No job with that id is visible to this token."""
 
@@ -286,7 +304,7 @@ BY_TYPE: dict[str, type[ClientError]] = {
         PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError,
         ValidationError, RemoteExecutionError, ServerError, StorageError, ArrayNotFoundError,
         CallCancelledError, CallNotRunError, CallNotFoundError, CallTimeoutError,
-        JobNotFoundError, JobNotDoneError, JobCancelledError,
+        JobNotFoundError, JobNotDoneError, JobCancelledError, DeviceMemoryError,
     )
 }
 

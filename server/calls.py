@@ -9,8 +9,14 @@ and (later) jobs and fairness read and change this one object.
 Status moves one way::
 
     queued ──> running ──> committed | failed
+       │  <───────┘        (back, before anything ran: its program does not fit in device
+       │                    memory now; see ``statehost.server.admission``)
        └─────> cancelled   (only before it started: by request_cancel, or by the
                             scheduler when the deadline passed in the queue)
+
+A call's *namespace* is the queue the fair scheduler puts it in: its principal's
+namespace; ``(operator)`` for operator tokens (which act on every namespace);
+``(server)`` for the server's own work (flushes).
 
 A running call cannot be stopped from outside: no API interrupts a launched XLA
 executable (openxla/xla#16801), and a Python thread cannot be killed. Cancelling a
@@ -37,7 +43,12 @@ if TYPE_CHECKING:
     from statehost.server.history import CallHistory
     from statehost.server.store import Session
 
-__all__ = ["Call", "CallCancelled", "CallStatus", "CallTable"]
+__all__ = ["OPERATOR_QUEUE", "SERVER_QUEUE", "Call", "CallCancelled", "CallStatus", "CallTable"]
+
+#: The fair scheduler's queue of calls whose principal acts on every namespace (operator
+#: tokens), and of the server's own work. Parentheses: no namespace name has them.
+OPERATOR_QUEUE = "(operator)"
+SERVER_QUEUE = "(server)"
 
 _MSG_BAD_TIMEOUT = (
     "Call(timeout={timeout!r}): a timeout is the seconds a call may take from its creation, "
@@ -96,6 +107,13 @@ class Call:
     # Set by the scheduler while the call is queued there: told when a cancel took effect.
     _on_cancel: Callable[[Call, bool], None] | None = field(default=None, init=False,
                                                             repr=False)
+    # Set by the scheduler: arrival order, and (admission) the estimated device memory of
+    # its program and why it does not fit now.
+    seq: int = field(default=0, init=False, repr=False)
+    demand: Any = field(default=None, init=False, repr=False)
+    short_of_memory: Any = field(default=None, init=False, repr=False)
+    # Programs compiled by its attempts that were sent back for memory (counted once it runs).
+    compiled_before: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.keys = tuple(sorted(set(self.keys)))
@@ -109,6 +127,14 @@ class Call:
     @property
     def principal(self) -> Any:
         return None if self.session is None else self.session.principal
+
+    @property
+    def namespace(self) -> str:
+        """The fair scheduler's queue of this call (see the module docstring)."""
+        if self.session is None:
+            return SERVER_QUEUE
+        namespace = getattr(self.session.principal, "namespace", None)
+        return OPERATOR_QUEUE if namespace is None else namespace
 
     # -- deadline and cancellation ------------------------------------------------------
     def apply_default_timeout(self, seconds: float) -> None:
@@ -172,6 +198,20 @@ class Call:
             if self.status is not CallStatus.QUEUED:
                 return False
             self.status, self.started = CallStatus.RUNNING, now
+            return True
+
+    def requeue(self) -> bool:
+        """running -> queued, before anything ran (it did not fit in device memory now);
+        returns whether it did. One whose cancel was requested meanwhile becomes
+        ``cancelled`` instead (it never ran)."""
+        with self._lock:
+            if self.status is not CallStatus.RUNNING:
+                return False
+            if self.cancel_requested:
+                self.status = CallStatus.CANCELLED
+                self.error = CallCancelledError(_cancelled_message(self))
+                return False
+            self.status, self.started = CallStatus.QUEUED, None
             return True
 
     def drop(self, error: BaseException) -> bool:

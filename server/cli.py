@@ -36,7 +36,13 @@ from statehost.server.persistence.database import (
     hash_token,
 )
 from statehost.server.persistence.permissions import FILE_MODE, make_private_dir, tighten
-from statehost.server.settings import Settings, is_loopback, parse_size, resolve_data_dir
+from statehost.server.settings import (
+    Settings,
+    is_loopback,
+    parse_size,
+    parse_weight,
+    resolve_data_dir,
+)
 
 __all__ = ["COMMANDS", "serve", "token_command"]
 
@@ -97,6 +103,12 @@ _SERVE_FLAGS = (
           "to stop at its next step (0: no default deadline)", type=float),
     _Flag("--session-workers", "session_workers", "the most workers one session's calls may "
           "hold at once; its other calls wait, holding no worker", type=int),
+    _Flag("--device-memory", "device_memory", "memory per device that calls are admitted "
+          "against where the platform reports none (CPU), as bytes or with a unit (8GiB)",
+          type=parse_size),
+    _Flag("--namespace-weight", "namespace_weights", "a namespace's weight in the fair "
+          "scheduler, NAMESPACE=WEIGHT; repeat the flag for more", action="append",
+          type=parse_weight, metavar="NS=WEIGHT"),
     _Flag("--shutdown-grace", "shutdown_grace", "seconds SIGTERM waits for running calls; "
           f"calls still running then are abandoned and the exit status is {_EXIT_ABANDONED}",
           type=float),
@@ -118,6 +130,10 @@ def _default(field: dataclasses.Field[Any]) -> str:
         return "$XDG_DATA_HOME/statehost, else ~/.local/share/statehost"
     if field.name == "session_workers":
         return "max(1, workers // 2)"
+    if field.name == "device_memory":
+        return "unset: no admission on devices that report no memory"
+    if field.name == "namespace_weights":
+        return f"none: every namespace weighs {Settings.namespace_weight}"
     if isinstance(value, bool):
         return str(value).lower()
     if field.name == "max_body" and value % 2**30 == 0:

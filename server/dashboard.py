@@ -110,7 +110,7 @@ def _resident(rt: Runtime) -> tuple[dict[str, int], dict[str, int]]:
     """Bytes the store keeps (per device id, per namespace; anonymous states under "")."""
     per_device: dict[str, int] = {}
     per_namespace: dict[str, int] = {}
-    for state, meta in rt.store.resident():
+    for state, meta in rt.store.states_with_meta():
         for leaf in jax.tree_util.tree_leaves(state._value):
             shards = getattr(leaf, "addressable_shards", None)
             if shards is None:

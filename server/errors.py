@@ -36,6 +36,7 @@ __all__ = [
     "CallNotFoundError",
     "CallNotRunError",
     "CallTimeoutError",
+    "DeviceMemoryError",
     "ForbiddenError",
     "FunctionNotCachedError",
     "JobCancelledError",
@@ -206,6 +207,12 @@ class JobNotDoneError(ApiError):
 
 class JobCancelledError(ApiError):
     """The job was cancelled or timed out between steps (``reason``, ``completed``)."""
+
+
+class DeviceMemoryError(ApiError):
+    """The call does not fit in the free memory of its devices (it waited for memory past
+    its deadline, or needs more than a device has), or XLA ran out of device memory while
+    it ran; it was not applied (``estimate_bytes``, ``free_bytes``, ``device``)."""
 
 
 assert set(ERROR_CLASSES) == set(ERROR_KINDS), set(ERROR_KINDS) ^ set(ERROR_CLASSES)

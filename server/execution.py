@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from statehost.random import RandomState, use_default_stream
+from statehost.server.admission import Demand, NotAdmitted, is_out_of_memory, out_of_memory
 from statehost.server.callable_cache import (
     CachedFunction,
     RecordingLoader,
@@ -94,14 +95,66 @@ def _user_error(exc: BaseException, where: str) -> RemoteExecutionError:
 
 
 def _run(tx: Transaction, transform: Transform, args: Any, kwargs: Any,
-         stream: RandomState | None, where: str) -> Any:
-    """Runs the transform with its writes deferred; a failure is the user's (422)."""
+         stream: RandomState | None, where: str, demand: Demand | None = None) -> Any:
+    """Runs the transform with its writes deferred; a failure is the user's (422), but XLA
+    running out of device memory is a ``DeviceMemoryError`` (507)."""
     try:
         ctx = use_default_stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx, tx.running():
             return transform(*args, **kwargs)
     except BaseException as exc:  # SystemExit too: this worker thread is no real interrupt's
+        if is_out_of_memory(exc):
+            raise out_of_memory(exc, where, demand) from exc
         raise _user_error(exc, where) from exc
+
+
+# -- admission by device memory (statehost.server.admission) --------------------------------
+def _admit(call: Call, rt: Runtime, tx: Transaction, transform: Transform, args: Any,
+           kwargs: Any, stream: RandomState | None, where: str) -> Demand | None:
+    """Reserves the call's estimated device memory before anything runs, or sends it back
+    to the queue (``NotAdmitted``) or fails it (``DeviceMemoryError``). The first call of a
+    signature compiles its program here (JAX reuses that compilation for the run)."""
+    admission = rt.scheduler.admission
+    lower = getattr(transform, "lower", None)
+    if admission is None or lower is None:
+        return None
+    states = [tx.current(s) for s in map(tx.lookup, call.keys) if s is not None]
+    signature = _signature((args, kwargs, states))
+    known, demand = admission.cached(transform, signature)
+    if not known:
+        try:
+            ctx = use_default_stream(stream) if stream is not None else contextlib.nullcontext()
+            with ctx, tx.running():
+                lowered = lower(*args, **kwargs)
+            demand = None if lowered is None else Demand.of(lowered.compile())
+        except BaseException as exc:  # tracing the user's function: the user's error
+            if is_out_of_memory(exc):
+                raise out_of_memory(exc, where, None) from exc
+            raise _user_error(exc, where) from exc
+        admission.remember(transform, signature, demand)
+    if demand is not None:
+        rt.scheduler.admit(call, demand)
+    return demand
+
+
+def _signature(tree: Any) -> Any:
+    """What a program's memory depends on: the structure, shapes, dtypes and shardings of
+    its arguments and states, and the values of its other (static) leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    out: list[Any] = [treedef]
+    for leaf in leaves:
+        shape = getattr(leaf, "shape", None)
+        if shape is not None and hasattr(leaf, "dtype"):
+            out.append((tuple(shape), str(leaf.dtype), getattr(leaf, "sharding", None)))
+        elif isinstance(leaf, bool | int | float | complex):  # traced, weakly typed: no value
+            out.append(type(leaf).__name__)
+        else:
+            try:
+                hash(leaf)
+                out.append((type(leaf).__name__, leaf))
+            except TypeError:
+                out.append(type(leaf).__name__)
+    return tuple(out)
 
 
 def to_host(tree: Any, where: str) -> Any:
@@ -194,8 +247,13 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
             raise ProtocolError(f"{_WHERE}: the payload uses states {sorted(outside)} that "
                                 "header.refs does not list.")
         misses = transform.cache_info().misses
-        out = _run(tx, transform, args[0], args[1], stream, _WHERE)
-        compiled = transform.cache_info().misses - misses
+        try:
+            demand = _admit(call, rt, tx, transform, args[0], args[1], stream, _WHERE)
+        except NotAdmitted:  # back to the queue: what it compiled counts when it runs
+            call.compiled_before += transform.cache_info().misses - misses
+            raise
+        out = _run(tx, transform, args[0], args[1], stream, _WHERE, demand)
+        compiled = transform.cache_info().misses - misses + call.compiled_before
         written = [s.id for s in tx.pending.states]
         wanted = list(dict.fromkeys(written + list(request.pull_ids))) if request.pull else []
         pulled = [(i, tx.current(s)) for i in wanted if (s := tx.lookup(i)) is not None]
@@ -210,7 +268,10 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
         states = pack(values, refs=False, code=False) if request.pull else None
         done = tx.commit()
     except BaseException:
+        created = list(tx.new)
         tx.rollback()
+        if created:  # a callable cached by this call refers to states that never came to be
+            rt.functions.evict_states(created)
         raise
     call.notes.update(compiled=compiled, bytes_in=request.args.nbytes + (
         0 if request.states is None else request.states.nbytes), bytes_out=(
@@ -252,7 +313,8 @@ def invoke(call: Call, transform: Transform, args: list[Any], kwargs: dict[str, 
     tx = Transaction(rt, call.session, where)
     tx.loaded |= set(call.keys)
     try:
-        out = to_host(_run(tx, transform, args, kwargs, None, where), where)
+        demand = _admit(call, rt, tx, transform, args, kwargs, None, where)
+        out = to_host(_run(tx, transform, args, kwargs, None, where, demand), where)
         done = tx.commit()
     except BaseException:
         tx.rollback()

@@ -83,3 +83,11 @@ class Metrics:
             "completed, failed, cancelled (finished ones as long as the server keeps them).",
             ["status"], registry=r,
         )
+        self.namespace_queue_seconds = Histogram(
+            "statehost_namespace_queue_seconds", "Time from a call's arrival to its start, per "
+            "namespace of the fair scheduler (the caller's namespace; '(operator)' for operator "
+            "tokens, '(server)' for the server's own work).", ["namespace"],
+            buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900,
+                     3600),
+            registry=r,
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from statehost.server.admission import Admission
 from statehost.server.auth import Principal, TokenTable
 from statehost.server.callable_cache import FunctionCache
 from statehost.server.errors import SessionNotFoundError
@@ -29,9 +30,14 @@ class Runtime:
     def __post_init__(self) -> None:
         self.sessions = SessionTable(self.settings.session_ttl)
         self.functions = FunctionCache(self.settings.function_cache_size)
+        self.admission = Admission(
+            self.settings.device_memory, self.store.resident,
+            value_of=lambda i: getattr(self.store.by_id(i), "_value", None))
         self.scheduler = Scheduler(
             self.settings.workers, session_workers=self.settings.session_workers,
-            call_timeout=self.settings.call_timeout, metrics=self.metrics)
+            call_timeout=self.settings.call_timeout, metrics=self.metrics,
+            weight=self.settings.weight_of,
+            admission=self.admission if self.admission.enabled else None)
         self.persistence = Persistence(
             self.settings.data_dir, self.store, self.settings.durability,
             failures=self.metrics.flush_failures,

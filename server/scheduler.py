@@ -1,8 +1,9 @@
 """The one scheduler for device work: a queue of ``Call``s, a worker pool, a lock per state.
 
-A call waits in the queue, holding no thread, until three things are true at once: a
-worker is free, its session holds fewer than ``session_workers`` workers, and no
-running call holds one of its states. Then it takes all its states at once and runs
+A call waits in the queue, holding no thread, until four things are true at once: a
+worker is free, its session holds fewer than ``session_workers`` workers, no running
+call holds one of its states, and (admission, ``statehost.server.admission``) its
+program fits in its devices' free memory. Then it takes all its states at once and runs
 on a worker. So calls on the same states run one at a time, calls on disjoint states
 run side by side, and one session's calls that never return (a jitted endless
 ``while_loop``, a host callback that sleeps) occupy at most ``session_workers``
@@ -12,6 +13,19 @@ Order: the queue is scanned in arrival order, and a call that waits for a state 
 every later call off that state (first come, first served per state, so a call
 touching many states is not starved). A call waiting only for its session's bound
 keeps no state from anyone: one session's backlog cannot hold other sessions' states.
+
+Fairness: the calls that may start are served round-robin between namespaces (a call's
+namespace is its principal's; see ``Call.namespace``), each namespace starting up to its
+weight (``--namespace-weight``) calls per turn. So one tenant's flood of calls waits
+behind itself, not in front of another tenant's single call: B's call starts within A's
+weight of A's starts. A namespace whose every call is blocked (on states, its session's
+bound, or memory) passes its turn and blocks no one.
+
+Memory: a call whose program does not fit now is sent back from its worker before
+anything ran (``NotAdmitted``) and waits in the queue with its estimate; it is looked at
+again when a call finishes and every ``RECHECK_S`` seconds (memory frees without an event
+here too: a session closing, an array collected), and past its deadline it fails with a
+``DeviceMemoryError`` in place of the ``CallTimeoutError``.
 
 A queued call whose deadline passes is dropped with a ``CallTimeoutError`` (it never
 started: nothing was applied); a cancelled one (``Call.request_cancel``) with a
@@ -23,15 +37,20 @@ steps stops at its next step (``Call.should_stop``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from statehost.server.admission import RECHECK_S, Demand, NotAdmitted
 from statehost.server.calls import Call, CallCancelled, CallStatus, CallTable
 from statehost.server.errors import CallTimeoutError
 
 if TYPE_CHECKING:
+    from statehost.server.admission import Admission
     from statehost.server.metrics import Metrics
 
 __all__ = ["Scheduler"]
@@ -55,20 +74,34 @@ class Scheduler:
             timeout (0: none).
         metrics: the server's metrics, to count cancellations and timeouts and to time the
             queue (``None``: not counted).
+        weight: a namespace's weight, the calls it starts per turn (``None``: 1 each).
+        admission: checks and reserves device memory (``None``: calls are not admitted by
+            memory).
     """
 
     def __init__(self, workers: int, *, session_workers: int | None = None,
-                 call_timeout: float = 0.0, metrics: Metrics | None = None):
+                 call_timeout: float = 0.0, metrics: Metrics | None = None,
+                 weight: Callable[[str], int] | None = None,
+                 admission: Admission | None = None):
         if workers < 1:
             raise ValueError(f"Scheduler(workers={workers!r}): at least one worker is needed.")
         self.workers = workers
         self.session_workers = min(workers, session_workers or workers)
         self.call_timeout = call_timeout
         self.metrics = metrics
+        self.weight = weight or (lambda namespace: 1)
+        self.admission = admission
         self.calls = CallTable()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="statehost-call")
         self._guard = threading.Lock()  # everything below; taken before any call's lock
-        self._queue: dict[int, Call] = {}  # id(call) -> call, in arrival order
+        self._seq = itertools.count(1)
+        self._queue: dict[int, Call] = {}  # call.seq -> call, in arrival order
+        self._unsorted = False  # a call put back (memory) broke the arrival order
+        self._ring: deque[str] = deque()  # namespaces with queued calls, whose turn is next
+        self._turn_left = 0  # calls the ring's head may still start in its turn
+        self._ns_queued: dict[str, int] = {}  # namespace -> its queued calls
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._recheck: asyncio.TimerHandle | None = None
         self._awaiters: dict[int, _Awaiter] = {}
         self._held: dict[str, Call] = {}  # state id -> the running call holding it
         self._per_session: dict[str, int] = {}  # session id -> workers it holds
@@ -99,6 +132,15 @@ class Scheduler:
             (c.running_s(now) or 0.0) > after or c.is_past_deadline(now))]
         return sorted(found, key=lambda c: c.started or now)
 
+    def by_namespace(self) -> dict[str, dict[str, int]]:
+        """``{namespace: {"queued": n, "running": n}}`` (see ``Call.namespace``)."""
+        counts: dict[str, dict[str, int]] = {}
+        for call in self.calls:
+            if call.status in (CallStatus.QUEUED, CallStatus.RUNNING):
+                entry = counts.setdefault(call.namespace, {"queued": 0, "running": 0})
+                entry[str(call.status)] += 1
+        return counts
+
     def by_session(self) -> dict[str, dict[str, int]]:
         """``{session id prefix ("server" for server work): {"queued": n, "running": n}}``."""
         counts: dict[str, dict[str, int]] = {}
@@ -122,6 +164,7 @@ class Scheduler:
         """
         call.apply_default_timeout(self.call_timeout)
         loop = asyncio.get_running_loop()
+        self._loop = loop
         awaiter = _Awaiter(loop, loop.create_future())
         with self._guard:
             with call._lock:
@@ -133,7 +176,8 @@ class Scheduler:
                 call._on_cancel = self._cancelled
             if self._closed:
                 raise CallCancelled(_MSG_CLOSED.format(kind=call.kind, id=call.id))
-            self._queue[id(call)] = call
+            call.seq = next(self._seq)
+            self._enqueue(call)
             self._awaiters[id(call)] = awaiter
             self.calls.add(call)
             start = self._dispatch()
@@ -167,18 +211,42 @@ class Scheduler:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
     # -- the queue (every method below but _run runs with the guard held) -----------------
+    def _enqueue(self, call: Call) -> None:
+        self._queue[call.seq] = call
+        ns = call.namespace
+        self._ns_queued[ns] = self._ns_queued.get(ns, 0) + 1
+        if not self._ring:
+            self._turn_left = self.weight(ns)
+        if ns not in self._ring:
+            self._ring.append(ns)
+
+    def _dequeue(self, call: Call) -> None:
+        if self._queue.pop(call.seq, None) is None:
+            return
+        ns = call.namespace
+        left = self._ns_queued.get(ns, 1) - 1
+        if left > 0:
+            self._ns_queued[ns] = left
+        else:
+            self._ns_queued.pop(ns, None)
+
     def _dispatch(self) -> list[Call]:
-        """Takes every queued call that can start now off the queue, in arrival order, and
-        marks it running; drops those cancelled or past their deadline. Returns the calls
-        to hand to the pool (after the guard is released)."""
+        """Takes every queued call that can start now off the queue, namespaces taking
+        turns, and marks it running; drops those cancelled or past their deadline. Returns
+        the calls to hand to the pool (after the guard is released)."""
         start: list[Call] = []
-        if self._closed or not self._queue:
+        if self._closed or not self._queue or self._busy >= self.workers:
             return start
         now = time.monotonic()
+        if self._unsorted:
+            self._queue = dict(sorted(self._queue.items()))
+            self._unsorted = False
+        # 1. In arrival order, the calls free to start: not past their deadline, their
+        # session under its bound, and no state held or wanted by an earlier queued call.
+        # So the ready calls share no state, and may start in any order.
+        ready: dict[str, deque[Call]] = {}
         waited_on: set[str] = set()  # states an earlier queued call waits for
-        for key, call in list(self._queue.items()):
-            if self._busy >= self.workers:
-                break
+        for call in list(self._queue.values()):
             if call.status is not CallStatus.QUEUED:  # cancelled: its hook may not have run
                 self._finish_queued(call)
                 continue
@@ -187,21 +255,132 @@ class Scheduler:
                 continue
             if self._session_full(call):
                 continue
-            if any(k in self._held or k in waited_on for k in call.keys):
-                waited_on.update(call.keys)
+            blocked = any(k in self._held or k in waited_on for k in call.keys)
+            waited_on.update(call.keys)
+            if not blocked:
+                ready.setdefault(call.namespace, deque()).append(call)
+        # 2. Namespaces take turns: the ring's head starts up to its weight, then the next.
+        short = False
+        while ready and self._busy < self.workers:
+            ns = self._ring[0] if self._ring else next(iter(ready))
+            picked = None
+            calls = ready.get(ns)
+            while calls and picked is None:
+                call = calls.popleft()
+                if self._session_full(call):  # its session started one in this pass
+                    continue
+                if not self._fits(call):
+                    short = True
+                    continue
+                picked = call
+            if not calls:
+                ready.pop(ns, None)
+            if picked is None:
+                self._next_turn()
                 continue
-            if not call.begin(now):
-                self._finish_queued(call)
+            if not self._begin(picked, now):  # cancelled meanwhile, on another thread
+                if self.admission is not None:
+                    self.admission.release(picked)
+                self._finish_queued(picked)
                 continue
-            del self._queue[key]
-            for k in call.keys:
-                self._held[k] = call
-            if call.session is not None:
-                sid = call.session.id
-                self._per_session[sid] = self._per_session.get(sid, 0) + 1
-            self._busy += 1
-            start.append(call)
+            start.append(picked)
+            self._turn_left -= 1
+            if self._turn_left <= 0:
+                self._next_turn()
+        if short:
+            self._arm_recheck()
         return start
+
+    def _next_turn(self) -> None:
+        """The ring's head has had its turn: the next namespace's starts (a namespace with
+        nothing queued any more leaves the ring)."""
+        if self._ring:
+            self._ring.rotate(-1)
+        for ns in [ns for ns in self._ring if ns not in self._ns_queued]:
+            self._ring.remove(ns)
+        self._turn_left = self.weight(self._ring[0]) if self._ring else 0
+
+    def _fits(self, call: Call) -> bool:
+        """Whether a call put back for memory fits now; reserves its memory if so."""
+        demand: Demand | None = call.demand
+        if self.admission is None or demand is None:
+            return True
+        verdict = self.admission.check(demand, call.keys)
+        if not verdict.fits:
+            call.short_of_memory = verdict
+            return False
+        call.short_of_memory = None
+        self.admission.reserve(call, demand)
+        return True
+
+    def _begin(self, call: Call, now: float) -> bool:
+        """Marks a call running and gives it its states; ``False``: it was cancelled (a
+        cancel takes the call's lock, not the guard)."""
+        if not call.begin(now):
+            return False
+        self._dequeue(call)
+        for k in call.keys:
+            self._held[k] = call
+        if call.session is not None:
+            sid = call.session.id
+            self._per_session[sid] = self._per_session.get(sid, 0) + 1
+        self._busy += 1
+        return True
+
+    def admit(self, call: Call, demand: Demand) -> None:
+        """On the call's worker, before anything ran: reserves ``demand``, or raises
+        ``DeviceMemoryError`` (it can never fit) or ``NotAdmitted`` (not now)."""
+        if self.admission is None:
+            return
+        with self._guard:
+            held = self.admission.holds(call)
+            if held == demand:
+                return  # admitted by the dispatcher with this very estimate
+            self.admission.release(call)
+            verdict = self.admission.check(demand, call.keys)
+            if verdict.never:
+                raise self.admission.never_fits(call, demand, verdict)
+            if not verdict.fits:
+                call.short_of_memory = verdict
+                raise NotAdmitted(demand)
+            self.admission.reserve(call, demand)
+
+    def _arm_recheck(self) -> None:
+        """Looks at the calls waiting for memory again in ``RECHECK_S`` (one timer)."""
+        loop = self._loop
+        if loop is None or self._recheck is not None:
+            return
+
+        def arm() -> None:
+            if self._recheck is None:
+                self._recheck = loop.call_later(RECHECK_S, self._rechecked)
+
+        try:
+            loop.call_soon_threadsafe(arm)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    def _arm_deadline(self, call: Call) -> None:
+        """A deadline timer for a call put back in the queue (its ``submit`` armed none if
+        it started at once)."""
+        awaiter = self._awaiters.get(id(call))
+        if awaiter is None or call.deadline is None:
+            return
+        loop, deadline = awaiter.loop, call.deadline
+
+        def arm() -> None:
+            loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, call)
+
+        try:
+            loop.call_soon_threadsafe(arm)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    def _rechecked(self) -> None:
+        with self._guard:
+            self._recheck = None
+            start = self._dispatch()
+        self._start(start)
 
     def _session_full(self, call: Call) -> bool:
         return call.session is not None and \
@@ -209,6 +388,8 @@ class Scheduler:
 
     def _waiting_for(self, call: Call) -> str:
         """What a queued call is waiting for, in words (for its timeout message)."""
+        if call.short_of_memory is not None:
+            return "device memory"
         if self._session_full(call):
             return (f"its session's turn: the session was running {self.session_workers} "
                     f"call(s) already, the most one session may run at once "
@@ -223,6 +404,13 @@ class Scheduler:
     def _time_out(self, call: Call, now: float) -> None:
         assert call.deadline is not None
         timeout, waited = call.deadline - call.created, now - call.created
+        if self.admission is not None and call.demand is not None \
+                and call.short_of_memory is not None:
+            if call.drop(self.admission.no_room(call, call.demand, call.short_of_memory, now)):
+                if self.metrics is not None:
+                    self.metrics.call_timeouts.inc()
+            self._finish_queued(call)
+            return
         error = CallTimeoutError(_MSG_TIMEOUT.format(
             kind=call.kind, id=call.id, timeout=timeout, waited=waited,
             reason=self._waiting_for(call),
@@ -236,7 +424,7 @@ class Scheduler:
 
     def _finish_queued(self, call: Call) -> None:
         """Takes a call that will never start off the queue and answers its awaiter."""
-        self._queue.pop(id(call), None)
+        self._dequeue(call)
         self.calls.discard(call)
         awaiter = self._awaiters.pop(id(call), None)
         if awaiter is not None:
@@ -247,7 +435,7 @@ class Scheduler:
     def _expire(self, call: Call) -> None:
         """The deadline timer of a call (on the event loop)."""
         with self._guard:
-            if self._queue.get(id(call)) is not call:
+            if self._queue.get(call.seq) is not call:
                 return  # started, cancelled or dropped already
             self._time_out(call, max(time.monotonic(), call.deadline or 0.0))
             start = self._dispatch()
@@ -260,7 +448,7 @@ class Scheduler:
         if not was_queued:
             return
         with self._guard:
-            if id(call) in self._queue:
+            if self._queue.get(call.seq) is call:
                 self._finish_queued(call)
             start = self._dispatch()
         self._start(start)
@@ -269,6 +457,8 @@ class Scheduler:
         for call in calls:
             if self.metrics is not None and call.started is not None:
                 self.metrics.call_queue_seconds.observe(call.started - call.created)
+                self.metrics.namespace_queue_seconds.labels(call.namespace).observe(
+                    call.started - call.created)
             try:
                 self._pool.submit(self._run, call)
             except RuntimeError:  # the pool shut down between the dispatch and here
@@ -280,20 +470,29 @@ class Scheduler:
         the pool is gone, the work is not run."""
         result: Any = None
         error: BaseException | None = None
+        back: Demand | None = None  # the call did not fit in memory: back to the queue
         if refused:
             error = CallCancelled(_MSG_CLOSED.format(kind=call.kind, id=call.id))
         else:
             try:
                 result = call.work(call)
+            except NotAdmitted as exc:
+                back = exc.demand
             except BaseException as exc:  # the awaiter gets it; the worker goes on
                 error = exc
-        with call._lock:
-            call.finished = time.monotonic()
-            if error is None:
-                call.status = CallStatus.COMMITTED
-            else:
-                call.status, call.error = CallStatus.FAILED, error
+        if back is not None and not call.requeue():
+            error = call.error  # cancelled while it ran (before anything ran: never started)
+            back = None
+        if back is None:
+            with call._lock:
+                call.finished = time.monotonic()
+                if error is None:
+                    call.status = CallStatus.COMMITTED
+                elif call.status is not CallStatus.CANCELLED:
+                    call.status, call.error = CallStatus.FAILED, error
         with self._guard:
+            if self.admission is not None:
+                self.admission.release(call)
             for k in call.keys:
                 if self._held.get(k) is call:
                     del self._held[k]
@@ -305,9 +504,20 @@ class Scheduler:
                 else:
                     self._per_session.pop(sid, None)
             self._busy -= 1
-            awaiter = self._awaiters.pop(id(call), None)
+            awaiter = None
+            if back is not None and self._closed:
+                call.drop(CallCancelled(_MSG_CLOSED.format(kind=call.kind, id=call.id)))
+                error, back = call.error, None
+            if back is not None:  # queued again, at its place in arrival order
+                call.demand = back
+                self._enqueue(call)
+                self._unsorted = True
+                self._arm_deadline(call)
+            else:
+                awaiter = self._awaiters.pop(id(call), None)
             start = self._dispatch()
-        self.calls.discard(call)
+        if back is None:
+            self.calls.discard(call)
         self._start(start)
         if awaiter is not None:
             awaiter.answer(result, error)

@@ -11,7 +11,8 @@ from typing import Any
 
 from statehost.server.persistence.durability import Durability
 
-__all__ = ["Settings", "default_data_dir", "is_loopback", "parse_size", "resolve_data_dir"]
+__all__ = ["Settings", "default_data_dir", "is_loopback", "parse_size", "parse_weight",
+           "resolve_data_dir"]
 
 _UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -107,6 +108,13 @@ class Settings:
         unix: a Unix socket to serve on besides TCP, for clients on this host: a path,
             ``auto`` ($XDG_RUNTIME_DIR/statehost/statehost.sock when $XDG_RUNTIME_DIR
             exists) or ``off`` (see ``server/unix_socket.py``).
+        device_memory: bytes of memory per device that calls are admitted against, where
+            the platform does not report its own (``device.memory_stats()``; CPU does not).
+            ``None``: no admission on such devices.
+        namespace_weight: the default weight of a namespace's queue: in each round of the
+            fair scheduler a namespace starts up to this many calls before the next one.
+        namespace_weights: ``(namespace, weight)`` pairs overriding the default
+            (``STATEHOST_NAMESPACE_WEIGHTS=team-a=3,team-b=1``).
     """
 
     host: str = "127.0.0.1"
@@ -129,6 +137,9 @@ class Settings:
     shutdown_grace: float = 30.0
     compile_cache: bool = True
     unix: str = "auto"
+    device_memory: int | None = None
+    namespace_weight: int = 1
+    namespace_weights: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -179,6 +190,35 @@ class Settings:
         if self.shutdown_grace < 0:
             raise ValueError(f"statehost settings: shutdown_grace={self.shutdown_grace} must "
                              "be >= 0.")
+        if self.device_memory is not None and self.device_memory < 1:
+            raise ValueError(f"statehost settings: device_memory={self.device_memory} must be "
+                             "a positive size (64MiB, 8GiB); unset it for no admission on "
+                             "devices that do not report their memory.")
+        object.__setattr__(self, "namespace_weights", tuple(
+            (str(ns), int(w)) for ns, w in dict(self.namespace_weights).items()))
+        for ns, weight in ((None, self.namespace_weight), *self.namespace_weights):
+            if weight < 1:
+                what = "namespace_weight" if ns is None else f"namespace_weights[{ns!r}]"
+                raise ValueError(f"statehost settings: {what}={weight} must be an integer "
+                                 ">= 1 (the calls a namespace starts per round).")
+
+    def weight_of(self, namespace: str) -> int:
+        """The fair scheduler's weight of ``namespace``'s queue."""
+        return dict(self.namespace_weights).get(namespace, self.namespace_weight)
+
+
+def parse_weight(text: str) -> tuple[str, int]:
+    """``"team-a=3"`` -> ``("team-a", 3)`` (a ``--namespace-weight`` value)."""
+    namespace, sep, weight = text.rpartition("=")
+    try:
+        if not sep or not namespace:
+            raise ValueError
+        return namespace, int(weight)
+    except ValueError:
+        raise ValueError(
+            f"statehost settings: namespace weight {text!r} is not NAMESPACE=WEIGHT. "
+            "Fix: write it as team-a=3 (several: team-a=3,team-b=1 in "
+            "STATEHOST_NAMESPACE_WEIGHTS, or repeat --namespace-weight).") from None
 
 
 def _convert(name: str, raw: str) -> Any:
@@ -189,10 +229,13 @@ def _convert(name: str, raw: str) -> Any:
             if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
                 raise ValueError("expected true or false")
             return raw.lower() in {"1", "true", "yes"}
-        if name == "max_body":
+        if name in {"max_body", "device_memory"}:
             return parse_size(raw)
+        if name == "namespace_weights":
+            return tuple(parse_weight(part.strip()) for part in raw.split(",") if part.strip())
         if name in {"port", "cpu_devices", "workers", "function_cache_size",
-                    "json_max_elements", "max_unflushed_commits", "session_workers"}:
+                    "json_max_elements", "max_unflushed_commits", "session_workers",
+                    "namespace_weight"}:
             return int(raw)
         if name in {"session_ttl", "flush_interval", "shutdown_grace", "call_timeout",
                     "stuck_after"}:

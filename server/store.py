@@ -263,10 +263,23 @@ class StateStore:
                       if namespace is None or self._meta[i].namespace == namespace]
         return sum(state_nbytes(s) for s in states)
 
-    def resident(self) -> list[tuple[State, Meta]]:
+    def states_with_meta(self) -> list[tuple[State, Meta]]:
         """Every resident state with what the store knows of it (a copy of the lists)."""
         with self._lock:
             return [(s, self._meta[i]) for i, s in self._states.items()]
 
     def __len__(self) -> int:
         return len(self._states)
+
+    def resident(self) -> list[tuple[str, str, Any]]:
+        """``(id, label, value)`` of every resident state, the label naming it for messages
+        (``team/net:w`` for a named state, ``anonymous state 1a2b3c4d`` otherwise)."""
+        with self._lock:
+            found = [(i, s, self._meta.get(i)) for i, s in self._states.items()]
+        return [(i, _label(i, meta), s._value) for i, s, meta in found]
+
+
+def _label(state_id: str, meta: Meta | None) -> str:
+    if meta is not None and meta.namespace is not None:
+        return f"{meta.namespace}/{meta.name}"
+    return f"anonymous state {state_id[:8]}"

@@ -43,9 +43,18 @@ def info(request: Request, settings: SettingsDep, versions: VersionsDep, rt: Run
         ],
         "limits": {"max_body": settings.max_body, "session_ttl": settings.session_ttl,
                    "workers": settings.workers, "session_workers": settings.session_workers,
-                   "call_timeout": settings.call_timeout, "stuck_after": settings.stuck_after},
+                   "call_timeout": settings.call_timeout, "stuck_after": settings.stuck_after,
+                   "namespace_weight": settings.namespace_weight,
+                   "namespace_weights": dict(settings.namespace_weights)},
         "calls": {"queued": scheduler.queued, "running": scheduler.running, "stuck": stuck},
         # A client on this host given a loopback URL switches to it (server/unix_socket.py).
         "unix_socket": getattr(request.app.state, "unix_socket", None),
         "instance": request.app.state.instance,
+        # the fair scheduler's queues (a caller's namespace; see statehost.server.calls)
+        "queues": {ns: {**counts, "weight": settings.weight_of(ns)}
+                   for ns, counts in sorted(scheduler.by_namespace().items())},
+        "admission": {"enabled": scheduler.admission is not None,
+                      "device_memory": settings.device_memory,
+                      "reserved": {str(dev): n for dev, n in sorted(
+                          rt.admission.reserved().items())}},
     }

@@ -153,6 +153,8 @@ class StatefulCall:
         self._cache: dict[Hashable, list[Plan]] = {}
         self._hits = self._misses = self._traces = self._shared = 0
         self._sharing: Sharing | None = None
+        # id(plan) -> the ProgramCache's context for a new plan's first run (see _plan_for).
+        self._first_runs: dict[int, Callable[[], Any]] = {}
         # States an 'auto' mapping found to be per-lane read-modify-write buffers.
         self._per_lane: weakref.WeakSet[State] = weakref.WeakSet()
         register(self)
@@ -238,7 +240,7 @@ class StatefulCall:
         state = dict(self.__dict__)
         # The placement stays behind: an unpickled transform runs where it lands.
         for key in ("_cache", "_hits", "_misses", "_traces", "_per_lane", "__wrapped__",
-                    "_placement", "_shared", "_sharing"):
+                    "_placement", "_shared", "_sharing", "_first_runs"):
             state.pop(key, None)
         return state
 
@@ -252,6 +254,50 @@ class StatefulCall:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._placement is not None:
             return self._placement.run(self, args, kwargs)
+        plan, dyn, read, write = self._plan_for(args, kwargs)
+        first_run = self._first_runs.pop(id(plan), None) if self._first_runs else None
+        if first_run is None:
+            return self._run(plan, dyn, kwargs, read, write)
+        with first_run():
+            return self._run(plan, dyn, kwargs, read, write)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """The lowered program a call with these arguments runs, without running it.
+
+        Finds or makes the plan exactly as a call does (a cold signature is probed and
+        counted as a miss; the call that follows is then a hit), and lowers its
+        transformed function for the states' current values. ``lower(...).compile()``
+        compiles what the call will run, and JAX reuses that compilation for the call, so
+        a server can read ``memory_analysis()`` before it runs anything.
+
+        Arguments:
+            args, kwargs: the call's arguments.
+
+        Returns:
+            A ``jax.stages.Lowered``, or ``None`` when the mapping function has no
+            ``lower`` (a custom ``mapping_fn``).
+
+        Example:
+            >>> import jax.numpy as jnp, statehost
+            >>> f = statehost.transform.jit(lambda x: x + 1)
+            >>> f.lower(jnp.ones(2)).compile().memory_analysis().output_size_in_bytes
+            8
+        """
+        plan, dyn, read, _ = self._plan_for(args, kwargs, count_hit=False)
+        assert plan.compiled is not None
+        lower = getattr(plan.compiled, "lower", None)
+        if lower is None:
+            return None
+        values = [read(st) for st in plan.inputs]
+        keys, _ = self._rng_keys(plan, read)  # the advanced stream is dropped: nothing runs
+        extra = (self._lane_ids(plan.lanes),) if plan.dummy_lanes else ()
+        return lower(*dyn, kwargs, values, keys, *extra)
+
+    def _plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any], count_hit: bool = True
+                  ) -> tuple[
+            Plan, tuple[Any, ...], Callable[[State], Any], Callable[[State, Any], None]]:
+        """The cached (or new) plan for these arguments, the dynamic arguments, and where
+        state values are read from and written to."""
         outer = active_trace()
         if self._static_argnums:
             dyn, statics = self._split_static(args)
@@ -270,28 +316,31 @@ class StatefulCall:
             read, write = _plain_read, State._commit
         plan = self._lookup(key, read)
         if plan is not None:
-            self._hits += 1
-            return self._run(plan, dyn, kwargs, read, write)
+            if count_hit:
+                self._hits += 1
+            return plan, dyn, read, write
         sharing = self._sharing
         if sharing is None:
             self._misses += 1
             plan = self._make_plan(dyn, kwargs, statics, read)
             self._cache.setdefault(key, []).append(plan)
-            return self._run(plan, dyn, kwargs, read, write)
+            return plan, dyn, read, write
         shared_key = self._shared_key(sharing, key, statics)
         plan = self._adopt(sharing, shared_key, read) if shared_key is not None else None
         if plan is not None:
             self._shared += 1
             self._cache.setdefault(key, []).append(plan)
             sharing.cache.adopted()
-            return self._run(plan, dyn, kwargs, read, write)
+            return plan, dyn, read, write
         self._misses += 1
         plan = self._make_plan(dyn, kwargs, statics, read)
         self._cache.setdefault(key, []).append(plan)
         if shared_key is not None:
             self._offer(sharing, shared_key, plan)
-        with sharing.cache.built():  # JAX compiles it (or loads it from disk) in its first run
-            return self._run(plan, dyn, kwargs, read, write)
+        # JAX compiles the program (or loads it from disk) in its first run: that run tells
+        # the cache where it came from.
+        self._first_runs[id(plan)] = sharing.cache.built
+        return plan, dyn, read, write
 
     def _split_static(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         statics = []

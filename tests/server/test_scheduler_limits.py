@@ -1,9 +1,8 @@
 """The scheduler's limits: deadlines (CallTimeoutError), cancellation, the bound on the
 workers one session may hold, and the stuck calls listed in /v1/info and the metrics.
 
-The stuck workload is real: a jitted function whose host callback
-(``jax.pure_callback``) waits on a ``threading.Event``, so it holds its worker until the
-test lets it go, as a callback that sleeps or an endless ``while_loop`` would.
+The workloads, the gate that holds workers and the in-process server are in
+``tests/server/scheduling.py``, shared with test_fairness and test_admission.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,88 +20,36 @@ import pytest
 
 import statehost
 from statehost.client._errors import CallTimeoutError as ClientCallTimeoutError
-from statehost.server import Settings, create_app
 from statehost.server.calls import Call, CallStatus
 from statehost.server.errors import CallCancelledError, CallTimeoutError
 from statehost.server.metrics import Metrics
-from statehost.server.persistence import Database
 from statehost.server.scheduler import Scheduler
-from statehost.server.store import SessionTable
-from statehost.server.testing import InProcessTransport
-from statehost.wire import CONTENT_TYPE, CallRequest, pack
+from tests.server.scheduling import (
+    TOKEN,
+    blocked,
+    metrics_text,
+    quick_work,
+    stuck_work,
+    until,
+    until_async,
+)
 from tests.serving import metric_value
-
-TOKEN = "limits-token"
-URL = "http://statehost.test"
-
-# The host callback's gate: module level, so the function the client pickles (by
-# reference: this module is importable) finds the same Event on the in-process server.
-GATE = threading.Event()
-
-
-@pytest.fixture(autouse=True)
-def gate():
-    GATE.clear()
-    yield GATE
-    GATE.set()  # never leave a worker blocked, whatever the test did
-
-
-def _wait_at_gate(x: np.ndarray) -> np.ndarray:
-    if x > 0:  # x == 0 passes: the first (synchronous) call caches the function
-        GATE.wait(60)
-    return x
-
-
-def blocked(x):
-    """A jitted workload that holds its worker until ``GATE`` is set (for x > 0)."""
-    return jax.pure_callback(_wait_at_gate, jax.ShapeDtypeStruct((), jnp.float32), x) + 1
-
-
-_blocked = jax.jit(blocked)
-
-
-def _stuck_work(call: Call) -> float:
-    return float(_blocked(jnp.float32(1)))
-
-
-def _quick_work(call: Call) -> float:
-    return float(jax.jit(lambda x: x * 2)(jnp.float32(2)))
-
-
-def _until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.005)
-
-
-async def _until_async(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.005)
-
-
-@pytest.fixture
-def sessions():
-    table = SessionTable(3600)
-    return table.create, table
 
 
 # -- the bound on one session's workers --------------------------------------------------
-def test_one_sessions_stuck_calls_leave_workers_to_other_sessions(gate, sessions):
+def test_one_sessions_stuck_calls_leave_workers_to_other_sessions(gate, sessions, schedulers):
     create, _ = sessions
 
     async def main():
-        scheduler = Scheduler(2, session_workers=1)
+        scheduler = schedulers(2, session_workers=1)
         a, b = create(), create()
-        stuck = [asyncio.ensure_future(scheduler.submit(Call("call", a, (), _stuck_work)))
+        stuck = [asyncio.ensure_future(scheduler.submit(Call("call", a, (), stuck_work)))
                  for _ in range(4)]
-        await _until_async(lambda: scheduler.running and scheduler.queued + scheduler.running
+        await until_async(lambda: scheduler.running and scheduler.queued + scheduler.running
                            == 4)
         for _ in range(3):  # one after the other, on the worker a's queue does not hold
             assert await asyncio.wait_for(
-                scheduler.submit(Call("call", b, (), _quick_work)), 10) == 4.0
+                scheduler.submit(Call("call", b, (), quick_work)), 10) == 4.0
         assert (scheduler.running, scheduler.queued) == (1, 3)
         for call in scheduler.calls:  # one running, three queued
             with pytest.raises(RuntimeError, match=f"{call.id} is {call.status} already; a "
@@ -113,54 +59,51 @@ def test_one_sessions_stuck_calls_leave_workers_to_other_sessions(gate, sessions
         gate.set()
         assert await asyncio.gather(*stuck) == [2.0] * 4
         assert (scheduler.running, scheduler.queued, scheduler.lock_count()) == (0, 0, 0)
-        scheduler.shutdown()
 
     asyncio.run(main())
 
 
-def test_without_the_bound_one_session_blocks_everyone(gate, sessions):
+def test_without_the_bound_one_session_blocks_everyone(gate, sessions, schedulers):
     """What the bound prevents (issue 12): stuck calls of one session take every worker."""
     create, _ = sessions
 
     async def main():
-        scheduler = Scheduler(2, session_workers=2)
+        scheduler = schedulers(2, session_workers=2)
         a, b = create(), create()
-        stuck = [asyncio.ensure_future(scheduler.submit(Call("call", a, (), _stuck_work)))
+        stuck = [asyncio.ensure_future(scheduler.submit(Call("call", a, (), stuck_work)))
                  for _ in range(2)]
-        await _until_async(lambda: scheduler.running == 2)
-        other = Call("call", b, (), _quick_work)
+        await until_async(lambda: scheduler.running == 2)
+        other = Call("call", b, (), quick_work)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(scheduler.submit(other), 0.5)
         assert other.status is CallStatus.CANCELLED  # the awaiter gave up: never started
         gate.set()
         await asyncio.gather(*stuck)
-        scheduler.shutdown()
 
     asyncio.run(main())
 
 
-def test_server_work_is_not_bound_by_a_session(gate, sessions):
+def test_server_work_is_not_bound_by_a_session(gate, sessions, schedulers):
     async def main():
-        scheduler = Scheduler(2, session_workers=1)
-        first = asyncio.ensure_future(scheduler.submit(Call("flush", None, (), _stuck_work)))
-        second = asyncio.ensure_future(scheduler.submit(Call("flush", None, (), _stuck_work)))
-        await _until_async(lambda: scheduler.running == 2)
+        scheduler = schedulers(2, session_workers=1)
+        first = asyncio.ensure_future(scheduler.submit(Call("flush", None, (), stuck_work)))
+        second = asyncio.ensure_future(scheduler.submit(Call("flush", None, (), stuck_work)))
+        await until_async(lambda: scheduler.running == 2)
         gate.set()
         assert await asyncio.gather(first, second) == [2.0, 2.0]
-        scheduler.shutdown()
 
     asyncio.run(main())
 
 
 # -- deadlines ------------------------------------------------------------------------
-def test_a_call_queued_past_its_deadline_is_dropped_and_never_started(gate, sessions):
+def test_a_call_queued_past_its_deadline_is_dropped_and_never_started(gate, sessions, schedulers):
     create, _ = sessions
     metrics = Metrics()
 
     async def main():
-        scheduler = Scheduler(1, metrics=metrics)
-        holder = asyncio.ensure_future(scheduler.submit(Call("call", create(), (), _stuck_work)))
-        await _until_async(lambda: scheduler.running == 1)
+        scheduler = schedulers(1, metrics=metrics)
+        holder = asyncio.ensure_future(scheduler.submit(Call("call", create(), (), stuck_work)))
+        await until_async(lambda: scheduler.running == 1)
         ran = []
         late = Call("call", create(), ("x",), ran.append, timeout=0.2)
         with pytest.raises(CallTimeoutError) as caught:
@@ -176,43 +119,41 @@ def test_a_call_queued_past_its_deadline_is_dropped_and_never_started(gate, sess
         assert (scheduler.queued, scheduler.lock_count()) == (0, 0)
         gate.set()
         assert await holder == 2.0
-        scheduler.shutdown()
 
     asyncio.run(main())
-    assert metric_value(_text(metrics), "statehost_call_timeouts_total") == 1
-    assert metric_value(_text(metrics), "statehost_call_queue_seconds_count") == 1
+    assert metric_value(metrics_text(metrics), "statehost_call_timeouts_total") == 1
+    assert metric_value(metrics_text(metrics), "statehost_call_queue_seconds_count") == 1
 
 
-def test_the_timeout_message_says_what_the_call_waited_for(gate, sessions):
+def test_the_timeout_message_says_what_the_call_waited_for(gate, sessions, schedulers):
     create, _ = sessions
 
     async def main():
-        scheduler = Scheduler(2, session_workers=1, call_timeout=0.2)
+        scheduler = schedulers(2, session_workers=1, call_timeout=0.2)
         a = create()
-        holder = asyncio.ensure_future(scheduler.submit(Call("call", a, ("x",), _stuck_work)))
-        await _until_async(lambda: scheduler.running == 1)
+        holder = asyncio.ensure_future(scheduler.submit(Call("call", a, ("x",), stuck_work)))
+        await until_async(lambda: scheduler.running == 1)
         with pytest.raises(CallTimeoutError, match=r"\(the server's default, --call-timeout\)"
                            r".* for its session's turn: the session was running 1 call"):
-            await scheduler.submit(Call("call", a, (), _quick_work))
+            await scheduler.submit(Call("call", a, (), quick_work))
         with pytest.raises(CallTimeoutError, match=r"for 1 of its 2 state\(s\), held by "
                            "running calls"):
-            await scheduler.submit(Call("call", create(), ("x", "y"), _quick_work))
+            await scheduler.submit(Call("call", create(), ("x", "y"), quick_work))
         gate.set()
         await holder
-        scheduler.shutdown()
 
     asyncio.run(main())
 
 
-def test_a_running_call_past_its_deadline_runs_on_with_cancel_requested(gate, sessions):
+def test_a_running_call_past_its_deadline_runs_on_with_cancel_requested(gate, sessions, schedulers):
     create, _ = sessions
 
     async def main():
-        scheduler = Scheduler(1)
-        call = Call("call", create(), (), _stuck_work, timeout=0.05)
+        scheduler = schedulers(1)
+        call = Call("call", create(), (), stuck_work, timeout=0.05)
         task = asyncio.ensure_future(scheduler.submit(call))
-        await _until_async(lambda: call.status is CallStatus.RUNNING)
-        await _until_async(call.is_past_deadline)
+        await until_async(lambda: call.status is CallStatus.RUNNING)
+        await until_async(call.is_past_deadline)
         assert call.should_stop() and not call.cancel_requested
         described = call.describe()
         assert (described["status"], described["cancel_requested"]) == ("running", True)
@@ -220,25 +161,23 @@ def test_a_running_call_past_its_deadline_runs_on_with_cancel_requested(gate, se
         gate.set()
         assert await task == 2.0  # one device program: not interrupted (openxla/xla#16801)
         assert call.status is CallStatus.COMMITTED
-        scheduler.shutdown()
 
     asyncio.run(main())
 
 
-def test_the_server_default_applies_to_calls_without_a_timeout_of_their_own(sessions):
+def test_the_server_default_applies_to_calls_without_a_timeout_of_their_own(sessions, schedulers):
     create, _ = sessions
 
     async def main():
-        scheduler = Scheduler(1, call_timeout=5)
+        scheduler = schedulers(1, call_timeout=5)
         plain, own, none = (Call("call", create(), (), lambda c: c.deadline),
                             Call("call", create(), (), lambda c: c.deadline, timeout=1),
                             Call("call", create(), (), lambda c: c.deadline, timeout=math.inf))
         assert await scheduler.submit(plain) == pytest.approx(plain.created + 5)
         assert await scheduler.submit(own) == pytest.approx(own.created + 1)
         assert await scheduler.submit(none) is None
-        off = Scheduler(1, call_timeout=0)
+        off = schedulers(1, call_timeout=0)
         assert await off.submit(Call("call", create(), (), lambda c: c.deadline)) is None
-        scheduler.shutdown()
         off.shutdown()
 
     asyncio.run(main())
@@ -257,18 +196,18 @@ def test_a_scheduler_needs_a_worker():
 
 
 # -- cancellation -------------------------------------------------------------------------
-def test_a_cancelled_queued_call_never_starts(gate, sessions):
+def test_a_cancelled_queued_call_never_starts(gate, sessions, schedulers):
     create, _ = sessions
     metrics = Metrics()
 
     async def main():
-        scheduler = Scheduler(1, metrics=metrics)
-        holder = asyncio.ensure_future(scheduler.submit(Call("call", create(), (), _stuck_work)))
-        await _until_async(lambda: scheduler.running == 1)
+        scheduler = schedulers(1, metrics=metrics)
+        holder = asyncio.ensure_future(scheduler.submit(Call("call", create(), (), stuck_work)))
+        await until_async(lambda: scheduler.running == 1)
         ran = []
         queued = Call("call", create(), ("x",), ran.append)
         task = asyncio.ensure_future(scheduler.submit(queued))
-        await _until_async(lambda: scheduler.queued == 1)
+        await until_async(lambda: scheduler.queued == 1)
         assert queued.request_cancel() is CallStatus.CANCELLED and queued.cancel_requested
         with pytest.raises(CallCancelledError, match="cancelled before it started .* nothing "
                            "was applied") as caught:
@@ -281,13 +220,13 @@ def test_a_cancelled_queued_call_never_starts(gate, sessions):
         assert not ran
         with pytest.raises(CallCancelledError):  # cancelled before it was even submitted
             await scheduler.submit(queued)
-        scheduler.shutdown()
 
     asyncio.run(main())
-    assert metric_value(_text(metrics), "statehost_call_cancellations_total", when="queued") == 1
+    assert metric_value(metrics_text(metrics), "statehost_call_cancellations_total",
+                        when="queued") == 1
 
 
-def test_cancelling_a_running_call_asks_its_steps_to_stop(sessions):
+def test_cancelling_a_running_call_asks_its_steps_to_stop(sessions, schedulers):
     create, _ = sessions
     metrics = Metrics()
     started = threading.Event()
@@ -301,7 +240,7 @@ def test_cancelling_a_running_call_asks_its_steps_to_stop(sessions):
         return done
 
     async def main():
-        scheduler = Scheduler(1, metrics=metrics)
+        scheduler = schedulers(1, metrics=metrics)
         call = Call("loop", create(), (), steps)
         task = asyncio.ensure_future(scheduler.submit(call))
         await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
@@ -310,23 +249,23 @@ def test_cancelling_a_running_call_asks_its_steps_to_stop(sessions):
         assert await task >= 1
         assert call.status is CallStatus.COMMITTED
         assert call.request_cancel() is CallStatus.COMMITTED  # finished: left as it is
-        scheduler.shutdown()
 
     asyncio.run(main())
-    assert metric_value(_text(metrics), "statehost_call_cancellations_total", when="running") == 1
+    assert metric_value(metrics_text(metrics), "statehost_call_cancellations_total",
+                        when="running") == 1
 
 
-def test_an_abandoned_await_cancels_a_queued_call(gate, sessions):
+def test_an_abandoned_await_cancels_a_queued_call(gate, sessions, schedulers):
     create, _ = sessions
 
     async def main():
-        scheduler = Scheduler(1)
-        holder = asyncio.ensure_future(scheduler.submit(Call("call", create(), (), _stuck_work)))
-        await _until_async(lambda: scheduler.running == 1)
+        scheduler = schedulers(1)
+        holder = asyncio.ensure_future(scheduler.submit(Call("call", create(), (), stuck_work)))
+        await until_async(lambda: scheduler.running == 1)
         ran = []
         queued = Call("call", create(), (), ran.append)
         task = asyncio.ensure_future(scheduler.submit(queued))
-        await _until_async(lambda: scheduler.queued == 1)
+        await until_async(lambda: scheduler.queued == 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -334,13 +273,12 @@ def test_an_abandoned_await_cancels_a_queued_call(gate, sessions):
         gate.set()
         await holder
         assert not ran
-        scheduler.shutdown()
 
     asyncio.run(main())
 
 
 # -- order ----------------------------------------------------------------------------------
-def test_a_call_waiting_for_a_state_is_not_overtaken_on_its_states(gate, sessions):
+def test_a_call_waiting_for_a_state_is_not_overtaken_on_its_states(gate, sessions, schedulers):
     create, _ = sessions
     order: list[str] = []
 
@@ -351,11 +289,11 @@ def test_a_call_waiting_for_a_state_is_not_overtaken_on_its_states(gate, session
         return run
 
     async def main():
-        scheduler = Scheduler(4, session_workers=4)
+        scheduler = schedulers(4, session_workers=4)
         s = create()
         tasks = [asyncio.ensure_future(scheduler.submit(Call("call", s, ("x",),
-                                                             note("x", _stuck_work))))]
-        await _until_async(lambda: scheduler.running == 1)
+                                                             note("x", stuck_work))))]
+        await until_async(lambda: scheduler.running == 1)
         tasks.append(asyncio.ensure_future(scheduler.submit(Call("call", s, ("x", "y"),
                                                                  note("xy")))))
         tasks.append(asyncio.ensure_future(scheduler.submit(Call("call", s, ("y",),
@@ -365,20 +303,19 @@ def test_a_call_waiting_for_a_state_is_not_overtaken_on_its_states(gate, session
         gate.set()
         await asyncio.gather(*tasks)
         assert order == ["x", "z", "xy", "y"]
-        scheduler.shutdown()
 
     asyncio.run(main())
 
 
-def test_shutdown_drops_the_queue(gate, sessions):
+def test_shutdown_drops_the_queue(gate, sessions, schedulers):
     create, _ = sessions
 
     async def main():
-        scheduler = Scheduler(1)
-        holder = asyncio.ensure_future(scheduler.submit(Call("call", create(), (), _stuck_work)))
-        await _until_async(lambda: scheduler.running == 1)
-        queued = asyncio.ensure_future(scheduler.submit(Call("call", create(), (), _quick_work)))
-        await _until_async(lambda: scheduler.queued == 1)
+        scheduler = schedulers(1)
+        holder = asyncio.ensure_future(scheduler.submit(Call("call", create(), (), stuck_work)))
+        await until_async(lambda: scheduler.running == 1)
+        queued = asyncio.ensure_future(scheduler.submit(Call("call", create(), (), quick_work)))
+        await until_async(lambda: scheduler.queued == 1)
         loop = asyncio.get_running_loop()
         done = loop.run_in_executor(None, scheduler.shutdown)  # waits for the running call
         with pytest.raises(CallCancelledError, match="shutting down"):
@@ -387,87 +324,9 @@ def test_shutdown_drops_the_queue(gate, sessions):
         await done
         assert await holder == 2.0
         with pytest.raises(CallCancelledError, match="shutting down"):
-            await scheduler.submit(Call("call", create(), (), _quick_work))
+            await scheduler.submit(Call("call", create(), (), quick_work))
 
     asyncio.run(main())
-
-
-def _text(metrics: Metrics) -> str:
-    from prometheus_client import generate_latest
-
-    return generate_latest(metrics.registry).decode()
-
-
-# -- through the app: a real client, /v1/info, /metrics, the cancel route ----------------------
-class Server:
-    """An in-process app with its own settings, and raw calls of one session."""
-
-    def __init__(self, tmp_path, **settings):
-        self.app = create_app(Settings(tokens=(TOKEN,), data_dir=tmp_path / "data",
-                                       **settings))
-        self.transport = InProcessTransport(self.app)
-        self.scheduler = self.app.state.runtime.scheduler
-        self.http = httpx.Client(base_url=URL, transport=self.transport,
-                                 headers={"authorization": f"Bearer {TOKEN}"})
-
-    def connect(self, token: str = TOKEN):
-        return statehost.connect(URL, token=token, transport=self.transport)
-
-    def token(self, namespace: str, scope: str) -> str:
-        runtime = self.app.state.runtime
-        db = Database(runtime.settings.data_dir / "statehost.db")
-        try:
-            token = db.create_token(namespace, scope)
-        finally:
-            db.close()
-        runtime.tokens.reload()
-        return token
-
-    def stuck_calls(self, client, step, count: int) -> list[tuple[str, threading.Thread, list]]:
-        """``count`` calls of ``step`` at the gate, sent at once by ``client``'s session.
-
-        They name no random stream: the client's own calls lock its stream's state, so they
-        run one at a time anyway, while these run side by side as far as the server lets
-        them (as calls on disjoint states do)."""
-        packed = step.placement.packed(step)
-        sent = []
-        for i in range(count):
-            message = CallRequest(session=client._session, call_id=f"stuck-{i}",
-                                  digest=packed.digest, function=packed.section,
-                                  args=pack(((np.float32(1.0),), {})))
-            answer: list = []
-
-            def post(message=message, answer=answer):
-                with httpx.Client(base_url=URL, transport=self.transport, timeout=60) as http:
-                    answer.append(http.post("/v1/call", content=message.to_frame().to_bytes(),
-                                            headers={"content-type": CONTENT_TYPE,
-                                                     "authorization": f"Bearer {TOKEN}"}))
-
-            thread = threading.Thread(target=post)
-            thread.start()
-            sent.append((message.call_id, thread, answer))
-        return sent
-
-    def metric(self, name: str, **labels: str) -> float:
-        return metric_value(self.http.get("/metrics").text, name, **labels)
-
-    def close(self) -> None:
-        self.http.close()
-        self.transport.shutdown()
-
-
-@pytest.fixture
-def server(tmp_path):
-    made: list[Server] = []
-
-    def make(**settings) -> Server:
-        made.append(Server(tmp_path / str(len(made)), **settings))
-        return made[-1]
-
-    yield make
-    GATE.set()
-    for s in made:
-        s.close()
 
 
 def test_stuck_calls_of_one_client_leave_the_server_to_the_others(server, gate):
@@ -476,9 +335,9 @@ def test_stuck_calls_of_one_client_leave_the_server_to_the_others(server, gate):
         step = a.jit(blocked)
         assert float(step(np.float32(0))) == 1.0  # caches the function; passes the gate
         sent = s.stuck_calls(a, step, 3)
-        _until(lambda: (s.scheduler.running, s.scheduler.queued) == (1, 2))
+        until(lambda: (s.scheduler.running, s.scheduler.queued) == (1, 2))
         assert float(b.jit(lambda x: x * 2)(np.float32(3))) == 6.0
-        _until(lambda: s.http.get("/v1/info").json()["calls"]["stuck"])
+        until(lambda: s.http.get("/v1/info").json()["calls"]["stuck"])
         calls = s.http.get("/v1/info").json()["calls"]
         assert (calls["queued"], calls["running"]) == (2, 1)
         (listed,) = calls["stuck"]
@@ -535,7 +394,7 @@ def test_without_the_session_bound_the_other_client_waits(server, gate):
         step = a.jit(blocked)
         step(np.float32(0))
         sent = s.stuck_calls(a, step, 2)
-        _until(lambda: s.scheduler.running == 2)
+        until(lambda: s.scheduler.running == 2)
         other = b.jit(lambda x: x * 2)
         result: list = []
         thread = threading.Thread(target=lambda: result.append(float(other(np.float32(3)))))
@@ -555,14 +414,14 @@ def test_a_call_queued_past_the_default_deadline_answers_408(server, gate):
         step = a.jit(blocked)
         step(np.float32(0))
         (sent,) = s.stuck_calls(a, step, 1)
-        _until(lambda: s.scheduler.running == 1)
+        until(lambda: s.scheduler.running == 1)
         with pytest.raises(ClientCallTimeoutError, match="was never started, so nothing was "
                            "applied") as caught:
             # the same session: it waits for its turn, past the deadline (float: the error
             # of an asynchronous call is raised where its output is read)
             float(step(np.float32(0)))
         assert caught.value.status == 408 and "its session's turn" in str(caught.value)
-        _until(lambda: s.http.get("/v1/info").json()["calls"]["stuck"])
+        until(lambda: s.http.get("/v1/info").json()["calls"]["stuck"])
         (listed,) = s.http.get("/v1/info").json()["calls"]["stuck"]  # past its deadline
         assert listed["id"] == "stuck-0" and listed["cancel_requested"]
         assert s.metric("statehost_call_timeouts_total") == 1
@@ -578,7 +437,7 @@ def test_only_the_calls_owner_may_cancel_it(server, gate):
         step = a.jit(blocked)
         step(np.float32(0))
         ((call_id, thread, answer),) = s.stuck_calls(a, step, 1)
-        _until(lambda: s.scheduler.running == 1)
+        until(lambda: s.scheduler.running == 1)
         other = s.token("b", "submit")
         reader = s.token("b", "read")
         for token, status in [(other, 404), (reader, 403), (TOKEN, 200)]:
@@ -599,7 +458,7 @@ def test_only_the_calls_owner_may_cancel_it(server, gate):
         assert finished.status_code == 404
 
 
-def test_under_load_no_state_is_shared_no_bound_exceeded_and_nothing_leaks(sessions):
+def test_under_load_no_state_is_shared_no_bound_exceeded_and_nothing_leaks(sessions, schedulers):
     """Many calls of a few sessions on a few states, with short deadlines and cancels mixed
     in: two running calls never share a state, no session runs more than its bound, and
     the scheduler is empty at the end."""
@@ -630,7 +489,7 @@ def test_under_load_no_state_is_shared_no_bound_exceeded_and_nothing_leaks(sessi
         return run
 
     async def main():
-        scheduler = Scheduler(4, session_workers=2)
+        scheduler = schedulers(4, session_workers=2)
         people = [create() for _ in range(5)]
         calls, tasks = [], []
         for n in range(200):
@@ -659,7 +518,6 @@ def test_under_load_no_state_is_shared_no_bound_exceeded_and_nothing_leaks(sessi
         assert (scheduler.queued, scheduler.running, scheduler.lock_count()) == (0, 0, 0)
         assert not scheduler._queue and not scheduler._awaiters and not scheduler._per_session
         assert scheduler._busy == 0
-        scheduler.shutdown()
 
     asyncio.run(main())
 
@@ -679,7 +537,7 @@ def test_the_cancel_route_stops_a_running_loop_between_steps(server):
             return w.value
 
         job = client.loop(client.jit(step), 10_000, wait=False, progress=False)
-        _until(lambda: s.http.get("/v1/info").json()["calls"]["stuck"])
+        until(lambda: s.http.get("/v1/info").json()["calls"]["stuck"])
         (listed,) = s.http.get("/v1/info").json()["calls"]["stuck"]
         assert (listed["id"], listed["kind"]) == (job.id, "loop")
         answer = s.http.post(f"/v1/calls/{job.id}/cancel").json()
