@@ -48,6 +48,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PreconditionFailedError",
     "ProtocolError",
+    "QuotaExceededError",
     "RemoteExecutionError",
     "ServerError",
     "SessionNotFoundError",
@@ -206,6 +207,11 @@ class JobNotDoneError(ApiError):
 
 class JobCancelledError(ApiError):
     """The job was cancelled or timed out between steps (``reason``, ``completed``)."""
+
+
+class QuotaExceededError(ApiError):
+    """The request would take a namespace past one of its quotas (``namespace``, ``quota``,
+    ``limit``, ``used``, ``requested``, ``largest``); nothing was applied."""
 
 
 assert set(ERROR_CLASSES) == set(ERROR_KINDS), set(ERROR_KINDS) ^ set(ERROR_CLASSES)

@@ -101,6 +101,9 @@ class Settings:
         json_max_elements: largest array the JSON API answers as nested lists.
         shutdown_grace: seconds SIGTERM waits for running calls; calls still running then
             are abandoned and the server exits with status 4.
+        default_max_bytes, default_max_bytes_per_device, default_max_sessions,
+            default_max_queued: the quotas of a namespace that sets none of its own
+            (``statehost namespace set``; ``server/quotas.py``); None: no limit.
     """
 
     host: str = "127.0.0.1"
@@ -121,6 +124,10 @@ class Settings:
     max_unflushed_commits: int = 1000
     json_max_elements: int = 1_000_000
     shutdown_grace: float = 30.0
+    default_max_bytes: int | None = None
+    default_max_bytes_per_device: int | None = None
+    default_max_sessions: int | None = None
+    default_max_queued: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -171,6 +178,12 @@ class Settings:
         if self.shutdown_grace < 0:
             raise ValueError(f"statehost settings: shutdown_grace={self.shutdown_grace} must "
                              "be >= 0.")
+        for name, least in (("default_max_bytes", 0), ("default_max_bytes_per_device", 0),
+                            ("default_max_sessions", 1), ("default_max_queued", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"statehost settings: {name}={value} must be >= {least} "
+                                 "(unset it for no limit).")
 
 
 def _convert(name: str, raw: str) -> Any:
@@ -181,8 +194,10 @@ def _convert(name: str, raw: str) -> Any:
             if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
                 raise ValueError("expected true or false")
             return raw.lower() in {"1", "true", "yes"}
-        if name == "max_body":
+        if name in {"max_body", "default_max_bytes", "default_max_bytes_per_device"}:
             return parse_size(raw)
+        if name in {"default_max_sessions", "default_max_queued"}:
+            return int(raw)
         if name in {"port", "cpu_devices", "workers", "function_cache_size",
                     "json_max_elements", "max_unflushed_commits", "session_workers"}:
             return int(raw)

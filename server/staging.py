@@ -45,6 +45,8 @@ from statehost.transform import PendingWrites, defer_writes
 from statehost.wire import HandleRef, Section, StateRecord, StateRef, is_state_id
 
 if TYPE_CHECKING:
+    from statehost.server.ledger import PerDevice
+    from statehost.server.quotas import Charge
     from statehost.server.runtime import Runtime
     from statehost.server.store import Session
 
@@ -95,8 +97,10 @@ class Commit:
 class Transaction:
     """One all-or-nothing change of the states ``session`` can see; see the module doc."""
 
-    def __init__(self, rt: Runtime, session: Session, where: str):
+    def __init__(self, rt: Runtime, session: Session, where: str, *,
+                 charge: Charge | None = None):
         self.rt = rt
+        self.charge = charge  # where its new states count for quotas (a put's namespace)
         self.store = rt.store
         self.session = session
         self.where = where
@@ -171,6 +175,7 @@ class Transaction:
                 f"the upload is based on version {c['base_version']}" for c in conflicts)
             raise StateConflictError(_MSG_CONFLICT.format(where=self.where, lines=lines),
                                      conflicts=conflicts)
+        self._check_quota(records)
         for record in records:
             value = self._place(record)
             state = self.lookup(record.id)
@@ -181,6 +186,26 @@ class Transaction:
                 state.revert(StateSnapshot(value, state.write_count))
             self.uploaded.append(record.id)
         return [r.id for r in records]
+
+    def _check_quota(self, records: list[StateRecord]) -> None:
+        """A 429 before anything is placed if the uploads (on the default device, where
+        ``_place`` puts them) would take a namespace past a byte quota."""
+        from statehost.server.quotas import host_bytes
+
+        device = jax.devices()[0]
+        key = f"{device.platform}:{device.id}"
+        items = [(r.id, {key: host_bytes(r.value)}) for r in records]
+        quotas = self.rt.quotas
+        quotas.check_bytes(quotas.deltas(items, self.session, self.charge), self.where)
+
+    def _commit_deltas(self) -> dict[str, PerDevice]:
+        """What this commit changes in the ledger, per namespace, from the exact values."""
+        from statehost.server.ledger import device_bytes
+
+        touched = {*self.uploaded, *(s.id for s in self.pending.values)}
+        items = [(i, device_bytes(self.current(s))) for i in touched
+                 if (s := self.lookup(i)) is not None]
+        return self.rt.quotas.deltas(items, self.session, self.charge)
 
     def _place(self, record: StateRecord) -> Any:
         try:
@@ -217,16 +242,19 @@ class Transaction:
         store, uploaded = self.store, self.uploaded
         written = [s.id for s in self.pending.values]
         existing = [i for i in uploaded if i not in self.new]
-        self._write_durable(existing, written)
-        writer = self.session.writer
-        for state in self.new.values():
-            store.add(state, self.session)
-        self.pending.commit()
-        uploaded_versions: dict[str, int] = {}
-        if uploaded:  # an upload is a commit (version + 1), and so is the run's write after it
-            store.bump(existing, writer)
-            uploaded_versions = {i: store.meta(i).version for i in uploaded}
-        store.bump(written, writer)
+        # Quotas by the exact sizes (a call can grow a state), checked before the disk
+        # write and held until the values are installed.
+        with self.rt.quotas.admitting(self._commit_deltas, self.where):
+            self._write_durable(existing, written)
+            writer = self.session.writer
+            for state in self.new.values():
+                store.add(state, self.session)
+            self.pending.commit()
+            uploaded_versions: dict[str, int] = {}
+            if uploaded:  # an upload is a commit (version + 1), the run's write after it too
+                store.bump(existing, writer)
+                uploaded_versions = {i: store.meta(i).version for i in uploaded}
+            store.bump(written, writer)
         versions = {i: store.meta(i).version for i in (*uploaded, *written, *self.loaded)}
         self.new, self.old = {}, {}
         return Commit(written, list(uploaded), versions, uploaded_versions)

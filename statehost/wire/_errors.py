@@ -50,4 +50,5 @@ ERROR_KINDS: dict[str, ErrorKind] = {kind.name: kind for kind in (
     ErrorKind("JobNotDoneError", 409, "the job has not finished: its result is not there yet"),
     ErrorKind("JobCancelledError", 409,
               "the job was cancelled or timed out; its states are at its last completed step"),
+    ErrorKind("QuotaExceededError", 429, "a namespace quota would be exceeded; nothing applied"),
 )}
