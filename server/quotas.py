@@ -49,11 +49,11 @@ __all__ = ["Charge", "Quota", "Quotas", "format_size", "host_bytes"]
 
 _MSG_BYTES = (
     "{where}: refused, nothing was changed: namespace {namespace!r} would exceed its quota "
-    "{quota}={limit_h}{on}. It holds {used_h}{there}, and this request needs {requested_h} "
-    "more. Fix: free space in {namespace!r} (its largest states: {largest}): delete named "
-    "objects with client.delete('{namespace}/NAME'), or close sessions (their anonymous "
-    "states are freed with them); or ask an operator to raise the quota: statehost "
-    "namespace set {namespace} --{flag} SIZE."
+    "{quota}={limit_h}{on}. It holds {used_h}{there}, and {what} {requested_h} more. "
+    "Fix: free space in {namespace!r} (its largest states: {largest}): delete named objects "
+    "with client.delete('{namespace}/NAME'), or close sessions (their anonymous states are "
+    "freed with them); or ask an operator to raise the quota: statehost namespace set "
+    "{namespace} --{flag} SIZE."
 )
 _MSG_SESSIONS = (
     "{where}: refused, no session was opened: namespace {namespace!r} has {used} open "
@@ -173,8 +173,10 @@ class Quotas:
             out[target] = add(add(out.get(target, {}), new), old, -1)
         return out
 
-    def check_bytes(self, deltas: dict[str, PerDevice], where: str) -> None:
-        """A 429 if one namespace's growth in ``deltas`` takes it past a byte quota."""
+    def check_bytes(self, deltas: dict[str, PerDevice], where: str,
+                    what: str = "this request needs") -> None:
+        """A 429 if one namespace's growth in ``deltas`` takes it past a byte quota
+        (``what`` says what grows it, in the message)."""
         for namespace, delta in deltas.items():
             quota = self.of(namespace)
             if not quota.limits_bytes:
@@ -184,13 +186,14 @@ class Quotas:
             if quota.max_bytes is not None and grow > 0 and \
                     usage.bytes + grow > quota.max_bytes:
                 raise self._bytes_error(where, namespace, "max_bytes", quota.max_bytes,
-                                        usage.bytes, grow, None)
+                                        usage.bytes, grow, None, what)
             if quota.max_bytes_per_device is not None:
                 for device, n in sorted(delta.items()):
                     held = usage.by_device.get(device, 0)
                     if device != "host" and n > 0 and held + n > quota.max_bytes_per_device:
                         raise self._bytes_error(where, namespace, "max_bytes_per_device",
-                                                quota.max_bytes_per_device, held, n, device)
+                                                quota.max_bytes_per_device, held, n, device,
+                                                what)
 
     @contextlib.contextmanager
     def admitting(self, deltas: Callable[[], dict[str, PerDevice]], where: str
@@ -201,11 +204,11 @@ class Quotas:
             yield
             return
         with self._commit_lock:
-            self.check_bytes(deltas(), where)
+            self.check_bytes(deltas(), where, "the values this call commits need")
             yield
 
     def _bytes_error(self, where: str, namespace: str, quota: str, limit: int, used: int,
-                     requested: int, device: str | None) -> QuotaExceededError:
+                     requested: int, device: str | None, what: str) -> QuotaExceededError:
         largest = [{"name": self._state_name(i), "id": i, "bytes": n}
                    for i, n in self.store.ledger.largest(namespace, 3, device)]
         shown = ", ".join(f"{s['name']} ({format_size(s['bytes'])})" for s in largest)
@@ -216,7 +219,7 @@ class Quotas:
                 on="" if device is None else " on each device",
                 used_h=f"{format_size(used)} ({used} bytes)",
                 there="" if device is None else f" on {device}",
-                requested_h=f"{format_size(requested)} ({requested} bytes)",
+                requested_h=f"{format_size(requested)} ({requested} bytes)", what=what,
                 largest=shown or "none resident", flag=quota.replace("_", "-")),
             namespace=namespace, quota=quota, limit=limit, used=used, requested=requested,
             device=device, largest=largest)

@@ -196,7 +196,8 @@ class Transaction:
         key = f"{device.platform}:{device.id}"
         items = [(r.id, {key: host_bytes(r.value)}) for r in records]
         quotas = self.rt.quotas
-        quotas.check_bytes(quotas.deltas(items, self.session, self.charge), self.where)
+        quotas.check_bytes(quotas.deltas(items, self.session, self.charge), self.where,
+                           "the uploads need")
 
     def _commit_deltas(self) -> dict[str, PerDevice]:
         """What this commit changes in the ledger, per namespace, from the exact values."""

@@ -38,7 +38,7 @@ def _size(value: object) -> object:
     return value
 
 
-_Bytes = Annotated[int | None, BeforeValidator(_size), Field(ge=0)]
+_Bytes = Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(_size)]
 
 
 class NamespaceBody(BaseModel):
