@@ -100,6 +100,15 @@ _SERVE_FLAGS = (
     _Flag("--shutdown-grace", "shutdown_grace", "seconds SIGTERM waits for running calls; "
           f"calls still running then are abandoned and the exit status is {_EXIT_ABANDONED}",
           type=float),
+    _Flag("--default-max-bytes", "default_max_bytes", "quota of a namespace that sets none "
+          "(statehost namespace set): bytes its states hold on all devices (8GiB)",
+          type=parse_size),
+    _Flag("--default-max-bytes-per-device", "default_max_bytes_per_device", "the same, on "
+          "any one device (1GiB)", type=parse_size),
+    _Flag("--default-max-sessions", "default_max_sessions", "the same: its open sessions",
+          type=int),
+    _Flag("--default-max-queued", "default_max_queued", "the same: its calls waiting in the "
+          "queue", type=int),
 )
 
 
@@ -115,6 +124,8 @@ def _default(field: dataclasses.Field[Any]) -> str:
         return "$XDG_DATA_HOME/statehost, else ~/.local/share/statehost"
     if field.name == "session_workers":
         return "max(1, workers // 2)"
+    if field.name.startswith("default_max_") and value is None:
+        return "no limit"
     if isinstance(value, bool):
         return str(value).lower()
     if field.name == "max_body" and value % 2**30 == 0:
