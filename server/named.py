@@ -112,16 +112,17 @@ class Registry:
         self.persistence.reindex(list(states))
         return {"name": full, "states": {i: self.store.meta(i).version for i in states}}
 
-    def moved_bytes(self, namespace: str, name: str, ids: list[str],
+    def moved_bytes(self, session: Session, namespace: str, name: str, ids: list[str],
                     uploaded: set[str]) -> PerDevice:
         """What naming ``ids`` as ``namespace/name`` moves into the namespace, per device,
         besides the uploads (counted by their transaction): resident states from elsewhere
-        (a session's), less the states of the object it replaces."""
+        that ``session`` sees (its own), less the states of the object it replaces."""
         ledger = self.store.ledger
         out: PerDevice = {}
         for state_id in ids:
             entry = ledger.get(state_id)
-            if state_id not in uploaded and entry is not None and entry.namespace != namespace:
+            if state_id not in uploaded and entry is not None and entry.namespace != namespace \
+                    and self.store.get(state_id, session) is not None:
                 out = add(out, entry.per_device)
         old = self.db.get_object(namespace, name)
         for state_id in old.state_ids if old is not None else ():
@@ -205,8 +206,8 @@ def put_object(call: Any, request: PutRequest, rt: Any) -> PutReply:
         raise ProtocolError(f"{where}: the structure section must be one pickle without "
                             "out-of-band buffers.")
     # The put's bytes count against its namespace, checked before anything moves.
-    charge = Charge(namespace, rt.registry.moved_bytes(namespace, name, list(request.paths),
-                                                       set(request.uploads)))
+    charge = Charge(namespace, rt.registry.moved_bytes(
+        call.session, namespace, name, list(request.paths), set(request.uploads)))
     if request.states is not None:
         push_states(call, PushRequest(session=request.session, uploads=request.uploads,
                                       states=request.states), rt, where, charge=charge)

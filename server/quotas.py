@@ -136,6 +136,7 @@ class Quotas:
         # of one namespace cannot both pass the check; taken only where bytes are limited.
         self._commit_lock = threading.Lock()
         self._session_lock = threading.Lock()
+        self._bytes_limited: tuple[int, bool] = (-1, False)  # (quotas_changed, any limit)
 
     # -- what applies -------------------------------------------------------------------
     def of(self, namespace: str) -> Quota:
@@ -150,8 +151,15 @@ class Quotas:
                         for name in QUOTA_FIELDS}}
 
     def _any_bytes_limit(self) -> bool:
-        return self.defaults.limits_bytes or any(
-            self.of(ns).limits_bytes for ns in self.persistence.namespaces())
+        """Whether any namespace limits bytes (asked at every commit, so cached until the
+        next ``set_quotas``)."""
+        changed, limited = self._bytes_limited
+        if changed != self.persistence.quotas_changed:
+            changed = self.persistence.quotas_changed
+            limited = self.defaults.limits_bytes or any(
+                self.of(ns).limits_bytes for ns in self.persistence.namespaces())
+            self._bytes_limited = (changed, limited)
+        return limited
 
     # -- bytes ------------------------------------------------------------------------------
     def deltas(self, items: Iterable[tuple[str, PerDevice]], session: Session,

@@ -201,10 +201,9 @@ class Transaction:
 
     def _commit_deltas(self) -> dict[str, PerDevice]:
         """What this commit changes in the ledger, per namespace, from the exact values."""
-        from statehost.server.ledger import device_bytes
-
+        measure = self.store.ledger.measure_value
         touched = {*self.uploaded, *(s.id for s in self.pending.values)}
-        items = [(i, device_bytes(self.current(s))) for i in touched
+        items = [(i, measure(self.current(s))) for i in touched
                  if (s := self.lookup(i)) is not None]
         return self.rt.quotas.deltas(items, self.session, self.charge)
 

@@ -117,6 +117,7 @@ class Persistence:
         # kept in memory (only this server writes the namespaces table).
         self._durability: dict[str, Durability] = {}
         self._quotas: dict[str, dict[str, int | None]] = {}  # the same, for quotas
+        self.quotas_changed = 0  # counts set_quotas calls, for caches of what they decide
         self._db: Database | None = None
         self._reindex: set[str] = set()  # files whose index (object, structure) is stale
         self._reindex_lock = threading.Lock()
@@ -149,6 +150,7 @@ class Persistence:
                         "are on disk (was it truncated, deleted or replaced?)")
             self._durability = {ns: Durability(d) for ns, d in db.namespaces().items()}
             self._quotas = db.quotas()
+            self.quotas_changed += 1
         except BaseException:
             db.close()
             raise
@@ -187,6 +189,7 @@ class Persistence:
         durability = self.durability(namespace)
         self.db.set_quotas(namespace, durability, quotas)
         self._quotas[namespace] = {**self._quotas.get(namespace, {}), **quotas}
+        self.quotas_changed += 1
 
     # -- writing --------------------------------------------------------------------
     def write(self, records: list[StateRecord]) -> int:

@@ -272,3 +272,25 @@ def test_naming_resident_states_counts_them_against_the_namespace(box):
         assert box.namespace("team")["ledger"]["bytes"] == 4000
         with pytest.raises(statehost.client.NotFoundError):
             client.get("team/v")
+
+
+def test_an_async_client_gets_the_quota_error_and_keeps_working(box):
+    _set(box, "team", max_bytes=6000)
+    with statehost.connect("http://statehost.test", token=TOKEN,
+                           transport=box.transport) as client:  # async dispatch: the stream
+        assert client.dispatch == "async"
+        w = statehost.ParamState(_ones(1000))
+        client.put("team/w", w)
+        double = client.jit(lambda x: setattr(w, "value", w.value * x))
+        double(jnp.float32(2))  # the first call of a signature waits; later ones do not
+        client.sync()
+        w.value = _ones(2000)  # a local change: the next call uploads 8000 bytes
+        with pytest.raises(QuotaExceededError, match="namespace 'team' would exceed its quota "
+                           "max_bytes"):
+            double(jnp.float32(2))  # a new state shape: a new signature, so it waits
+            client.sync()
+        assert box.namespace("team")["ledger"]["bytes"] == 4000
+        np.testing.assert_array_equal(client.get("team/w").value, 2 * np.ones(1000))
+        w.value = _ones(1000)
+        double(jnp.float32(3))  # back under the quota: the stream goes on
+        client.sync()
