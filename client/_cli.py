@@ -114,7 +114,7 @@ def _quota_value(text: str) -> int | None:
 def _namespace_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="namespace_command", required=True)
     change = commands.add_parser(
-        "set", help="set a namespace's quotas or durability (an admin token); 'none' clears "
+        "set", help="set a namespace's quotas (a server token) or durability; 'none' clears "
                     "a quota, so the server's default applies again")
     change.add_argument("namespace", metavar="NAMESPACE")
     for flag, dest, meaning in _QUOTA_FLAGS:
@@ -377,8 +377,9 @@ def _ledger_line(ns: dict[str, Any]) -> str:
 
 
 def namespace(args: argparse.Namespace) -> int:
-    """``namespace set NS --max-bytes 8GiB ...`` (PUT /v1/namespaces/NS, an admin token) and
-    ``namespace show NS``: its quotas in effect, which it sets itself, and its ledger."""
+    """``namespace set NS --max-bytes 8GiB ...`` (PUT /v1/namespaces/NS; quotas need a server
+    token) and ``namespace show NS``: its quotas in effect, which it sets itself, and its
+    ledger."""
     command = f"namespace {args.namespace_command}"
     if _url_given_as(command, args.namespace, "NAMESPACE"):
         return 2

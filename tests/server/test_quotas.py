@@ -74,6 +74,9 @@ def test_defaults_come_from_the_settings_and_a_namespace_overrides_them(tmp_path
         assert (other["max_bytes"], other["own"]["max_bytes"]) == (2**20, None)
         _set(box, "team", max_bytes=None)  # back to the default
         assert box.namespace("team")["quotas"]["max_bytes"] == 2**20
+        defaults = box.http.get("/v1/info").json()["limits"]["quota_defaults"]
+        assert defaults == {"max_bytes": 2**20, "max_bytes_per_device": None,
+                            "max_sessions": 5, "max_queued": None}
     finally:
         box.close()
 
@@ -92,11 +95,19 @@ def test_bad_quota_bodies_are_refused_naming_the_field(box, body, match):
     assert box.http.get("/v1/namespaces").json()["namespaces"] == []  # nothing created
 
 
-def test_only_an_admin_token_sets_quotas(box):
+def test_only_a_server_token_sets_quotas(box):
     submit = box.token("team", "submit")
     response = _set(box, "team", submit, max_bytes=10)
     assert response.status_code == 403
     assert "this needs scope 'admin'" in response.json()["error"]["message"]
+    admin = box.token("team", "admin")  # a tenant's admin: its durability, not its quotas
+    response = _set(box, "team", admin, max_bytes=10**12)
+    assert response.status_code == 403
+    assert "quotas are set by the box's operator: this token is admin of 'team' only" in \
+        response.json()["error"]["message"]
+    assert box.http.get("/v1/namespaces").json()["namespaces"] == []  # nothing was created
+    assert _set(box, "team", admin, durability="sync").status_code == 200
+    assert box.namespace("team")["quotas"]["max_bytes"] is None
 
 
 def test_settings_refuse_bad_defaults():
