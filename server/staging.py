@@ -5,13 +5,16 @@ change states the same way, in this order (DESIGN "Commit is the last step"):
 
 1. **stage** the uploaded values (checked against the caller's view: a state it
    cannot see is a 404, never an overwrite; an upload based on an outdated
-   version is a 409 and nothing is staged);
+   version is a 409, and one past a namespace's byte quota a 429 (``quotas.py``):
+   nothing is staged);
 2. **run** the transform inside :meth:`Transaction.running`, which defers its state
    writes (``statehost.transform.defer_writes``) instead of installing them;
 3. the caller copies out the outputs and pulled states (:meth:`Transaction.current`
    reads the values the commit will install);
-4. :meth:`Transaction.commit`: for ``sync`` durability, write the new values to disk,
-   and only then install them and bump the versions.
+4. :meth:`Transaction.commit`: check the byte quotas against the exact sizes of the
+   values it installs (a call can grow a state; 429), for ``sync`` durability write the
+   new values to disk, and only then install them and bump the versions (the store
+   re-measures them in its byte ledger).
 
 Any failure before step 4 ends in :meth:`Transaction.rollback`: every state
 keeps the value, write count and version it had.
