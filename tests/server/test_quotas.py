@@ -305,3 +305,16 @@ def test_an_async_client_gets_the_quota_error_and_keeps_working(box):
         w.value = _ones(1000)
         double(jnp.float32(3))  # back under the quota: the stream goes on
         client.sync()
+
+
+
+def test_writes_that_do_not_grow_a_namespace_over_a_lowered_quota_go_on(box):
+    with box.connect() as client:
+        client.put("team/w", statehost.ParamState(_ones(10)))
+    _set(box, "team", max_bytes=10)  # below what it holds already
+    response = box.http.put("/v1/namespaces/team/states/w/value", json={"data": [2.0] * 10})
+    assert response.status_code == 200, response.text
+    assert box.http.get("/v1/namespaces/team/states/w/value").json()["data"] == [2.0] * 10
+    with box.connect() as client:
+        with pytest.raises(QuotaExceededError, match="It holds 40 B"):
+            client.put("team/v", statehost.ParamState(_ones(1)))
