@@ -1,4 +1,5 @@
-"""The client's commands: ``statehost ls``, ``doctor``, ``checkpoint`` and ``jobs``.
+"""The client's commands: ``statehost ls``, ``doctor``, ``checkpoint``, ``jobs`` and
+``namespace``.
 
 They look at and act on a running server through its JSON API, with httpx and no
 session: they ship no pickles, so they work even where the client's and the server's
@@ -30,7 +31,7 @@ from statehost.client._errors import (
 )
 from statehost.client._token import TokenSource
 
-__all__ = ["COMMANDS", "checkpoint", "doctor", "jobs", "ls"]
+__all__ = ["COMMANDS", "checkpoint", "doctor", "jobs", "ls", "namespace"]
 
 _DEFAULT_URL = "http://127.0.0.1:8470"
 
@@ -82,6 +83,49 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'namespace/object' or a whole 'namespace' (default: every "
                              "namespace the token can see)")
     _common_arguments(parser)
+
+
+_QUOTA_FLAGS = (("--max-bytes", "max_bytes", "bytes its states hold on all devices together"),
+                ("--max-bytes-per-device", "max_bytes_per_device",
+                 "bytes its states hold on any one device"),
+                ("--max-sessions", "max_sessions", "open sessions of its tokens"),
+                ("--max-queued", "max_queued", "its calls waiting in the server's queue"))
+_UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def _quota_value(text: str) -> int | None:
+    """A quota flag's value: ``none`` (clear it), bytes, or a size with a unit (8GiB)."""
+    if text.strip().lower() == "none":
+        return None
+    raw = text.strip().upper().replace(" ", "")
+    digits = raw.rstrip("KMGTIB")
+    unit = raw[len(digits):]
+    try:
+        if not digits or unit not in _UNITS:
+            raise ValueError(text)
+        return int(float(digits) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a quota: write a number (4), bytes with a unit (8GiB, 512MiB, "
+            "100MB), or none to clear it") from None
+
+
+def _namespace_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="namespace_command", required=True)
+    change = commands.add_parser(
+        "set", help="set a namespace's quotas (a server token) or durability; 'none' clears "
+                    "a quota, so the server's default applies again")
+    change.add_argument("namespace", metavar="NAMESPACE")
+    for flag, dest, meaning in _QUOTA_FLAGS:
+        change.add_argument(flag, dest=dest, type=_quota_value, default=argparse.SUPPRESS,
+                            help=f"{meaning}; 'none' clears it")
+    change.add_argument("--durability", choices=["sync", "interval", "none"],
+                        default=argparse.SUPPRESS, help="when its named states reach the disk")
+    _common_arguments(change)
+    show = commands.add_parser("show", help="a namespace's quotas, and what it holds")
+    show.add_argument("namespace", metavar="NAMESPACE")
+    _common_arguments(show)
 
 
 # -- HTTP -------------------------------------------------------------------------
@@ -197,6 +241,8 @@ def ls(args: argparse.Namespace) -> int:
     for ns, objects in listed:
         print(f"{ns['name']}  (durability {ns['durability']}, {len(objects)} object(s), "
               f"{_size(ns['resident_bytes'])} resident)")
+        if "ledger" in ns:
+            print(f"  {_ledger_line(ns)}")
         rows = [("OBJECT", "STATE", "KIND", "LEAVES", "BYTES", "VERSION", "DURABLE", "STATUS")]
         for obj in objects:
             for st in obj["states"] or [{}]:
@@ -320,10 +366,70 @@ def jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_line(ns: dict[str, Any]) -> str:
+    """``on devices: 4.0 KiB (named 4.0 KiB, sessions 0 B); quotas: max_bytes 8.0 GiB``."""
+    ledger, quotas = ns["ledger"], ns.get("quotas", {})
+    set_ = [f"{k} {_size(v) if 'bytes' in k else v}" for k, v in quotas.items()
+            if k != "own" and v is not None]
+    return (f"on devices: {_size(ledger['bytes'])} (named {_size(ledger['named_bytes'])}, "
+            f"sessions {_size(ledger['session_bytes'])}); quotas: "
+            f"{', '.join(set_) or 'none'}")
+
+
+def namespace(args: argparse.Namespace) -> int:
+    """``namespace set NS --max-bytes 8GiB ...`` (PUT /v1/namespaces/NS; quotas need a server
+    token) and ``namespace show NS``: its quotas in effect, which it sets itself, and its
+    ledger."""
+    command = f"namespace {args.namespace_command}"
+    if _url_given_as(command, args.namespace, "NAMESPACE"):
+        return 2
+    try:
+        with _Remote(args) as remote:
+            if args.namespace_command == "set":
+                body = {dest: getattr(args, dest) for _, dest, _ in _QUOTA_FLAGS
+                        if hasattr(args, dest)}
+                if hasattr(args, "durability"):
+                    body["durability"] = args.durability
+                if not body:
+                    return _fail(command, ValueError(
+                        "nothing to set. Fix: give one or more of --max-bytes, "
+                        "--max-bytes-per-device, --max-sessions, --max-queued, --durability."))
+                remote.json("PUT", f"/v1/namespaces/{args.namespace}", json=body)
+            listed = [ns for ns in remote.json("GET", "/v1/namespaces")["namespaces"]
+                      if ns["name"] == args.namespace]
+    except ClientError as exc:
+        return _fail(command, exc)
+    if not listed:
+        return _fail(command, ValueError(_MSG_NO_NAMESPACE.format(
+            namespace=args.namespace, url=args.url)))
+    ns = listed[0]
+    ledger, quotas = ns["ledger"], ns["quotas"]
+    print(f"{ns['name']}  (durability {ns['durability']})")
+    rows = [("QUOTA", "IN EFFECT", "SET HERE", "USED")]
+    used = {"max_bytes": _size(ledger["bytes"]),
+            "max_bytes_per_device": _size(max(ledger["by_device"].values(), default=0)),
+            "max_sessions": str(ns.get("sessions", "-")),
+            "max_queued": str(ns.get("queued", "-"))}
+    for key in used:
+        def shown(value: Any, key: str = key) -> str:
+            if value is None:
+                return "none"
+            return _size(value) if "bytes" in key else str(value)
+        rows.append((key, shown(quotas[key]),
+                     shown(quotas["own"][key]) if quotas["own"][key] is not None
+                     else "(server default)", used[key]))
+    _table(rows, "  ")
+    print(f"  {_ledger_line(ns)}")
+    for device, n in ledger["by_device"].items():
+        print(f"    {device}: {_size(n)}")
+    return 0
+
+
 #: The commands ``statehost._cli`` dispatches here, by name.
 COMMANDS: dict[str, Command] = {
     "ls": Command(_ls_arguments, ls),
     "doctor": Command(_common_arguments, doctor),
     "checkpoint": Command(_checkpoint_arguments, checkpoint),
     "jobs": Command(_common_arguments, jobs),
+    "namespace": Command(_namespace_arguments, namespace),
 }

@@ -31,6 +31,7 @@
         ├── CallNotRunError             an earlier call failed, so this one did not run (424)
         ├── JobNotDoneError             the job's result is not there yet (409; a TimeoutError)
         ├── JobCancelledError           the job was cancelled or timed out (HTTP 409)
+        ├── QuotaExceededError          a namespace quota would be exceeded (HTTP 429)
         ├── RemoteExecutionError        the user's function raised on the server (HTTP 422)
         │   └── RemoteExecutionError(cls)  also a ``cls``, the remote exception's class, when
         │                               the client can import it (``except TypeError`` works)
@@ -75,6 +76,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PreconditionFailedError",
     "ProtocolError",
+    "QuotaExceededError",
     "RemoteExecutionError",
     "ServerError",
     "SessionNotFoundError",
@@ -295,6 +297,23 @@ class JobCancelledError(ClientError):
         return str(self.body.get("reason", "cancelled"))
 
 
+class QuotaExceededError(ClientError):
+    """The request would take a namespace past a quota (HTTP 429); nothing was applied.
+
+    ``namespace``, ``quota`` (``max_bytes``, ``max_bytes_per_device``, ``max_sessions`` or
+    ``max_queued``), ``limit``, ``used`` and ``requested`` say which and by how much;
+    ``largest`` lists the namespace's largest states (``name``, ``id``, ``bytes``).
+    """
+
+    @property
+    def namespace(self) -> str:
+        return str(self.body.get("namespace", ""))
+
+    @property
+    def quota(self) -> str:
+        return str(self.body.get("quota", ""))
+
+
 #: error kind name (``statehost.wire.ERROR_KINDS``) -> the class raised for it.
 BY_TYPE: dict[str, type[ClientError]] = {
     cls.__name__: cls for cls in (
@@ -305,6 +324,7 @@ BY_TYPE: dict[str, type[ClientError]] = {
         ValidationError, RemoteExecutionError, ServerError, StorageError, ArrayNotFoundError,
         CallCancelledError, CallNotRunError, CallNotFoundError, CallTimeoutError,
         JobNotFoundError, JobNotDoneError, JobCancelledError, DeviceMemoryError,
+        QuotaExceededError,
     )
 }
 

@@ -115,6 +115,15 @@ _SERVE_FLAGS = (
     _Flag("--unix", "unix", "a Unix socket to serve on besides TCP, for clients on this "
           "host (mode 0600): a path, auto ($XDG_RUNTIME_DIR/statehost/statehost.sock when "
           "$XDG_RUNTIME_DIR exists) or off", metavar="PATH"),
+    _Flag("--default-max-bytes", "default_max_bytes", "quota of a namespace that sets none "
+          "(statehost namespace set): bytes its states hold on all devices (8GiB)",
+          type=parse_size),
+    _Flag("--default-max-bytes-per-device", "default_max_bytes_per_device", "the same, on "
+          "any one device (1GiB)", type=parse_size),
+    _Flag("--default-max-sessions", "default_max_sessions", "the same: its open sessions",
+          type=int),
+    _Flag("--default-max-queued", "default_max_queued", "the same: its calls waiting in the "
+          "queue", type=int),
 )
 
 
@@ -134,6 +143,8 @@ def _default(field: dataclasses.Field[Any]) -> str:
         return "unset: no admission on devices that report no memory"
     if field.name == "namespace_weights":
         return f"none: every namespace weighs {Settings.namespace_weight}"
+    if field.name.startswith("default_max_") and value is None:
+        return "no limit"
     if isinstance(value, bool):
         return str(value).lower()
     if field.name == "max_body" and value % 2**30 == 0:

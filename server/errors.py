@@ -49,6 +49,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PreconditionFailedError",
     "ProtocolError",
+    "QuotaExceededError",
     "RemoteExecutionError",
     "ServerError",
     "SessionNotFoundError",
@@ -213,6 +214,11 @@ class DeviceMemoryError(ApiError):
     """The call does not fit in the free memory of its devices (it waited for memory past
     its deadline, or needs more than a device has), or XLA ran out of device memory while
     it ran; it was not applied (``estimate_bytes``, ``free_bytes``, ``device``)."""
+
+
+class QuotaExceededError(ApiError):
+    """The request would take a namespace past one of its quotas (``namespace``, ``quota``,
+    ``limit``, ``used``, ``requested``, ``largest``); nothing was applied."""
 
 
 assert set(ERROR_CLASSES) == set(ERROR_KINDS), set(ERROR_KINDS) ^ set(ERROR_CLASSES)

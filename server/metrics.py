@@ -91,3 +91,12 @@ class Metrics:
                      3600),
             registry=r,
         )
+        self.ledger_bytes = Gauge(
+            "statehost_ledger_bytes", "Bytes the states charged to a namespace (its named "
+            "states and its sessions' anonymous ones) hold on each device: the byte ledger "
+            "that quotas limit.", ["namespace", "device"], registry=r,
+        )
+        self.device_state_bytes = Gauge(
+            "statehost_device_state_bytes", "Bytes of resident states on each device (every "
+            "namespace and session).", ["device"], registry=r,
+        )

@@ -24,9 +24,11 @@ from statehost.server.errors import (
     StateNotFoundError,
 )
 from statehost.server.execution import to_host
+from statehost.server.ledger import PerDevice, add
 from statehost.server.names import check_name, split_name
 from statehost.server.persistence import Database, ObjectRow, Persistence, StateRow, state_file
 from statehost.server.persistence.files import describe_sharding
+from statehost.server.quotas import Charge
 from statehost.server.store import Meta, Session, StateStore, state_nbytes
 from statehost.server.transfer import push_states
 from statehost.wire import GetReply, PushRequest, PutReply, PutRequest, Section, StateValue, pack
@@ -110,6 +112,25 @@ class Registry:
         self.persistence.reindex(list(states))
         return {"name": full, "states": {i: self.store.meta(i).version for i in states}}
 
+    def moved_bytes(self, session: Session, namespace: str, name: str, ids: list[str],
+                    uploaded: set[str]) -> PerDevice:
+        """What naming ``ids`` as ``namespace/name`` moves into the namespace, per device,
+        besides the uploads (counted by their transaction): resident states from elsewhere
+        that ``session`` sees (its own), less the states of the object it replaces."""
+        ledger = self.store.ledger
+        out: PerDevice = {}
+        for state_id in ids:
+            entry = ledger.get(state_id)
+            if state_id not in uploaded and entry is not None and entry.namespace != namespace \
+                    and self.store.get(state_id, session) is not None:
+                out = add(out, entry.per_device)
+        old = self.db.get_object(namespace, name)
+        for state_id in old.state_ids if old is not None else ():
+            entry = ledger.get(state_id)
+            if state_id not in ids and entry is not None and entry.namespace == namespace:
+                out = add(out, entry.per_device, -1)
+        return out
+
     def _row(self, state: State, meta: Meta, namespace: str, obj: str, path: str) -> StateRow:
         file = state_file(namespace, state.id)
         return StateRow(state.id, namespace, obj, path, cloudpickle.dumps(type(state)),
@@ -179,14 +200,19 @@ def _class_name(blob: bytes) -> str:
 def put_object(call: Any, request: PutRequest, rt: Any) -> PutReply:
     """Stages the uploaded values of an object's states (one transaction), then names them."""
     where = "POST /v1/objects/put"
-    namespace, _ = split_name(request.name, where)
+    namespace, name = split_name(request.name, where)
     rt.registry.visible(call.session, namespace, "submit", where)
     if request.structure.buffers:
         raise ProtocolError(f"{where}: the structure section must be one pickle without "
                             "out-of-band buffers.")
+    # The put's bytes count against its namespace, checked before anything moves.
+    charge = Charge(namespace, rt.registry.moved_bytes(
+        call.session, namespace, name, list(request.paths), set(request.uploads)))
     if request.states is not None:
         push_states(call, PushRequest(session=request.session, uploads=request.uploads,
-                                      states=request.states), rt, where)
+                                      states=request.states), rt, where, charge=charge)
+    else:
+        rt.quotas.check_bytes({namespace: charge.extra}, where)
     result = rt.registry.put(call.session, request.name, request.object_kind,
                              bytes(request.structure.payload), dict(request.paths))
     return PutReply(state_versions=result["states"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from statehost.server.admission import Admission
 from statehost.server.auth import Principal, TokenTable
@@ -12,6 +13,7 @@ from statehost.server.errors import SessionNotFoundError
 from statehost.server.metrics import Metrics
 from statehost.server.named import Registry
 from statehost.server.persistence import Persistence
+from statehost.server.quotas import Quotas
 from statehost.server.scheduler import Scheduler
 from statehost.server.settings import Settings
 from statehost.server.store import Session, SessionTable, StateStore
@@ -44,6 +46,21 @@ class Runtime:
             max_unflushed_commits=self.settings.max_unflushed_commits)
         self.registry = Registry(self.store, self.persistence)
         self.tokens = TokenTable(self.persistence.db_path)
+        self.quotas = Quotas(self.settings, self.persistence, self.store, self.sessions,
+                             self.scheduler)
+
+    def open_session(self, principal: Principal, client: str = "",
+                     where: str = "POST /v1/sessions") -> Session:
+        """A new session of ``principal`` (429 past its namespace's ``max_sessions``)."""
+        with self.quotas.opening_session(principal, where):
+            return self.sessions.create(principal, client)
+
+    async def submit(self, call: Any, where: str) -> Any:
+        """``scheduler.submit(call)``, refused first (429) past its namespace's
+        ``max_queued``. Nothing is awaited between the check and the enqueue, so two
+        calls on the event loop cannot both pass it."""
+        self.quotas.check_queued(call, where)
+        return await self.scheduler.submit(call)
 
     def session(self, session_id: object, principal: Principal, where: str) -> Session:
         """``principal``'s open session ``session_id``, or a 404 that says how to get one.
@@ -83,6 +100,14 @@ class Runtime:
         m.resident_bytes.set(self.store.nbytes())
         for namespace in self.persistence.namespaces():
             m.namespace_bytes.labels(namespace).set(self.store.nbytes(namespace))
+        ledger = self.store.ledger
+        m.ledger_bytes.clear()  # a namespace or device that holds nothing leaves no sample
+        for namespace, usage in ledger.by_namespace().items():
+            for device, n in usage.by_device.items():
+                m.ledger_bytes.labels(namespace, device).set(n)
+        m.device_state_bytes.clear()
+        for device, n in ledger.total().by_device.items():
+            m.device_state_bytes.labels(device).set(n)
         m.queue_depth.set(self.scheduler.queued)
         m.session_calls.clear()  # sessions with nothing in flight leave no sample behind
         for session, counts in self.scheduler.by_session().items():

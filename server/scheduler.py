@@ -119,6 +119,10 @@ class Scheduler:
         """Calls holding their states and running now."""
         return self.calls.count(CallStatus.RUNNING)
 
+    def queued_calls(self) -> list[Call]:
+        """The calls waiting to start now (read-only: for quotas' ``max_queued``)."""
+        return [c for c in self.calls if c.status is CallStatus.QUEUED]
+
     def lock_count(self) -> int:
         """How many states running calls hold now."""
         with self._guard:

@@ -115,6 +115,9 @@ class Settings:
             fair scheduler a namespace starts up to this many calls before the next one.
         namespace_weights: ``(namespace, weight)`` pairs overriding the default
             (``STATEHOST_NAMESPACE_WEIGHTS=team-a=3,team-b=1``).
+        default_max_bytes, default_max_bytes_per_device, default_max_sessions,
+            default_max_queued: the quotas of a namespace that sets none of its own
+            (``statehost namespace set``; ``server/quotas.py``); None: no limit.
     """
 
     host: str = "127.0.0.1"
@@ -140,6 +143,10 @@ class Settings:
     device_memory: int | None = None
     namespace_weight: int = 1
     namespace_weights: tuple[tuple[str, int], ...] = ()
+    default_max_bytes: int | None = None
+    default_max_bytes_per_device: int | None = None
+    default_max_sessions: int | None = None
+    default_max_queued: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -201,6 +208,12 @@ class Settings:
                 what = "namespace_weight" if ns is None else f"namespace_weights[{ns!r}]"
                 raise ValueError(f"statehost settings: {what}={weight} must be an integer "
                                  ">= 1 (the calls a namespace starts per round).")
+        for name, least in (("default_max_bytes", 0), ("default_max_bytes_per_device", 0),
+                            ("default_max_sessions", 1), ("default_max_queued", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"statehost settings: {name}={value} must be >= {least} "
+                                 "(unset it for no limit).")
 
     def weight_of(self, namespace: str) -> int:
         """The fair scheduler's weight of ``namespace``'s queue."""
@@ -229,10 +242,13 @@ def _convert(name: str, raw: str) -> Any:
             if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
                 raise ValueError("expected true or false")
             return raw.lower() in {"1", "true", "yes"}
-        if name in {"max_body", "device_memory"}:
+        if name in {"max_body", "device_memory", "default_max_bytes",
+                    "default_max_bytes_per_device"}:
             return parse_size(raw)
         if name == "namespace_weights":
             return tuple(parse_weight(part.strip()) for part in raw.split(",") if part.strip())
+        if name in {"default_max_sessions", "default_max_queued"}:
+            return int(raw)
         if name in {"port", "cpu_devices", "workers", "function_cache_size",
                     "json_max_elements", "max_unflushed_commits", "session_workers",
                     "namespace_weight"}:

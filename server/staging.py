@@ -5,13 +5,16 @@ change states the same way, in this order (DESIGN "Commit is the last step"):
 
 1. **stage** the uploaded values (checked against the caller's view: a state it
    cannot see is a 404, never an overwrite; an upload based on an outdated
-   version is a 409 and nothing is staged);
+   version is a 409, and one past a namespace's byte quota a 429 (``quotas.py``):
+   nothing is staged);
 2. **run** the transform inside :meth:`Transaction.running`, which defers its state
    writes (``statehost.transform.defer_writes``) instead of installing them;
 3. the caller copies out the outputs and pulled states (:meth:`Transaction.current`
    reads the values the commit will install);
-4. :meth:`Transaction.commit`: for ``sync`` durability, write the new values to disk,
-   and only then install them and bump the versions.
+4. :meth:`Transaction.commit`: check the byte quotas against the exact sizes of the
+   values it installs (a call can grow a state; 429), for ``sync`` durability write the
+   new values to disk, and only then install them and bump the versions (the store
+   re-measures them in its byte ledger).
 
 Any failure before step 4 ends in :meth:`Transaction.rollback`: every state
 keeps the value, write count and version it had.
@@ -45,6 +48,8 @@ from statehost.transform import PendingWrites, defer_writes
 from statehost.wire import HandleRef, Section, StateRecord, StateRef, is_state_id
 
 if TYPE_CHECKING:
+    from statehost.server.ledger import PerDevice
+    from statehost.server.quotas import Charge
     from statehost.server.runtime import Runtime
     from statehost.server.store import Session
 
@@ -95,8 +100,10 @@ class Commit:
 class Transaction:
     """One all-or-nothing change of the states ``session`` can see; see the module doc."""
 
-    def __init__(self, rt: Runtime, session: Session, where: str):
+    def __init__(self, rt: Runtime, session: Session, where: str, *,
+                 charge: Charge | None = None):
         self.rt = rt
+        self.charge = charge  # where its new states count for quotas (a put's namespace)
         self.store = rt.store
         self.session = session
         self.where = where
@@ -171,6 +178,7 @@ class Transaction:
                 f"the upload is based on version {c['base_version']}" for c in conflicts)
             raise StateConflictError(_MSG_CONFLICT.format(where=self.where, lines=lines),
                                      conflicts=conflicts)
+        self._check_quota(records)
         for record in records:
             value = self._place(record)
             state = self.lookup(record.id)
@@ -181,6 +189,26 @@ class Transaction:
                 state.revert(StateSnapshot(value, state.write_count))
             self.uploaded.append(record.id)
         return [r.id for r in records]
+
+    def _check_quota(self, records: list[StateRecord]) -> None:
+        """A 429 before anything is placed if the uploads (on the default device, where
+        ``_place`` puts them) would take a namespace past a byte quota."""
+        from statehost.server.quotas import host_bytes
+
+        device = jax.devices()[0]
+        key = f"{device.platform}:{device.id}"
+        items = [(r.id, {key: host_bytes(r.value)}) for r in records]
+        quotas = self.rt.quotas
+        quotas.check_bytes(quotas.deltas(items, self.session, self.charge), self.where,
+                           "the uploads need")
+
+    def _commit_deltas(self) -> dict[str, PerDevice]:
+        """What this commit changes in the ledger, per namespace, from the exact values."""
+        measure = self.store.ledger.measure_value
+        touched = {*self.uploaded, *(s.id for s in self.pending.values)}
+        items = [(i, measure(self.current(s))) for i in touched
+                 if (s := self.lookup(i)) is not None]
+        return self.rt.quotas.deltas(items, self.session, self.charge)
 
     def _place(self, record: StateRecord) -> Any:
         try:
@@ -217,16 +245,19 @@ class Transaction:
         store, uploaded = self.store, self.uploaded
         written = [s.id for s in self.pending.values]
         existing = [i for i in uploaded if i not in self.new]
-        self._write_durable(existing, written)
-        writer = self.session.writer
-        for state in self.new.values():
-            store.add(state, self.session)
-        self.pending.commit()
-        uploaded_versions: dict[str, int] = {}
-        if uploaded:  # an upload is a commit (version + 1), and so is the run's write after it
-            store.bump(existing, writer)
-            uploaded_versions = {i: store.meta(i).version for i in uploaded}
-        store.bump(written, writer)
+        # Quotas by the exact sizes (a call can grow a state), checked before the disk
+        # write and held until the values are installed.
+        with self.rt.quotas.admitting(self._commit_deltas, self.where):
+            self._write_durable(existing, written)
+            writer = self.session.writer
+            for state in self.new.values():
+                store.add(state, self.session)
+            self.pending.commit()
+            uploaded_versions: dict[str, int] = {}
+            if uploaded:  # an upload is a commit (version + 1), the run's write after it too
+                store.bump(existing, writer)
+                uploaded_versions = {i: store.meta(i).version for i in uploaded}
+            store.bump(written, writer)
         versions = {i: store.meta(i).version for i in (*uploaded, *written, *self.loaded)}
         self.new, self.old = {}, {}
         return Commit(written, list(uploaded), versions, uploaded_versions)

@@ -24,6 +24,7 @@ import jax
 from statehost import State
 from statehost.server.auth import Principal
 from statehost.server.errors import ArrayNotFoundError
+from statehost.server.ledger import Ledger, charged_namespace
 
 __all__ = ["Meta", "Session", "SessionTable", "StateStore", "state_nbytes"]
 
@@ -148,9 +149,11 @@ _MAX_RETIRED = 100_000
 
 
 class StateStore:
-    """id -> resident ``State`` and its :class:`Meta`."""
+    """id -> resident ``State`` and its :class:`Meta`, and the byte ``ledger`` of them all
+    (kept here, by the methods that add, commit, name and drop states: one place)."""
 
     def __init__(self) -> None:
+        self.ledger = Ledger()
         self._states: dict[str, State] = {}
         self._meta: dict[str, Meta] = {}
         self._retired: OrderedDict[str, _RetiredOwner] = OrderedDict()
@@ -204,11 +207,14 @@ class StateStore:
             self._meta[state.id] = Meta(session.id, version=1, writer=session.writer,
                                         updated=time.time())
             session.states.add(state.id)
+            self.ledger.record(state.id, charged_namespace(session.principal), session.id,
+                               state._value)
 
     def add_named(self, state: State, meta: Meta) -> None:
         with self._lock:
             self._states[state.id] = state
             self._meta[state.id] = meta
+            self.ledger.record(state.id, meta.namespace or "", None, state._value)
 
     def name(self, state_id: str, namespace: str, name: str, session: Session) -> Meta:
         """Moves a state into ``namespace`` under ``name`` (it outlives the session)."""
@@ -216,10 +222,12 @@ class StateStore:
             meta = self._meta[state_id]
             meta.owner, meta.namespace, meta.name = "", namespace, name
             session.states.discard(state_id)
+            self.ledger.move(state_id, namespace)
             return meta
 
     def bump(self, ids: list[str], writer: str) -> dict[str, int]:
-        """Records a commit of each state in ``ids``; returns their new versions."""
+        """Records a commit of each state in ``ids`` (its new value installed): returns their
+        new versions, and re-measures them in the ledger (a commit can resize a state)."""
         now = time.time()
         out = {}
         with self._lock:
@@ -229,6 +237,7 @@ class StateStore:
                     meta.version += 1
                     meta.writer, meta.updated = writer, now
                     out[state_id] = meta.version
+            self.ledger.measure((i, self._states[i]._value) for i in out)
         return out
 
     def remove(self, ids: list[str]) -> None:
@@ -239,6 +248,7 @@ class StateStore:
                 meta = self._meta.pop(state_id, None)
                 if meta is not None and meta.namespace is not None:
                     self._retire(state_id, meta.namespace)
+            self.ledger.drop(ids)
 
     def free(self, session: Session) -> list[str]:
         """Drops every anonymous state ``session`` owns; returns their ids."""
@@ -248,6 +258,7 @@ class StateStore:
                 self._states.pop(i, None)
                 self._meta.pop(i, None)
                 self._retire(i, session.principal)
+            self.ledger.drop(ids)
             session.states.clear()
         return ids
 

@@ -287,7 +287,7 @@ class Channel:
         m = self.rt.metrics
         start = time.perf_counter()
         try:
-            result = await self.rt.scheduler.submit(work)
+            result = await self.rt.submit(work, WHERE)
         except CallCancelled:
             m.calls.labels("cancelled").inc()
             data = self._error(call_id, CallCancelledError(

@@ -15,16 +15,18 @@ from statehost.wire import PullReply, PullRequest, PushReply, PushRequest, pack
 
 if TYPE_CHECKING:
     from statehost.server.calls import Call
+    from statehost.server.quotas import Charge
     from statehost.server.runtime import Runtime
 
 __all__ = ["pull_states", "push_states"]
 
 
 def push_states(call: Call, request: PushRequest, rt: Runtime,
-                where: str = "POST /v1/states/push") -> PushReply:
-    """Stores uploaded values: all of them, or none."""
+                where: str = "POST /v1/states/push", *, charge: Charge | None = None
+                ) -> PushReply:
+    """Stores uploaded values: all of them, or none (``charge``: see ``quotas.Charge``)."""
     assert call.session is not None
-    tx = Transaction(rt, call.session, where)
+    tx = Transaction(rt, call.session, where, charge=charge)
     try:
         ids = tx.stage(request.states, request.uploads)
         done = tx.commit()

@@ -52,6 +52,8 @@ _COMMANDS: dict[str, _Owner] = {
     "checkpoint": _Owner(_CLIENT, "client", "write named states to the server's disk now"),
     "jobs": _Owner(_CLIENT, "client", "list this token's jobs (server-side loops) and their "
                                       "progress"),
+    "namespace": _Owner(_CLIENT, "client", "set or show a namespace's quotas on a running "
+                                           "server"),
 }
 
 _DESCRIPTION = (

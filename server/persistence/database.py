@@ -27,8 +27,8 @@ from statehost.server.persistence.permissions import (
     tighten,
 )
 
-__all__ = ["SCOPES", "DamagedDatabaseError", "Database", "FunctionRow", "ObjectRow", "StateRow",
-           "TokenRow", "hash_token"]
+__all__ = ["QUOTA_FIELDS", "SCOPES", "DamagedDatabaseError", "Database", "FunctionRow",
+           "ObjectRow", "StateRow", "TokenRow", "hash_token"]
 
 # Each scope includes the ones before it.
 SCOPES = ("read", "invoke", "submit", "admin")
@@ -54,6 +54,13 @@ CREATE TABLE IF NOT EXISTS functions (
     state_ids TEXT NOT NULL, signature TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (namespace, name));
 """
+
+#: A namespace's quotas: columns of ``namespaces`` (NULL: the server's default applies).
+QUOTA_FIELDS = ("max_bytes", "max_bytes_per_device", "max_sessions", "max_queued")
+
+# Columns added after the first release, with their type: a database made before them
+# gets them at open (``ALTER TABLE ... ADD COLUMN``), so an old statehost.db still opens.
+_ADDED_COLUMNS = {"namespaces": [(name, "INTEGER") for name in QUOTA_FIELDS]}
 
 
 _MSG_DAMAGED = (
@@ -160,6 +167,7 @@ class Database:
                 raise DamagedDatabaseError(path, "its integrity check failed ("
                                            + "; ".join(problems) + ")")
             self._conn.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed", ...
             self._conn.close()
             raise DamagedDatabaseError(path, f"SQLite cannot read it ({exc})") from exc
@@ -171,6 +179,14 @@ class Database:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    def _migrate(self) -> None:
+        """Adds the columns an older database lacks (see ``_ADDED_COLUMNS``)."""
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in have:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -191,18 +207,37 @@ class Database:
     def ensure_namespace(self, name: str, durability: str) -> str:
         """Creates the namespace if needed; returns its durability."""
         with self._tx() as c:
-            c.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?)",
+            c.execute("INSERT OR IGNORE INTO namespaces (name, durability, created) "
+                      "VALUES (?, ?, ?)",
                       (name, durability, time.time()))
             return c.execute("SELECT durability FROM namespaces WHERE name = ?",
                              (name,)).fetchone()[0]
 
     def set_durability(self, name: str, durability: str) -> None:
         with self._tx() as c:
-            c.execute("INSERT INTO namespaces VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
+            c.execute("INSERT INTO namespaces (name, durability, created) VALUES (?, ?, ?) "
+                      "ON CONFLICT(name) DO UPDATE "
                       "SET durability = excluded.durability", (name, durability, time.time()))
 
     def namespaces(self) -> dict[str, str]:
         return dict(self._all("SELECT name, durability FROM namespaces ORDER BY name"))
+
+    def quotas(self) -> dict[str, dict[str, int | None]]:
+        """Every namespace's own quotas (``QUOTA_FIELDS``; None: not set)."""
+        rows = self._all(f"SELECT name, {', '.join(QUOTA_FIELDS)} FROM namespaces")
+        return {r[0]: dict(zip(QUOTA_FIELDS, r[1:], strict=True)) for r in rows}
+
+    def set_quotas(self, name: str, durability: str, quotas: dict[str, int | None]) -> None:
+        """Sets these quotas of ``name`` (None clears one), creating the namespace with
+        ``durability`` if it does not exist."""
+        assert set(quotas) <= set(QUOTA_FIELDS), quotas
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO namespaces (name, durability, created) "
+                      "VALUES (?, ?, ?)", (name, durability, time.time()))
+            if quotas:
+                sets = ", ".join(f"{k} = ?" for k in quotas)
+                c.execute(f"UPDATE namespaces SET {sets} WHERE name = ?",
+                          (*quotas.values(), name))
 
     # -- tokens --------------------------------------------------------------------
     def create_token(self, namespace: str, scope: str, label: str = "") -> str:

@@ -116,6 +116,8 @@ class Persistence:
         # Every namespace and its durability: asked on every commit and by the gauges, so
         # kept in memory (only this server writes the namespaces table).
         self._durability: dict[str, Durability] = {}
+        self._quotas: dict[str, dict[str, int | None]] = {}  # the same, for quotas
+        self.quotas_changed = 0  # counts set_quotas calls, for caches of what they decide
         self._db: Database | None = None
         self._reindex: set[str] = set()  # files whose index (object, structure) is stale
         self._reindex_lock = threading.Lock()
@@ -147,6 +149,8 @@ class Persistence:
                         self.db_path, f"it lists no named state, yet {files} state file(s) "
                         "are on disk (was it truncated, deleted or replaced?)")
             self._durability = {ns: Durability(d) for ns, d in db.namespaces().items()}
+            self._quotas = db.quotas()
+            self.quotas_changed += 1
         except BaseException:
             db.close()
             raise
@@ -173,6 +177,19 @@ class Persistence:
         durability = Durability(durability)
         self.db.set_durability(namespace, durability)
         self._durability[namespace] = durability
+
+    # -- quotas (their meaning and enforcement: server/quotas.py) -------------------------
+    def quotas(self, namespace: str) -> dict[str, int | None]:
+        """The namespace's own quotas (None: not set; the server default applies); never
+        touches SQLite."""
+        return dict(self._quotas.get(namespace, {}))
+
+    def set_quotas(self, namespace: str, quotas: dict[str, int | None]) -> None:
+        """Sets (None: clears) these quotas, creating the namespace if new."""
+        durability = self.durability(namespace)
+        self.db.set_quotas(namespace, durability, quotas)
+        self._quotas[namespace] = {**self._quotas.get(namespace, {}), **quotas}
+        self.quotas_changed += 1
 
     # -- writing --------------------------------------------------------------------
     def write(self, records: list[StateRecord]) -> int:

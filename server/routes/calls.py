@@ -14,6 +14,7 @@ from statehost.server.errors import (
     PayloadError,
     PayloadTooLargeError,
     ProtocolError,
+    QuotaExceededError,
     RemoteExecutionError,
     SessionNotFoundError,
     StateConflictError,
@@ -45,7 +46,7 @@ _OUTCOMES = {
              **frames(
     CallRequest, CallReply, SessionNotFoundError, StateNotFoundError, ProtocolError, PayloadError,
     FunctionNotCachedError, StateConflictError, RemoteExecutionError, ValidationError,
-    PayloadTooLargeError, StorageError))
+    PayloadTooLargeError, StorageError, QuotaExceededError))
 async def call(request: Request, frame: FrameBody) -> Response:
     rt = request.app.state.runtime  # not a dependency: see deps.py on the per-call path
     start = time.perf_counter()
@@ -58,7 +59,7 @@ async def call(request: Request, frame: FrameBody) -> Response:
     work = Call("call", session, keys, lambda c: run_call(c, message, rt),
                 timeout=message.timeout, **({"id": message.call_id} if message.call_id else {}))
     try:
-        result = await rt.scheduler.submit(work)
+        result = await rt.submit(work, "POST /v1/call")
     except ApiError as exc:
         m.calls.labels(_OUTCOMES.get(exc.type, "bad_request")).inc()
         raise

@@ -8,7 +8,13 @@ from typing import Any
 import jax
 from fastapi import APIRouter, Depends, Request
 
-from statehost.server.deps import RuntimeDep, SettingsDep, VersionsDep, require_token
+from statehost.server.deps import (
+    PrincipalDep,
+    RuntimeDep,
+    SettingsDep,
+    VersionsDep,
+    require_token,
+)
 
 router = APIRouter(prefix="/v1", tags=["info"], dependencies=[Depends(require_token)])
 
@@ -26,9 +32,12 @@ def _memory(device: Any) -> int | None:
 
 @router.get("/info", summary="Versions, devices and limits (the client checks them at "
             "connect), and the calls queued, running and stuck")
-def info(request: Request, settings: SettingsDep, versions: VersionsDep, rt: RuntimeDep
-         ) -> dict[str, Any]:
-    """``calls.stuck`` lists the calls running longer than ``stuck_after`` seconds or past
+def info(request: Request, settings: SettingsDep, versions: VersionsDep, rt: RuntimeDep,
+         principal: PrincipalDep) -> dict[str, Any]:
+    """``ledger`` is the byte ledger: what resident states hold on each device, per
+    namespace this token can read (named states and its sessions' anonymous ones) and per
+    session of this token (an operator token: every session, by the first 8 characters of
+    its id). ``calls.stuck`` lists the calls running longer than ``stuck_after`` seconds or past
     their deadline, oldest first, with their session's first 8 characters. A running
     device program cannot be interrupted (openxla/xla#16801): a stuck call that was
     cancelled, or is past its deadline, shows ``cancel_requested`` until it returns."""
@@ -45,7 +54,8 @@ def info(request: Request, settings: SettingsDep, versions: VersionsDep, rt: Run
                    "workers": settings.workers, "session_workers": settings.session_workers,
                    "call_timeout": settings.call_timeout, "stuck_after": settings.stuck_after,
                    "namespace_weight": settings.namespace_weight,
-                   "namespace_weights": dict(settings.namespace_weights)},
+                   "namespace_weights": dict(settings.namespace_weights),
+                   "quota_defaults": rt.quotas.defaults.describe()},
         "calls": {"queued": scheduler.queued, "running": scheduler.running, "stuck": stuck},
         # A client on this host given a loopback URL switches to it (server/unix_socket.py).
         "unix_socket": getattr(request.app.state, "unix_socket", None),
@@ -57,4 +67,18 @@ def info(request: Request, settings: SettingsDep, versions: VersionsDep, rt: Run
                       "device_memory": settings.device_memory,
                       "reserved": {str(dev): n for dev, n in sorted(
                           rt.admission.reserved().items())}},
+        "ledger": _ledger(rt, principal),
+    }
+
+
+def _ledger(rt: Any, principal: Any) -> dict[str, Any]:
+    ledger = rt.store.ledger
+    mine = {s.id: s for s in rt.sessions.all()
+            if principal.namespace is None or s.principal == principal}
+    return {
+        "devices": dict(sorted(ledger.total().by_device.items())),
+        "namespaces": {ns: usage.describe() for ns, usage in sorted(ledger.by_namespace().items())
+                       if principal.can(ns, "read")},
+        "sessions": {sid[:8]: usage.describe() for sid, usage in ledger.by_session().items()
+                     if sid in mine},
     }

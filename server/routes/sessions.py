@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field, field_validator
 
 from statehost.server.deps import PrincipalDep, RuntimeDep, require_token
-from statehost.server.errors import SessionNotFoundError
+from statehost.server.errors import QuotaExceededError, SessionNotFoundError
 from statehost.server.openapi import errors
 
 __all__ = ["ClientInfo", "SessionBody", "router"]
@@ -39,12 +39,12 @@ class SessionBody(BaseModel):
 
 
 @router.post("", status_code=201, summary="Open a session (statehost's client sends its "
-             "host and process, recorded as the writer of its commits)")
+             "host and process, recorded as the writer of its commits)",
+             responses=errors(QuotaExceededError))
 def open_session(rt: RuntimeDep, principal: PrincipalDep,
                  body: SessionBody | None = None) -> dict[str, object]:
     client = body.client if body is not None else None
-    session = rt.sessions.create(principal,
-                                 f"{client.host}, pid {client.pid}" if client else "")
+    session = rt.open_session(principal, f"{client.host}, pid {client.pid}" if client else "")
     rt.refresh_gauges()
     return {"id": session.id, "ttl": rt.settings.session_ttl}
 

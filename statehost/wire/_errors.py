@@ -52,4 +52,5 @@ ERROR_KINDS: dict[str, ErrorKind] = {kind.name: kind for kind in (
               "the job was cancelled or timed out; its states are at its last completed step"),
     ErrorKind("DeviceMemoryError", 507,
               "the call does not fit in the devices' free memory; it was not run"),
+    ErrorKind("QuotaExceededError", 429, "a namespace quota would be exceeded; nothing applied"),
 )}

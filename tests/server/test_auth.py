@@ -60,7 +60,9 @@ def test_health_and_auth_answer_while_another_process_locks_the_database(tmp_pat
         still_locked = locker.is_alive() and time.monotonic() - started < LOCKED_FOR - 0.3
         locker.join()
         writer.join()
-    assert max(max(t) for t in timings.values()) < 0.05, timings
+    # Far less than the lock is held: none of them waited for it (a bound loose enough for
+    # a loaded 2-core machine; what it tells apart is 0.01 s from the LOCKED_FOR seconds).
+    assert max(max(t) for t in timings.values()) < LOCKED_FOR / 4, timings
     assert still_locked, "the measurements must run while the database is locked"
 
 
