@@ -2,8 +2,9 @@
 
 ``snapshot`` gathers, from what the server already holds (nothing here asks a device to
 do work or reads a file): the devices with the memory they use, a short memory history;
-the bytes resident per namespace; the sessions; the calls running and queued per
-namespace; the recent calls; the jobs with their progress; the compile-cache figures.
+the bytes resident per namespace (the byte ledger) and its quota; the sessions; the calls
+running and queued per namespace; the recent calls; the jobs with their progress; the
+compile-cache figures.
 A caller sees the namespaces its token may read: the operator sees everything, a
 namespace token its own namespace (devices are shown to every caller, without what other
 namespaces keep on them).
@@ -106,21 +107,14 @@ def _device_memory(device: Any) -> tuple[int | None, int | None]:
     return stats.get("bytes_in_use"), stats.get("bytes_limit")
 
 
-def _resident(rt: Runtime) -> tuple[dict[str, int], dict[str, int]]:
-    """Bytes the store keeps (per device id, per namespace; anonymous states under "")."""
-    per_device: dict[str, int] = {}
-    per_namespace: dict[str, int] = {}
-    for state, meta in rt.store.states_with_meta():
-        for leaf in jax.tree_util.tree_leaves(state._value):
-            shards = getattr(leaf, "addressable_shards", None)
-            if shards is None:
-                continue
-            for shard in shards:
-                key = str(shard.device.id)
-                per_device[key] = per_device.get(key, 0) + shard.data.nbytes
-            namespace = meta.namespace or ""
-            per_namespace[namespace] = per_namespace.get(namespace, 0) + leaf.nbytes
-    return per_device, per_namespace
+def _compiles(rt: Runtime) -> dict[str, int]:
+    """Programs built since start, by where they came from (fresh, shared, persistent)."""
+    found = {}
+    for metric in rt.metrics.compiles.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                found[sample.labels.get("source", "")] = int(sample.value)
+    return found
 
 
 def snapshot(rt: Runtime, jobs: JobTable, history: CallHistory, memory: MemoryHistory,
@@ -132,20 +126,32 @@ def snapshot(rt: Runtime, jobs: JobTable, history: CallHistory, memory: MemoryHi
             return principal.namespace is None
         return principal.can(namespace, "read")
 
-    per_device, per_namespace = _resident(rt)
+    ledger = rt.store.ledger  # exact resident bytes (server/ledger.py)
+    per_device = ledger.total().by_device
+    usage = ledger.by_namespace()
     devices, used = [], {}
     for d in jax.devices():
         in_use, limit = _device_memory(d)
-        resident = per_device.get(str(d.id), 0)
+        resident = per_device.get(f"{d.platform}:{d.id}", 0)
         used[str(d.id)] = in_use if in_use is not None else resident
         devices.append({"id": d.id, "platform": d.platform, "kind": d.device_kind,
                         "bytes_in_use": in_use, "bytes_limit": limit,
                         "resident_bytes": resident if principal.namespace is None else None})
     memory.sample(used)
 
-    namespaces = [{"name": name, "durability": str(durability),
-                   "resident_bytes": per_namespace.get(name, 0)}
-                  for name, durability in rt.registry.db.namespaces().items() if visible(name)]
+    durabilities = rt.registry.db.namespaces()
+    namespaces = []
+    for name in sorted(set(durabilities) | set(usage)):
+        if not visible(name):  # the operator's sessions are charged to "default"
+            continue
+        held = usage.get(name)
+        quota = rt.quotas.of(name)
+        namespaces.append({
+            "name": name, "durability": str(durabilities.get(name, rt.settings.durability)),
+            "resident_bytes": 0 if held is None else held.bytes,
+            "named_bytes": 0 if held is None else held.named_bytes,
+            "session_bytes": 0 if held is None else held.session_bytes,
+            "max_bytes": quota.max_bytes, "max_bytes_per_device": quota.max_bytes_per_device})
     sessions = [s for s in rt.sessions.all() if visible(s.principal.namespace)]
     now = time.monotonic()
     calls = [c for c in rt.scheduler.calls if visible(
@@ -167,7 +173,8 @@ def snapshot(rt: Runtime, jobs: JobTable, history: CallHistory, memory: MemoryHi
         "devices": devices,
         "memory_history": memory.series(),
         "namespaces": namespaces,
-        "anonymous_bytes": per_namespace.get("", 0) if principal.namespace is None else None,
+        "anonymous_bytes": ledger.total().session_bytes if principal.namespace is None
+        else None,
         "sessions": {
             "count": len(sessions),
             "shown": [{"id": s.id[:8], "namespace": s.principal.namespace,
@@ -183,5 +190,6 @@ def snapshot(rt: Runtime, jobs: JobTable, history: CallHistory, memory: MemoryHi
                   "progress": j.progress(), "cancel_requested": j.cancel_requested}
                  for j in job_list[-MAX_SESSIONS:]],
         "compile_cache": {"functions": len(rt.functions),
-                          "capacity": rt.functions.max_entries},
+                          "capacity": rt.functions.max_entries,
+                          "programs": _compiles(rt)},
     }

@@ -76,7 +76,11 @@ function render(s) {
   });
   chart(s.memory_history);
   fill("namespaces", s.namespaces, (row, n) => {
+    row.dataset.namespace = n.name;
     cell(row, n.name); cell(row, n.durability); cell(row, bytes(n.resident_bytes), "num");
+    cell(row, bytes(n.named_bytes), "num"); cell(row, bytes(n.session_bytes), "num");
+    cell(row, n.max_bytes === null ? "no limit" : bytes(n.max_bytes), "num");
+    if (n.max_bytes) bar(row, n.resident_bytes / n.max_bytes); else cell(row, "");
   });
   document.getElementById("anonymous").textContent = s.anonymous_bytes === null ? "" :
     "Sessions' own (anonymous) states: " + bytes(s.anonymous_bytes);
@@ -106,8 +110,11 @@ function render(s) {
     cell(row, x.id); cell(row, x.namespace === null ? "(operator)" : x.namespace);
     cell(row, x.client); cell(row, x.states, "num"); cell(row, seconds(x.idle_s), "num");
   });
+  const programs = Object.entries(s.compile_cache.programs || {})
+    .map(([source, n]) => n + " " + source).join(", ");
   document.getElementById("compile-cache").textContent =
-    "Compiled callables cached: " + s.compile_cache.functions + " of " + s.compile_cache.capacity;
+    "Callables cached: " + s.compile_cache.functions + " of " + s.compile_cache.capacity +
+    (programs ? "; programs built: " + programs : "");
   const status = document.getElementById("status");
   status.textContent = "updated " + new Date(s.time * 1000).toLocaleTimeString();
   status.className = "status";

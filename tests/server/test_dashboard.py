@@ -99,6 +99,9 @@ def test_the_snapshot_shows_devices_states_calls_and_sessions(client, http):
     assert all(c["bytes_out"] > 0 and c["running_s"] is not None for c in calls[:2])
     assert snap["calls_finished"] >= 2
     assert snap["compile_cache"]["functions"] == 1
+    assert snap["compile_cache"]["programs"]["fresh"] == 1
+    (own,) = [n for n in snap["namespaces"] if n["name"] == "default"]  # the operator's
+    assert own["session_bytes"] == 4096 + 8 and own["max_bytes"] is None
     assert snap["viewer"] == {"namespace": None, "scope": "admin", "label": "server token"}
 
 
@@ -113,6 +116,10 @@ def test_a_namespace_token_sees_its_namespace_only(client, http, app, tmp_path):
     snap = http.get("/v1/dashboard", headers=_bearer(reader)).json()
     assert [n["name"] for n in snap["namespaces"]] == ["team"]
     assert snap["namespaces"][0]["resident_bytes"] == 1024
+    assert snap["namespaces"][0]["named_bytes"] == 1024
+    http.put("/v1/namespaces/team", json={"max_bytes": "1MiB"}, headers=_bearer(TOKEN))
+    snap = http.get("/v1/dashboard", headers=_bearer(reader)).json()
+    assert snap["namespaces"][0]["max_bytes"] == 2**20
     assert snap["anonymous_bytes"] is None
     assert all(d["resident_bytes"] is None for d in snap["devices"])
     assert snap["sessions"]["count"] == 0 and snap["recent_calls"] == []
