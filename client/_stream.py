@@ -27,7 +27,7 @@ from typing import Any
 
 from statehost._errors import WireError
 from statehost.client._errors import TransportError
-from statehost.wire import Frame, decode
+from statehost.wire import Frame, decode_all
 
 __all__ = ["Pending", "Stream", "WebSocketConnection"]
 
@@ -180,22 +180,29 @@ class Stream:
                     return
                 continue
             try:
-                frame = decode(data)
+                frames = decode_all(data)  # the server joins replies that are ready together
             except WireError as exc:
                 self._fail_all(f"{self._where}: the server sent a message that is not a frame "
                                f"({exc}); the outcome of the requests in flight is unknown.")
                 return
-            call_id = frame.header.get("call_id")
-            with self._room:
-                pending = self._pending.pop(call_id, None) if isinstance(call_id, str) else None
-                self._room.notify_all()
-            if pending is not None:
-                pending._finish(frame, None)
-            elif frame.header.get("kind") == "error":  # a failure of no request: fatal
-                error = frame.header.get("error") or {}
-                self._fail_all(f"{self._where}: the server refused the stream: "
-                               f"{error.get('message', error)}")
-                return
+            for frame in frames:
+                if not self._take(frame):
+                    return
+
+    def _take(self, frame: Frame) -> bool:
+        """Hands a reply to its ``Pending``; False when it ends the stream."""
+        call_id = frame.header.get("call_id")
+        with self._room:
+            pending = self._pending.pop(call_id, None) if isinstance(call_id, str) else None
+            self._room.notify_all()
+        if pending is not None:
+            pending._finish(frame, None)
+        elif frame.header.get("kind") == "error":  # a failure of no request: fatal
+            error = frame.header.get("error") or {}
+            self._fail_all(f"{self._where}: the server refused the stream: "
+                           f"{error.get('message', error)}")
+            return False
+        return True
 
     def _reconnect(self) -> bool:
         """Opens the connection again and re-sends what waits for replies; False if not."""
