@@ -24,6 +24,7 @@ from statehost.wire import (
     ErrorReply,
     FreeRequest,
     decode,
+    decode_all,
     pack,
 )
 from tests.core.models import PARAM, Affine
@@ -373,3 +374,48 @@ def test_a_call_past_its_timeout_before_it_starts_is_dropped(transport):
 def test_a_bad_timeout_is_refused_when_the_transform_is_built(async_client):
     with pytest.raises(ValueError, match="timeout=-1 must be a number of seconds > 0"):
         async_client.jit(lambda: 1, timeout=-1)
+
+
+def _received(transport, conn) -> None:
+    """Returns once the app has taken every message ``conn`` sent off its socket (the
+    in-process socket's inbox is empty and the route has run for the last one)."""
+    import asyncio
+
+    async def drained() -> None:
+        while not conn._in.empty():
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    transport._portal.call(drained)
+
+
+def test_replies_ready_together_share_a_message_and_all_arrive(transport):
+    count, bump = _counter()
+    held = _held(bump)
+    with statehost.connect(URL, token=TOKEN, transport=transport) as client:
+        step = client.jit(held)
+        GATE.set()
+        step()  # blocking: the signature is known from here on
+        step()
+        client.sync()
+        conn = client._dispatcher._stream._conn
+        frames_per_message: list[int] = []
+        recv = conn.recv
+
+        def counting(timeout=None):
+            data = recv(timeout)
+            if data is not None:
+                frames_per_message.append(len(decode_all(data)))
+            return data
+
+        conn.recv = counting  # the reader's next recv and on
+        GATE.clear()
+        outs = [step() for _ in range(40)]  # the first holds the worker; 39 queue behind
+        _received(transport, client._dispatcher._stream._conn)
+        GATE.set()
+        client.sync()
+        assert [int(o) for o in outs] == list(range(3, 43))  # every reply, in order
+        assert int(count.value) == 42
+    # The 39 calls queued behind the held one ran back to back on one worker; their
+    # replies left in fewer messages than there were replies.
+    assert sum(frames_per_message) >= 39 and max(frames_per_message) > 1, frames_per_message
