@@ -73,6 +73,7 @@ from statehost.wire import (
     FreeRequest,
     Message,
     PullRequest,
+    decode_all,
     pack,
 )
 
@@ -115,6 +116,10 @@ _MSG_TIMEOUT = (
     "this client's earlier calls, so it was never started: nothing was applied. Fix: give it "
     "a longer timeout= (client.jit(f, timeout=...)), or issue fewer calls ahead of it."
 )
+_MSG_UNJUDGED = (
+    f"{WHERE}: a message of several frames whose versions this channel has not accepted; "
+    "send a frame alone first."
+)
 _MSG_CANCELLED = (
     "{where}: call {call_id} was cancelled before it started (its client asked: Ctrl-C, or "
     "cancel()). Nothing was applied."
@@ -146,6 +151,7 @@ class Channel:
         self._queue: collections.deque[tuple[Frame, float] | None] = collections.deque()
         self._ready = asyncio.Event()  # the queue got an item
         self._failed: str | None = None  # the call id the client has not resumed after
+        self._judged: object = None  # the client's versions, once a frame passed with them
         self._cancelled: set[str] = set()
         self._current: Call | None = None
         self._closed = False
@@ -161,21 +167,41 @@ class Channel:
 
     # -- reading -----------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
-        """Takes one frame off the socket: a cancel acts now, anything else waits its turn.
+        """Takes one message off the socket (one frame, or several end to end: a client
+        sends requests that are ready together in one): a cancel acts now, anything else
+        waits its turn.
 
-        Raises :class:`ChannelClosed` for a frame that cannot be read.
+        Raises :class:`ChannelClosed` for a message that cannot be read.
         """
         try:
-            frame = checked_frame(data, self.versions, WHERE)
-        except ApiError as exc:
-            raise ChannelClosed(1007, exc.message[:120]) from exc
+            frames = decode_all(data)
+        except WireError as exc:
+            raise ChannelClosed(1007, f"{WHERE}: {exc}"[:120]) from exc
+        for frame in frames:
+            if frame.header.get("versions") != self._judged:
+                self._judge(data, frame, len(frames))
         self._bytes_in.inc(len(data))
         limit = self.rt.settings.max_body
-        if len(data) > limit:
+        for frame in frames:
+            self._take(frame, len(data), limit)
+
+    def _judge(self, data: bytes, frame: Frame, count: int) -> None:
+        """The versions rule (``deps.checked_frame``), judged once per channel: later frames
+        that carry the same versions pass at once."""
+        if count > 1:
+            raise ChannelClosed(1007, _MSG_UNJUDGED)
+        try:
+            checked_frame(data, self.versions, WHERE)
+        except ApiError as exc:
+            raise ChannelClosed(1007, exc.message[:120]) from exc
+        self._judged = frame.header.get("versions")
+
+    def _take(self, frame: Frame, size: int, limit: int) -> None:
+        if size > limit:
             if frame.header.get("kind") == CallRequest.kind:
                 self._failed = self._failed or str(frame.header.get("call_id"))
             self._answer_later(frame, PayloadTooLargeError(
-                f"{WHERE}: a message of {len(data)} bytes is over this server's limit of "
+                f"{WHERE}: a message of {size} bytes is over this server's limit of "
                 f"{limit} bytes (max_body); it was not run. Fix: send less per call, or start "
                 "the server with a larger --max-body.", limit=limit))
             return
