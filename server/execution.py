@@ -200,8 +200,8 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
         if request.returns == "values":
             out, values = to_host((out, pulled), _WHERE)
             results = pack(out, refs=False, code=False)
-        else:
-            values, results = to_host(pulled, _WHERE), None
+        else:  # an asynchronous call that pulls nothing copies nothing
+            values, results = (to_host(pulled, _WHERE) if pulled else []), None
         states = pack(values, refs=False, code=False) if request.pull else None
         done = tx.commit()
     except BaseException:
