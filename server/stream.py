@@ -103,7 +103,7 @@ _HOLD_REPLIES = 16
 _HOLD_SECONDS = 0.002
 # After a call this long, the run ends: the hop to the loop is small beside it, and the
 # loop reads the frames that came meanwhile (a cancel of the next calls) before they run.
-_LONG_CALL = 0.005
+_LONG_CALL = 0.02
 
 _MSG_NOT_RUN = (
     "{where}: call {call_id} was not run, because call {failed} of this client failed before "
