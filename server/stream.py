@@ -267,7 +267,7 @@ class Channel:
         message = self._decode(cls, frame)
         if message is None:
             return
-        try:
+        try:  # a call's timeout counts from its arrival: only _call takes it
             reply = await (self._call(message, arrived) if cls is CallRequest
                            else method(self, message))
         except ApiError as exc:
