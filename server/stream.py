@@ -460,6 +460,10 @@ class Channel:
         if message.session != session.id or not call_id or not keys.issuperset(
                 _keys(message)) or call_id in session.outcomes or call_id in session.running:
             return None
+        try:  # still open (and seen now, as every call's session is)
+            self._session(message.session)
+        except ApiError:
+            return None  # run() answers it
         self._queue.popleft()
         return message, item[1]
 
