@@ -306,6 +306,8 @@ class Dispatcher:
         raise call.error
 
     def _wait(self, pending: Pending) -> None:
+        if not pending.done and self._stream is not None:
+            self._stream.flush()  # the user waits: what is held back leaves now
         try:
             pending.wait()
         except KeyboardInterrupt:

@@ -156,6 +156,11 @@ class Stream:
             self._held_bytes += len(data)
         self._flush()
 
+    def flush(self) -> None:
+        """Sends the requests held back now (the user is about to wait for one)."""
+        if self._held:
+            self._flush()
+
     def _flush(self) -> None:
         """Sends the held requests, in order, as one message (frames end to end)."""
         try:
