@@ -20,6 +20,10 @@ server exits; ``--client-profile`` does the same for this process's main thread.
 Profiling slows both sides: the CPU table of a profiled run is not comparable.
 
 Run: ``python bench/_profile_stream.py [--calls 2000] [--repeats 5] [--profile DIR]``.
+To compare with another commit, unpack its ``statehost``, ``client`` and ``server`` as
+one package tree (``pkg/statehost``, ``pkg/statehost/client``, ``pkg/statehost/server``)
+and run this from ``bench/`` with ``PYTHONPATH=pkg`` (the server inherits it), turn about
+with the working tree's runs: on a shared machine only runs close in time compare.
 Nothing here asserts a timing (STYLE rule 40).
 """
 
