@@ -98,6 +98,12 @@ def _to_host(tree: Any) -> Any:
     )
 
 
+def _host_leaves(leaves: list[Any], treedef: Any) -> Any:
+    """``_to_host`` of an already flattened tree: the tree again, with host leaves."""
+    return jax.tree_util.tree_unflatten(
+        treedef, [np.asarray(x) if isinstance(x, jax.Array) else x for x in leaves])
+
+
 def _collect(obj: Any, api: str) -> list[State]:
     if isinstance(obj, State):
         return [obj]
@@ -681,23 +687,38 @@ class Client:
         refs[twin.state.id] = twin.state
         return refs
 
+    def _call_request(self, packed: Any, placement: RemotePlacement, call_args: Any,
+                      twin: _StreamTwin, refs: dict[str, State], *, keep: bool,
+                      uploads: list[State] | None = None, returns: str = "values",
+                      expect: str | None = None) -> CallRequest:
+        """The one place a ``CallRequest`` is spelled. A blocking call (``returns="values"``)
+        uploads ``uploads``, pulls with its mapping's ``pull`` and sends the function section
+        when the server may lack it; an asynchronous one (``returns="none"``, with
+        ``expect``) uploads nothing, pulls nothing (states are read lazily) and is only
+        issued once the server has the function."""
+        blocking = returns == "values"
+        pull = placement.pull and blocking
+        return CallRequest(
+            session=self._session, call_id=self.next_call_id(), digest=packed.digest,
+            refs=tuple(refs), uploads=self._ledger.bases(uploads) if uploads else {},
+            default_stream=twin.state.id, pull=pull,
+            pull_ids=tuple(self._ledger.stale_among(refs)) if pull else (),
+            keep_outputs=keep, returns=returns, expect=expect, timeout=placement.timeout,
+            function=None if not blocking or self._ledger.has_function(packed.digest)
+            else packed.section,
+            args=call_args, states=self._records(uploads) if uploads else None)
+
     def _call_message(self, packed: Any, placement: RemotePlacement, call_args: Any,
                       twin: _StreamTwin, refs: dict[str, State], *, keep: bool
                       ) -> Callable[[], CallRequest]:
-        """The request, built anew for each (re-)send; ``.counts``: the uploads' write
-        counts at the last build."""
+        """A blocking call's request, built anew for each (re-)send (what to upload can
+        change between sends); ``.counts``: the uploads' write counts at the last build."""
 
         def message() -> CallRequest:
             uploads = [s for s in refs.values() if self._ledger.needs_upload(s)]
             message.counts = {s.id: s.write_count for s in uploads}
-            return CallRequest(
-                session=self._session, call_id=self.next_call_id(), digest=packed.digest,
-                refs=tuple(refs), uploads=self._ledger.bases(uploads),
-                default_stream=twin.state.id, pull=placement.pull,
-                pull_ids=tuple(self._ledger.stale_among(refs)) if placement.pull else (),
-                keep_outputs=keep, timeout=placement.timeout,
-                function=None if self._ledger.has_function(packed.digest) else packed.section,
-                args=call_args, states=self._records(uploads) if uploads else None)
+            return self._call_request(packed, placement, call_args, twin, refs, keep=keep,
+                                      uploads=uploads)
 
         return message
 
@@ -723,9 +744,10 @@ class Client:
         """See ``client/_dispatch.py``: returns at once when the signature ran before."""
         dispatcher = self._stream()
         packed = placement.packed(transform)
-        key = dispatcher.key(packed.digest, placement.pull, (args, kwargs))
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))  # once per call
+        key = dispatcher.key(packed.digest, placement.pull, leaves, treedef)
         signature = dispatcher.signatures.get(key) if key is not None else None
-        call_args = pack(_to_host((args, kwargs)))
+        call_args = pack(_host_leaves(leaves, treedef))
         twin = self._stream_twin()
         refs = self._refs(packed.states, call_args.states, twin)
         if signature is None or not dispatcher.may_go_async() \
@@ -733,10 +755,8 @@ class Client:
                 self._ledger.needs_upload(s) for s in refs.values()) \
                 or call_args.nbytes > self._max_body:
             return self._call_blocking(transform, placement, packed, call_args, twin, refs, key)
-        message = CallRequest(
-            session=self._session, call_id=self.next_call_id(), digest=packed.digest,
-            refs=tuple(refs), default_stream=twin.state.id, keep_outputs=True,
-            returns="none", timeout=placement.timeout, expect=signature.expect, args=call_args)
+        message = self._call_request(packed, placement, call_args, twin, refs, keep=True,
+                                     returns="none", expect=signature.expect)
         call = dispatcher.issue(message, transform, packed.digest)
         if placement.pull:
             for state_id in signature.written:

@@ -197,10 +197,10 @@ class Dispatcher:
 
     # -- signatures ------------------------------------------------------------------
     @staticmethod
-    def key(digest: str, pull: bool, args: Any) -> Any:
-        """The call's signature, or None when an argument has no abstract value we trust
-        (such a call always runs synchronously)."""
-        leaves, treedef = jax.tree_util.tree_flatten(args)
+    def key(digest: str, pull: bool, leaves: list[Any], treedef: Any) -> Any:
+        """The call's signature from its flattened arguments (the caller flattens them
+        once, for this and for packing), or None when an argument has no abstract value
+        we trust (such a call always runs synchronously)."""
         parts: list[Any] = [digest, pull, treedef]
         for x in leaves:
             if isinstance(x, RemoteArray):
@@ -306,6 +306,8 @@ class Dispatcher:
         raise call.error
 
     def _wait(self, pending: Pending) -> None:
+        if not pending.done and self._stream is not None:
+            self._stream.flush()  # the user waits: what is held back leaves now
         try:
             pending.wait()
         except KeyboardInterrupt:

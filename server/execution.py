@@ -258,13 +258,14 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
         wanted = list(dict.fromkeys(written + list(request.pull_ids))) if request.pull else []
         pulled = [(i, tx.current(s)) for i in wanted if (s := tx.lookup(i)) is not None]
         leaves = jax.tree_util.tree_leaves(out)
-        weak_types = tuple(map(_is_weak, leaves))
-        _check_outputs(request, leaves)
+        described = [_describe(leaf) for leaf in leaves]  # once: weak types and the check
+        weak_types = tuple(type(d) is tuple and d[2] for d in described)
+        _check_outputs(request, described)
         if request.returns == "values":
             out, values = to_host((out, pulled), _WHERE)
             results = pack(out, refs=False, code=False)
-        else:
-            values, results = to_host(pulled, _WHERE), None
+        else:  # an asynchronous call that pulls nothing copies nothing
+            values, results = (to_host(pulled, _WHERE) if pulled else []), None
         states = pack(values, refs=False, code=False) if request.pull else None
         done = tx.commit()
     except BaseException:
@@ -286,13 +287,15 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
     return CallResult(reply, compiled, cached)
 
 
-def _check_outputs(request: CallRequest, leaves: list[Any]) -> None:
-    """A kept call's outputs are what its client expects (else nothing is committed)."""
+def _check_outputs(request: CallRequest,
+                   described: list[tuple[tuple[int, ...], str, bool] | str]) -> None:
+    """A kept call's outputs (``_describe``d) are what its client expects (else nothing is
+    committed)."""
     if request.returns not in ("values", "none"):
         raise ProtocolError(f"{_WHERE}: header.returns must be 'values' or 'none', got "
                             f"{request.returns!r}.")
     if request.expect is not None:
-        got = outputs_signature(map(_describe, leaves))
+        got = outputs_signature(described)
         if got != request.expect:
             raise ValidationError(_MSG_OUTPUTS_CHANGED.format(
                 where=_WHERE, got=got or "no outputs", want=request.expect or "no outputs"))

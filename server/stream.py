@@ -19,6 +19,15 @@ kinds: ``statehost.wire._stream``). What it guarantees:
 - **Cancel** (``ControlRequest(op="cancel")``) acts at once, out of order:
   queued calls are dropped with ``CallCancelledError``; a running one is asked to
   stop between steps (one device program cannot be interrupted, openxla/xla#16801).
+- **Runs of calls on one worker.** A call holds a worker and its states through the
+  scheduler as any call does; while it runs, the calls queued behind it on the channel
+  that need no other state run on the same worker, one after another, without a hop
+  back to the event loop each (at most ``_RUN_CALLS`` of them, and none once another
+  call waits in the scheduler's queue: a channel never keeps a worker or a state from
+  anyone waiting for it).
+- **Replies in batches.** Replies go out in the order the calls finished; those ready
+  together leave in one WebSocket message, frames end to end (``wire.decode_all``
+  reads them; a lone reply is a message of one frame, as before).
 - **Bad input.** A frame that cannot be read closes the channel with code 1007
   and a reason (the client cannot know which request it was); a readable frame
   with bad fields gets an ``ErrorReply`` and the channel goes on. Either way the
@@ -28,15 +37,19 @@ kinds: ``statehost.wire._stream``). What it guarantees:
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import jax
 
 from statehost._errors import WireError
+from statehost.server.admission import NotAdmitted
 from statehost.server.calls import Call, CallCancelled
 from statehost.server.deps import checked_frame
 from statehost.server.errors import (
@@ -61,6 +74,7 @@ from statehost.wire import (
     FreeRequest,
     Message,
     PullRequest,
+    decode_all,
     pack,
 )
 
@@ -79,6 +93,18 @@ WHERE = "WebSocket /v1/stream"
 _OUTCOMES = 4096
 # Requests read but not run yet; the client's own bound (max_in_flight) is far below.
 _BACKLOG = 4096
+# Calls run back to back on a worker the channel holds (see the module docstring), at
+# most: after them, the worker goes back to the scheduler and the next call queues anew.
+_RUN_CALLS = 64
+# Replies smaller than this that are ready together share one WebSocket message.
+_BATCH_BYTES = 64 << 10
+# A run of calls holds back at most this many replies, none for longer than this while
+# the next call runs: fewer, larger messages, at a bounded delay of an answer.
+_HOLD_REPLIES = 16
+_HOLD_SECONDS = 0.002
+# After a call this long, the run ends: the hop to the loop is small beside it, and the
+# loop reads the frames that came meanwhile (a cancel of the next calls) before they run.
+_LONG_CALL = 0.02
 
 _MSG_NOT_RUN = (
     "{where}: call {call_id} was not run, because call {failed} of this client failed before "
@@ -90,6 +116,10 @@ _MSG_TIMEOUT = (
     "{where}: call {call_id} has a timeout of {timeout:g} s and waited {waited:.3g} s behind "
     "this client's earlier calls, so it was never started: nothing was applied. Fix: give it "
     "a longer timeout= (client.jit(f, timeout=...)), or issue fewer calls ahead of it."
+)
+_MSG_UNJUDGED = (
+    f"{WHERE}: a message of several frames whose versions this channel has not accepted; "
+    "send a frame alone first."
 )
 _MSG_CANCELLED = (
     "{where}: call {call_id} was cancelled before it started (its client asked: Ctrl-C, or "
@@ -106,7 +136,7 @@ class ChannelClosed(Exception):
 
 
 class Channel:
-    """One client's stream. ``send`` writes one frame (``bytes``) to the client."""
+    """One client's stream. ``send`` writes one message (``bytes``) to the client."""
 
     def __init__(self, rt: Runtime, principal: Principal, versions: dict[str, object],
                  send: Callable[[bytes], Awaitable[None]]):
@@ -114,13 +144,22 @@ class Channel:
         self.versions = versions
         self.principal = principal
         self._send = send
+        self._loop = asyncio.get_running_loop()  # made on the loop, by the route
+        self._loop_thread = threading.get_ident()
         # Each request with the time it arrived (a call's timeout counts from there).
-        self._queue: asyncio.Queue[tuple[Frame, float] | None] = asyncio.Queue()
+        # Appended on the event loop; taken by ``run``, or by the worker running a run of
+        # calls (``_run_calls``) while ``run`` awaits it, never by both at once.
+        self._queue: collections.deque[tuple[Frame, float] | None] = collections.deque()
+        self._ready = asyncio.Event()  # the queue got an item
         self._failed: str | None = None  # the call id the client has not resumed after
+        self._judged: object = None  # the client's versions, once a frame passed with them
         self._cancelled: set[str] = set()
         self._current: Call | None = None
         self._closed = False
-        self._arrived = 0.0  # when the request being run arrived
+        # Replies waiting to be written (from any thread), and whether a writer task runs.
+        self._outbox: list[bytes] = []
+        self._out_lock = threading.Lock()
+        self._writing = False
         m = rt.metrics  # the per-message counters, looked up once (labels() costs ~1 us)
         self._bytes_in = m.wire_bytes.labels("in", "stream")
         self._bytes_out = m.wire_bytes.labels("out", "stream")
@@ -129,21 +168,41 @@ class Channel:
 
     # -- reading -----------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
-        """Takes one frame off the socket: a cancel acts now, anything else waits its turn.
+        """Takes one message off the socket (one frame, or several end to end: a client
+        sends requests that are ready together in one): a cancel acts now, anything else
+        waits its turn.
 
-        Raises :class:`ChannelClosed` for a frame that cannot be read.
+        Raises :class:`ChannelClosed` for a message that cannot be read.
         """
         try:
-            frame = checked_frame(data, self.versions, WHERE)
-        except ApiError as exc:
-            raise ChannelClosed(1007, exc.message[:120]) from exc
+            frames = decode_all(data)
+        except WireError as exc:
+            raise ChannelClosed(1007, f"{WHERE}: {exc}"[:120]) from exc
+        for frame in frames:
+            if frame.header.get("versions") != self._judged:
+                self._judge(data, frame, len(frames))
         self._bytes_in.inc(len(data))
         limit = self.rt.settings.max_body
-        if len(data) > limit:
+        for frame in frames:
+            self._take(frame, len(data), limit)
+
+    def _judge(self, data: bytes, frame: Frame, count: int) -> None:
+        """The versions rule (``deps.checked_frame``), judged once per channel: later frames
+        that carry the same versions pass at once."""
+        if count > 1:
+            raise ChannelClosed(1007, _MSG_UNJUDGED)
+        try:
+            checked_frame(data, self.versions, WHERE)
+        except ApiError as exc:
+            raise ChannelClosed(1007, exc.message[:120]) from exc
+        self._judged = frame.header.get("versions")
+
+    def _take(self, frame: Frame, size: int, limit: int) -> None:
+        if size > limit:
             if frame.header.get("kind") == CallRequest.kind:
                 self._failed = self._failed or str(frame.header.get("call_id"))
             self._answer_later(frame, PayloadTooLargeError(
-                f"{WHERE}: a message of {len(data)} bytes is over this server's limit of "
+                f"{WHERE}: a message of {size} bytes is over this server's limit of "
                 f"{limit} bytes (max_body); it was not run. Fix: send less per call, or start "
                 "the server with a larger --max-body.", limit=limit))
             return
@@ -152,10 +211,11 @@ class Channel:
             if control is not None and control.op == "cancel":
                 self._cancel(set(control.ids))
                 return
-        if self._queue.qsize() >= _BACKLOG:
+        if len(self._queue) >= _BACKLOG:
             raise ChannelClosed(1008, f"{WHERE}: more than {_BACKLOG} requests are waiting; "
                                 "the client must wait for answers (max_in_flight).")
-        self._queue.put_nowait((frame, time.monotonic()))
+        self._queue.append((frame, time.monotonic()))
+        self._ready.set()
 
     def _decode(self, cls: type[Message], frame: Frame) -> Any:
         try:
@@ -168,34 +228,35 @@ class Channel:
         call_id = frame.header.get("call_id")
         reply = ErrorReply(call_id=call_id if isinstance(call_id, str) else None,
                            status=exc.status, error=exc.body()["error"])
-        asyncio.get_running_loop().create_task(self._write(reply.to_frame().to_bytes()))
+        self._post(reply.to_frame().to_bytes())
 
     def _cancel(self, ids: set[str]) -> None:
         self._cancelled |= ids
         current = self._current
         if current is not None and current.id in ids:
-            request = getattr(current, "request_cancel", None)
-            if request is not None:
-                request()  # a running loop stops after its step
-            else:
-                current.cancel()
+            current.request_cancel()  # a running loop stops after its step
 
     def close(self) -> None:
         """The socket is gone: calls not started are dropped; a running one finishes."""
         self._closed = True
-        self._queue.put_nowait(None)
+        self._queue.append(None)
+        self._ready.set()
 
     # -- running -----------------------------------------------------------------------
     async def run(self) -> None:
         """Runs the requests in order until :meth:`close`."""
+        queue = self._queue
         while True:
-            item = await self._queue.get()
+            if not queue:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            item = queue.popleft()
             if item is None or self._closed:
                 return
-            self._arrived = item[1]
-            await self._one(item[0])
+            await self._one(*item)
 
-    async def _one(self, frame: Frame) -> None:
+    async def _one(self, frame: Frame, arrived: float) -> None:
         kind = frame.header.get("kind")
         handler = self._HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
@@ -207,25 +268,53 @@ class Channel:
         message = self._decode(cls, frame)
         if message is None:
             return
-        try:
-            reply = await method(self, message)
+        try:  # a call's timeout counts from its arrival: only _call takes it
+            reply = await (self._call(message, arrived) if cls is CallRequest
+                           else method(self, message))
         except ApiError as exc:
             if cls is CallRequest:  # a call that could not even start stops the line too
                 self._failed = message.call_id or "(no id)"
-            await self._write(ErrorReply(call_id=getattr(message, "call_id", None),
-                                         status=exc.status, error=exc.body()["error"]
-                                         ).to_frame().to_bytes())
+            self._post(self._error(getattr(message, "call_id", None), exc))
             return
         except Exception as exc:  # a fault of the server: answered, and the channel goes on
             log.exception("%s: a %s request failed in the server", WHERE, kind)
             if cls is CallRequest:
                 self._failed = message.call_id or "(no id)"
-            await self._write(self._error(getattr(message, "call_id", None), ServerError(
+            self._post(self._error(getattr(message, "call_id", None), ServerError(
                 f"{WHERE}: the server failed on this {kind} request ({type(exc).__name__}: "
                 f"{exc}); nothing was applied.")))
             return
         if reply is not None:
-            await self._write(reply)
+            self._post(reply)
+
+    # -- writing -----------------------------------------------------------------------
+    def _post(self, *replies: bytes) -> None:
+        """Queues replies for the client (any thread); a writer task on the loop sends them."""
+        with self._out_lock:
+            self._outbox.extend(replies)
+            if self._writing:
+                return
+            self._writing = True
+        try:
+            if threading.get_ident() == self._loop_thread:
+                self._start_writer()
+            else:
+                self._loop.call_soon_threadsafe(self._start_writer)
+        except RuntimeError:  # the loop is closed: nobody reads any more
+            pass
+
+    def _start_writer(self) -> None:
+        self._loop.create_task(self._write_outbox())
+
+    async def _write_outbox(self) -> None:
+        while True:
+            with self._out_lock:
+                replies, self._outbox = self._outbox, []
+                if not replies:
+                    self._writing = False
+                    return
+            for message in _messages(replies):
+                await self._write(message)
 
     async def _write(self, data: bytes) -> None:
         if self._closed:
@@ -240,7 +329,10 @@ class Channel:
         return self.rt.session(session_id, self.principal, WHERE)
 
     # -- the requests --------------------------------------------------------------------
-    async def _call(self, message: CallRequest) -> bytes | None:
+    async def _call(self, message: CallRequest, arrived: float) -> bytes | None:
+        """A call from the queue (on the loop): answered at once when its outcome is known
+        (a re-send, a call behind a failure, a cancelled or timed-out one), else run on a
+        worker with the calls queued behind it that it can take (``_run_calls``)."""
         session = self._session(message.session)
         call_id = message.call_id
         if not call_id:
@@ -251,7 +343,37 @@ class Channel:
             return done  # a re-send: the first outcome, never a second run
         running = session.running.get(call_id)
         if running is not None:  # re-sent on a new channel while the first still runs
-            return await asyncio.shield(running)
+            return await asyncio.shield(asyncio.wrap_future(running))
+        answer = self._gate(message, arrived)
+        if isinstance(answer, bytes):
+            return answer
+        keys, timeout = answer
+        outcome = session.running[call_id] = concurrent.futures.Future()
+        work = Call("call", session, keys, lambda c: self._run_calls(c, message, outcome),
+                    id=call_id, timeout=timeout)
+        m = self.rt.metrics
+        try:
+            await self.rt.submit(work, WHERE)  # refused first past the namespace's max_queued
+        except CallCancelled:  # before it started
+            m.calls.labels("cancelled").inc()
+            data = self._error(call_id, CallCancelledError(
+                _MSG_CANCELLED.format(where=WHERE, call_id=call_id)))
+        except ApiError as exc:  # its deadline passed in the scheduler's queue
+            m.calls.labels("stream_error").inc()
+            self._failed = call_id
+            data = self._error(call_id, exc)
+        else:
+            return None  # _run_calls answered it
+        if not outcome.done():
+            session.running.pop(call_id, None)
+            outcome.set_result(data)
+        return data
+
+    def _gate(self, message: CallRequest, arrived: float
+              ) -> bytes | tuple[tuple[str, ...], float | None]:
+        """A call's answer when it must not run (behind a failure, cancelled, past its
+        timeout), else the states it locks and the time it has left."""
+        call_id = message.call_id
         if self._failed is not None:
             return self._error(call_id, CallNotRunError(_MSG_NOT_RUN.format(
                 where=WHERE, call_id=call_id, failed=self._failed)))
@@ -262,7 +384,7 @@ class Channel:
                 _MSG_CANCELLED.format(where=WHERE, call_id=call_id)))
         timeout = message.timeout
         if timeout is not None:  # it counts from arrival, the calls before it included
-            waited = time.monotonic() - self._arrived
+            waited = time.monotonic() - arrived
             if waited >= timeout:
                 self._failed = call_id
                 self.rt.metrics.call_timeouts.inc()
@@ -270,28 +392,100 @@ class Channel:
                     where=WHERE, call_id=call_id, timeout=timeout, waited=waited),
                     waited_s=round(waited, 3), timeout_s=timeout))
             timeout -= waited
-        keys = (*message.refs, *message.uploads, *filter(None, [message.default_stream]))
-        work = Call("call", session, keys, lambda c: run_call(c, message, self.rt), id=call_id,
-                    timeout=timeout)
-        outcome = session.running[call_id] = asyncio.get_running_loop().create_future()
-        try:
-            data = await self._submit(session, work)
-        finally:
-            del session.running[call_id]
-        outcome.set_result(data)
-        return data
+        return _keys(message), timeout
 
-    async def _submit(self, session: Session, work: Call) -> bytes:
-        call_id = work.id
-        self._current = work
+    def _run_calls(self, held: Call, first: CallRequest,
+                   outcome: concurrent.futures.Future[bytes]) -> None:
+        """On a worker holding ``held``'s states: runs ``first``, then the calls queued
+        behind it that lock no other state, until one fails, the queue has none, another
+        call waits in the scheduler, a call took longer than ``_LONG_CALL`` (what came
+        meanwhile, a cancel say, is read on the loop before the next call starts), or
+        ``_RUN_CALLS`` ran. Their replies leave together
+        (at most ``_HOLD_REPLIES``, none held longer than ``_HOLD_SECONDS`` while the next
+        call runs), and all of them when the run ends."""
+        began = time.monotonic()
+        replies = [self._execute(held, first, outcome)]
+        ended = time.monotonic()
+        held_since = began  # when the oldest reply held back was made
+        session = held.session
+        assert session is not None
+        keys = frozenset(held.keys)
+        scheduler = self.rt.scheduler
+        try:
+            for _ in range(_RUN_CALLS - 1):
+                if self._failed is not None or self._closed or scheduler.queued \
+                        or ended - began > _LONG_CALL:
+                    return
+                taken = self._next_call(session, keys)
+                if taken is None:
+                    return
+                began = time.monotonic()
+                if replies and (len(replies) >= _HOLD_REPLIES
+                                or began - held_since > _HOLD_SECONDS):
+                    self._post(*replies)
+                    replies = []
+                if not replies:
+                    held_since = began
+                message, arrived, item = taken
+                answer = self._gate(message, arrived)
+                if isinstance(answer, bytes):
+                    replies.append(answer)
+                    ended = began
+                    continue
+                # Its own Call (id, timeout, keys, cancel flag) that runs under held's locks;
+                # the scheduler never sees it, so its work is never called.
+                call = Call("call", session, answer[0], held.work, id=message.call_id,
+                            timeout=answer[1])
+                call.begin(began)
+                outcome = session.running[message.call_id] = concurrent.futures.Future()
+                try:
+                    replies.append(self._execute(call, message, outcome))
+                except NotAdmitted:  # it must wait for memory: through the scheduler, as
+                    session.running.pop(message.call_id, None)  # the first of a new run
+                    self._queue.appendleft(item)
+                    return
+                ended = time.monotonic()
+        finally:
+            self._post(*replies)
+
+    def _next_call(self, session: Session, keys: frozenset[str]
+                   ) -> tuple[CallRequest, float, Any] | None:
+        """The next request, taken off the queue if it is a call this worker may run now
+        (same session, no other state, not re-sent); else None and it stays for ``run``."""
+        try:
+            item = self._queue[0]
+        except IndexError:
+            return None
+        if item is None or item[0].header.get("kind") != CallRequest.kind:
+            return None
+        try:
+            message = CallRequest.from_frame(item[0])
+        except WireError:
+            return None  # run() answers it
+        call_id = message.call_id
+        if message.session != session.id or not call_id or not keys.issuperset(
+                _keys(message)) or call_id in session.outcomes or call_id in session.running:
+            return None
+        try:  # still open (and seen now, as every call's session is)
+            self._session(message.session)
+        except ApiError:
+            return None  # run() answers it
+        self._queue.popleft()
+        return message, item[1], item
+
+    def _execute(self, call: Call, message: CallRequest,
+                 outcome: concurrent.futures.Future[bytes]) -> bytes:
+        """Runs one call on this worker; returns its reply (nothing here raises)."""
+        session = call.session
+        assert session is not None
+        call_id = call.id
         m = self.rt.metrics
+        self._current = call
         start = time.perf_counter()
         try:
-            result = await self.rt.submit(work, WHERE)
-        except CallCancelled:
-            m.calls.labels("cancelled").inc()
-            data = self._error(call_id, CallCancelledError(
-                _MSG_CANCELLED.format(where=WHERE, call_id=call_id)))
+            result = run_call(call, message, self.rt)
+        except NotAdmitted:  # does not fit in device memory now: back to the scheduler
+            raise
         except ApiError as exc:
             m.calls.labels("stream_error").inc()
             self._failed = call_id
@@ -312,6 +506,10 @@ class Channel:
         finally:
             self._current = None
             m.call_seconds.observe(time.perf_counter() - start)
+        # The outcome is remembered before the call stops being "running": a re-send on
+        # another channel finds one or the other.
+        session.running.pop(call_id, None)
+        outcome.set_result(data)
         return data
 
     def _error(self, call_id: str | None, exc: ApiError) -> bytes:
@@ -364,6 +562,25 @@ class Channel:
         FreeRequest.kind: (FreeRequest, _free),
         ControlRequest.kind: (ControlRequest, _control),
     }
+
+
+def _keys(message: CallRequest) -> tuple[str, ...]:
+    """The states a call locks: those it names, uploads, and its default random stream."""
+    return (*message.refs, *message.uploads, *filter(None, [message.default_stream]))
+
+
+def _messages(replies: list[bytes]) -> Iterator[bytes]:
+    """Replies as WebSocket messages: consecutive small ones joined, frames end to end."""
+    batch: list[bytes] = []
+    size = 0
+    for data in replies:
+        if batch and size + len(data) > _BATCH_BYTES:
+            yield b"".join(batch)
+            batch, size = [], 0
+        batch.append(data)
+        size += len(data)
+    if batch:
+        yield b"".join(batch)
 
 
 def error_frame(exc: ApiError) -> bytes:

@@ -43,6 +43,7 @@ __all__ = [
     "StateRef",
     "StateValue",
     "decode",
+    "decode_all",
     "encode",
     "fresh_buffer",
     "handle_name",
@@ -58,7 +59,7 @@ __all__ = [
 __getattr__, __dir__ = _lazy_exports(__name__, globals(), {
     **{name: "statehost.wire._frame" for name in (
         "CONTENT_TYPE", "Encoded", "Frame", "MAGIC", "MAX_HEADER_BYTES", "MAX_HEADER_DEPTH",
-        "decode", "encode", "fresh_buffer")},
+        "decode", "decode_all", "encode", "fresh_buffer")},
     **{name: "statehost.wire._messages" for name in (
         "CallReply", "CallRequest", "GetReply", "GetRequest", "Message", "PullReply",
         "PullRequest", "PushReply", "PushRequest", "PutReply", "PutRequest", "RegisterReply",

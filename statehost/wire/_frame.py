@@ -36,6 +36,7 @@ __all__ = [
     "Encoded",
     "Frame",
     "decode",
+    "decode_all",
     "encode",
     "fresh_buffer",
 ]
@@ -180,19 +181,44 @@ _CONTAINERS = (dict, list)
 def decode(data: bytes | bytearray | memoryview) -> Frame:
     """Decodes a frame without copying its buffers; raises ``WireError`` if malformed."""
     view = memoryview(data).cast("B")
+    frame, end = _decode_at(view, 0)
+    if end != view.nbytes:
+        raise _fail(f"{view.nbytes - end} bytes follow the last buffer")
+    return frame
+
+
+def decode_all(data: bytes | bytearray | memoryview) -> list[Frame]:
+    """Decodes one or more frames laid end to end (the call stream sends several replies
+    in one WebSocket message when they are ready together); ``WireError`` if malformed.
+
+    Each frame is self-delimiting (its header and buffer lengths say where it ends), so
+    a single frame decodes exactly as :func:`decode` does.
+    """
+    view = memoryview(data).cast("B")
+    frames, pos, total = [], 0, view.nbytes
+    while True:
+        frame, pos = _decode_at(view, pos)
+        frames.append(frame)
+        if pos == total:
+            return frames
+
+
+def _decode_at(view: memoryview, start: int) -> tuple[Frame, int]:
+    """The frame starting at byte ``start`` of ``view``, and where it ends."""
     total = view.nbytes
-    if total < 8:
-        raise _fail(f"the body has {total} bytes, fewer than the 8-byte preamble")
-    if view[:4] != MAGIC:
-        raise _fail(f"the body starts with {bytes(view[:4])!r}, not {MAGIC!r}")
-    (head_len,) = _U32.unpack_from(view, 4)
+    if total - start < 8:
+        raise _fail(f"the body has {total - start} bytes, fewer than the 8-byte preamble")
+    if view[start:start + 4] != MAGIC:
+        raise _fail(f"the body starts with {bytes(view[start:start + 4])!r}, not {MAGIC!r}")
+    (head_len,) = _U32.unpack_from(view, start + 4)
     if head_len > MAX_HEADER_BYTES:
         raise _fail(f"the header claims {head_len} bytes, more than the limit of "
                     f"{MAX_HEADER_BYTES}")
-    pos = 8 + head_len
+    pos = start + 8 + head_len
     if pos + 4 > total:
-        raise _fail(f"the header claims {head_len} bytes but the body has only {total}")
-    text = bytes(view[8:pos])
+        raise _fail(f"the header claims {head_len} bytes but the body has only "
+                    f"{total - start}")
+    text = bytes(view[start + 8:pos])
     try:
         header = json.loads(text)
     except RecursionError as exc:
@@ -220,8 +246,6 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
             )
         buffers.append(view[pos : pos + size])
         pos += size
-    if pos != total:
-        raise _fail(f"{total - pos} bytes follow the last buffer")
     layout = header.get("sections", {})
     if not isinstance(layout, dict) or not all(
         type(v) is list and len(v) == 2 and type(v[0]) is int and type(v[1]) is int
@@ -231,4 +255,4 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
         raise _fail(f"the header's sections {layout!r:.200} do not fit {count} buffers")
     sections = {name: Section(buffers[first], buffers[first + 1 : first + n])
                 for name, (first, n) in layout.items()}
-    return Frame(header, sections)
+    return Frame(header, sections), pos

@@ -16,11 +16,14 @@ request            reply           what it does
 (any)              ``ErrorReply``  the request's error, as HTTP's error body
 =================  ==============  =============================================
 
-Every request carries a ``call_id`` (the client's, unique in its session), and
-its reply carries it back. After a call fails, the server answers the calls
-queued behind it with ``CallNotRunError`` until the client sends ``resume``
-(which it does once it has raised the failure to the user), so nothing runs on
-states a failed call was meant to change.
+A WebSocket message holds one frame, or several laid end to end (``decode_all``
+reads both): the server sends replies that are ready together in one message, and
+the client requests it issued while many were unanswered. Every request carries a
+``call_id`` (the client's, unique in its session), and its reply carries it back.
+After a call fails, the server answers the calls queued behind it with
+``CallNotRunError`` until the client sends ``resume`` (which it does once it has
+raised the failure to the user), so nothing runs on states a failed call was meant
+to change.
 """
 
 from __future__ import annotations

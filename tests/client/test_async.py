@@ -24,6 +24,7 @@ from statehost.wire import (
     ErrorReply,
     FreeRequest,
     decode,
+    decode_all,
     pack,
 )
 from tests.core.models import PARAM, Affine
@@ -373,3 +374,99 @@ def test_a_call_past_its_timeout_before_it_starts_is_dropped(transport):
 def test_a_bad_timeout_is_refused_when_the_transform_is_built(async_client):
     with pytest.raises(ValueError, match="timeout=-1 must be a number of seconds > 0"):
         async_client.jit(lambda: 1, timeout=-1)
+
+
+def _received(transport, conn) -> None:
+    """Returns once the app has taken every message ``conn`` sent off its socket (the
+    in-process socket's inbox is empty and the route has run for the last one)."""
+    import asyncio
+
+    async def drained() -> None:
+        while not conn._in.empty():
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    transport._portal.call(drained)
+
+
+def test_replies_ready_together_share_a_message_and_all_arrive(transport):
+    count, bump = _counter()
+    held = _held(bump)
+    with statehost.connect(URL, token=TOKEN, transport=transport) as client:
+        step = client.jit(held)
+        GATE.set()
+        step()  # blocking: the signature is known from here on
+        step()
+        client.sync()
+        conn = client._dispatcher._stream._conn
+        frames_per_message: list[int] = []
+        recv = conn.recv
+
+        def counting(timeout=None):
+            data = recv(timeout)
+            if data is not None:
+                frames_per_message.append(len(decode_all(data)))
+            return data
+
+        conn.recv = counting  # the reader's next recv and on
+        GATE.clear()
+        outs = [step() for _ in range(40)]  # the first holds the worker; 39 queue behind
+        _received(transport, client._dispatcher._stream._conn)
+        GATE.set()
+        client.sync()
+        assert [int(o) for o in outs] == list(range(3, 43))  # every reply, in order
+        assert int(count.value) == 42
+    # The 39 calls queued behind the held one ran back to back on one worker; their
+    # replies left in fewer messages than there were replies.
+    assert sum(frames_per_message) >= 39 and max(frames_per_message) > 1, frames_per_message
+
+
+def test_requests_sent_while_many_are_unanswered_leave_together_in_order(transport):
+    count, bump = _counter()
+    held = _held(bump)
+    with statehost.connect(URL, token=TOKEN, transport=transport) as client:
+        step = client.jit(held)
+        GATE.set()
+        step()
+        step()
+        client.sync()
+        conn = client._dispatcher._stream._conn
+        frames_per_message: list[int] = []
+        send = conn.send
+
+        def counting(data):
+            frames_per_message.append(len(decode_all(data)))
+            send(data)
+
+        conn.send = counting
+        GATE.clear()
+        outs = [step() for _ in range(30)]  # the first holds the server: no reply comes
+        GATE.set()
+        client.sync()
+        assert [int(o) for o in outs] == list(range(3, 33))
+    # Past 8 unanswered, requests waited for a reply (or 15 others) to leave with.
+    assert sum(frames_per_message[:-1]) >= 30 and max(frames_per_message) > 1, \
+        frames_per_message
+
+
+def test_the_stream_takes_several_frames_in_one_message(async_client, transport):
+    conn = _raw(transport)
+    session = async_client._session
+    free = FreeRequest(session=session, handles=("x:0",)).to_frame().to_bytes()
+    explode = ControlRequest(session=session, op="explode").to_frame().to_bytes()
+    conn.send(free)  # a frame alone first: the channel accepts these versions
+    conn.send(explode + free + explode)
+    replies: list = []
+    while len(replies) < 2:
+        replies += decode_all(conn.recv())
+    assert [ErrorReply.from_frame(f).error["message"].count("control op 'explode'")
+            for f in replies] == [1, 1]
+    conn.close()
+
+
+def test_several_frames_before_any_alone_close_the_channel(async_client, transport):
+    conn = _raw(transport)
+    free = FreeRequest(session=async_client._session, handles=("x:0",)).to_frame().to_bytes()
+    conn.send(free + free)
+    assert conn.recv() is None and conn.close_code == 1007
+    assert "send a frame alone first" in conn.close_reason
