@@ -382,3 +382,21 @@ def test_a_failed_first_call_leaves_no_callable_bound_to_its_uploads(server):
                                       np.ones(4, np.float32))
         client.pull(w)
         np.testing.assert_array_equal(np.asarray(w.value), np.ones(4, np.float32))
+
+
+def test_asynchronous_calls_that_do_not_fit_wait_and_then_run_in_order(server):
+    """Warm calls go over the call stream, where a channel runs its calls back to back on
+    one worker: one that does not fit goes back to the scheduler's queue all the same."""
+    s = server(device_memory=8 * MiB, workers=2, session_workers=2)
+    a, b = s.connect(), s.connect()
+    w = statehost.ParamState(jnp.zeros(N, jnp.float32))
+    grow = b.jit(_grow(w))
+    assert _first(grow()) == 1.0  # the first call of the signature: blocking, and it fits
+    a.push(statehost.ParamState(jnp.zeros(6 * N, jnp.float32)))  # now it does not
+    outs = [grow() for _ in range(3)]  # asynchronous: they return at once
+    until(lambda: _waiting_for_memory(s))
+    assert not any(o.is_ready() for o in outs)
+    a.close()  # frees the 6 MiB
+    assert [_first(o) for o in outs] == [2.0, 3.0, 4.0]
+    assert float(np.asarray(w.value)[0]) == 4.0
+    b.close()
