@@ -26,7 +26,6 @@ dispatch, and a cancel stops it within a few steps.
 from __future__ import annotations
 
 import collections
-import time
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -59,9 +58,6 @@ _WHERE = "POST /v1/jobs"
 # How many dispatched steps the device may still be working on. One costs a wait on the
 # device per step (+25% per tiny pmap step, 2 busy cores); two hide it.
 _AHEAD = 2
-# A session idle this long is not expired by a loop that runs: each step touches it,
-# at most this often (seconds).
-_TOUCH_EVERY = 1.0
 
 _MSG_OVER_AXES = (
     "{where}: over= must be a pytree of arrays whose leading axis has one row per step "
@@ -69,10 +65,9 @@ _MSG_OVER_AXES = (
     "over=batches[:steps], or set steps=len(batches)."
 )
 _MSG_GONE = (
-    "job {job}: states {ids} were freed while the loop ran: its session was closed "
-    "(client.close(), DELETE /v1/sessions/{{id}}) or their named object deleted. Fix: keep "
-    "the submitting client open until the job ends (a client killed without closing is "
-    "fine: the job keeps its session open), or run loops on named states (client.put)."
+    "job {job}: states {ids} were freed while the loop ran: their named object was deleted "
+    "(client.delete, DELETE /v1/namespaces/{{ns}}/objects/{{name}}) or replaced by a new "
+    "put. Fix: cancel the job (job.cancel()) before deleting or re-putting its object."
 )
 _MSG_STOPPED = (
     "{where}: job {job} was {what} after {completed} of {steps} step(s); every state keeps "
@@ -145,9 +140,6 @@ def run_loop(call: Call, request: LoopRequest, job: Job, rt: Runtime) -> None:
             f"{_WHERE}: job {job.id} failed in the server ({type(exc).__name__}: {exc}).",
             traceback=None), progress)
         raise
-    finally:
-        if call.session is not None:
-            call.session.last_seen = time.monotonic()  # its TTL counts from the job's end
 
 
 def _fail(job: Job, exc: ApiError, progress: _Progress) -> None:
@@ -248,7 +240,6 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
     out: Any = None
     behind: collections.deque[Any] = collections.deque()  # one array of each step in flight
     misses = transform.cache_info().misses
-    touched = time.monotonic()
     for i in range(steps):
         if i:
             reason = job.should_stop()
@@ -268,7 +259,7 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
             tx.rollback()
             reason = job.should_stop()
             if reason is not None and _freed(loaded, store):
-                # A client that pressed Ctrl-C and exited closed its session mid-step.
+                # Cancelled, and its named object deleted mid-step: the cancel is the story.
                 _stopped(job, reason, progress)
                 return
             _check_resident(job, loaded, store, exc)  # freed during the step: say so
@@ -284,9 +275,6 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
             oldest = behind.popleft()
             if oldest is not None:
                 _wait(oldest, i - _AHEAD, job)
-        now = time.monotonic()
-        if now - touched > _TOUCH_EVERY:
-            session.last_seen = touched = now  # a running job keeps its session open
     progress.compiled = transform.cache_info().misses - misses
     job.complete(_reply(job, request, tx, out, kept if keep_all else None, progress))
 

@@ -178,6 +178,10 @@ async def submit(request: Request, frame: FrameBody, principal: PrincipalDep
                                  missing=missing)
     job = Job(session, message.steps, message.keep, message.timeout,
               **({"id": message.call_id} if message.call_id else {}))
+    # The job keeps its session's states until it ends, even if the session is closed.
+    if not rt.sessions.hold(session, job.id):  # closed since it was looked up
+        rt.session(session.id, principal, _SUBMIT)  # raises its 404
+    job.on_end = lambda ended: rt.end_job(ended.session, ended.id)
     keys = (*message.refs, *message.uploads, *filter(None, [message.default_stream]))
     # A job's own timeout bounds it (the loop stops between steps past it); without one
     # it may wait and run as long as it takes, not the server's per-call default.

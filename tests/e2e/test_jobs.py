@@ -108,6 +108,11 @@ def _known(served):
     return {j["id"] for j in _api(served, "GET", "/v1/jobs")["jobs"]}
 
 
+def _resident(served):
+    """How many states the server holds."""
+    return served.metric("statehost_resident_states")
+
+
 def test_ctrl_c_cancels_the_loop_and_raises_within_a_second(served, tmp_path):
     known = _known(served)
     client_process = _start(served, _script(tmp_path, "ctrl_c.py", _CTRL_C), "e2e/ctrl_c",
@@ -140,7 +145,7 @@ def test_ctrl_c_cancels_the_loop_and_raises_within_a_second(served, tmp_path):
 
 def test_a_job_outlives_its_clients_kill_9_and_another_process_reattaches(served, tmp_path):
     steps = 150  # >= 3 s of steps: past the 2 s session TTL
-    known = _known(served)
+    known, resident = _known(served), _resident(served)
     submitter = _start(served, _script(tmp_path, "submit.py", _SUBMIT_AND_HANG), "-",
                        str(steps))
     try:
@@ -161,6 +166,37 @@ def test_a_job_outlives_its_clients_kill_9_and_another_process_reattaches(served
         out = job.result()
         assert job.status == "completed" and job.progress == (steps, steps)
         assert int(out) == steps  # every step ran: the dead client's session was kept open
+    # Its TTL counts from the job's end: then the dead client's states are freed.
+    deadline = time.monotonic() + 60
+    while _resident(served) != resident and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _resident(served) == resident
+
+
+def test_a_job_outlives_client_close_and_its_states_go_when_it_ends(served):
+    resident = _resident(served)
+    counter = statehost.ParamState(jnp.zeros((), jnp.int32))
+    client = statehost.connect(served.url, token=served.token)
+
+    def step():
+        import jax
+
+        jax.debug.callback(lambda: time.sleep(STEP))
+        counter.value = counter.value + 1
+        return counter.value
+
+    job = client.loop(client.jit(step), 60, wait=False)
+    while job.progress[0] < 2:
+        time.sleep(0.02)
+    client.close()  # the session is closed; the job keeps its states
+
+    assert _resident(served) > resident
+    assert "it closes when its 1 job(s) end" in served.output()
+    with statehost.connect(served.url, token=served.token) as other:
+        again = other.job(job.id)
+        assert int(again.result()) == 60
+        assert again.status == "completed" and again.progress == (60, 60)
+        assert _resident(served) == resident  # freed as the job ended, before it was seen
 
 
 def test_progress_events_arrive_before_the_end(served):

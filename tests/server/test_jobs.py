@@ -325,16 +325,84 @@ def test_result_of_a_running_job_is_409(client):
         job.result()
 
 
-def test_a_loop_whose_states_are_freed_fails_and_says_why(client, transport):
-    w, step = _slow_step(client)
-    job = client.loop(step, 10_000, wait=False)
-    while job.progress[0] < 2:
+def _running(job, steps=2):
+    while job.progress[0] < steps:
         time.sleep(0.01)
+    return job
 
-    client._http.json("DELETE", f"/v1/sessions/{client._session}")
+
+def test_closing_the_session_keeps_its_states_until_its_jobs_end(app, client, transport):
+    rt = app.state.runtime
+    w, step = _slow_step(client)
+    job = _running(client.loop(step, 30, wait=False))
+    session = next(j.session for j in app.state.jobs.going() if j.id == job.id)
+
+    closed = client._http.client.delete(f"/v1/sessions/{client._session}")
+
+    assert closed.status_code == 202, closed.text
+    assert closed.json()["jobs"] == 1 and re.search(
+        r"closed to requests, but 1 job\(s\) of it still run: its states stay resident until "
+        r"the last one ends", closed.json()["message"])
+    assert rt.store.meta(w.id) is not None and session.closing is not None
+    with pytest.raises(statehost.client.SessionNotFoundError, match="is not open"):
+        client._http.json("DELETE", f"/v1/sessions/{client._session}")  # closed is closed
+    with statehost.connect(URL, token=TOKEN, transport=transport) as other:
+        again = other.job(job.id)
+        assert int(again.result()) == 30  # every step ran on the kept states
+        assert rt.store.meta(w.id) is None and not session.states  # freed when it ended
+        assert metric(other, "statehost_resident_states") == len(rt.store)
+
+
+def test_client_close_while_a_job_runs_leaves_it_running(app, client, transport):
+    rt = app.state.runtime
+    w, step = _slow_step(client)
+    job = _running(client.loop(step, 20, wait=False))
+
+    client.close()
+
+    with statehost.connect(URL, token=TOKEN, transport=transport) as other:
+        again = other.job(job.id)
+        assert again.status == "running"
+        assert int(again.result()) == 20
+    assert rt.store.meta(w.id) is None
+
+
+def test_a_session_with_a_job_going_does_not_expire_until_the_job_ends(app, client):
+    rt, ttl = app.state.runtime, app.state.runtime.settings.session_ttl
+    w, step = _slow_step(client)
+    job = _running(client.loop(step, 10_000, wait=False))
+
+    rt.expire_sessions(now=time.monotonic() + 2 * ttl)  # idle, but its job runs
+    assert rt.store.meta(w.id) is not None
+    job.cancel()
+    with pytest.raises(JobCancelledError):
+        job.result()
+    rt.expire_sessions(now=time.monotonic() + ttl / 2)  # its TTL counts from the job's end
+    assert rt.store.meta(w.id) is not None
+    rt.expire_sessions(now=time.monotonic() + 2 * ttl)
+    assert rt.store.meta(w.id) is None
+
+
+def test_closing_a_session_whose_jobs_ended_frees_it_at_once(app, client):
+    rt = app.state.runtime
+    w, step = _slow_step(client, delay=0)
+    client.loop(step, 2)
+
+    closed = client._http.client.delete(f"/v1/sessions/{client._session}")
+
+    assert closed.status_code == 204 and rt.store.meta(w.id) is None
+
+
+def test_a_loop_whose_named_states_are_replaced_fails_and_says_why(client):
+    w, step = _slow_step(client)
+    client.put("team/looped", w)
+    job = _running(client.loop(step, 10_000, wait=False))
+
+    client.put("team/looped", statehost.ParamState(jnp.zeros((), jnp.int32)))  # new states
 
     with pytest.raises(statehost.client.StateNotFoundError, match="were freed while the loop "
-                                                                  "ran: its session was closed"):
+                                                                  "ran: their named object was "
+                                                                  "deleted .* or replaced"):
         job.result()
     assert job.status == "failed"
 
