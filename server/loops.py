@@ -160,7 +160,7 @@ def _stopped(job: Job, reason: str, progress: _Progress) -> None:
             }.get(reason, "cancelled")
     done = progress.completed
     exc = JobCancelledError(
-        _MSG_STOPPED.format(where=f"job {job.id}", job=job.id, what=what, completed=done,
+        _MSG_STOPPED.format(where=_WHERE, job=job.id, what=what, completed=done,
                             steps=job.steps, none=" (none ran: nothing changed)" if not done
                             else ""),
         reason=reason, job=job.id, **progress.extra())

@@ -125,6 +125,12 @@ def _check(message: LoopRequest) -> None:
         problems.append(f"steps={message.steps} must be >= 1")
     if message.keep not in KEEP:
         problems.append(f"keep={message.keep!r} must be one of {', '.join(map(repr, KEEP))}")
+    if message.keep_outputs:  # the stream's fields, which a loop would silently ignore
+        problems.append("keep_outputs=true is for calls of the stream: a loop's outputs "
+                        "come back in its result")
+    if message.returns != "values":
+        problems.append(f"returns={message.returns!r:.40} must be 'values': a loop's result "
+                        "holds its outputs")
     if message.call_id is not None and not _JOB_ID.fullmatch(message.call_id):
         problems.append(f"call_id={message.call_id!r:.60} must be 16 to 32 lowercase hex "
                         "digits (it becomes the job's id)")

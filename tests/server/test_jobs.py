@@ -238,6 +238,15 @@ def test_bad_steps_and_keep_are_refused_before_sending(client):
         client.loop(step, 2, keep="first")
 
 
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf"), 2e9, True, "5"])
+def test_a_bad_timeout_is_refused_before_sending(client, timeout):
+    # The wire's rule (0 < t <= 1e9), said where the caller wrote it: not a 400 later.
+    with pytest.raises(ValueError, match=r"timeout=.* must be a number of seconds above 0 "
+                                         r"\(at most 1e9\), or None"):
+        client.loop(client.jit(lambda: None), 2, timeout=timeout)
+    assert client._http.json("GET", "/v1/jobs") == {"jobs": []}
+
+
 def test_a_failing_step_leaves_the_states_of_the_step_before_and_says_which(client):
     w = statehost.ParamState(jnp.zeros(1, jnp.float32))
 
@@ -485,6 +494,8 @@ def _raw_submit(client, **fields):
     ({"keep": "first"}, r"keep='first' must be one of 'last', 'all'"),
     ({"call_id": "not-hex"}, r"call_id='not-hex' must be 16 to 32 lowercase hex digits"),
     ({"call_id": "ab" * 8 + "\n"}, r"must be 16 to 32 lowercase hex digits"),
+    ({"keep_outputs": True}, r"keep_outputs=true is for calls of the stream"),
+    ({"returns": "none"}, r"returns='none' must be 'values'"),
 ])
 def test_a_bad_loop_header_is_a_422_before_anything_runs(client, fields, expected):
     status, body = _raw_submit(client, **fields)
