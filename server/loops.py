@@ -20,18 +20,21 @@ one worker, for the whole loop. Its work (:func:`run_loop`):
 The per-step path does no unpickling, no lookups of the callable and no host copies;
 the device runs at most ``_AHEAD`` steps behind the host (after dispatching step ``i``
 the runner waits for step ``i - _AHEAD``), so the device is never idle for want of a
-dispatch, and a cancel stops it within a few steps.
+dispatch, and a cancel stops it within a few steps. The arguments that are the same
+every step (``args``, ``kwargs``) are placed on the devices once, where the step's
+program reads them (:func:`_placed_once`), instead of being copied there every step.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
-from statehost.random import RandomState
+from statehost.random import RandomState, use_default_stream
 from statehost.server.callable_cache import unpickle
 from statehost.server.errors import (
     ApiError,
@@ -45,6 +48,7 @@ from statehost.server.errors import (
 # The one call path's helpers, shared so a loop step runs exactly as a call does.
 from statehost.server.execution import _is_weak, _resolve, _run, _user_error, to_host
 from statehost.server.staging import _MSG_MISSING_STATES, Transaction
+from statehost.transform import StatefulFunction, StatefulMapping
 from statehost.wire import CallReply, LoopRequest, pack
 
 if TYPE_CHECKING:
@@ -203,6 +207,62 @@ def _check_resident(job: Job, ids: frozenset[str], store: Any,
                                  missing=gone) from cause
 
 
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _placed_once(transform: Any, args: tuple, kwargs: dict, n_dyn: int) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with their numpy arrays put where the step's program reads
+    them, once for the whole loop: a ``jit`` (and a ``vmap``, which runs jitted) on the
+    default device, a ``pmap`` sharded over the lanes of the arguments it maps on axis 0
+    (as ``jax.pmap`` itself shards them). Each step then passes arrays already in place
+    instead of copying the same host values to the devices again (about half a tiny pmap
+    step's dispatch). The values, dtypes and weak types are the same, so the step computes
+    and traces exactly what it did. Anything else stays as it is: a transform that donates
+    arguments (a donated buffer is gone after the first step), has static arguments or is
+    pinned to devices, pmap arguments broadcast or mapped on another axis, and values that
+    are not plain numpy arrays of a canonical dtype.
+    """
+    if getattr(transform, "_static_argnums", ()):
+        return args, kwargs
+    if isinstance(transform, StatefulFunction):
+        if transform.donate_argnums:
+            return args, kwargs
+        put, axes = jax.device_put, None
+    elif isinstance(transform, StatefulMapping):
+        mapping_fn = transform.mapping_fn
+        if mapping_fn is jax.vmap or getattr(mapping_fn, "func", None) is jax.vmap:
+            put, axes = jax.device_put, None  # a vmap runs under jax.jit
+        elif getattr(mapping_fn, "devices", 0) is None and \
+                getattr(mapping_fn, "backend", 0) is None and \
+                getattr(mapping_fn, "donate_argnums", None) == ():  # pmap's, on its own
+            try:
+                put, axes = jax.pmap(_identity), transform._dyn_in_axes(n_dyn)
+            except ValueError:  # in_axes that do not fit the arguments: the step says so
+                return args, kwargs
+        else:
+            return args, kwargs
+    else:
+        return args, kwargs
+
+    def place(leaf: Any) -> Any:
+        if type(leaf) is not np.ndarray or jax.dtypes.canonicalize_dtype(leaf.dtype) != \
+                leaf.dtype or (axes is not None and leaf.ndim == 0):
+            return leaf
+        try:
+            return put(leaf)
+        except Exception:  # noqa: BLE001  the step meets (and reports) what is wrong with it
+            return leaf
+
+    if axes is None:
+        return jax.tree_util.tree_map(place, (args, kwargs))
+    # pmap: the arguments it maps on axis 0, and kwargs (which it always maps on axis 0);
+    # one it broadcasts, or maps on another axis, is left for pmap to place.
+    placed = tuple(jax.tree_util.tree_map(place, arg) if type(axis) is int and axis == 0
+                   else arg for arg, axis in zip(args, axes, strict=False))
+    return placed, jax.tree_util.tree_map(place, kwargs)
+
+
 def end_unstarted(job: Job) -> None:
     """Ends a job whose call was cancelled before it started (nothing ran)."""
     _stopped(job, job.reason or "cancelled", _Progress())
@@ -233,6 +293,19 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
     except BaseException:
         tx.rollback()
         raise
+    args, kwargs = _placed_once(transform, args, kwargs, len(args) + (rows is not None))
+    with use_default_stream(stream) if stream is not None else contextlib.nullcontext():
+        _run_steps(call, request, job, rt, progress, tx, transform, args, kwargs, rows,
+                   rows_tree)
+
+
+def _run_steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _Progress,
+               tx: Transaction, transform: Any, args: tuple, kwargs: dict,
+               rows: list[Any] | None, rows_tree: Any) -> None:
+    """The steps, inside the loop's default stream (entered once, not per step)."""
+    session = call.session
+    assert session is not None
+    steps = request.steps
     loaded = frozenset(tx.loaded)
     store = rt.store
     keep_all = request.keep == "all"
@@ -252,7 +325,7 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
         step_args = args if rows is None else \
             (*args, jax.tree_util.tree_unflatten(rows_tree, [x[i] for x in rows]))
         try:
-            out = _run(tx, transform, step_args, kwargs, stream, _WHERE)
+            out = _run(tx, transform, step_args, kwargs, None, _WHERE)
             behind.append(_one_array(out, tx))
             done = tx.commit()
         except BaseException as exc:
