@@ -266,6 +266,7 @@ def test_a_failing_step_leaves_the_states_of_the_step_before_and_says_which(clie
 
 
 def _slow_step(client, delay=0.02):
+    """A counter and a jitted step adding one to it, sleeping ``delay`` s on the server."""
     w = statehost.ParamState(jnp.zeros((), jnp.int32))
 
     def step():
@@ -276,11 +277,22 @@ def _slow_step(client, delay=0.02):
     return w, client.jit(step)
 
 
-def test_cancel_stops_between_steps_and_states_are_at_a_completed_step(client):
-    w, step = _slow_step(client)
-    job = client.loop(step, 10_000, wait=False)
-    while job.progress[0] < 3:
+@pytest.fixture
+def slow(client):
+    """``(counter, step)`` of :func:`_slow_step`: a loop of N steps takes N x 20 ms at least."""
+    return _slow_step(client)
+
+
+def _running(job, steps=2):
+    """``job``, once it has committed ``steps`` steps (it is running then)."""
+    while job.progress[0] < steps:
         time.sleep(0.01)
+    return job
+
+
+def test_cancel_stops_between_steps_and_states_are_at_a_completed_step(client, slow):
+    w, step = slow
+    job = _running(client.loop(step, 10_000, wait=False), 3)
 
     job.cancel()
 
@@ -292,8 +304,8 @@ def test_cancel_stops_between_steps_and_states_are_at_a_completed_step(client):
     assert int(w.value) == done  # pulled: the states of the last completed step
 
 
-def test_timeout_stops_the_loop_between_steps(client):
-    w, step = _slow_step(client)
+def test_timeout_stops_the_loop_between_steps(client, slow):
+    w, step = slow
 
     with pytest.raises(JobCancelledError, match=r"stopped by its timeout of 0.3 s after") \
             as info:
@@ -303,8 +315,8 @@ def test_timeout_stops_the_loop_between_steps(client):
     assert int(w.value) == info.value.completed
 
 
-def test_a_queued_job_cancelled_never_runs(client):
-    w, step = _slow_step(client)
+def test_a_queued_job_cancelled_never_runs(client, slow):
+    w, step = slow
     first = client.loop(step, 10_000, wait=False)
     second = client.loop(step, 5, wait=False)  # the same state: it waits for the first
     assert second.status == "queued"
@@ -319,11 +331,9 @@ def test_a_queued_job_cancelled_never_runs(client):
     assert int(w.value) == first.progress[0]
 
 
-def test_result_of_a_running_job_is_409(client):
-    _, step = _slow_step(client)
-    job = client.loop(step, 10_000, wait=False)
-    while job.status == "queued":
-        time.sleep(0.01)
+def test_result_of_a_running_job_is_409(client, slow):
+    _, step = slow
+    job = _running(client.loop(step, 10_000, wait=False), 1)
     try:
         with pytest.raises(statehost.client.ClientError, match="is running") as info:
             client._http.json("GET", f"/v1/jobs/{job.id}/result")
@@ -334,15 +344,9 @@ def test_result_of_a_running_job_is_409(client):
         job.result()
 
 
-def _running(job, steps=2):
-    while job.progress[0] < steps:
-        time.sleep(0.01)
-    return job
-
-
-def test_closing_the_session_keeps_its_states_until_its_jobs_end(app, client, transport):
+def test_closing_the_session_keeps_its_states_until_its_jobs_end(app, client, transport, slow):
     rt = app.state.runtime
-    w, step = _slow_step(client)
+    w, step = slow
     job = _running(client.loop(step, 30, wait=False))
     session = next(j.session for j in app.state.jobs.going() if j.id == job.id)
 
@@ -362,9 +366,9 @@ def test_closing_the_session_keeps_its_states_until_its_jobs_end(app, client, tr
         assert metric(other, "statehost_resident_states") == len(rt.store)
 
 
-def test_client_close_while_a_job_runs_leaves_it_running(app, client, transport):
+def test_client_close_while_a_job_runs_leaves_it_running(app, client, transport, slow):
     rt = app.state.runtime
-    w, step = _slow_step(client)
+    w, step = slow
     job = _running(client.loop(step, 20, wait=False))
 
     client.close()
@@ -376,9 +380,9 @@ def test_client_close_while_a_job_runs_leaves_it_running(app, client, transport)
     assert rt.store.meta(w.id) is None
 
 
-def test_a_session_with_a_job_going_does_not_expire_until_the_job_ends(app, client):
+def test_a_session_with_a_job_going_does_not_expire_until_the_job_ends(app, client, slow):
     rt, ttl = app.state.runtime, app.state.runtime.settings.session_ttl
-    w, step = _slow_step(client)
+    w, step = slow
     job = _running(client.loop(step, 10_000, wait=False))
 
     rt.expire_sessions(now=time.monotonic() + 2 * ttl)  # idle, but its job runs
@@ -402,8 +406,8 @@ def test_closing_a_session_whose_jobs_ended_frees_it_at_once(app, client):
     assert closed.status_code == 204 and rt.store.meta(w.id) is None
 
 
-def test_a_loop_whose_named_states_are_replaced_fails_and_says_why(client):
-    w, step = _slow_step(client)
+def test_a_loop_whose_named_states_are_replaced_fails_and_says_why(client, slow):
+    w, step = slow
     client.put("team/looped", w)
     job = _running(client.loop(step, 10_000, wait=False))
 
@@ -505,22 +509,15 @@ def test_a_bad_loop_header_is_a_422_before_anything_runs(client, fields, expecte
 
 
 def test_a_bad_timeout_is_refused_by_the_wire(client):
-    step = client.jit(lambda: None)
-    packed = step.placement.packed(step)
-    message = LoopRequest(session=client._session, digest=packed.digest, steps=1,
-                          args=pack(((), {}, None)), timeout=-1.0)
-    status, body = client._http.frames.post_frame(
-        "/v1/jobs", message.to_frame().to_bytes(), 0, {"content-type": CONTENT_TYPE})
+    status, body = _raw_submit(client, timeout=-1.0)
     assert status == 400
-    assert "'timeout' must be a number of seconds above 0 (at most 1e9), or null" in json.loads(
-        bytes(body))["error"]["message"]
+    assert "'timeout' must be a number of seconds above 0 (at most 1e9), or null" in \
+        body["error"]["message"]
 
 
-def test_the_json_routes_show_progress_cancel_and_stream_events(client):
-    _, step = _slow_step(client)
-    job = client.loop(step, 10_000, wait=False)
-    while job.progress[0] < 2:
-        time.sleep(0.01)
+def test_the_json_routes_show_progress_cancel_and_stream_events(client, slow):
+    _, step = slow
+    job = _running(client.loop(step, 10_000, wait=False))
 
     shown = client._http.json("GET", f"/v1/jobs/{job.id}")
     cancelled = client._http.json("POST", f"/v1/jobs/{job.id}/cancel")
