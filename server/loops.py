@@ -68,6 +68,11 @@ _MSG_OVER_AXES = (
     "(steps={steps}); {problems}. Fix: pass arrays of shape (steps, ...), e.g. "
     "over=batches[:steps], or set steps=len(batches)."
 )
+_MSG_OVER_TREE = (
+    "{where}: over= must be a pytree JAX can take apart; flattening it raised {why:.300}. "
+    "Fix: pass arrays, or tuples, lists and dicts of them (a dict's keys all strings, or "
+    "all numbers)."
+)
 _MSG_GONE = (
     "job {job}: states {ids} were freed while the loop ran: their named object was deleted "
     "(client.delete, DELETE /v1/namespaces/{{ns}}/objects/{{name}}) or replaced by a new "
@@ -80,8 +85,13 @@ _MSG_STOPPED = (
 
 
 def check_over(over: Any, steps: int, where: str = _WHERE) -> tuple[list[Any], Any]:
-    """``over``'s leaves and structure, or a 422 naming each leaf without ``steps`` rows."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(over)
+    """``over``'s leaves and structure, or a 422 naming each leaf without ``steps`` rows
+    (or saying why JAX cannot take it apart)."""
+    try:
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(over)
+    except Exception as exc:  # a dict whose keys do not sort (1 and "a"), say
+        raise ValidationError(_MSG_OVER_TREE.format(
+            where=where, why=f"{type(exc).__name__}: {exc}")) from exc
     problems = []
     for path, leaf in leaves:
         shape = getattr(leaf, "shape", None)
@@ -254,13 +264,16 @@ def _placed_once(transform: Any, args: tuple, kwargs: dict, n_dyn: int) -> tuple
         except Exception:  # noqa: BLE001  the step meets (and reports) what is wrong with it
             return leaf
 
-    if axes is None:
-        return jax.tree_util.tree_map(place, (args, kwargs))
-    # pmap: the arguments it maps on axis 0, and kwargs (which it always maps on axis 0);
-    # one it broadcasts, or maps on another axis, is left for pmap to place.
-    placed = tuple(jax.tree_util.tree_map(place, arg) if type(axis) is int and axis == 0
-                   else arg for arg, axis in zip(args, axes, strict=False))
-    return placed, jax.tree_util.tree_map(place, kwargs)
+    try:
+        if axes is None:
+            return jax.tree_util.tree_map(place, (args, kwargs))
+        # pmap: the arguments it maps on axis 0, and kwargs (which it always maps on axis
+        # 0); one it broadcasts, or maps on another axis, is left for pmap to place.
+        placed = tuple(jax.tree_util.tree_map(place, arg) if type(axis) is int and axis == 0
+                       else arg for arg, axis in zip(args, axes, strict=False))
+        return placed, jax.tree_util.tree_map(place, kwargs)
+    except Exception:  # noqa: BLE001  arguments JAX cannot take apart: the step says why
+        return args, kwargs
 
 
 def end_unstarted(job: Job) -> None:

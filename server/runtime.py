@@ -69,8 +69,8 @@ class Runtime:
         need until the last one ends; returns how many jobs it waits for."""
         going = self.sessions.close(session, why)
         if going:
-            log.info("session %s %s; it closes when its %d job(s) end", session.id[:8], why,
-                     going)
+            log.info("session %s %s while %d job(s) of it run; its states are freed when "
+                     "they end", session.id[:8], why, going)
             self.refresh_gauges()
         else:
             self.free(session)

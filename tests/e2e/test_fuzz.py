@@ -866,6 +866,16 @@ def _huge_int_header(t: Target) -> bytes:
     return magic + struct.pack("<I", len(head)) + head + rest
 
 
+def _loop(t: Target, args: Any) -> bytes:
+    """A loop of the scratch adder, 2 steps, whose args section holds ``args``."""
+    return LoopRequest(session=t.session, digest=t.scratch_fn.digest, refs=(t.scratch.id,),
+                       function=t.scratch_fn.section, args=pack(args, refs=False), steps=2
+                       ).to_frame().to_bytes()
+
+
+# A dict whose keys do not sort: jax.tree_util cannot flatten it.
+_UNSORTABLE = {1: np.ones(4, np.float32), "a": np.ones(4, np.float32)}
+
 FAULTS: dict[str, Fault] = {
     "huge-int-in-header": Fault(
         r"ValueError: Exceeds the limit .* integer string conversion.* @ statehost/wire/",
@@ -907,6 +917,16 @@ FAULTS: dict[str, Fault] = {
     "user-unprintable-exception": Fault(
         r"RuntimeError: this exception cannot be printed @ server/execution\.py:_user_error",
         PATHS["call"], lambda t: _call(t, t.hostile["call"]["StatefulFunction:unprintable"]), None),
+    # The job failed as a ServerError (its result a 500): the loop's one-time placement of
+    # its constant arguments, and its check of over's rows, flattened them outside the
+    # step's error handling (server/loops.py).
+    "loop-unflattenable-kwargs": Fault(
+        r"ValueError: Comparator raised exception while sorting pytree dictionary keys",
+        PATHS["loop"], lambda t: _loop(t, ((np.ones(4, np.float32),), {"d": _UNSORTABLE},
+                                           None)), None),
+    "loop-unflattenable-over": Fault(
+        r"ValueError: Comparator raised exception while sorting pytree dictionary keys",
+        PATHS["loop"], lambda t: _loop(t, ((), {}, _UNSORTABLE)), None),
 }
 
 

@@ -203,7 +203,7 @@ def test_a_job_outlives_client_close_and_its_states_go_when_it_ends(served, coun
     client.close()  # the session is closed; the job keeps its states
 
     assert _resident(served) > resident
-    assert "it closes when its 1 job(s) end" in served.output()
+    assert "while 1 job(s) of it run; its states are freed when they end" in served.output()
     with statehost.connect(served.url, token=served.token) as other:
         again = other.job(job.id)
         assert int(again.result()) == 60

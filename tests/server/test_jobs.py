@@ -486,11 +486,30 @@ def _raw_submit(client, **fields):
     step = client.jit(lambda: None)
     packed = step.placement.packed(step)
     message = LoopRequest(session=client._session, digest=packed.digest,
-                          function=packed.section, args=pack(((), {}, None)),
-                          **{"steps": 2, **fields})
+                          function=packed.section, **{"args": pack(((), {}, None)), "steps": 2,
+                                                      **fields})
     status, body = client._http.frames.post_frame(
         "/v1/jobs", message.to_frame().to_bytes(), 0, {"content-type": CONTENT_TYPE})
     return status, json.loads(bytes(body))
+
+
+# A dict whose keys do not sort: JAX cannot flatten it (found by tests/e2e/test_fuzz.py).
+_UNSORTABLE = {1: np.ones(2, np.float32), "a": np.ones(2, np.float32)}
+
+
+@pytest.mark.parametrize(("args", "kind", "expected"), [
+    (((), {"d": _UNSORTABLE}, None), "RemoteExecutionError", r"the function raised "
+     r"ValueError: Comparator raised exception while sorting pytree dictionary keys"),
+    (((), {}, _UNSORTABLE), "ValidationError", r"over= must be a pytree JAX can take apart; "
+     r"flattening it raised ValueError: Comparator"),
+], ids=["in-kwargs", "as-over"])
+def test_arguments_jax_cannot_flatten_fail_the_job_with_a_4xx(client, args, kind, expected):
+    status, job = _raw_submit(client, args=pack(args, refs=False))
+    assert status == 202
+    with pytest.raises(statehost.client.ClientError) as info:
+        client.job(job["id"]).result()
+    assert info.value.status < 500 and info.value.body["type"] == kind, info.value.body
+    assert re.search(expected, str(info.value)), str(info.value)
 
 
 @pytest.mark.parametrize(("fields", "expected"), [
