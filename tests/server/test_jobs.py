@@ -366,6 +366,27 @@ def test_closing_the_session_keeps_its_states_until_its_jobs_end(app, client, tr
         assert metric(other, "statehost_resident_states") == len(rt.store)
 
 
+def test_a_closed_session_is_freed_when_the_last_of_its_jobs_ends(app, client, transport,
+                                                                  slow):
+    rt = app.state.runtime
+    w, step = slow
+    first = _running(client.loop(step, 10_000, wait=False))
+    second = client.loop(step, 5, wait=False)  # the same state: queued behind the first
+
+    closed = client._http.client.delete(f"/v1/sessions/{client._session}")
+
+    assert closed.status_code == 202 and closed.json()["jobs"] == 2, closed.text
+    with statehost.connect(URL, token=TOKEN, transport=transport) as other:
+        other.job(second.id).cancel()  # never started: it ends at once
+        with pytest.raises(JobCancelledError, match=r"after 0 of 5 step\(s\)"):
+            other.job(second.id).result()
+        assert rt.store.meta(w.id) is not None  # the first job still runs on it
+        other.job(first.id).cancel()
+        with pytest.raises(JobCancelledError):
+            other.job(first.id).result()
+    assert rt.store.meta(w.id) is None
+
+
 def test_client_close_while_a_job_runs_leaves_it_running(app, client, transport, slow):
     rt = app.state.runtime
     w, step = slow
