@@ -375,9 +375,9 @@ def _check(steps: Any, keep: Any, timeout: Any, api: str) -> None:
         raise ValueError(f"statehost.Client.{api}: keep={keep!r} must be one of "
                          f"{', '.join(map(repr, KEEP))}.")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(
-            timeout, int | float) or not timeout >= 0):
+            timeout, int | float) or not 0 < timeout <= 1e9):
         raise ValueError(f"statehost.Client.{api}: timeout={timeout!r} must be a number of "
-                         "seconds >= 0, or None.")
+                         "seconds above 0 (at most 1e9), or None (no limit).")
 
 
 def _post(client: Client, message: LoopRequest) -> dict[str, Any]:

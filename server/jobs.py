@@ -80,6 +80,10 @@ class Job:
     call: Call | None = None
     cancel_requested: bool = False
     on_change: Callable[[Job], None] | None = None
+    # Called once, by the first end, before anyone can see the job ended: the server lets
+    # its session go there, so a closed session's states are freed when its job is seen done.
+    on_end: Callable[[Job], None] | None = None
+    _ending: bool = False
     _created_mono: float = field(default_factory=time.monotonic)
     _started_mono: float | None = None
     _finished_mono: float | None = None
@@ -133,8 +137,12 @@ class Job:
 
     def _finish(self, status: JobStatus, **values: Any) -> None:
         with self._lock:
-            if self.is_done:
+            if self.is_done or self._ending:
                 return  # the first end wins (a cancel racing the last step, say)
+            self._ending = True
+        if self.on_end is not None:
+            self.on_end(self)
+        with self._lock:
             for name, value in values.items():
                 setattr(self, name, value)
             self.status = status

@@ -20,19 +20,21 @@ one worker, for the whole loop. Its work (:func:`run_loop`):
 The per-step path does no unpickling, no lookups of the callable and no host copies;
 the device runs at most ``_AHEAD`` steps behind the host (after dispatching step ``i``
 the runner waits for step ``i - _AHEAD``), so the device is never idle for want of a
-dispatch, and a cancel stops it within a few steps.
+dispatch, and a cancel stops it within a few steps. The arguments that are the same
+every step (``args``, ``kwargs``) are placed on the devices once, where the step's
+program reads them (:func:`_placed_once`), instead of being copied there every step.
 """
 
 from __future__ import annotations
 
 import collections
-import time
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
-from statehost.random import RandomState
+from statehost.random import RandomState, use_default_stream
 from statehost.server.callable_cache import unpickle
 from statehost.server.errors import (
     ApiError,
@@ -46,6 +48,7 @@ from statehost.server.errors import (
 # The one call path's helpers, shared so a loop step runs exactly as a call does.
 from statehost.server.execution import _is_weak, _resolve, _run, _user_error, to_host
 from statehost.server.staging import _MSG_MISSING_STATES, Transaction
+from statehost.transform import StatefulFunction, StatefulMapping
 from statehost.wire import CallReply, LoopRequest, pack
 
 if TYPE_CHECKING:
@@ -59,20 +62,21 @@ _WHERE = "POST /v1/jobs"
 # How many dispatched steps the device may still be working on. One costs a wait on the
 # device per step (+25% per tiny pmap step, 2 busy cores); two hide it.
 _AHEAD = 2
-# A session idle this long is not expired by a loop that runs: each step touches it,
-# at most this often (seconds).
-_TOUCH_EVERY = 1.0
 
 _MSG_OVER_AXES = (
     "{where}: over= must be a pytree of arrays whose leading axis has one row per step "
     "(steps={steps}); {problems}. Fix: pass arrays of shape (steps, ...), e.g. "
     "over=batches[:steps], or set steps=len(batches)."
 )
+_MSG_OVER_TREE = (
+    "{where}: over= must be a pytree JAX can take apart; flattening it raised {why:.300}. "
+    "Fix: pass arrays, or tuples, lists and dicts of them (a dict's keys all strings, or "
+    "all numbers)."
+)
 _MSG_GONE = (
-    "job {job}: states {ids} were freed while the loop ran: its session was closed "
-    "(client.close(), DELETE /v1/sessions/{{id}}) or their named object deleted. Fix: keep "
-    "the submitting client open until the job ends (a client killed without closing is "
-    "fine: the job keeps its session open), or run loops on named states (client.put)."
+    "job {job}: states {ids} were freed while the loop ran: their named object was deleted "
+    "(client.delete, DELETE /v1/namespaces/{{ns}}/objects/{{name}}) or replaced by a new "
+    "put. Fix: cancel the job (job.cancel()) before deleting or re-putting its object."
 )
 _MSG_STOPPED = (
     "{where}: job {job} was {what} after {completed} of {steps} step(s); every state keeps "
@@ -81,8 +85,13 @@ _MSG_STOPPED = (
 
 
 def check_over(over: Any, steps: int, where: str = _WHERE) -> tuple[list[Any], Any]:
-    """``over``'s leaves and structure, or a 422 naming each leaf without ``steps`` rows."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(over)
+    """``over``'s leaves and structure, or a 422 naming each leaf without ``steps`` rows
+    (or saying why JAX cannot take it apart)."""
+    try:
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(over)
+    except Exception as exc:  # a dict whose keys do not sort (1 and "a"), say
+        raise ValidationError(_MSG_OVER_TREE.format(
+            where=where, why=f"{type(exc).__name__}: {exc}")) from exc
     problems = []
     for path, leaf in leaves:
         shape = getattr(leaf, "shape", None)
@@ -145,9 +154,6 @@ def run_loop(call: Call, request: LoopRequest, job: Job, rt: Runtime) -> None:
             f"{_WHERE}: job {job.id} failed in the server ({type(exc).__name__}: {exc}).",
             traceback=None), progress)
         raise
-    finally:
-        if call.session is not None:
-            call.session.last_seen = time.monotonic()  # its TTL counts from the job's end
 
 
 def _fail(job: Job, exc: ApiError, progress: _Progress) -> None:
@@ -168,7 +174,7 @@ def _stopped(job: Job, reason: str, progress: _Progress) -> None:
             }.get(reason, "cancelled")
     done = progress.completed
     exc = JobCancelledError(
-        _MSG_STOPPED.format(where=f"job {job.id}", job=job.id, what=what, completed=done,
+        _MSG_STOPPED.format(where=_WHERE, job=job.id, what=what, completed=done,
                             steps=job.steps, none=" (none ran: nothing changed)" if not done
                             else ""),
         reason=reason, job=job.id, **progress.extra())
@@ -211,6 +217,65 @@ def _check_resident(job: Job, ids: frozenset[str], store: Any,
                                  missing=gone) from cause
 
 
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _placed_once(transform: Any, args: tuple, kwargs: dict, n_dyn: int) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with their numpy arrays put where the step's program reads
+    them, once for the whole loop: a ``jit`` (and a ``vmap``, which runs jitted) on the
+    default device, a ``pmap`` sharded over the lanes of the arguments it maps on axis 0
+    (as ``jax.pmap`` itself shards them). Each step then passes arrays already in place
+    instead of copying the same host values to the devices again (about half a tiny pmap
+    step's dispatch). The values, dtypes and weak types are the same, so the step computes
+    and traces exactly what it did. Anything else stays as it is: a transform that donates
+    arguments (a donated buffer is gone after the first step), has static arguments or is
+    pinned to devices, pmap arguments broadcast or mapped on another axis, and values that
+    are not plain numpy arrays of a canonical dtype.
+    """
+    if getattr(transform, "_static_argnums", ()):
+        return args, kwargs
+    if isinstance(transform, StatefulFunction):
+        if transform.donate_argnums:
+            return args, kwargs
+        put, axes = jax.device_put, None
+    elif isinstance(transform, StatefulMapping):
+        mapping_fn = transform.mapping_fn
+        if mapping_fn is jax.vmap or getattr(mapping_fn, "func", None) is jax.vmap:
+            put, axes = jax.device_put, None  # a vmap runs under jax.jit
+        elif getattr(mapping_fn, "devices", 0) is None and \
+                getattr(mapping_fn, "backend", 0) is None and \
+                getattr(mapping_fn, "donate_argnums", None) == ():  # pmap's, on its own
+            try:
+                put, axes = jax.pmap(_identity), transform._dyn_in_axes(n_dyn)
+            except ValueError:  # in_axes that do not fit the arguments: the step says so
+                return args, kwargs
+        else:
+            return args, kwargs
+    else:
+        return args, kwargs
+
+    def place(leaf: Any) -> Any:
+        if type(leaf) is not np.ndarray or jax.dtypes.canonicalize_dtype(leaf.dtype) != \
+                leaf.dtype or (axes is not None and leaf.ndim == 0):
+            return leaf
+        try:
+            return put(leaf)
+        except Exception:  # noqa: BLE001  the step meets (and reports) what is wrong with it
+            return leaf
+
+    try:
+        if axes is None:
+            return jax.tree_util.tree_map(place, (args, kwargs))
+        # pmap: the arguments it maps on axis 0, and kwargs (which it always maps on axis
+        # 0); one it broadcasts, or maps on another axis, is left for pmap to place.
+        placed = tuple(jax.tree_util.tree_map(place, arg) if type(axis) is int and axis == 0
+                       else arg for arg, axis in zip(args, axes, strict=False))
+        return placed, jax.tree_util.tree_map(place, kwargs)
+    except Exception:  # noqa: BLE001  arguments JAX cannot take apart: the step says why
+        return args, kwargs
+
+
 def end_unstarted(job: Job) -> None:
     """Ends a job whose call was cancelled before it started (nothing ran)."""
     _stopped(job, job.reason or "cancelled", _Progress())
@@ -241,6 +306,19 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
     except BaseException:
         tx.rollback()
         raise
+    args, kwargs = _placed_once(transform, args, kwargs, len(args) + (rows is not None))
+    with use_default_stream(stream) if stream is not None else contextlib.nullcontext():
+        _run_steps(call, request, job, rt, progress, tx, transform, args, kwargs, rows,
+                   rows_tree)
+
+
+def _run_steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _Progress,
+               tx: Transaction, transform: Any, args: tuple, kwargs: dict,
+               rows: list[Any] | None, rows_tree: Any) -> None:
+    """The steps, inside the loop's default stream (entered once, not per step)."""
+    session = call.session
+    assert session is not None
+    steps = request.steps
     loaded = frozenset(tx.loaded)
     store = rt.store
     keep_all = request.keep == "all"
@@ -248,7 +326,6 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
     out: Any = None
     behind: collections.deque[Any] = collections.deque()  # one array of each step in flight
     misses = transform.cache_info().misses
-    touched = time.monotonic()
     for i in range(steps):
         if i:
             reason = job.should_stop()
@@ -261,14 +338,14 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
         step_args = args if rows is None else \
             (*args, jax.tree_util.tree_unflatten(rows_tree, [x[i] for x in rows]))
         try:
-            out = _run(tx, transform, step_args, kwargs, stream, _WHERE)
+            out = _run(tx, transform, step_args, kwargs, None, _WHERE)
             behind.append(_one_array(out, tx))
             done = tx.commit()
         except BaseException as exc:
             tx.rollback()
             reason = job.should_stop()
             if reason is not None and _freed(loaded, store):
-                # A client that pressed Ctrl-C and exited closed its session mid-step.
+                # Cancelled, and its named object deleted mid-step: the cancel is the story.
                 _stopped(job, reason, progress)
                 return
             _check_resident(job, loaded, store, exc)  # freed during the step: say so
@@ -284,9 +361,6 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
             oldest = behind.popleft()
             if oldest is not None:
                 _wait(oldest, i - _AHEAD, job)
-        now = time.monotonic()
-        if now - touched > _TOUCH_EVERY:
-            session.last_seen = touched = now  # a running job keeps its session open
     progress.compiled = transform.cache_info().misses - misses
     job.complete(_reply(job, request, tx, out, kept if keep_all else None, progress))
 

@@ -87,6 +87,25 @@ class Runtime:
         self.refresh_gauges()
         return len(ids)
 
+    def close_session(self, session: Session, why: str) -> int:
+        """Closes ``session`` and frees it, or (while jobs of it are going) keeps what they
+        need until the last one ends; returns how many jobs it waits for."""
+        going = self.sessions.close(session, why)
+        if going:
+            log.info("session %s %s while %d job(s) of it run; its states are freed when "
+                     "they end", session.id[:8], why, going)
+            self.refresh_gauges()
+        else:
+            self.free(session)
+        return going
+
+    def end_job(self, session: Session, job_id: str) -> None:
+        """Job ``job_id`` of ``session`` ended: a session closed while it ran is freed now."""
+        if self.sessions.release(session, job_id):
+            count = self.free(session)
+            log.info("session %s (%s) freed %d state(s) after its last job %s ended",
+                     session.id[:8], session.closing, count, job_id)
+
     def expire_sessions(self, now: float | None = None) -> None:
         """Frees every session idle past the TTL (as of ``now``, a ``time.monotonic()``)."""
         for session in self.sessions.pop_expired(now):

@@ -60,6 +60,12 @@ class Session:
     # re-sent after a reconnect gets its first outcome, and is never applied twice.
     outcomes: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
     running: dict[str, Any] = field(default_factory=dict)  # call id -> Future of its reply
+    # The ids of its jobs not ended yet: they keep the session's states and handles (a
+    # job outlives its client), and keep an idle session from expiring.
+    jobs: set[str] = field(default_factory=set)
+    # Why it was closed while jobs ran ("closed by DELETE /v1/sessions/{id}"); it is freed
+    # when the last of them ends. ``None``: open (or closed and freed at once).
+    closing: str | None = None
 
     @classmethod
     def for_request(cls, principal: Principal, client: str = "") -> Session:
@@ -126,9 +132,12 @@ class SessionTable:
             return self._sessions.pop(session_id, None)
 
     def pop_expired(self, now: float | None = None) -> list[Session]:
+        """The sessions idle past the TTL, closed; one with a job going is not idle (its
+        TTL counts from its last job's end)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            gone = [s for s in self._sessions.values() if now - s.last_seen > self.ttl]
+            gone = [s for s in self._sessions.values()
+                    if now - s.last_seen > self.ttl and not s.jobs]
             for s in gone:
                 del self._sessions[s.id]
         return gone
@@ -140,6 +149,33 @@ class SessionTable:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    # -- jobs keep their session: open, or closed but not freed ----------------------------
+    def hold(self, session: Session, job_id: str) -> bool:
+        """Records that job ``job_id`` needs ``session``; ``False`` if it is closed already."""
+        with self._lock:
+            if self._sessions.get(session.id) is not session:
+                return False
+            session.jobs.add(job_id)
+            return True
+
+    def close(self, session: Session, why: str) -> int:
+        """Closes ``session``: no request finds it any more. Returns how many of its jobs
+        are going: 0, free it now; else it is freed when the last one ends (:meth:`release`)."""
+        with self._lock:
+            self._sessions.pop(session.id, None)
+            if session.jobs:
+                session.closing = why
+            return len(session.jobs)
+
+    def release(self, session: Session, job_id: str) -> bool:
+        """Job ``job_id`` ended; ``True`` if ``session`` was closed and is to be freed now."""
+        with self._lock:
+            if job_id not in session.jobs:
+                return False  # released already
+            session.jobs.discard(job_id)
+            session.last_seen = time.monotonic()  # an open session's TTL counts from here
+            return session.closing is not None and not session.jobs
 
 
 # Who may bring a freed id back: the principal of its session, or (a deleted named

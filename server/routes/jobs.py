@@ -125,6 +125,12 @@ def _check(message: LoopRequest) -> None:
         problems.append(f"steps={message.steps} must be >= 1")
     if message.keep not in KEEP:
         problems.append(f"keep={message.keep!r} must be one of {', '.join(map(repr, KEEP))}")
+    if message.keep_outputs:  # the stream's fields, which a loop would silently ignore
+        problems.append("keep_outputs=true is for calls of the stream: a loop's outputs "
+                        "come back in its result")
+    if message.returns != "values":
+        problems.append(f"returns={message.returns!r:.40} must be 'values': a loop's result "
+                        "holds its outputs")
     if message.call_id is not None and not _JOB_ID.fullmatch(message.call_id):
         problems.append(f"call_id={message.call_id!r:.60} must be 16 to 32 lowercase hex "
                         "digits (it becomes the job's id)")
@@ -178,6 +184,10 @@ async def submit(request: Request, frame: FrameBody, principal: PrincipalDep
                                  missing=missing)
     job = Job(session, message.steps, message.keep, message.timeout,
               **({"id": message.call_id} if message.call_id else {}))
+    # The job keeps its session's states until it ends, even if the session is closed.
+    if not rt.sessions.hold(session, job.id):  # closed since it was looked up
+        rt.session(session.id, principal, _SUBMIT)  # raises its 404
+    job.on_end = lambda ended: rt.end_job(ended.session, ended.id)
     keys = (*message.refs, *message.uploads, *filter(None, [message.default_stream]))
     # A job's own timeout bounds it (the loop stops between steps past it); without one
     # it may wait and run as long as it takes, not the server's per-call default.

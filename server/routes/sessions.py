@@ -7,13 +7,14 @@ it as absent (404), whatever its scope.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 
 from statehost.server.deps import PrincipalDep, RuntimeDep, require_token
 from statehost.server.errors import QuotaExceededError, SessionNotFoundError
 from statehost.server.openapi import errors
 
-__all__ = ["ClientInfo", "SessionBody", "router"]
+__all__ = ["ClientInfo", "ClosingBody", "SessionBody", "router"]
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)])
 
@@ -49,10 +50,31 @@ def open_session(rt: RuntimeDep, principal: PrincipalDep,
     return {"id": session.id, "ttl": rt.settings.session_ttl}
 
 
-@router.delete("/{session_id}", status_code=204, responses=errors(SessionNotFoundError),
-               summary="Close a session: its anonymous states are freed")
+_MSG_CLOSES_LATER = (
+    "session {id}... is closed to requests, but {jobs} job(s) of it still run: its states "
+    "stay resident until the last one ends, then they are freed. Follow a job with "
+    "client.job(id) (list them: GET /v1/jobs, statehost jobs)."
+)
+
+
+class ClosingBody(BaseModel):
+    """The answer to closing a session whose jobs are going (202; 204 when freed now)."""
+
+    id: str = Field(description="the session's first 8 characters")
+    jobs: int = Field(description="its jobs still going: it is freed when they end")
+    message: str
+
+
+@router.delete("/{session_id}", status_code=204,
+               responses={202: {"model": ClosingBody, "description": "closed; its states "
+                                "are freed when its jobs end"}, **errors(SessionNotFoundError)},
+               summary="Close a session: its anonymous states are freed (once its jobs end)")
 def close_session(session_id: str, rt: RuntimeDep, principal: PrincipalDep) -> Response:
-    session = rt.session(session_id, principal, "DELETE /v1/sessions/{id}")
-    rt.sessions.pop(session.id)
-    rt.free(session)
-    return Response(status_code=204)
+    where = "DELETE /v1/sessions/{id}"
+    session = rt.session(session_id, principal, where)
+    jobs = rt.close_session(session, f"closed by {where}")
+    if not jobs:
+        return Response(status_code=204)
+    body = ClosingBody(id=session.id[:8], jobs=jobs,
+                       message=_MSG_CLOSES_LATER.format(id=session.id[:8], jobs=jobs))
+    return JSONResponse(body.model_dump(), status_code=202)

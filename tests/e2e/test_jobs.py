@@ -64,6 +64,27 @@ def served(tmp_path_factory):
         yield served
 
 
+def _counting_step(counter):
+    """A step adding one to ``counter`` that sleeps STEP on the server (a host callback)."""
+
+    def step():
+        import jax
+
+        jax.debug.callback(lambda: time.sleep(STEP))
+        counter.value = counter.value + 1
+        return counter.value
+
+    return step
+
+
+@pytest.fixture
+def counting(served):
+    """``(client, counter, remote step)``: a client of ``served``, closed at the end."""
+    counter = statehost.ParamState(jnp.zeros((), jnp.int32))
+    with statehost.connect(served.url, token=served.token) as client:
+        yield client, counter, client.jit(_counting_step(counter))
+
+
 def _script(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
@@ -108,6 +129,11 @@ def _known(served):
     return {j["id"] for j in _api(served, "GET", "/v1/jobs")["jobs"]}
 
 
+def _resident(served):
+    """How many states the server holds."""
+    return served.metric("statehost_resident_states")
+
+
 def test_ctrl_c_cancels_the_loop_and_raises_within_a_second(served, tmp_path):
     known = _known(served)
     client_process = _start(served, _script(tmp_path, "ctrl_c.py", _CTRL_C), "e2e/ctrl_c",
@@ -140,7 +166,7 @@ def test_ctrl_c_cancels_the_loop_and_raises_within_a_second(served, tmp_path):
 
 def test_a_job_outlives_its_clients_kill_9_and_another_process_reattaches(served, tmp_path):
     steps = 150  # >= 3 s of steps: past the 2 s session TTL
-    known = _known(served)
+    known, resident = _known(served), _resident(served)
     submitter = _start(served, _script(tmp_path, "submit.py", _SUBMIT_AND_HANG), "-",
                        str(steps))
     try:
@@ -161,30 +187,44 @@ def test_a_job_outlives_its_clients_kill_9_and_another_process_reattaches(served
         out = job.result()
         assert job.status == "completed" and job.progress == (steps, steps)
         assert int(out) == steps  # every step ran: the dead client's session was kept open
+    # Its TTL counts from the job's end: then the dead client's states are freed.
+    deadline = time.monotonic() + 60
+    while _resident(served) != resident and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _resident(served) == resident
 
 
-def test_progress_events_arrive_before_the_end(served):
-    counter = statehost.ParamState(jnp.zeros((), jnp.int32))
-    with statehost.connect(served.url, token=served.token) as client:
-        def step():
-            import jax
+def test_a_job_outlives_client_close_and_its_states_go_when_it_ends(served, counting):
+    resident = _resident(served)
+    client, _, step = counting
+    job = client.loop(step, 60, wait=False)
+    while job.progress[0] < 2:
+        time.sleep(0.02)
+    client.close()  # the session is closed; the job keeps its states
 
-            jax.debug.callback(lambda: time.sleep(STEP))
-            counter.value = counter.value + 1
-            return counter.value
+    assert _resident(served) > resident
+    assert "while 1 job(s) of it run; its states are freed when they end" in served.output()
+    with statehost.connect(served.url, token=served.token) as other:
+        again = other.job(job.id)
+        assert int(again.result()) == 60
+        assert again.status == "completed" and again.progress == (60, 60)
+        assert _resident(served) == resident  # freed as the job ended, before it was seen
 
-        job = client.loop(client.jit(step), 60, wait=False)
-        events = []
-        with httpx.stream("GET", f"{served.url}/v1/jobs/{job.id}/events", timeout=30,
-                          headers={"authorization": f"Bearer {served.token}"}) as response:
-            assert response.headers["content-type"].startswith("text/event-stream")
-            name = None
-            for line in response.iter_lines():
-                if line.startswith("event: "):
-                    name = line.removeprefix("event: ")
-                elif line.startswith("data: "):
-                    events.append((time.monotonic(), name, json.loads(line[6:])))
-        assert int(job.result()) == 60
+
+def test_progress_events_arrive_before_the_end(served, counting):
+    client, _, step = counting
+    job = client.loop(step, 60, wait=False)
+    events = []
+    with httpx.stream("GET", f"{served.url}/v1/jobs/{job.id}/events", timeout=30,
+                      headers={"authorization": f"Bearer {served.token}"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((time.monotonic(), name, json.loads(line[6:])))
+    assert int(job.result()) == 60
 
     names = [name for _, name, _ in events]
     assert names[-1] == "end" and names.count("end") == 1 and events[-1][2]["status"] == \
@@ -198,27 +238,19 @@ def test_progress_events_arrive_before_the_end(served):
     assert any(data["steps_per_second"] for _, data in progress)
 
 
-def test_result_with_a_timeout_raises_and_the_job_runs_on(served):
-    counter = statehost.ParamState(jnp.zeros((), jnp.int32))
-    with statehost.connect(served.url, token=served.token) as client:
-        def step():
-            import jax
-
-            jax.debug.callback(lambda: time.sleep(STEP))
-            counter.value = counter.value + 1
-            return counter.value
-
-        job = client.loop(client.jit(step), 100000, wait=False)
-        started = time.monotonic()
-        with pytest.raises(JobNotDoneError, match="the timeout passed. It runs on") as info:
-            job.result(timeout=0.5)
-        assert isinstance(info.value, TimeoutError)
-        assert time.monotonic() - started < 5
-        assert job.status == "running"
-        job.cancel()
-        with pytest.raises(JobCancelledError) as info:
-            job.result()
-        assert int(counter.value) == info.value.completed > 0
+def test_result_with_a_timeout_raises_and_the_job_runs_on(counting):
+    client, counter, step = counting
+    job = client.loop(step, 100000, wait=False)
+    started = time.monotonic()
+    with pytest.raises(JobNotDoneError, match="the timeout passed. It runs on") as info:
+        job.result(timeout=0.5)
+    assert isinstance(info.value, TimeoutError)
+    assert time.monotonic() - started < 5
+    assert job.status == "running"
+    job.cancel()
+    with pytest.raises(JobCancelledError) as info:
+        job.result()
+    assert int(counter.value) == info.value.completed > 0
 
 
 def test_statehost_jobs_lists_the_tokens_jobs(served, tmp_path):
@@ -268,15 +300,7 @@ def test_sigterm_stops_a_running_loop_between_steps_and_flushes_it(tmp_path):
         with statehost.connect(served.url, token=served.token) as client:
             counter = statehost.ParamState(jnp.zeros((), jnp.int32))
             client.put("e2e/shutdown", counter)
-
-            def step():
-                import jax
-
-                jax.debug.callback(lambda: time.sleep(STEP))
-                counter.value = counter.value + 1
-                return counter.value
-
-            job = client.loop(client.jit(step), 100000, wait=False)
+            job = client.loop(client.jit(_counting_step(counter)), 100000, wait=False)
             while job.progress[0] < 5:
                 time.sleep(0.02)
             started = time.monotonic()

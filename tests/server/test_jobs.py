@@ -238,6 +238,15 @@ def test_bad_steps_and_keep_are_refused_before_sending(client):
         client.loop(step, 2, keep="first")
 
 
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf"), 2e9, True, "5"])
+def test_a_bad_timeout_is_refused_before_sending(client, timeout):
+    # The wire's rule (0 < t <= 1e9), said where the caller wrote it: not a 400 later.
+    with pytest.raises(ValueError, match=r"timeout=.* must be a number of seconds above 0 "
+                                         r"\(at most 1e9\), or None"):
+        client.loop(client.jit(lambda: None), 2, timeout=timeout)
+    assert client._http.json("GET", "/v1/jobs") == {"jobs": []}
+
+
 def test_a_failing_step_leaves_the_states_of_the_step_before_and_says_which(client):
     w = statehost.ParamState(jnp.zeros(1, jnp.float32))
 
@@ -257,6 +266,7 @@ def test_a_failing_step_leaves_the_states_of_the_step_before_and_says_which(clie
 
 
 def _slow_step(client, delay=0.02):
+    """A counter and a jitted step adding one to it, sleeping ``delay`` s on the server."""
     w = statehost.ParamState(jnp.zeros((), jnp.int32))
 
     def step():
@@ -267,11 +277,22 @@ def _slow_step(client, delay=0.02):
     return w, client.jit(step)
 
 
-def test_cancel_stops_between_steps_and_states_are_at_a_completed_step(client):
-    w, step = _slow_step(client)
-    job = client.loop(step, 10_000, wait=False)
-    while job.progress[0] < 3:
+@pytest.fixture
+def slow(client):
+    """``(counter, step)`` of :func:`_slow_step`: a loop of N steps takes N x 20 ms at least."""
+    return _slow_step(client)
+
+
+def _running(job, steps=2):
+    """``job``, once it has committed ``steps`` steps (it is running then)."""
+    while job.progress[0] < steps:
         time.sleep(0.01)
+    return job
+
+
+def test_cancel_stops_between_steps_and_states_are_at_a_completed_step(client, slow):
+    w, step = slow
+    job = _running(client.loop(step, 10_000, wait=False), 3)
 
     job.cancel()
 
@@ -283,8 +304,8 @@ def test_cancel_stops_between_steps_and_states_are_at_a_completed_step(client):
     assert int(w.value) == done  # pulled: the states of the last completed step
 
 
-def test_timeout_stops_the_loop_between_steps(client):
-    w, step = _slow_step(client)
+def test_timeout_stops_the_loop_between_steps(client, slow):
+    w, step = slow
 
     with pytest.raises(JobCancelledError, match=r"stopped by its timeout of 0.3 s after") \
             as info:
@@ -294,8 +315,8 @@ def test_timeout_stops_the_loop_between_steps(client):
     assert int(w.value) == info.value.completed
 
 
-def test_a_queued_job_cancelled_never_runs(client):
-    w, step = _slow_step(client)
+def test_a_queued_job_cancelled_never_runs(client, slow):
+    w, step = slow
     first = client.loop(step, 10_000, wait=False)
     second = client.loop(step, 5, wait=False)  # the same state: it waits for the first
     assert second.status == "queued"
@@ -310,11 +331,9 @@ def test_a_queued_job_cancelled_never_runs(client):
     assert int(w.value) == first.progress[0]
 
 
-def test_result_of_a_running_job_is_409(client):
-    _, step = _slow_step(client)
-    job = client.loop(step, 10_000, wait=False)
-    while job.status == "queued":
-        time.sleep(0.01)
+def test_result_of_a_running_job_is_409(client, slow):
+    _, step = slow
+    job = _running(client.loop(step, 10_000, wait=False), 1)
     try:
         with pytest.raises(statehost.client.ClientError, match="is running") as info:
             client._http.json("GET", f"/v1/jobs/{job.id}/result")
@@ -325,16 +344,99 @@ def test_result_of_a_running_job_is_409(client):
         job.result()
 
 
-def test_a_loop_whose_states_are_freed_fails_and_says_why(client, transport):
-    w, step = _slow_step(client)
-    job = client.loop(step, 10_000, wait=False)
-    while job.progress[0] < 2:
-        time.sleep(0.01)
+def test_closing_the_session_keeps_its_states_until_its_jobs_end(app, client, transport, slow):
+    rt = app.state.runtime
+    w, step = slow
+    job = _running(client.loop(step, 30, wait=False))
+    session = next(j.session for j in app.state.jobs.going() if j.id == job.id)
 
-    client._http.json("DELETE", f"/v1/sessions/{client._session}")
+    closed = client._http.client.delete(f"/v1/sessions/{client._session}")
+
+    assert closed.status_code == 202, closed.text
+    assert closed.json()["jobs"] == 1 and re.search(
+        r"closed to requests, but 1 job\(s\) of it still run: its states stay resident until "
+        r"the last one ends", closed.json()["message"])
+    assert rt.store.meta(w.id) is not None and session.closing is not None
+    with pytest.raises(statehost.client.SessionNotFoundError, match="is not open"):
+        client._http.json("DELETE", f"/v1/sessions/{client._session}")  # closed is closed
+    with statehost.connect(URL, token=TOKEN, transport=transport) as other:
+        again = other.job(job.id)
+        assert int(again.result()) == 30  # every step ran on the kept states
+        assert rt.store.meta(w.id) is None and not session.states  # freed when it ended
+        assert metric(other, "statehost_resident_states") == len(rt.store)
+
+
+def test_a_closed_session_is_freed_when_the_last_of_its_jobs_ends(app, client, transport,
+                                                                  slow):
+    rt = app.state.runtime
+    w, step = slow
+    first = _running(client.loop(step, 10_000, wait=False))
+    second = client.loop(step, 5, wait=False)  # the same state: queued behind the first
+
+    closed = client._http.client.delete(f"/v1/sessions/{client._session}")
+
+    assert closed.status_code == 202 and closed.json()["jobs"] == 2, closed.text
+    with statehost.connect(URL, token=TOKEN, transport=transport) as other:
+        other.job(second.id).cancel()  # never started: it ends at once
+        with pytest.raises(JobCancelledError, match=r"after 0 of 5 step\(s\)"):
+            other.job(second.id).result()
+        assert rt.store.meta(w.id) is not None  # the first job still runs on it
+        other.job(first.id).cancel()
+        with pytest.raises(JobCancelledError):
+            other.job(first.id).result()
+    assert rt.store.meta(w.id) is None
+
+
+def test_client_close_while_a_job_runs_leaves_it_running(app, client, transport, slow):
+    rt = app.state.runtime
+    w, step = slow
+    job = _running(client.loop(step, 20, wait=False))
+
+    client.close()
+
+    with statehost.connect(URL, token=TOKEN, transport=transport) as other:
+        again = other.job(job.id)
+        assert again.status == "running"
+        assert int(again.result()) == 20
+    assert rt.store.meta(w.id) is None
+
+
+def test_a_session_with_a_job_going_does_not_expire_until_the_job_ends(app, client, slow):
+    rt, ttl = app.state.runtime, app.state.runtime.settings.session_ttl
+    w, step = slow
+    job = _running(client.loop(step, 10_000, wait=False))
+
+    rt.expire_sessions(now=time.monotonic() + 2 * ttl)  # idle, but its job runs
+    assert rt.store.meta(w.id) is not None
+    job.cancel()
+    with pytest.raises(JobCancelledError):
+        job.result()
+    rt.expire_sessions(now=time.monotonic() + ttl / 2)  # its TTL counts from the job's end
+    assert rt.store.meta(w.id) is not None
+    rt.expire_sessions(now=time.monotonic() + 2 * ttl)
+    assert rt.store.meta(w.id) is None
+
+
+def test_closing_a_session_whose_jobs_ended_frees_it_at_once(app, client):
+    rt = app.state.runtime
+    w, step = _slow_step(client, delay=0)
+    client.loop(step, 2)
+
+    closed = client._http.client.delete(f"/v1/sessions/{client._session}")
+
+    assert closed.status_code == 204 and rt.store.meta(w.id) is None
+
+
+def test_a_loop_whose_named_states_are_replaced_fails_and_says_why(client, slow):
+    w, step = slow
+    client.put("team/looped", w)
+    job = _running(client.loop(step, 10_000, wait=False))
+
+    client.put("team/looped", statehost.ParamState(jnp.zeros((), jnp.int32)))  # new states
 
     with pytest.raises(statehost.client.StateNotFoundError, match="were freed while the loop "
-                                                                  "ran: its session was closed"):
+                                                                  "ran: their named object was "
+                                                                  "deleted .* or replaced"):
         job.result()
     assert job.status == "failed"
 
@@ -405,11 +507,30 @@ def _raw_submit(client, **fields):
     step = client.jit(lambda: None)
     packed = step.placement.packed(step)
     message = LoopRequest(session=client._session, digest=packed.digest,
-                          function=packed.section, args=pack(((), {}, None)),
-                          **{"steps": 2, **fields})
+                          function=packed.section, **{"args": pack(((), {}, None)), "steps": 2,
+                                                      **fields})
     status, body = client._http.frames.post_frame(
         "/v1/jobs", message.to_frame().to_bytes(), 0, {"content-type": CONTENT_TYPE})
     return status, json.loads(bytes(body))
+
+
+# A dict whose keys do not sort: JAX cannot flatten it (found by tests/e2e/test_fuzz.py).
+_UNSORTABLE = {1: np.ones(2, np.float32), "a": np.ones(2, np.float32)}
+
+
+@pytest.mark.parametrize(("args", "kind", "expected"), [
+    (((), {"d": _UNSORTABLE}, None), "RemoteExecutionError", r"the function raised "
+     r"ValueError: Comparator raised exception while sorting pytree dictionary keys"),
+    (((), {}, _UNSORTABLE), "ValidationError", r"over= must be a pytree JAX can take apart; "
+     r"flattening it raised ValueError: Comparator"),
+], ids=["in-kwargs", "as-over"])
+def test_arguments_jax_cannot_flatten_fail_the_job_with_a_4xx(client, args, kind, expected):
+    status, job = _raw_submit(client, args=pack(args, refs=False))
+    assert status == 202
+    with pytest.raises(statehost.client.ClientError) as info:
+        client.job(job["id"]).result()
+    assert info.value.status < 500 and info.value.body["type"] == kind, info.value.body
+    assert re.search(expected, str(info.value)), str(info.value)
 
 
 @pytest.mark.parametrize(("fields", "expected"), [
@@ -417,6 +538,8 @@ def _raw_submit(client, **fields):
     ({"keep": "first"}, r"keep='first' must be one of 'last', 'all'"),
     ({"call_id": "not-hex"}, r"call_id='not-hex' must be 16 to 32 lowercase hex digits"),
     ({"call_id": "ab" * 8 + "\n"}, r"must be 16 to 32 lowercase hex digits"),
+    ({"keep_outputs": True}, r"keep_outputs=true is for calls of the stream"),
+    ({"returns": "none"}, r"returns='none' must be 'values'"),
 ])
 def test_a_bad_loop_header_is_a_422_before_anything_runs(client, fields, expected):
     status, body = _raw_submit(client, **fields)
@@ -426,22 +549,15 @@ def test_a_bad_loop_header_is_a_422_before_anything_runs(client, fields, expecte
 
 
 def test_a_bad_timeout_is_refused_by_the_wire(client):
-    step = client.jit(lambda: None)
-    packed = step.placement.packed(step)
-    message = LoopRequest(session=client._session, digest=packed.digest, steps=1,
-                          args=pack(((), {}, None)), timeout=-1.0)
-    status, body = client._http.frames.post_frame(
-        "/v1/jobs", message.to_frame().to_bytes(), 0, {"content-type": CONTENT_TYPE})
+    status, body = _raw_submit(client, timeout=-1.0)
     assert status == 400
-    assert "'timeout' must be a number of seconds above 0 (at most 1e9), or null" in json.loads(
-        bytes(body))["error"]["message"]
+    assert "'timeout' must be a number of seconds above 0 (at most 1e9), or null" in \
+        body["error"]["message"]
 
 
-def test_the_json_routes_show_progress_cancel_and_stream_events(client):
-    _, step = _slow_step(client)
-    job = client.loop(step, 10_000, wait=False)
-    while job.progress[0] < 2:
-        time.sleep(0.01)
+def test_the_json_routes_show_progress_cancel_and_stream_events(client, slow):
+    _, step = slow
+    job = _running(client.loop(step, 10_000, wait=False))
 
     shown = client._http.json("GET", f"/v1/jobs/{job.id}")
     cancelled = client._http.json("POST", f"/v1/jobs/{job.id}/cancel")
