@@ -15,9 +15,7 @@ token re-attaches with ``client.job(id)``.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +36,8 @@ from statehost.client._errors import (
 )
 from statehost.client._http import _raise_for, _translate
 from statehost.client._outputs import local_outputs
+from statehost.client._progress import bar_class
+from statehost.client._progress import enabled as progress_enabled
 from statehost.client._remote import RemotePlacement
 from statehost.transform._stateful import StatefulCall
 from statehost.wire import CONTENT_TYPE, KEEP, CallReply, LoopRequest, decode, pack
@@ -60,35 +60,11 @@ _MSG_NOT_A_MAPPING = (
 )
 
 
-def _progress_enabled(progress: bool) -> bool:
-    return bool(progress) and os.environ.get("STATEHOST_PROGRESS", "1").strip() not in (
-        "0", "false", "no", "off")
-
-
-def _bar_class() -> Any:
-    """``tqdm.auto.tqdm`` in a notebook that has ipywidgets, else the plain-text ``tqdm``
-    (``tqdm.auto`` without ipywidgets warns, then falls back to text anyway)."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    if type(shell).__name__ == "ZMQInteractiveShell":
-        try:
-            import ipywidgets  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            from tqdm.auto import tqdm as auto
-
-            return auto
-    from tqdm import tqdm
-
-    return tqdm
-
-
 def _bar(total: int, job_id: str) -> Any:
     """A tqdm bar of ``total`` steps (tqdm shows steps/s and the ETA); ``None`` when tqdm
     is not installed (it comes with ``statehost[client]``)."""
     try:
-        cls = _bar_class()
+        cls = bar_class()
     except ImportError:
         return None
     return cls(total=total, unit="step", desc=f"job {job_id[:8]}", dynamic_ncols=True)
@@ -238,7 +214,7 @@ class Job:
         try:
             for name, data in self._events(deadline):
                 if name == "progress":
-                    if bar is None and _progress_enabled(progress):
+                    if bar is None and progress_enabled(progress):
                         bar = _bar(int(data["total"]), self.id)
                         progress = bar is not None
                     if bar is not None:

@@ -42,7 +42,7 @@ def step():
 
 _CTRL_C = _PRELUDE + """
 try:
-    client.loop(client.jit(step), steps)  # a progress bar on stderr
+    client.loop(client.jit(step), steps)  # a bar, were stderr a terminal
 except KeyboardInterrupt:
     print("INTERRUPTED", time.monotonic(), flush=True)
     client.close()
@@ -151,7 +151,6 @@ def test_ctrl_c_cancels_the_loop_and_raises_within_a_second(served, tmp_path):
     assert line is not None, out + err
     assert float(line.split()[1]) - sent < 1.0, (line, sent)
     assert client_process.returncode == 0, err
-    assert "step" in err  # the progress bar ran (steps/s)
 
     ended = _wait_for(served, job["id"], lambda j: j["status"] != "running", timeout=10)
     done = ended["progress"]["done"]

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 import time
 
 import jax
@@ -466,12 +467,15 @@ def test_a_resent_submission_is_the_same_job(client):
     assert float(w.value) == 3.0  # 1 + 2 steps, once
 
 
-@pytest.mark.parametrize("setting", ["on", "progress=False", "STATEHOST_PROGRESS=0"])
+@pytest.mark.parametrize("setting", ["on", "progress=False", "STATEHOST_PROGRESS=0",
+                                     "not a terminal"])
 def test_the_progress_bar_shows_steps_and_can_be_turned_off(client, capsys, monkeypatch,
                                                             setting):
     monkeypatch.delenv("STATEHOST_PROGRESS")
     if setting == "STATEHOST_PROGRESS=0":
         monkeypatch.setenv("STATEHOST_PROGRESS", "0")
+    if setting != "not a terminal":  # a bar shows only where a person sees it
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     w = statehost.ParamState(jnp.zeros((), jnp.int32))
     step = client.jit(lambda: setattr(w, "value", w.value + 1))
 
