@@ -92,7 +92,12 @@ class ApiError(Exception):
         self.extra = extra
 
     def body(self) -> dict[str, object]:
-        return error_body(self.type, self.message, self.traceback, **self.extra)
+        """The error as JSON-safe data: its fields often echo what a peer sent (a state id
+        that is bytes, a NaN), and a job's events, the call stream and the HTTP handler all
+        encode it."""
+        body = _json_safe(error_body(self.type, self.message, self.traceback, **self.extra))
+        assert isinstance(body, dict)
+        return body
 
 
 class ProtocolError(ApiError):

@@ -31,7 +31,9 @@ CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conform
           "response_schema_conformance", "negative_data_rejection", "positive_data_acceptance",
           "unsupported_method", "allow_header_conformance"]
 FRAME_PATHS = r"^/v1/(call|states/push|states/pull|objects/put|objects/get|functions/register)$"
-JSON_OPERATIONS = 23  # every operation but the 7 frame ones (POST /v1/jobs: CONFIG)
+# every operation but the 7 frame ones (POST /v1/jobs: CONFIG) and the dashboard's endless
+# event stream (CONFIG)
+JSON_OPERATIONS = 24
 MAX_EXAMPLES = 120  # per operation and phase: ~25 s per token on 2 cores
 
 # Real names mixed into the generated ones, so requests reach real states, not only 404s.
@@ -50,6 +52,12 @@ values = ["net", "tree", "fn"]
 # name it without GET /v1/jobs.
 [[operations]]
 include-name = "POST /v1/jobs"
+enabled = false
+
+# The dashboard's snapshots as server-sent events: a stream without end (while the page is
+# open); GET /v1/dashboard answers the same snapshot once, and is tested.
+[[operations]]
+include-name = "GET /v1/dashboard/events"
 enabled = false
 
 # Well-formed requests that the state itself refuses: a value of another shape or dtype, a

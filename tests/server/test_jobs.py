@@ -1,6 +1,8 @@
 """Server-side loops and jobs through the real client and app (in process, no sockets)."""
 
+import io
 import json
+import pickle
 import re
 import sys
 import time
@@ -21,7 +23,8 @@ from statehost.client import (
 )
 from statehost.server.persistence import Database
 from statehost.transform import pmap
-from statehost.wire import CONTENT_TYPE, LoopRequest, pack
+from statehost.wire import CONTENT_TYPE, LoopRequest, Section, pack
+from statehost.wire._pickle import StateRef
 from tests.core.models import PARAM, Affine
 from tests.inprocess import TOKEN, URL, metric
 
@@ -590,3 +593,24 @@ def test_loop_needs_a_transform(client):
     with pytest.raises(TypeError, match=r"statehost.Client.loop: expected a transform \("
                                         r"client.pmap / client.vmap / client.jit\), got function"):
         client.loop(lambda: None, 3)
+
+
+class _BytesIdPickler(pickle.Pickler):
+    """Pickles its object as a state reference whose id is bytes, as a hostile client may."""
+
+    def persistent_id(self, obj):
+        return StateRef(b"id", statehost.ParamState, None, None) if obj == "ref" else None
+
+
+def test_a_job_whose_error_echoes_bytes_still_ends_its_event_stream(client):
+    """A job fails on a state reference whose id is bytes; the error names it, and the
+    events stream still ends with its 'end' event (encoding the error there used to raise
+    and cut the stream short: found by tests/e2e/test_fuzz.py)."""
+    file = io.BytesIO()
+    _BytesIdPickler(file, protocol=5).dump((("ref",), {}, None))
+    status, job = _raw_submit(client, args=Section(file.getvalue()))
+    assert status == 202
+    events = client._http.client.get(f"/v1/jobs/{job['id']}/events").text
+    end = json.loads(events.rsplit("event: end\ndata: ", 1)[1])
+    assert end["status"] == "failed" and end["error"]["type"] == "StateNotFoundError"
+    assert end["error"]["missing"] == ["b'id'"]
