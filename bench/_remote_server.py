@@ -78,6 +78,10 @@ def statehost_command(port: int, data_dir: Path, log_level: str) -> list[str]:
         str(data_dir),
         "--log-level",
         log_level,
+        # TCP only: a client given a loopback URL would otherwise move to the Unix socket
+        # (where $XDG_RUNTIME_DIR exists), around the delay proxies the benches put between.
+        "--unix",
+        "off",
     ]
 
 

@@ -315,12 +315,12 @@ class Client:
                 ("dispatch", self.dispatch), ("dashboard", f"{self.url}/dashboard")]
         rows += [(f"{name} (server / client)", f"{versions.get(name, '?')} / {mine.get(name)}")
                  for name in ("statehost", "jax", "python", "cloudpickle")]
-        devices = [(d["id"], d["platform"], d["kind"],
-                    "–" if d.get("memory") is None else f"{d['memory'] / 2**30:.1f} GiB")
-                   for d in self.server_info.get("devices", [])]
+        in_use = self.server_info.get("memory_in_use", {})
+        devices = [(d["id"], d["platform"], d["kind"], _gib(in_use.get(str(d["id"]))),
+                    _gib(d.get("memory"))) for d in self.server_info.get("devices", [])]
         return (html_table(None, rows, caption="statehost.Client")
-                + html_table(("device", "platform", "kind", "memory limit"), devices,
-                             caption=f"{len(devices)} device(s), as of connect"))
+                + html_table(("device", "platform", "kind", "memory in use", "memory limit"),
+                             devices, caption=f"{len(devices)} device(s), as of connect"))
 
     # -- devices and transforms -----------------------------------------------
     def devices(self) -> list[RemoteDevice]:
@@ -936,3 +936,6 @@ def connect(
         dispatch=dispatch, max_in_flight=max_in_flight, progress=progress,
     )
 
+
+def _gib(nbytes: int | None) -> str:
+    return "–" if nbytes is None else f"{nbytes / 2**30:.2f} GiB"

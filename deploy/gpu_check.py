@@ -87,7 +87,7 @@ def main() -> int:
     log = open(tmp / "server.log", "wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "statehost.server", "serve", "--port", str(port),
-         "--data-dir", str(tmp / "data"), "--log-level", "warning"],
+         "--data-dir", str(tmp / "data"), "--log-level", "warning", "--unix", "off"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
     )
     try:

@@ -50,7 +50,7 @@ import jax
 
 from statehost._errors import WireError
 from statehost.server.admission import NotAdmitted
-from statehost.server.calls import Call, CallCancelled
+from statehost.server.calls import Call, CallCancelled, CallStatus
 from statehost.server.deps import checked_frame
 from statehost.server.errors import (
     ApiError,
@@ -444,7 +444,11 @@ class Channel:
                     session.running.pop(message.call_id, None)  # the first of a new run
                     self._queue.appendleft(item)
                     return
-                ended = time.monotonic()
+                ended = call.finished = time.monotonic()
+                call.status = CallStatus.FAILED if self._failed == call.id \
+                    else CallStatus.COMMITTED
+                if scheduler.calls.history is not None:  # the dashboard's recent calls
+                    scheduler.calls.history.record(call)
         finally:
             self._post(*replies)
 
@@ -488,11 +492,11 @@ class Channel:
             raise
         except ApiError as exc:
             m.calls.labels("stream_error").inc()
-            self._failed = call_id
+            self._failed, call.error = call_id, exc
             data = self._error(call_id, exc)
         except Exception as exc:
             log.exception("%s: call %s failed in the server", WHERE, call_id)
-            self._failed = call_id
+            self._failed, call.error = call_id, exc
             fault = ServerError(f"{WHERE}: call {call_id}: the server failed ({type(exc).__name__}"
                                 f": {exc}). The call was not applied.")
             data = self._error(call_id, fault)

@@ -22,12 +22,11 @@ router = APIRouter(prefix="/v1", tags=["info"], dependencies=[Depends(require_to
 _STUCK_FIELDS = ("id", "kind", "session", "age_s", "running_s", "cancel_requested")
 
 
-def _memory(device: Any) -> int | None:
+def _stats(device: Any) -> dict[str, Any]:
     try:
-        stats = device.memory_stats()
+        return device.memory_stats() or {}
     except Exception:  # CPU devices and some plugins have no memory stats
-        return None
-    return None if not stats else stats.get("bytes_limit")
+        return {}
 
 
 @router.get("/info", summary="Versions, devices and limits (the client checks them at "
@@ -47,9 +46,12 @@ def info(request: Request, settings: SettingsDep, versions: VersionsDep, rt: Run
     return {
         "versions": versions,
         "devices": [
-            {"id": d.id, "platform": d.platform, "kind": d.device_kind, "memory": _memory(d)}
+            {"id": d.id, "platform": d.platform, "kind": d.device_kind,
+             "memory": _stats(d).get("bytes_limit")}
             for d in jax.devices()
         ],
+        # Apart from "devices", whose entries older clients read field by field.
+        "memory_in_use": {str(d.id): _stats(d).get("bytes_in_use") for d in jax.devices()},
         "limits": {"max_body": settings.max_body, "session_ttl": settings.session_ttl,
                    "workers": settings.workers, "session_workers": settings.session_workers,
                    "call_timeout": settings.call_timeout, "stuck_after": settings.stuck_after,

@@ -143,3 +143,24 @@ def test_the_event_stream_sends_small_snapshots(http, app):
     assert all(len(json.dumps(e)) <= SSE_BUDGET for e in events)
     assert events[0]["recent_calls"][0]["id"] == f"{1499:016x}"
     assert len(events[0]["recent_calls"]) == 20
+
+
+def test_recent_calls_include_the_asynchronous_ones(async_client, http):
+    """Warm calls go over the call stream, where a channel runs them back to back on one
+    worker without the scheduler seeing each: the history still has every one."""
+    w = statehost.ParamState(jnp.zeros(()))
+
+    def bump():
+        w.value = w.value + 1
+        return w.value
+
+    step = async_client.jit(bump)
+    step()  # the first call of the signature: blocking
+    outs = [step() for _ in range(10)]
+    async_client.sync()
+    assert float(outs[-1]) == 11.0
+    snap = http.get("/v1/dashboard", headers=_bearer(TOKEN), params={"recent": 50}).json()
+    calls = [c for c in snap["recent_calls"] if c["kind"] == "call"]
+    assert len(calls) == 11, calls
+    assert {c["outcome"] for c in calls} == {"committed"}
+    assert all(c["running_s"] is not None and c["compiled"] == 0 for c in calls[:10])
