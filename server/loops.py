@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from statehost.random import RandomState
+from statehost.server.admission import NotAdmitted
 from statehost.server.callable_cache import unpickle
 from statehost.server.errors import (
     ApiError,
@@ -44,7 +45,7 @@ from statehost.server.errors import (
 )
 
 # The one call path's helpers, shared so a loop step runs exactly as a call does.
-from statehost.server.execution import _is_weak, _resolve, _run, _user_error, to_host
+from statehost.server.execution import _admit, _is_weak, _resolve, _run, _user_error, to_host
 from statehost.server.staging import _MSG_MISSING_STATES, Transaction
 from statehost.wire import CallReply, LoopRequest, pack
 
@@ -137,6 +138,8 @@ def run_loop(call: Call, request: LoopRequest, job: Job, rt: Runtime) -> None:
     progress = _Progress()
     try:
         _steps(call, request, job, rt, progress)
+    except NotAdmitted:  # its first step does not fit now: back to the queue, job queued
+        raise
     except ApiError as exc:
         _fail(job, exc, progress)
         raise
@@ -225,7 +228,6 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
     if reason is not None:
         _stopped(job, reason, progress)
         return
-    job.start()
     tx = Transaction(rt, session, _WHERE)
     try:
         tx.stage(request.states, request.uploads)
@@ -238,16 +240,26 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
             raise ProtocolError(f"{_WHERE}: the payload uses states {sorted(outside)} that "
                                 "header.refs does not list.")
         rows, rows_tree = (None, None) if over is None else check_over(over, steps)
+        # Admitted by device memory like a call: the first step's program is estimated
+        # (and compiled) here; its reservation holds until the loop's call ends.
+        misses = transform.cache_info().misses
+        first = args if rows is None else \
+            (*args, jax.tree_util.tree_unflatten(rows_tree, [x[0] for x in rows]))
+        try:
+            _admit(call, rt, tx, transform, first, kwargs, stream, _WHERE)
+        except NotAdmitted:  # what it compiled counts when it runs
+            call.compiled_before += transform.cache_info().misses - misses
+            raise
     except BaseException:
         tx.rollback()
         raise
+    job.start()
     loaded = frozenset(tx.loaded)
     store = rt.store
     keep_all = request.keep == "all"
     kept: list[Any] = []
     out: Any = None
     behind: collections.deque[Any] = collections.deque()  # one array of each step in flight
-    misses = transform.cache_info().misses
     touched = time.monotonic()
     for i in range(steps):
         if i:
@@ -287,7 +299,7 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
         now = time.monotonic()
         if now - touched > _TOUCH_EVERY:
             session.last_seen = touched = now  # a running job keeps its session open
-    progress.compiled = transform.cache_info().misses - misses
+    progress.compiled = transform.cache_info().misses - misses + call.compiled_before
     job.complete(_reply(job, request, tx, out, kept if keep_all else None, progress))
 
 
