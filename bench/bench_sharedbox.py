@@ -13,15 +13,17 @@ tokens are made with ``statehost token create --init`` in its data dir before it
    units of A's call duration (A's median latency on the idle server). Two runs: B with a
    token of its own namespace (fair: the namespaces take turns), and B with a token of A's
    namespace (one queue: first come, first served behind A's calls).
-2. **Compile cache.** A function of ``--layers`` dense tanh layers on its own states is
-   called by separate client processes (``python bench/bench_sharedbox.py --client ...``),
-   as users would: the first on a fresh data dir (cold: trace and compile), a second one
-   on the same server (the program is shared: no trace, no compile), and a third after the
-   server restarted on the same data dir (JAX's persistent compilation cache in
-   ``<data dir>/compile-cache``: traced again, not compiled). The function is a plain
-   function in ``__main__`` whose states are in its closure: cloudpickle gives classes
-   defined in ``__main__`` a new id per process, so only functions and importable classes
-   are shared across processes (README, "Sharing a box").
+2. **Compile cache.** A training step (loss, gradients, SGD update) of ``--layers`` dense
+   tanh layers of its own states is called by separate client processes
+   (``python bench/bench_sharedbox.py --client ...``), as users would: the first on a
+   fresh data dir (cold: trace and compile), a second one on the same server (the program
+   is shared: no trace, no compile), and a third after the server restarted on the same
+   data dir (JAX's persistent compilation cache in ``<data dir>/compile-cache``: traced
+   again, not compiled). The step is a plain function in ``__main__`` whose states are in
+   its closure: cloudpickle gives classes defined in ``__main__`` a new id per process, so
+   only functions and importable classes are shared across processes (README, "Sharing a
+   box"). Each process pushes its states first, so the first call's latency holds no
+   upload.
 
 Targets (issue 13): B's p99 wait <= 2 of A's call durations with fair scheduling; the
 second client's first call <= 0.2x the cold call. Printed as met / NOT MET; nothing here
@@ -164,21 +166,27 @@ def fairness(url: str, token_a: str, token_b: str, flooders: int, probes: int) -
 
 
 def client_main(url: str, token: str, layers: int) -> None:
-    """One client process: its first call of the layered function, then a warm one."""
+    """One client process: its first call of the training step, then warm ones."""
     rng = np.random.default_rng(0)
     weights = [statehost.ParamState(jnp.asarray(
         rng.standard_normal((WIDTH, WIDTH), np.float32) / np.float32(np.sqrt(WIDTH))))
         for _ in range(layers)]
 
-    def forward(x):
-        for w in weights:
-            x = jnp.tanh(x @ w.value)
-            w.value = w.value * 0.999
-        return jnp.sum(x)
+    def train_step(x):
+        def loss(params):
+            h = x
+            for p in params:
+                h = jnp.tanh(h @ p)
+            return jnp.mean(h ** 2)
+
+        value, grads = jax.value_and_grad(loss)([w.value for w in weights])
+        for w, g in zip(weights, grads, strict=True):
+            w.value = w.value - 0.01 * g
+        return value
 
     with statehost.connect(url, token=token) as client:
         client.push(weights)  # the upload is not part of the first call's latency
-        f = client.jit(forward)
+        f = client.jit(train_step)
         x = np.ones((8, WIDTH), np.float32)
         first = latencies(lambda: f(x), 1)[0]
         warm = statistics.median(latencies(lambda: f(x), 5))
@@ -263,7 +271,7 @@ def main() -> None:
         print(f"FCFS p99 / fair p99: {ratio:.1f}x")
     if cache:
         cold = cache["cold"]["first"]
-        print(f"\nfirst call of a {layers}-layer function, by separate client processes")
+        print(f"\nfirst call of a {layers}-layer training step, by separate client processes")
         print(f"{'client':<44}{'first call':>12}{'x cold':>8}{'warm call':>11}  compiles")
         for key, label in (("cold", "first client, fresh server (cold)"),
                            ("second", "second client, same server (shared)"),
