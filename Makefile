@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_cli.py
 	$(PY) bench/bench_outputs.py
 	$(PY) bench/bench_async.py
+	$(PY) bench/bench_sharedbox.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check statehost client server tests bench examples

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from statehost.random import RandomState, use_default_stream
+from statehost.server.admission import NotAdmitted
 from statehost.server.callable_cache import unpickle
 from statehost.server.errors import (
     ApiError,
@@ -46,7 +47,7 @@ from statehost.server.errors import (
 )
 
 # The one call path's helpers, shared so a loop step runs exactly as a call does.
-from statehost.server.execution import _is_weak, _resolve, _run, _user_error, to_host
+from statehost.server.execution import _admit, _is_weak, _resolve, _run, _user_error, to_host
 from statehost.server.staging import _MSG_MISSING_STATES, Transaction
 from statehost.transform import StatefulFunction, StatefulMapping
 from statehost.wire import CallReply, LoopRequest, pack
@@ -146,6 +147,8 @@ def run_loop(call: Call, request: LoopRequest, job: Job, rt: Runtime) -> None:
     progress = _Progress()
     try:
         _steps(call, request, job, rt, progress)
+    except NotAdmitted:  # its first step does not fit now: back to the queue, job queued
+        raise
     except ApiError as exc:
         _fail(job, exc, progress)
         raise
@@ -290,7 +293,6 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
     if reason is not None:
         _stopped(job, reason, progress)
         return
-    job.start()
     tx = Transaction(rt, session, _WHERE)
     try:
         tx.stage(request.states, request.uploads)
@@ -303,19 +305,31 @@ def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _P
             raise ProtocolError(f"{_WHERE}: the payload uses states {sorted(outside)} that "
                                 "header.refs does not list.")
         rows, rows_tree = (None, None) if over is None else check_over(over, steps)
+        # Admitted by device memory like a call: the first step's program is estimated
+        # (and compiled) here; its reservation holds until the loop's call ends.
+        misses = transform.cache_info().misses
+        first = args if rows is None else \
+            (*args, jax.tree_util.tree_unflatten(rows_tree, [x[0] for x in rows]))
+        try:
+            _admit(call, rt, tx, transform, first, kwargs, stream, _WHERE)
+        except NotAdmitted:  # what it compiled counts when it runs
+            call.compiled_before += transform.cache_info().misses - misses
+            raise
     except BaseException:
         tx.rollback()
         raise
+    job.start()
     args, kwargs = _placed_once(transform, args, kwargs, len(args) + (rows is not None))
     with use_default_stream(stream) if stream is not None else contextlib.nullcontext():
         _run_steps(call, request, job, rt, progress, tx, transform, args, kwargs, rows,
-                   rows_tree)
+                   rows_tree, misses)
 
 
 def _run_steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _Progress,
                tx: Transaction, transform: Any, args: tuple, kwargs: dict,
-               rows: list[Any] | None, rows_tree: Any) -> None:
-    """The steps, inside the loop's default stream (entered once, not per step)."""
+               rows: list[Any] | None, rows_tree: Any, misses: int) -> None:
+    """The steps, inside the loop's default stream (entered once, not per step);
+    ``misses``: the transform's before admission compiled the first step's program."""
     session = call.session
     assert session is not None
     steps = request.steps
@@ -325,7 +339,6 @@ def _run_steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress
     kept: list[Any] = []
     out: Any = None
     behind: collections.deque[Any] = collections.deque()  # one array of each step in flight
-    misses = transform.cache_info().misses
     for i in range(steps):
         if i:
             reason = job.should_stop()
@@ -361,7 +374,7 @@ def _run_steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress
             oldest = behind.popleft()
             if oldest is not None:
                 _wait(oldest, i - _AHEAD, job)
-    progress.compiled = transform.cache_info().misses - misses
+    progress.compiled = transform.cache_info().misses - misses + call.compiled_before
     job.complete(_reply(job, request, tx, out, kept if keep_all else None, progress))
 
 

@@ -58,7 +58,9 @@ class Runtime:
     async def submit(self, call: Any, where: str) -> Any:
         """``scheduler.submit(call)``, refused first (429) past its namespace's
         ``max_queued``. Nothing is awaited between the check and the enqueue, so two
-        calls on the event loop cannot both pass it."""
+        calls on the event loop cannot both pass it. Every route that queues a client's
+        work comes here (calls, pushes, pulls, puts, gets, invokes, value reads and writes,
+        jobs); deleting a named object does not, since that is how a namespace frees room."""
         self.quotas.check_queued(call, where)
         return await self.scheduler.submit(call)
 

@@ -529,8 +529,9 @@ class Channel:
 
     async def _pull(self, message: PullRequest) -> bytes:
         session = self._session(message.session)
-        reply = await self.rt.scheduler.submit(
-            Call("pull", session, message.ids, lambda c: pull_states(c, message, self.rt)))
+        reply = await self.rt.submit(
+            Call("pull", session, message.ids, lambda c: pull_states(c, message, self.rt)),
+            WHERE)
         return dataclasses.replace(reply, call_id=message.call_id).to_frame().to_bytes()
 
     async def _fetch(self, message: FetchRequest) -> bytes:
@@ -543,7 +544,7 @@ class Channel:
             return FetchReply(call_id=message.call_id, weak_types=weak,
                               values=pack(values, refs=False, code=False))
 
-        reply = await self.rt.scheduler.submit(Call("fetch", session, (), fetch))
+        reply = await self.rt.submit(Call("fetch", session, (), fetch), WHERE)
         return reply.to_frame().to_bytes()
 
     async def _free(self, message: FreeRequest) -> None:

@@ -105,8 +105,8 @@ async def register_function(frame: FrameBody, rt: RuntimeDep, principal: Princip
     named state of the namespace. Answers a frame with the signature."""
     message = RegisterRequest.from_frame(frame)
     session = rt.session(message.session, principal, _REGISTER)
-    reply = await rt.scheduler.submit(
-        Call("register", session, message.refs, lambda c: register(c, message, rt)))
+    reply = await rt.submit(
+        Call("register", session, message.refs, lambda c: register(c, message, rt)), _REGISTER)
     return frame_response(reply)
 
 
@@ -147,8 +147,8 @@ async def invoke(namespace: str, name: str, body: InvokeBody, rt: RuntimeDep,
     row, names = await run_in_threadpool(_lookup, rt, principal, namespace, name, where)
     args = [_from_json(a, where) for a in body.args]
     kwargs = {k: _from_json(v, where) for k, v in body.kwargs.items()}
-    result = await rt.scheduler.submit(
+    result = await rt.submit(
         Call("invoke", session, row.state_ids,
-             lambda c: invoke_registered(c, row, args, kwargs, rt, where)))
+             lambda c: invoke_registered(c, row, args, kwargs, rt, where)), where)
     return {"outputs": to_json(result.outputs),
             "versions": {names.get(i, i): v for i, v in result.versions.items()}}

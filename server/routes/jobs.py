@@ -142,7 +142,7 @@ def _check(message: LoopRequest) -> None:
 async def _drive(rt: Runtime, job: Job, call: Call) -> None:
     """Runs the loop's call; ends the job however the scheduler ends the call."""
     try:
-        await rt.scheduler.submit(call)
+        await rt.submit(call, _SUBMIT)
     except CallCancelled:
         end_unstarted(job)
     except ApiError as exc:
@@ -193,6 +193,7 @@ async def submit(request: Request, frame: FrameBody, principal: PrincipalDep
     # it may wait and run as long as it takes, not the server's per-call default.
     job.call = Call("loop", session, keys, lambda call: run_loop(call, message, job, rt),
                     id=job.id, timeout=message.timeout or math.inf)
+    rt.quotas.check_queued(job.call, _SUBMIT)  # a 429 now; _drive checks again as it queues
     jobs.add(job)
     jobs.tasks.add(task := asyncio.ensure_future(_drive(rt, job, job.call)))
     task.add_done_callback(jobs.tasks.discard)

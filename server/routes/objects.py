@@ -50,8 +50,8 @@ async def put(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Resp
     session = rt.session(message.session, principal, "POST /v1/objects/put")
     rt.metrics.wire_bytes.labels("in", "state").inc(frame.section_nbytes("states"))
     keys = (*message.paths, *message.uploads)
-    reply = await rt.scheduler.submit(
-        Call("put", session, keys, lambda c: put_object(c, message, rt)))
+    reply = await rt.submit(
+        Call("put", session, keys, lambda c: put_object(c, message, rt)), "POST /v1/objects/put")
     await run_in_threadpool(rt.refresh_gauges)
     return frame_response(reply)
 
@@ -71,9 +71,9 @@ async def get(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Resp
             f"{where}: {message.name!r} has states that could not be loaded: "
             f"{', '.join(missing)}. GET /v1/namespaces/{obj.namespace}/objects/{obj.name} "
             "shows why.")
-    reply = await rt.scheduler.submit(
+    reply = await rt.submit(
         Call("get", session, tuple(r.id for r in rows),
-             lambda c: get_object(c, obj, message.pull, rt)))
+             lambda c: get_object(c, obj, message.pull, rt)), where)
     encoded = reply.to_frame()
     rt.metrics.wire_bytes.labels("out", "state").inc(encoded.nbytes)
     return frame_response(encoded)
@@ -123,6 +123,7 @@ async def delete_object(namespace: str, name: str, rt: RuntimeDep,
     ``submit``."""
     where = f"DELETE /v1/namespaces/{namespace}/objects/{name}"
     obj = await run_in_threadpool(_object, rt, principal, namespace, name, "submit", where)
+    # Not checked against max_queued: deleting is how a namespace frees room.
     deleted = await rt.scheduler.submit(Call(
         "delete", Session.for_request(principal), obj.state_ids,
         lambda c: rt.registry.delete(namespace, name)))

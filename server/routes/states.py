@@ -37,8 +37,9 @@ async def push(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Res
     message = PushRequest.from_frame(frame)
     session = rt.session(message.session, principal, "POST /v1/states/push")
     rt.metrics.wire_bytes.labels("in", "state").inc(frame.section_nbytes("states"))
-    reply = await rt.scheduler.submit(
-        Call("push", session, tuple(message.uploads), lambda c: push_states(c, message, rt)))
+    reply = await rt.submit(
+        Call("push", session, tuple(message.uploads), lambda c: push_states(c, message, rt)),
+        "POST /v1/states/push")
     rt.refresh_gauges()
     return frame_response(reply)
 
@@ -48,7 +49,8 @@ async def push(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Res
 async def pull(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Response:
     message = PullRequest.from_frame(frame)
     session = rt.session(message.session, principal, "POST /v1/states/pull")
-    reply = await rt.scheduler.submit(
-        Call("pull", session, message.ids, lambda c: pull_states(c, message, rt)))
+    reply = await rt.submit(
+        Call("pull", session, message.ids, lambda c: pull_states(c, message, rt)),
+        "POST /v1/states/pull")
     rt.metrics.wire_bytes.labels("out", "state").inc(reply.states.nbytes)
     return frame_response(reply)

@@ -259,8 +259,8 @@ async def get_value(namespace: str, name: str, request: Request, rt: RuntimeDep,
         current = _leaf(state, row, where)
         return rt.store.meta(row.id).version, np.asarray(to_host(current, where))
 
-    version, array = await rt.scheduler.submit(
-        Call("read", Session.for_request(principal), (row.id,), work))
+    version, array = await rt.submit(
+        Call("read", Session.for_request(principal), (row.id,), work), where)
     headers = _etag(version)
     if npy:
         return _npy_response(array, headers)
@@ -312,5 +312,5 @@ async def put_value(namespace: str, name: str, request: Request, rt: RuntimeDep,
             jax.tree_util.tree_structure(state.value), [value]))
         return tx.commit().versions[row.id]
 
-    version = await rt.scheduler.submit(Call("write", session, (row.id,), work))
+    version = await rt.submit(Call("write", session, (row.id,), work), where)
     return JSONResponse({"name": row.full_name, "version": version}, headers=_etag(version))
