@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from statehost.server.auth import Principal, resolve
 from statehost.server.dashboard import RECENT, snapshot
 from statehost.server.deps import authenticate
-from statehost.server.errors import AuthError, NotFoundError
+from statehost.server.errors import AuthError, ForbiddenError, NotFoundError
 from statehost.server.openapi import errors
 
 __all__ = ["COOKIE", "pages", "router"]
@@ -103,7 +103,7 @@ def _snapshot(request: Request, principal: Principal, recent: int) -> dict[str, 
 
 @router.get("", summary="A snapshot of the box: devices, memory, namespaces, sessions, "
             "calls, recent calls, jobs (a bearer token or the dashboard's login cookie)",
-            responses=errors(AuthError), openapi_extra=_SECURITY)
+            responses=errors(AuthError, ForbiddenError), openapi_extra=_SECURITY)
 async def dashboard_snapshot(request: Request,
                              recent: int = Query(RECENT, ge=0, le=1000)) -> dict[str, Any]:
     principal = _principal(request, "GET /v1/dashboard")
@@ -115,7 +115,7 @@ async def dashboard_snapshot(request: Request,
             responses={200: {"description": "`event: snapshot` with the JSON of "
                                             "GET /v1/dashboard, every `interval` seconds",
                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                       **errors(AuthError)})
+                       **errors(AuthError, ForbiddenError)})
 async def dashboard_events(request: Request,
                            interval: float = Query(1.0, ge=0.25, le=60.0),
                            count: int | None = Query(None, ge=1)) -> StreamingResponse:

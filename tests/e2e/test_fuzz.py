@@ -220,8 +220,12 @@ class Target:
 
     def check(self, request: str, body: bytes, status: int, headers: dict[str, str],
               data: bytes) -> None:
-        """An answer is below 500, and a 2xx frame (a job: its JSON) or one JSON error."""
-        if status >= 500:
+        """An answer is below 500, and a 2xx frame (a job: its JSON) or one JSON error.
+
+        The one 5xx a request may earn is 507 ``DeviceMemoryError``: a program that needs
+        more device memory than there is (the hostile ``huge``), which issue 13 answers so:
+        it names a resource the server lacks, not a fault of the server's."""
+        if status >= 500 and not (status == 507 and b'"DeviceMemoryError"' in data[:200]):
             self.fault(request, body, f"{status} {data[:600]!r}")
             return
         if request == f"POST {PATHS['loop']}" and status == 202:
@@ -942,7 +946,7 @@ def test_valid_frames_are_accepted(target, data):
         assert target.last_job == "completed"
 
 
-@settings(FUZZ, max_examples=2500)
+@settings(FUZZ, max_examples=1500)
 @given(data=st.data())
 def test_mutated_frames(target, data):
     kind = data.draw(st.sampled_from(KINDS), label="kind")

@@ -34,7 +34,7 @@ FRAME_PATHS = r"^/v1/(call|states/push|states/pull|objects/put|objects/get|funct
 # every operation but the 7 frame ones (POST /v1/jobs: CONFIG) and the dashboard's endless
 # event stream (CONFIG)
 JSON_OPERATIONS = 24
-MAX_EXAMPLES = 120  # per operation and phase: ~25 s per token on 2 cores
+MAX_EXAMPLES = 80  # per operation and phase: ~20 s per token on 2 cores
 
 # Real names mixed into the generated ones, so requests reach real states, not only 404s.
 CONFIG = r"""
