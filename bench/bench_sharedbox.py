@@ -7,7 +7,8 @@ tokens are made with ``statehost token create --init`` in its data dir before it
 1. **Fairness.** The server runs ``STATEHOST_WORKERS=2`` threads of device work, one per
    session (``STATEHOST_SESSION_WORKERS=1``). Tenant A floods it: ``--flooders`` threads,
    each with its own client (session) of A's token, call a jitted step whose host callback
-   sleeps ``--sleep-ms`` ms, back to back, so A always has calls waiting. Meanwhile tenant
+   sleeps ``--sleep-ms`` ms, back to back, so A always has calls waiting (from a process of
+   its own, ``--flood``, as another tenant's would be). Meanwhile tenant
    B makes ``--probes`` single calls (a quick jitted ``x * 2``), one at a time with a short
    pause. B's *wait* is its call's latency less its median latency on the idle server, in
    units of A's call duration (A's median latency on the idle server). Two runs: B with a
@@ -124,42 +125,65 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def flood_main(url: str, token: str, flooders: int) -> None:
+    """Tenant A's process (``--flood``): ``flooders`` clients call ``flood_step`` back to back
+    until stdin closes; prints "ready" once every client's program is cached, and at the
+    end the number of calls made."""
+    x = np.float32(1.0)
+    stop = threading.Event()
+    ready = threading.Barrier(flooders + 1)
+    counts: list[int] = []
+
+    def flood() -> None:
+        with statehost.connect(url, token=token) as mine:
+            mine_step = mine.jit(flood_step)
+            np.asarray(mine_step(x))  # uploaded and cached before the clock starts
+            ready.wait()
+            n = 0
+            while not stop.is_set():
+                np.asarray(mine_step(x))
+                n += 1
+            counts.append(n)
+
+    threads = [threading.Thread(target=flood) for _ in range(flooders)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    print("ready", flush=True)
+    sys.stdin.read()  # until the bench closes it
+    stop.set()
+    for t in threads:
+        t.join()
+    print(sum(counts), flush=True)
+
+
 def fairness(url: str, token_a: str, token_b: str, flooders: int, probes: int) -> dict:
-    """B's waits (latency less its idle median) in A's call durations, under A's flood."""
+    """B's waits (latency less its idle median) in A's call durations, under A's flood.
+
+    A floods from a process of its own, as another tenant's would: B's latency is then what
+    the server makes it, not B's process sharing its interpreter with the flood's threads.
+    """
     x = np.float32(1.0)
     with statehost.connect(url, token=token_a) as a, statehost.connect(url, token=token_b) as b:
         step, quick = a.jit(flood_step), b.jit(probe)
         a_alone = statistics.median(latencies(lambda: step(x), 20))
         b_alone = statistics.median(latencies(lambda: quick(x), 20))
-        stop = threading.Event()
-        ready = threading.Barrier(flooders + 1)
-        flood_calls: list[int] = []
-
-        def flood() -> None:
-            with statehost.connect(url, token=token_a) as mine:
-                mine_step = mine.jit(flood_step)
-                np.asarray(mine_step(x))  # uploaded and cached before the clock starts
-                ready.wait()
-                n = 0
-                while not stop.is_set():
-                    np.asarray(mine_step(x))
-                    n += 1
-                flood_calls.append(n)
-
-        threads = [threading.Thread(target=flood) for _ in range(flooders)]
-        for t in threads:
-            t.start()
-        ready.wait()
-        time.sleep(0.5)  # the flood fills the queue (not a synchronisation: a warm-up)
+        flood = subprocess.Popen(
+            [sys.executable, __file__, "--flood", url, token_a, "--flooders", str(flooders),
+             "--sleep-ms", str(SLEEP_S * 1000)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         try:
+            assert flood.stdout is not None and flood.stdin is not None
+            if flood.stdout.readline().strip() != "ready":
+                raise RuntimeError("the flooding process did not start")
+            time.sleep(0.5)  # the flood fills the queue (not a synchronisation: a warm-up)
             loaded = latencies(lambda: quick(x), probes, pause=0.02)
         finally:
-            stop.set()
-            for t in threads:
-                t.join()
+            out, _ = flood.communicate("", timeout=120)
     waits = [max(0.0, t - b_alone) / a_alone for t in loaded]
     return {"a_call": a_alone, "b_alone": b_alone, "p50": quantile(waits, 0.5),
-            "p99": quantile(waits, 0.99), "max": max(waits), "flood_calls": sum(flood_calls)}
+            "p99": quantile(waits, 0.99), "max": max(waits),
+            "flood_calls": int(out.split()[-1])}
 
 
 # -- 2. compile cache ------------------------------------------------------------------------
@@ -219,6 +243,7 @@ def main() -> None:
     parser.add_argument("--rows", default="fair,cache")
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--client", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
+    parser.add_argument("--flood", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     layers = args.layers or (8 if args.quick else 24)
     if args.client:
@@ -226,6 +251,9 @@ def main() -> None:
         return
     global SLEEP_S
     SLEEP_S = args.sleep_ms / 1000
+    if args.flood:
+        flood_main(*args.flood, args.flooders)
+        return
     probes = args.probes or (30 if args.quick else 200)
     rows = set(args.rows.split(","))
 
