@@ -339,11 +339,18 @@ def out_of_memory(exc: BaseException, where: str, demand: Demand | None) -> Devi
         device=None)
 
 
-def _stats(device: Any) -> dict[str, Any] | None:
+def memory_stats(device: Any) -> dict[str, Any]:
+    """``device.memory_stats()``, or ``{}`` where the platform reports none (CPU devices
+    and some plugins return None or raise). The one place the server asks; ``/v1/info``
+    and the dashboard read it too."""
     try:
-        return device.memory_stats() or None
-    except Exception:  # CPU devices and some plugins have no memory stats
-        return None
+        return device.memory_stats() or {}
+    except Exception:
+        return {}
+
+
+def _stats(device: Any) -> dict[str, Any] | None:
+    return memory_stats(device) or None
 
 
 def _limit(device: Any) -> int | None:

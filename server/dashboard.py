@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from statehost.server.admission import memory_stats
+
 if TYPE_CHECKING:
     from statehost.server.auth import Principal
     from statehost.server.history import CallHistory
@@ -96,17 +98,6 @@ class MemoryHistory:
             return [{"t": round(t, 3), "used": used} for t, used in self._samples]
 
 
-def _device_memory(device: Any) -> tuple[int | None, int | None]:
-    """(bytes in use, bytes limit) as the platform reports them; (None, None) on CPU."""
-    try:
-        stats = device.memory_stats()
-    except Exception:  # CPU devices and some plugins have no memory stats
-        return None, None
-    if not stats:
-        return None, None
-    return stats.get("bytes_in_use"), stats.get("bytes_limit")
-
-
 def _compiles(rt: Runtime) -> dict[str, int]:
     """Programs built since start, by where they came from (fresh, shared, persistent)."""
     found = {}
@@ -131,7 +122,8 @@ def snapshot(rt: Runtime, jobs: JobTable, history: CallHistory, memory: MemoryHi
     usage = ledger.by_namespace()
     devices, used = [], {}
     for d in jax.devices():
-        in_use, limit = _device_memory(d)
+        stats = memory_stats(d)  # {} where the platform reports none (CPU)
+        in_use, limit = stats.get("bytes_in_use"), stats.get("bytes_limit")
         resident = per_device.get(f"{d.platform}:{d.id}", 0)
         used[str(d.id)] = in_use if in_use is not None else resident
         devices.append({"id": d.id, "platform": d.platform, "kind": d.device_kind,

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 from fastapi import APIRouter, Depends, Request
 
+from statehost.server.admission import memory_stats
 from statehost.server.deps import (
     PrincipalDep,
     RuntimeDep,
@@ -22,11 +23,6 @@ router = APIRouter(prefix="/v1", tags=["info"], dependencies=[Depends(require_to
 _STUCK_FIELDS = ("id", "kind", "session", "age_s", "running_s", "cancel_requested")
 
 
-def _stats(device: Any) -> dict[str, Any]:
-    try:
-        return device.memory_stats() or {}
-    except Exception:  # CPU devices and some plugins have no memory stats
-        return {}
 
 
 @router.get("/info", summary="Versions, devices and limits (the client checks them at "
@@ -43,15 +39,16 @@ def info(request: Request, settings: SettingsDep, versions: VersionsDep, rt: Run
     scheduler = rt.scheduler
     stuck = [{k: call[k] for k in _STUCK_FIELDS}
              for call in (c.describe() for c in scheduler.stuck(settings.stuck_after))]
+    stats = {d: memory_stats(d) for d in jax.devices()}
     return {
         "versions": versions,
         "devices": [
             {"id": d.id, "platform": d.platform, "kind": d.device_kind,
-             "memory": _stats(d).get("bytes_limit")}
-            for d in jax.devices()
+             "memory": found.get("bytes_limit")}
+            for d, found in stats.items()
         ],
         # Apart from "devices", whose entries older clients read field by field.
-        "memory_in_use": {str(d.id): _stats(d).get("bytes_in_use") for d in jax.devices()},
+        "memory_in_use": {str(d.id): found.get("bytes_in_use") for d, found in stats.items()},
         "limits": {"max_body": settings.max_body, "session_ttl": settings.session_ttl,
                    "workers": settings.workers, "session_workers": settings.session_workers,
                    "call_timeout": settings.call_timeout, "stuck_after": settings.stuck_after,
