@@ -669,15 +669,20 @@ class Client:
         twin = self._stream_twin()
         refs = self._refs(packed.states, call_args.states, twin)
         message = self._call_message(packed, placement, call_args, twin, refs, keep=False)
+        reply = self._post_call(transform, placement, packed, message, refs)
+        self._committed(reply, packed.digest, message.counts, refs, twin)
+        return local_outputs(reply)
+
+    def _post_call(self, transform: Any, placement: RemotePlacement, packed: Any,
+                   message: Any, refs: Mapping[str, State]) -> CallReply:
+        """``POST /v1/call`` of a built message; a remote error names the user's files."""
         try:
             frame = self._send("/v1/call", message, refs=refs, digest=packed.digest,
                                retries=placement.retries)
         except RemoteExecutionError as exc:
             # The same error with file names filled in; chaining would print it twice.
             raise _localized(exc, transform) from None
-        reply = CallReply.from_frame(frame)
-        self._committed(reply, packed.digest, message.counts, refs, twin)
-        return local_outputs(reply)
+        return CallReply.from_frame(frame)
 
     @staticmethod
     def _refs(transform_states: Iterable[State], arg_states: Iterable[State],
@@ -781,12 +786,7 @@ class Client:
         dispatcher = self._stream()
         dispatcher.sync()  # a synchronising point: earlier failures raise first
         message = self._call_message(packed, placement, call_args, twin, refs, keep=True)
-        try:
-            frame = self._send("/v1/call", message, refs=refs, digest=packed.digest,
-                               retries=placement.retries)
-        except RemoteExecutionError as exc:
-            raise _localized(exc, transform) from None
-        reply = CallReply.from_frame(frame)
+        reply = self._post_call(transform, placement, packed, message, refs)
         dispatcher.checked()
         self._committed(reply, packed.digest, message.counts, refs, twin)
         values = jax.tree_util.tree_leaves(local_outputs(reply))
