@@ -84,6 +84,23 @@ def thread_cpu(pid: int) -> tuple[float, float]:
     return main, other
 
 
+def cpu_by_thread(pid: int) -> dict[str, float]:
+    """Seconds of CPU of process ``pid`` per thread, keyed ``tid:name`` (``main`` for the
+    main thread). Here every other thread is named ``python``: the scheduler's workers
+    and XLA's CPU device threads (one per device) alike."""
+    found: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                name, fields = f.read().split(" (", 1)[1].rsplit(")", 1)
+        except FileNotFoundError:
+            continue
+        fields = fields.split()
+        key = "main" if int(tid) == pid else f"{tid}:{name}"
+        found[key] = (int(fields[11]) + int(fields[12])) / _TICK
+    return found
+
+
 def cpu_by_name(pid: int) -> dict[str, float]:
     """Seconds of CPU of process ``pid`` per thread name (``comm``: XLA names its pools)."""
     found: dict[str, float] = {}
@@ -157,7 +174,7 @@ def measure(client, calls: int, repeats: int, server_pid: int, client_profile: P
     me = os.getpid()
     results = []
     profile = cProfile.Profile() if client_profile is not None else None
-    named0 = cpu_by_name(server_pid)
+    named0, threads0 = cpu_by_name(server_pid), cpu_by_thread(server_pid)
     for _ in range(repeats):
         s0, c0, w0 = thread_cpu(server_pid), thread_cpu(me), time.perf_counter()
         if profile is not None:
@@ -174,11 +191,14 @@ def measure(client, calls: int, repeats: int, server_pid: int, client_profile: P
             "server loop": (s1[0] - s0[0]) * us, "server other": (s1[1] - s0[1]) * us,
             "client main": (c1[0] - c0[0]) * us, "client other": (c1[1] - c0[1]) * us,
             "wall": (w1 - w0) * us})
-    named1 = cpu_by_name(server_pid)
+    named1, threads1 = cpu_by_name(server_pid), cpu_by_thread(server_pid)
     total = calls * repeats
     print("server CPU µs per call by thread name:", ", ".join(
         f"{k} {(named1[k] - named0.get(k, 0.0)) * 1e6 / total:.0f}" for k in sorted(named1)
         if named1[k] - named0.get(k, 0.0) > 0))
+    busy = sorted(((v - threads0.get(k, 0.0)) * 1e6 / total, k) for k, v in threads1.items())
+    print("server CPU µs per call by thread, busiest first:", ", ".join(
+        f"{k} {us:.0f}" for us, k in reversed(busy) if us >= 1))
     if profile is not None:
         client_profile.mkdir(parents=True, exist_ok=True)
         profile.dump_stats(client_profile / "client.pstats")
