@@ -16,10 +16,13 @@ keeps no state from anyone: one session's backlog cannot hold other sessions' st
 
 Fairness: the calls that may start are served round-robin between namespaces (a call's
 namespace is its principal's; see ``Call.namespace``), each namespace starting up to its
-weight (``--namespace-weight``) calls per turn. So one tenant's flood of calls waits
-behind itself, not in front of another tenant's single call: B's call starts within A's
-weight of A's starts. A namespace whose every call is blocked (on states, its session's
-bound, or memory) passes its turn and blocks no one.
+weight (``--namespace-weight``) calls per turn. A namespace alone in the queue keeps its
+turn and its starts count on, so when another namespace's call comes, the lone one's turn
+is over (it had its weight's worth of starts long ago) and the newcomer starts at the next
+free worker. So one tenant's flood of calls waits behind itself, not in front of another
+tenant's single call: B's call starts when the first worker frees, before A's next start.
+A namespace whose every call is blocked (on states, its session's bound, or memory)
+passes its turn and blocks no one.
 
 Memory: a call whose program does not fit now is sent back from its worker before
 anything ran (``NotAdmitted``) and waits in the queue with its estimate; it is looked at
@@ -98,7 +101,8 @@ class Scheduler:
         self._queue: dict[int, Call] = {}  # call.seq -> call, in arrival order
         self._unsorted = False  # a call put back (memory) broke the arrival order
         self._ring: deque[str] = deque()  # namespaces with queued calls, whose turn is next
-        self._turn_left = 0  # calls the ring's head may still start in its turn
+        self._turn_left = 0  # calls the holder may still start in its turn (<= 0: over)
+        self._holder: str | None = None  # the namespace whose turn it is (the ring's head)
         self._ns_queued: dict[str, int] = {}  # namespace -> its queued calls
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recheck: asyncio.TimerHandle | None = None
@@ -219,8 +223,8 @@ class Scheduler:
         self._queue[call.seq] = call
         ns = call.namespace
         self._ns_queued[ns] = self._ns_queued.get(ns, 0) + 1
-        if not self._ring:
-            self._turn_left = self.weight(ns)
+        if not self._ring and ns != self._holder:  # the holder's turn goes on (_next_turn)
+            self._holder, self._turn_left = ns, self.weight(ns)
         if ns not in self._ring:
             self._ring.append(ns)
 
@@ -266,6 +270,8 @@ class Scheduler:
         # 2. Namespaces take turns: the ring's head starts up to its weight, then the next.
         short = False
         while ready and self._busy < self.workers:
+            if self._turn_left <= 0 and len(self._ring) > 1:  # a lone namespace's long turn
+                self._next_turn()
             ns = self._ring[0] if self._ring else next(iter(ready))
             picked = None
             calls = ready.get(ns)
@@ -297,12 +303,18 @@ class Scheduler:
 
     def _next_turn(self) -> None:
         """The ring's head has had its turn: the next namespace's starts (a namespace with
-        nothing queued any more leaves the ring)."""
+        nothing queued any more leaves the ring). A namespace with no one else in the ring
+        (alone, or between two of its calls with none queued) keeps its turn, its count
+        of starts going below zero, so the next other namespace to queue a call takes the
+        turn from it at once (``_dispatch``)."""
         if self._ring:
             self._ring.rotate(-1)
         for ns in [ns for ns in self._ring if ns not in self._ns_queued]:
             self._ring.remove(ns)
-        self._turn_left = self.weight(self._ring[0]) if self._ring else 0
+        if not self._ring or list(self._ring) == [self._holder]:
+            return
+        self._holder = self._ring[0]
+        self._turn_left = self.weight(self._holder)
 
     def _fits(self, call: Call) -> bool:
         """Whether a call put back for memory fits now; reserves its memory if so."""
