@@ -14,6 +14,10 @@ Status moves one way::
        └─────> cancelled   (only before it started: by request_cancel, or by the
                             scheduler when the deadline passed in the queue)
 
+A *transfer* (``Call.is_transfer``: reading outputs its session keeps, kind ``fetch``,
+locking no state) launches no device program: the scheduler runs it on threads of its
+own, so reading a result never waits behind other calls' programs for a worker.
+
 A call's *namespace* is the queue the fair scheduler puts it in: its principal's
 namespace; ``(operator)`` for operator tokens (which act on every namespace);
 ``(server)`` for the server's own work (flushes).
@@ -43,12 +47,17 @@ if TYPE_CHECKING:
     from statehost.server.history import CallHistory
     from statehost.server.store import Session
 
-__all__ = ["OPERATOR_QUEUE", "SERVER_QUEUE", "Call", "CallCancelled", "CallStatus", "CallTable"]
+__all__ = ["OPERATOR_QUEUE", "SERVER_QUEUE", "TRANSFER_KINDS", "Call", "CallCancelled",
+           "CallStatus", "CallTable"]
 
 #: The fair scheduler's queue of calls whose principal acts on every namespace (operator
 #: tokens), and of the server's own work. Parentheses: no namespace name has them.
 OPERATOR_QUEUE = "(operator)"
 SERVER_QUEUE = "(server)"
+
+#: The kinds of call that only copy arrays a session keeps to the host (the call stream's
+#: fetch of a ``RemoteArray``): with no state to lock, they are transfers.
+TRANSFER_KINDS = frozenset({"fetch"})
 
 _MSG_BAD_TIMEOUT = (
     "Call(timeout={timeout!r}): a timeout is the seconds a call may take from its creation, "
@@ -127,6 +136,12 @@ class Call:
     @property
     def principal(self) -> Any:
         return None if self.session is None else self.session.principal
+
+    @property
+    def is_transfer(self) -> bool:
+        """Whether the call only copies kept outputs to the host (see the module docstring):
+        the scheduler runs it without a worker."""
+        return self.kind in TRANSFER_KINDS and not self.keys
 
     @property
     def namespace(self) -> str:

@@ -16,10 +16,20 @@ keeps no state from anyone: one session's backlog cannot hold other sessions' st
 
 Fairness: the calls that may start are served round-robin between namespaces (a call's
 namespace is its principal's; see ``Call.namespace``), each namespace starting up to its
-weight (``--namespace-weight``) calls per turn. So one tenant's flood of calls waits
-behind itself, not in front of another tenant's single call: B's call starts within A's
-weight of A's starts. A namespace whose every call is blocked (on states, its session's
-bound, or memory) passes its turn and blocks no one.
+weight (``--namespace-weight``) calls per turn. A namespace alone in the queue keeps its
+turn and its starts count on, so when another namespace's call comes, the lone one's turn
+is over (it had its weight's worth of starts long ago) and the newcomer starts at the next
+free worker. So one tenant's flood of calls waits behind itself, not in front of another
+tenant's single call: B's call starts when the first worker frees, before A's next start.
+A namespace whose every call is blocked (on states, its session's bound, or memory)
+passes its turn and blocks no one.
+
+Transfers: a call that only copies outputs its session keeps to the host
+(``Call.is_transfer``: the call stream's fetch of a ``RemoteArray``) launches no device
+program and locks no state, so it takes no worker: it runs at once on one of the
+scheduler's transfer threads (as many as workers), in arrival order when they are all
+busy. So reading a result never waits behind other tenants' programs: a tenant's single
+call followed by its read waits for one worker, not two.
 
 Memory: a call whose program does not fit now is sent back from its worker before
 anything ran (``NotAdmitted``) and waits in the queue with its estimate; it is looked at
@@ -93,12 +103,18 @@ class Scheduler:
         self.admission = admission
         self.calls = CallTable()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="statehost-call")
+        self.transfer_threads = workers
+        self._transfer_pool = ThreadPoolExecutor(self.transfer_threads,
+                                                 thread_name_prefix="statehost-transfer")
         self._guard = threading.Lock()  # everything below; taken before any call's lock
         self._seq = itertools.count(1)
         self._queue: dict[int, Call] = {}  # call.seq -> call, in arrival order
+        self._transfers: dict[int, Call] = {}  # the same, for queued transfers
+        self._moving = 0  # transfers running
         self._unsorted = False  # a call put back (memory) broke the arrival order
         self._ring: deque[str] = deque()  # namespaces with queued calls, whose turn is next
-        self._turn_left = 0  # calls the ring's head may still start in its turn
+        self._turn_left = 0  # calls the holder may still start in its turn (<= 0: over)
+        self._holder: str | None = None  # the namespace whose turn it is (the ring's head)
         self._ns_queued: dict[str, int] = {}  # namespace -> its queued calls
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recheck: asyncio.TimerHandle | None = None
@@ -113,6 +129,13 @@ class Scheduler:
     def queued(self) -> int:
         """Calls waiting for a worker, their session's turn or their states."""
         return self.calls.count(CallStatus.QUEUED)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a call waits for a worker now (for its states, its session's bound, or
+        memory too; transfers need none): a run of calls on a worker ends for it
+        (``stream.Channel._run_calls``). Read without the guard: one dict's truth."""
+        return bool(self._queue)
 
     @property
     def running(self) -> int:
@@ -209,22 +232,29 @@ class Scheduler:
         """Drops every queued call (never started) and waits for the running ones."""
         with self._guard:
             self._closed = True
-            for call in list(self._queue.values()):
+            for call in [*self._queue.values(), *self._transfers.values()]:
                 if call.drop(CallCancelled(_MSG_CLOSED.format(kind=call.kind, id=call.id))):
                     self._finish_queued(call)
         self._pool.shutdown(wait=True, cancel_futures=False)
+        self._transfer_pool.shutdown(wait=True, cancel_futures=False)
 
     # -- the queue (every method below but _run runs with the guard held) -----------------
     def _enqueue(self, call: Call) -> None:
+        if call.is_transfer:  # no turn to take: it needs no worker
+            self._transfers[call.seq] = call
+            return
         self._queue[call.seq] = call
         ns = call.namespace
         self._ns_queued[ns] = self._ns_queued.get(ns, 0) + 1
-        if not self._ring:
-            self._turn_left = self.weight(ns)
+        if not self._ring and ns != self._holder:  # the holder's turn goes on (_next_turn)
+            self._holder, self._turn_left = ns, self.weight(ns)
         if ns not in self._ring:
             self._ring.append(ns)
 
     def _dequeue(self, call: Call) -> None:
+        if call.is_transfer:
+            self._transfers.pop(call.seq, None)
+            return
         if self._queue.pop(call.seq, None) is None:
             return
         ns = call.namespace
@@ -239,9 +269,13 @@ class Scheduler:
         turns, and marks it running; drops those cancelled or past their deadline. Returns
         the calls to hand to the pool (after the guard is released)."""
         start: list[Call] = []
-        if self._closed or not self._queue or self._busy >= self.workers:
+        if self._closed:
             return start
         now = time.monotonic()
+        if self._transfers and self._moving < self.transfer_threads:
+            self._start_transfers(start, now)
+        if not self._queue or self._busy >= self.workers:
+            return start
         if self._unsorted:
             self._queue = dict(sorted(self._queue.items()))
             self._unsorted = False
@@ -266,6 +300,8 @@ class Scheduler:
         # 2. Namespaces take turns: the ring's head starts up to its weight, then the next.
         short = False
         while ready and self._busy < self.workers:
+            if self._turn_left <= 0 and len(self._ring) > 1:  # a lone namespace's long turn
+                self._next_turn()
             ns = self._ring[0] if self._ring else next(iter(ready))
             picked = None
             calls = ready.get(ns)
@@ -295,14 +331,40 @@ class Scheduler:
             self._arm_recheck()
         return start
 
+    def _start_transfers(self, start: list[Call], now: float) -> None:
+        """Takes queued transfers off their queue, in arrival order, while transfer threads
+        are free (they hold no state, no worker and no turn)."""
+        for call in list(self._transfers.values()):
+            if self._moving >= self.transfer_threads:
+                return
+            if call.status is not CallStatus.QUEUED:  # cancelled
+                self._finish_queued(call)
+            elif call.is_past_deadline(now):
+                self._time_out(call, now)
+            elif not call.begin(now):  # cancelled meanwhile, on another thread
+                self._finish_queued(call)
+            else:
+                self._dequeue(call)
+                self._moving += 1
+                start.append(call)
+
+    def _is_queued(self, call: Call) -> bool:
+        return (self._transfers if call.is_transfer else self._queue).get(call.seq) is call
+
     def _next_turn(self) -> None:
         """The ring's head has had its turn: the next namespace's starts (a namespace with
-        nothing queued any more leaves the ring)."""
+        nothing queued any more leaves the ring). A namespace with no one else in the ring
+        (alone, or between two of its calls with none queued) keeps its turn, its count
+        of starts going below zero, so the next other namespace to queue a call takes the
+        turn from it at once (``_dispatch``)."""
         if self._ring:
             self._ring.rotate(-1)
         for ns in [ns for ns in self._ring if ns not in self._ns_queued]:
             self._ring.remove(ns)
-        self._turn_left = self.weight(self._ring[0]) if self._ring else 0
+        if not self._ring or list(self._ring) == [self._holder]:
+            return
+        self._holder = self._ring[0]
+        self._turn_left = self.weight(self._holder)
 
     def _fits(self, call: Call) -> bool:
         """Whether a call put back for memory fits now; reserves its memory if so."""
@@ -392,6 +454,9 @@ class Scheduler:
 
     def _waiting_for(self, call: Call) -> str:
         """What a queued call is waiting for, in words (for its timeout message)."""
+        if call.is_transfer:
+            return (f"a free transfer thread: all {self.transfer_threads} were busy copying "
+                    "other calls' outputs")
         if call.short_of_memory is not None:
             return "device memory"
         if self._session_full(call):
@@ -439,7 +504,7 @@ class Scheduler:
     def _expire(self, call: Call) -> None:
         """The deadline timer of a call (on the event loop)."""
         with self._guard:
-            if self._queue.get(call.seq) is not call:
+            if not self._is_queued(call):
                 return  # started, cancelled or dropped already
             self._time_out(call, max(time.monotonic(), call.deadline or 0.0))
             start = self._dispatch()
@@ -452,7 +517,7 @@ class Scheduler:
         if not was_queued:
             return
         with self._guard:
-            if self._queue.get(call.seq) is call:
+            if self._is_queued(call):
                 self._finish_queued(call)
             start = self._dispatch()
         self._start(start)
@@ -464,7 +529,7 @@ class Scheduler:
                 self.metrics.namespace_queue_seconds.labels(call.namespace).observe(
                     call.started - call.created)
             try:
-                self._pool.submit(self._run, call)
+                (self._transfer_pool if call.is_transfer else self._pool).submit(self._run, call)
             except RuntimeError:  # the pool shut down between the dispatch and here
                 self._run(call, refused=True)
 
@@ -500,14 +565,17 @@ class Scheduler:
             for k in call.keys:
                 if self._held.get(k) is call:
                     del self._held[k]
-            if call.session is not None:
-                sid = call.session.id
-                left = self._per_session.get(sid, 1) - 1
-                if left > 0:
-                    self._per_session[sid] = left
-                else:
-                    self._per_session.pop(sid, None)
-            self._busy -= 1
+            if call.is_transfer:
+                self._moving -= 1
+            else:
+                if call.session is not None:
+                    sid = call.session.id
+                    left = self._per_session.get(sid, 1) - 1
+                    if left > 0:
+                        self._per_session[sid] = left
+                    else:
+                        self._per_session.pop(sid, None)
+                self._busy -= 1
             awaiter = None
             if back is not None and self._closed:
                 call.drop(CallCancelled(_MSG_CLOSED.format(kind=call.kind, id=call.id)))

@@ -418,7 +418,7 @@ class Channel:
         scheduler = self.rt.scheduler
         try:
             for _ in range(_RUN_CALLS - 1):
-                if self._failed is not None or self._closed or scheduler.queued \
+                if self._failed is not None or self._closed or scheduler.waiting \
                         or ended - began > _LONG_CALL:
                     return
                 taken = self._next_call(session, keys)

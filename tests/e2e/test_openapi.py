@@ -33,7 +33,7 @@ CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conform
 FRAME_PATHS = r"^/v1/(call|states/push|states/pull|objects/put|objects/get|functions/register)$"
 # every operation but the 7 frame ones (POST /v1/jobs: CONFIG) and the dashboard's endless
 # event stream (CONFIG)
-JSON_OPERATIONS = 24
+JSON_OPERATIONS = 26
 MAX_EXAMPLES = 80  # per operation and phase: ~20 s per token on 2 cores
 
 # Real names mixed into the generated ones, so requests reach real states, not only 404s.

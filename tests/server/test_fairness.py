@@ -45,7 +45,7 @@ async def _flood(scheduler, calls: list[Call]) -> list:
 
 
 @pytest.mark.parametrize(("b_namespace", "b_starts_at"), [
-    ("b", 2),  # fair: B's call waits for the running call and one more of A's
+    ("b", 1),  # fair: B's call waits only for the running call (A had the box alone)
     ("a", 201),  # one namespace (what fairness fixes): behind all of A's calls
 ])
 def test_a_flooding_tenant_does_not_starve_another(gate, sessions, schedulers, b_namespace,
@@ -81,6 +81,29 @@ def test_weights_give_a_namespace_that_many_starts_per_turn(gate, sessions, sche
     asyncio.run(main())
     assert "".join(order[:20]) == "aaab" * 5
     assert "".join(order[-10:]) == "b" * 10  # A's queue is empty: B takes every turn
+
+
+def test_a_namespace_that_had_the_box_alone_yields_its_turn_at_once(gate, sessions,
+                                                                     schedulers):
+    """A (weight 3) starts calls alone: its starts count on past its weight, so B's call,
+    when it comes, starts at the next free worker, before A's next; then the turns are
+    A's weight to B's one again."""
+    _, table = sessions
+    order: list[str] = []
+
+    async def main():
+        scheduler = schedulers(1, weight=lambda ns: {"a": 3}.get(ns, 1))
+        a, b = tenant(table, "a"), tenant(table, "b")
+        for i in range(5):  # alone: one after the other, none queued in between
+            assert await scheduler.submit(Call("call", a, (f"x{i}",),
+                                               lambda c, i=i: order.append(f"a{i}"))) is None
+        calls = [Call("call", a, (f"a{i}",), _noting(order, "a")) for i in range(8)]
+        calls += [Call("call", b, (f"b{i}",), _noting(order, "b")) for i in range(2)]
+        await _flood(scheduler, calls)
+
+    asyncio.run(main())
+    assert order[:5] == [f"a{i}" for i in range(5)]
+    assert "".join(order[5:]) == "a" + "b" + "aaa" + "b" + "aaaa"
 
 
 def test_a_namespace_whose_calls_are_blocked_blocks_no_one(gate, sessions, schedulers):
