@@ -13,6 +13,7 @@ import itertools
 import os
 import secrets
 import socket
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -190,6 +191,8 @@ class Client:
         except BaseException:
             self._http.close()
             raise
+        if self.dispatch == "async":
+            _warm_stream_imports()
 
     # -- lifecycle --------------------------------------------------------------
     def _use_unix_socket(self) -> None:
@@ -939,3 +942,22 @@ def connect(
 
 def _gib(nbytes: int | None) -> str:
     return "–" if nbytes is None else f"{nbytes / 2**30:.2f} GiB"
+
+
+def _warm_stream_imports() -> None:
+    """Imports the call stream's modules on a daemon thread while the user's code goes on.
+
+    The first call of a signature opens the stream after its answer (``Dispatcher.checked``),
+    and importing ``websockets`` there cost 30-130 ms of that call's latency on a 2-core box
+    (``bench/bench_sharedbox.py``); by the first call the import is done, or half done (the
+    import lock makes the call's own import wait for it, never run it twice).
+    """
+    def load() -> None:
+        try:
+            import websockets.sync.client  # noqa: F401
+
+            import statehost.client._stream  # noqa: F401
+        except Exception:  # the stream's own open reports what is wrong, where it is used
+            pass
+
+    threading.Thread(target=load, name="statehost-warm-imports", daemon=True).start()
