@@ -241,6 +241,10 @@ class Http:
         self.client  # raises ClientClosedError after close()  # noqa: B018
         encoded = message.to_frame()
         channel = self.shared_memory
+        if channel is not None and not channel.alive():  # the server restarted: a new one
+            self._close_shared_memory()
+            self.use_shared_memory(self.json("GET", "/v1/info"))
+            channel = self.shared_memory
         if channel is not None:
             with _translate(what, self.base_url, self.timeout):
                 encoded = channel.share(encoded)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
+import select
 import socket
 import threading
 from typing import Any
@@ -37,6 +39,8 @@ from statehost.wire._shared_memory import (
 )
 
 __all__ = ["SharedMemoryChannel"]
+
+log = logging.getLogger("statehost.client")
 
 _MAX_FREE = 4  # released arenas kept for reuse
 # Arenas lent and not released (a request the server refused before reading its frame
@@ -83,6 +87,19 @@ class SharedMemoryChannel:
         self._lock = threading.Lock()
         self._next = 0
 
+    def alive(self) -> bool:
+        """False once the server closed the channel (it stopped, or restarted: the new one
+        does not know this channel's id)."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if not readable:
+                return True
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except (OSError, ValueError):
+            return False
+
     # -- requests ---------------------------------------------------------------------------
     def share(self, encoded: Any) -> Any:
         """``encoded`` with its large buffers copied into arenas and named instead of
@@ -95,12 +112,17 @@ class SharedMemoryChannel:
             refs = {}
             for index in indices:
                 data = memoryview(encoded.pieces[2 + 2 * index]).cast("B")
-                arena = self._take(data.nbytes)
+                try:
+                    arena = self._take(data.nbytes)
+                except OSError as exc:  # out of descriptors or memory: the byte stream
+                    log.info("statehost client: no arena of %d bytes (%s); the buffer goes "
+                             "through the byte stream", data.nbytes, exc)
+                    continue
                 arena.fill(data)
-                if not arena.known:
-                    self._register(arena)
+                if not arena.known and not self._register(arena):
+                    continue  # refused (the server maps too many): the byte stream
                 refs[index] = (arena.id, data.nbytes)
-            return shared(encoded, refs)
+            return shared(encoded, refs) if refs else encoded
 
     def flush(self) -> None:
         """Sends the releases of leases that ended since the last request."""
@@ -139,14 +161,19 @@ class SharedMemoryChannel:
     def _fitting(self, nbytes: int) -> list[Arena]:
         return [a for a in self._mine.values() if not a.busy and a.fits(nbytes)]
 
-    def _register(self, arena: Arena) -> None:
-        """Sends a new arena's descriptor and waits until the server has mapped it."""
+    def _register(self, arena: Arena) -> bool:
+        """Sends a new arena's descriptor and waits until the server has mapped it; False
+        (and the arena dropped) when the server refuses it."""
         send(self.sock, {"op": "arena", "id": arena.id, "size": arena.size}, (arena.fd,))
-        answer = self._drain(self.timeout, until=lambda: arena.known, wanted=arena.id)
+        refused = self._drain(self.timeout, until=lambda: arena.known, wanted=arena.id)
         arena.drop_fd()
-        if answer is not None:
-            raise TransportError(f"statehost shared memory: the server refused arena "
-                                 f"{arena.id!r}: {answer}")
+        if refused is None and arena.known:
+            return True
+        log.info("statehost client: the server refused arena %s (%s); the buffer goes "
+                 "through the byte stream", arena.id, refused or "no answer")
+        del self._mine[arena.id]
+        arena.close()
+        return False
 
     # -- answers -----------------------------------------------------------------------------
     def attach(self, arena_id: str, nbytes: int) -> memoryview:

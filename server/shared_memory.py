@@ -62,6 +62,10 @@ REPLY: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
 
 _AUTH_TIMEOUT = 5.0
 _MAX_FREE = 4  # released arenas a connection keeps for reuse, per side
+# Arenas per connection and side: each mapping holds a descriptor (mmap keeps its own
+# copy), and a client keeping the values of many pulls keeps their arenas lent. Past
+# this, answers go through the byte stream and new arenas of the client's are refused.
+_MAX_ARENAS = 64
 
 _MSG_NO_CHANNEL = (
     "{where}: the shared-memory channel {channel!r} named in the {header} header is not open "
@@ -241,6 +245,10 @@ class Connection:
             if op == "arena" and len(fds) == 1 and isinstance(arena, str) \
                     and isinstance(message.get("size"), int):
                 try:
+                    if len(self._peer) >= _MAX_ARENAS:
+                        os.close(fds[0])
+                        raise WireError(f"statehost shared memory: this channel already maps "
+                                        f"{_MAX_ARENAS} arenas; send the bytes in the stream")
                     mapped = PeerArena(arena, message["size"], fds[0])
                 except WireError as exc:
                     send(self.sock, {"op": "arena-refused", "id": arena, "error": str(exc)})
@@ -284,15 +292,23 @@ class Connection:
             send(self.sock, {"op": "release", "id": arena}, flags=socket.MSG_DONTWAIT)
 
     # -- replies --------------------------------------------------------------------------
-    def take(self, nbytes: int) -> Arena:
-        """A released arena of this connection that fits ``nbytes``, or a new one; busy."""
+    def take(self, nbytes: int) -> Arena | None:
+        """A released arena of this connection that fits ``nbytes``, or a new one, marked
+        busy; ``None`` when none can be had (too many, or memory files fail: the stream)."""
         with self._lock:
             fits = [a for a in self._mine.values() if not a.busy and a.fits(nbytes)]
             if fits:
                 arena = min(fits, key=lambda a: a.size)
+            elif len(self._mine) >= _MAX_ARENAS:
+                return None
             else:
                 self._next += 1
-                arena = Arena(f"s{self._next}", arena_size(nbytes))
+                try:
+                    arena = Arena(f"s{self._next}", arena_size(nbytes))
+                except OSError as exc:  # out of descriptors or memory: this answer streams
+                    log.warning("shared memory: no arena of %d bytes (%s); the answer goes "
+                                "through the byte stream", nbytes, exc)
+                    return None
                 self._mine[arena.id] = arena
             arena.busy = True
             return arena
@@ -397,10 +413,16 @@ def reply(encoded: Any) -> tuple[Any, Callable[[], None]] | None:
     if not indices:
         return None
     data = {i: memoryview(encoded.pieces[2 + 2 * i]).cast("B") for i in indices}
-    lent = {i: conn.take(view.nbytes) for i, view in data.items()}
+    lent = {}
+    for i, view in data.items():
+        arena = conn.take(view.nbytes)
+        if arena is not None:  # else this buffer stays in the byte stream
+            lent[i] = arena
+    if not lent:
+        return None
 
     def fill() -> None:
         for i, arena in lent.items():
             conn.lend(arena, data[i])
 
-    return shared(encoded, {i: (lent[i].id, data[i].nbytes) for i in indices}), fill
+    return shared(encoded, {i: (arena.id, data[i].nbytes) for i, arena in lent.items()}), fill

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 import statehost
+from statehost._errors import WireError
 from statehost.client import ProtocolError, TransportError
 from statehost.client._shared_memory import SharedMemoryChannel
 from statehost.server import Settings, create_app
@@ -41,6 +42,7 @@ from statehost.wire import (
     decode,
     pack,
 )
+from statehost.wire._shared_memory import Arena, PeerArena, receive, send
 from tests.serving import running_server
 
 MIB = 1 << 20
@@ -137,6 +139,18 @@ def test_shared_memory_gives_what_tcp_gives_and_skips_the_byte_stream(served):
     assert "Traceback" not in served.output()
 
 
+def test_a_channel_the_server_closed_is_opened_anew(served):
+    with statehost.connect(served.url, token=TOKEN) as client:
+        old = client._http.shared_memory
+        old.sock.shutdown(socket.SHUT_RDWR)  # reads as a stopped server's channel does
+        state = statehost.ParamState(np.arange(MIB // 2, dtype=np.float32))  # 2 MiB
+        client.push(state)
+        state.value = jnp.zeros_like(state.value)
+        client.pull(state)
+        np.testing.assert_array_equal(np.asarray(state.value), np.arange(MIB // 2))
+        assert client._http.shared_memory is not old and client._http.shared_memory.alive()
+
+
 def test_with_shared_memory_off_the_stream_gives_the_same_and_info_says_why(tmp_path, served):
     with statehost.connect(served.url, token=TOKEN) as client:
         reference = _work(client)
@@ -216,6 +230,64 @@ def test_an_unsealed_or_short_arena_is_refused(local):
         assert answer["op"] == "arena-refused"
         assert "sealed against shrinking (F_SEAL_SHRINK)" in answer["error"]
     assert not [line for line in _mapped() if "statehost-unsealed" in line]
+
+
+def test_a_channel_maps_at_most_64_arenas_and_refuses_a_wrong_token(local):
+    _, service, _ = local
+    with pytest.raises(TransportError, match="shared-memory channel .* refused this client"):
+        SharedMemoryChannel(str(service.path), "wrong", 10.0)
+    with _raw_channel(service) as sock:
+        sock.send(json.dumps({"op": "auth", "token": TOKEN}).encode())
+        assert json.loads(sock.recv(65536))["op"] == "ok"
+        answers = []
+        for n in range(65):
+            arena = Arena(f"c{n}", 4096)
+            socket.send_fds(sock, [json.dumps({"op": "arena", "id": arena.id,
+                                               "size": 4096}).encode()], [arena.fd])
+            arena.close()
+            answers.append(json.loads(sock.recv(65536)))
+        assert [a["op"] for a in answers] == ["arena-ok"] * 64 + ["arena-refused"]
+        assert "already maps 64 arenas" in answers[-1]["error"]
+
+
+def test_channel_packets_and_leases_are_checked():
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with left, right:
+        for packet, text in [(b"{", "is not JSON"), (b"[1]", "is not a channel message")]:
+            left.send(packet)
+            with pytest.raises(WireError, match=text):
+                receive(right)
+        fds = [os.memfd_create("statehost-many") for _ in range(17)]
+        socket.send_fds(left, [b'{"op":"arena"}'], fds)
+        for fd in fds:
+            os.close(fd)
+        with pytest.raises(WireError, match="more than 16 descriptors"):
+            receive(right)
+        assert not [f for f in _memfds() if "many" in os.readlink(f"/proc/self/fd/{f}")]
+        arena = Arena("c1", 8192)
+        send(left, {"op": "arena", "id": "c1", "size": 8192}, (arena.fd,))
+        _, (fd,) = receive(right)
+        mapped = PeerArena("c1", 8192, fd)
+        with pytest.raises(WireError, match="a buffer of 8193 bytes is named in arena"):
+            mapped.lease(8193, print)
+        released = []
+        view = mapped.lease(4096, released.append)
+        with pytest.raises(WireError, match="is named again before it was released"):
+            mapped.lease(4096, released.append)
+        del view
+        assert released == ["c1"]  # the last view gone, the arena goes back
+        mapped.close()
+        arena.close()
+
+
+def test_an_answer_naming_an_arena_never_sent_is_refused(local):
+    _, service, _ = local
+    channel = SharedMemoryChannel(str(service.path), TOKEN, 0.2)
+    try:
+        with pytest.raises(WireError, match="names arena 's999', which the server never sent"):
+            channel.attach("s999", 4096)
+    finally:
+        _close(channel, service)
 
 
 def _post(transport, path, encoded, headers, token=TOKEN):
