@@ -63,8 +63,8 @@ from typing import Any
 
 from statehost._errors import WireError
 
-__all__ = ["HEADER", "SHM_HEADER", "Arena", "PeerArena", "available", "receive", "send",
-           "shareable", "shared"]
+__all__ = ["HEADER", "SHM_HEADER", "Arena", "PeerArena", "arena_size", "available",
+           "page_aligned", "receive", "send", "shareable", "shared"]
 
 #: The frame header field naming buffers held in shared memory.
 SHM_HEADER = "shm"
@@ -182,22 +182,23 @@ class PeerArena:
         self._bytes = np.frombuffer(self.map, np.uint8)
         self.leased = False
 
-    def lease(self, nbytes: int, on_release: Callable[[str], None], copy: bool = False
-              ) -> memoryview:
+    def lease(self, nbytes: int, on_release: Callable[[str], None],
+              private: Callable[[int], memoryview] | None = None) -> memoryview:
         """A view of the first ``nbytes``; when every view of it is gone,
         ``on_release(id)`` runs (from whichever thread dropped the last one). With
-        ``copy``, a private copy instead, and the arena is released at once."""
+        ``private`` (``nbytes`` -> a buffer of the receiver's own), a copy there instead,
+        and the arena is released at once."""
         if nbytes > self.size:
             raise WireError(f"statehost shared memory: a buffer of {nbytes} bytes is named "
                             f"in arena {self.id!r} of {self.size}")
         if self.leased:
             raise WireError(f"statehost shared memory: arena {self.id!r} is named again "
                             "before it was released")
-        if copy:
-            private = _page_aligned(nbytes)
-            private[:] = memoryview(self._bytes[:nbytes])
+        if private is not None:
+            mine = private(nbytes)
+            mine[:] = memoryview(self._bytes[:nbytes])
             on_release(self.id)
-            return private
+            return mine
         self.leased = True
         piece = self._bytes[:nbytes]  # an ndarray of its own: the lease's identity
         weakref.finalize(piece, self._released, on_release)
@@ -213,15 +214,15 @@ class PeerArena:
             self.map.close()
 
 
-def _page_aligned(nbytes: int) -> memoryview:
-    """A fresh buffer that starts on a page: ``jax.device_put`` on CPU takes such memory
-    as it is (0.5 ms for 128 MiB), and copies memory aligned to less than 64 bytes, as
-    ``np.empty``'s is, at about 1-2 GB/s (67-130 ms; jax 0.10, 2 cores)."""
+def page_aligned(nbytes: int) -> Any:
+    """A fresh ``uint8`` array that starts on a page: ``jax.device_put`` on CPU takes such
+    memory as it is (0.5 ms for 128 MiB), and copies memory aligned to less than 64 bytes,
+    as ``np.empty``'s is, at about 1-2 GB/s (67-130 ms; jax 0.10, 2 cores)."""
     import numpy as np
 
     raw = np.empty(nbytes + mmap.PAGESIZE, np.uint8)
     start = -raw.ctypes.data % mmap.PAGESIZE
-    return memoryview(raw[start : start + nbytes])
+    return raw[start : start + nbytes]
 
 
 # -- the frame extension ----------------------------------------------------------------

@@ -110,17 +110,23 @@ def _work(client):
     return out, after_call, np.asarray(big.value), np.asarray(back.value)
 
 
-def test_shared_memory_gives_what_tcp_gives_and_skips_the_byte_stream(served):
-    info = httpx.get(f"{served.url}/v1/info", headers={"authorization": f"Bearer {TOKEN}"}
-                     ).json()["shared_memory"]
-    assert info["enabled"] and info["threshold"] == MIB and info["socket"].endswith(".shm")
+@pytest.fixture(scope="module")
+def on_tcp(served):
+    """``_work``'s results over TCP, which every other path must give."""
     with statehost.connect(served.url, token=TOKEN) as tcp:
         tcp._http.use_unix(None)  # stay on TCP, for the comparison
         assert tcp._http.shared_memory is None
-        on_tcp = _work(tcp)
+        results = _work(tcp)
     counted = {d: served.metric("statehost_shared_memory_bytes_total", direction=d)
                for d in ("in", "out")}
     assert counted == {"in": 0.0, "out": 0.0}  # TCP moved every byte in the stream
+    return results
+
+
+def test_shared_memory_gives_what_tcp_gives_and_skips_the_byte_stream(served, on_tcp):
+    info = httpx.get(f"{served.url}/v1/info", headers={"authorization": f"Bearer {TOKEN}"}
+                     ).json()["shared_memory"]
+    assert info["enabled"] and info["threshold"] == MIB and info["socket"].endswith(".shm")
     wire = {d: served.metric("statehost_wire_bytes_total", direction=d, part="state")
             for d in ("in", "out")}
     with statehost.connect(served.url, token=TOKEN) as client:
@@ -151,9 +157,7 @@ def test_a_channel_the_server_closed_is_opened_anew(served):
         assert client._http.shared_memory is not old and client._http.shared_memory.alive()
 
 
-def test_with_shared_memory_off_the_stream_gives_the_same_and_info_says_why(tmp_path, served):
-    with statehost.connect(served.url, token=TOKEN) as client:
-        reference = _work(client)
+def test_with_shared_memory_off_the_stream_gives_the_same_and_info_says_why(tmp_path, on_tcp):
     with running_server(tmp_path, "--unix", str(tmp_path / "run" / "s.sock"), token=TOKEN,
                         env={"STATEHOST_SHARED_MEMORY": "0"}) as off:
         with statehost.connect(off.url, token=TOKEN) as client:
@@ -166,7 +170,7 @@ def test_with_shared_memory_off_the_stream_gives_the_same_and_info_says_why(tmp_
         assert off.metric("statehost_shared_memory_bytes_total", direction="in") == 0.0
         assert off.metric("statehost_wire_bytes_total", direction="in", part="state") > MIB
         assert "shared memory: off, turned off (STATEHOST_SHARED_MEMORY=0)" in off.output()
-    for a, b in zip(results, reference, strict=True):
+    for a, b in zip(results, on_tcp, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -328,6 +332,40 @@ def test_a_push_and_a_pull_through_the_channel_in_process(local):
             del values
             channel.flush()
         assert len(channel._mine) == 1  # one arena, filled three times
+        # Each state kept its own bytes: neither the arena nor the server's buffer of an
+        # upload is reused while a value still lives in it.
+        answer = _post(transport, "/v1/states/pull", channel.share(PullRequest(
+            session=session, ids=tuple(f"{i + 1:032x}" for i in range(3))).to_frame()),
+            channel.headers)
+        values = dict(decode(answer.content, channel.attach).sections["states"].load())
+        for round_ in range(3):
+            np.testing.assert_array_equal(values[f"{round_ + 1:032x}"], value + round_)
+        del values
+    finally:
+        _close(channel, service)
+
+
+def test_without_the_copy_an_arena_a_value_lives_in_is_not_reused(local):
+    """On an accelerator the server hands the request a view of the client's arena (no
+    copy on CPU: ``device_put`` would keep the arena as the state's memory, as it does
+    here once the copy is turned off): the arena then stays lent while the value lives."""
+    transport, service, _ = local
+    channel = SharedMemoryChannel(str(service.path), TOKEN, 10.0)
+    try:
+        service.connection(channel.id)._private = None  # as on an accelerator
+        session = _session(transport)
+        value = np.arange(MIB, dtype=np.float32)
+        for round_ in range(2):
+            answer = _post(transport, "/v1/states/push", channel.share(_push_frame(
+                session, value + round_, f"{round_ + 11:032x}")), channel.headers)
+            assert answer.status_code == 200
+        assert len(channel._mine) == 2  # the first arena is the first state's memory now
+        answer = _post(transport, "/v1/states/pull", channel.share(PullRequest(
+            session=session, ids=(f"{11:032x}", f"{12:032x}")).to_frame()), channel.headers)
+        values = dict(decode(answer.content, channel.attach).sections["states"].load())
+        np.testing.assert_array_equal(values[f"{11:032x}"], value)
+        np.testing.assert_array_equal(values[f"{12:032x}"], value + 1)
+        del values
     finally:
         _close(channel, service)
 
