@@ -203,6 +203,10 @@ class Settings:
         if self.shutdown_grace < 0:
             raise ValueError(f"statehost settings: shutdown_grace={self.shutdown_grace} must "
                              "be >= 0.")
+        if self.shared_memory_threshold < 1:
+            raise ValueError(f"statehost settings: shared_memory_threshold="
+                             f"{self.shared_memory_threshold} must be a positive size (1MiB); "
+                             "turn shared memory off with STATEHOST_SHARED_MEMORY=0 instead.")
         if self.device_memory is not None and self.device_memory < 1:
             raise ValueError(f"statehost settings: device_memory={self.device_memory} must be "
                              "a positive size (64MiB, 8GiB); unset it for no admission on "

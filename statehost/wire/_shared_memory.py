@@ -120,7 +120,7 @@ def receive(sock: socket.socket, flags: int = 0) -> tuple[dict[str, Any] | None,
 
 # -- arenas -------------------------------------------------------------------------
 def arena_size(nbytes: int) -> int:
-    return -(-nbytes // _STEP) * _STEP
+    return max(1, -(-nbytes // _STEP)) * _STEP
 
 
 class Arena:
@@ -230,7 +230,7 @@ def shareable(encoded: Any, threshold: int) -> list[int]:
     """The indices of an encoded frame's buffers of at least ``threshold`` bytes."""
     pieces = encoded.pieces
     return [(i - 2) // 2 for i in range(2, len(pieces), 2)
-            if memoryview(pieces[i]).nbytes >= threshold]
+            if memoryview(pieces[i]).nbytes >= max(threshold, 1)]
 
 
 def shared(encoded: Any, refs: dict[int, tuple[str, int]]) -> Any:

@@ -174,6 +174,14 @@ def test_with_shared_memory_off_the_stream_gives_the_same_and_info_says_why(tmp_
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_settings():
+    settings = Settings.from_env({"STATEHOST_SHARED_MEMORY": "0",
+                                  "STATEHOST_SHARED_MEMORY_THRESHOLD": "2MiB"})
+    assert settings.shared_memory is False and settings.shared_memory_threshold == 2 * MIB
+    with pytest.raises(ValueError, match="shared_memory_threshold=0 must be a positive size"):
+        Settings(shared_memory_threshold=0)
+
+
 # -- the channel, in-process ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
