@@ -27,13 +27,18 @@ rows, which take turns in blocks of calls so that they see the same machine load
    read into one ``np.empty`` buffer).
 
 5. ``unix``: the tiny case's ``client.pmap`` (``pull=True``) over TCP loopback and over the
-   Unix socket of a second ``statehost serve`` (``--unix PATH``, same options otherwise).
+   Unix socket of a second ``statehost serve`` (``--unix PATH``, same options otherwise),
+   by two clients of that same server, one kept on TCP.
 6. ``shm``: ``client.push`` (the value set anew before each, so it is uploaded) and
-   ``client.pull`` of a 128 MiB state over TCP and over the Unix socket, where its bytes
-   go by shared memory (``server/shared_memory.py``), against the host's own memcpy of
-   128 MiB (``np.copyto`` into a preallocated array) in the same run.
+   ``client.pull`` of a 128 MiB state by the same two clients, over TCP and over the Unix
+   socket, where its bytes go by shared memory (``server/shared_memory.py``), against
+   the host's own memcpy of 128 MiB (``np.copyto`` into a preallocated array) in the same
+   run.
 
 Plus a Ray actor holding the same module, when ``ray`` is importable.
+
+The ``unix`` and ``shm`` rows also count CPU time per call, this process's and the
+server's (``/proc/<pid>/stat``), which the machine's other load moves less than wall time.
 
 Local rows get numpy deltas and arguments, as the server does (it receives numpy), and
 block on their outputs and new state values. Remote outputs arrive as ``jax.Array``s
@@ -56,6 +61,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import secrets  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -301,6 +307,9 @@ class Rig:
         self.client, self.bare, self.ray_problem = client, bare, ray_problem
         self.resident = Affine(BIG_WIDTH)  # uploaded once by case 2, pulled by case 4
         self.unix: Any = None  # a client of the server with a Unix socket (cases 5, 6)
+        self.unix_tcp: Any = None  # and one of that server kept on TCP
+        self.unix_pid: int | None = None  # that server's process
+        self.cpu: dict[str, list[float]] = {}  # row -> [this process's s, server's s, calls]
         self.actors: dict[int, Any] = {}
 
     def add_ray(self, steps: dict[str, Step], width: int, method: str, *args: Any) -> None:
@@ -379,12 +388,40 @@ def unix_command(port: int, data_dir: Path, log_level: str) -> list[str]:
     return command
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds used so far by this process, or by process ``pid`` (Linux)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def counting_cpu(rig: Rig, steps: dict[str, Step]) -> dict[str, Step]:
+    """``steps``, each adding the CPU time of its calls (this process's, the server's) to
+    ``rig.cpu[name]``."""
+
+    def counted(name: str, step: Step) -> Step:
+        def run():
+            mine, server = cpu_seconds(), cpu_seconds(rig.unix_pid)
+            result = jax.block_until_ready(step())
+            spent = rig.cpu.setdefault(name, [0.0, 0.0, 0])
+            spent[0] += cpu_seconds() - mine
+            spent[1] += cpu_seconds(rig.unix_pid) - server
+            spent[2] += 1
+            return result
+
+        return run
+
+    return {name: counted(name, step) for name, step in steps.items()}
+
+
 def unix_steps(rig: Rig) -> dict[str, Step]:
     delta = np.full((LANES, 4), 0.5, np.float32)
-    return {
-        TCP_TINY: remote_pmap_step(rig.client, Affine(4), delta, pull=True),
+    return counting_cpu(rig, {
+        TCP_TINY: remote_pmap_step(rig.unix_tcp, Affine(4), delta, pull=True),
         UNIX_TINY: remote_pmap_step(rig.unix, Affine(4), delta, pull=True),
-    }
+    })
 
 
 def shm_steps(rig: Rig) -> dict[str, Step]:
@@ -392,7 +429,7 @@ def shm_steps(rig: Rig) -> dict[str, Step]:
     copy = np.empty_like(data)
     np.copyto(copy, data)
     states = {"tcp": statehost.ParamState(data), "unix": statehost.ParamState(data)}
-    clients = {"tcp": rig.client, "unix": rig.unix}
+    clients = {"tcp": rig.unix_tcp, "unix": rig.unix}
 
     def push(kind: str) -> Step:
         def step():
@@ -406,13 +443,31 @@ def shm_steps(rig: Rig) -> dict[str, Step]:
 
     for kind in clients:
         push(kind)()
-    return {
+    return counting_cpu(rig, {
         HOST_COPY: lambda: np.copyto(copy, data),
         TCP_PUSH: push("tcp"),
         SHM_PUSH: push("unix"),
         TCP_PULL: pull("tcp"),
         SHM_PULL: pull("unix"),
-    }
+    })
+
+
+def print_cpu(rig: Rig) -> None:
+    """CPU time per timed call of the ``unix`` and ``shm`` rows, and the targets' ratios
+    on it."""
+    if not rig.cpu:
+        return
+    per = {name: (c / n, s / n) for name, (c, s, n) in rig.cpu.items()}
+    print("\nCPU per call of the same-host rows (this process + the server's, in ms):")
+    for name, (mine, server) in per.items():
+        print(f"  {name:28s} {mine * 1e3:8.2f} + {server * 1e3:8.2f} = "
+              f"{(mine + server) * 1e3:8.2f}")
+    total = {name: sum(v) for name, v in per.items()}
+    if UNIX_TINY in total:
+        print(f"  on CPU time: unix tiny {total[UNIX_TINY] / total[TCP_TINY]:.2f}x tcp")
+    if SHM_PUSH in total:
+        print(f"  on CPU time: shm push {total[HOST_COPY] / total[SHM_PUSH]:.2f}x, shm pull "
+              f"{total[HOST_COPY] / total[SHM_PULL]:.2f}x host memcpy")
 
 
 REMOTE_PULL = "remote client.pmap pull=True"
@@ -560,12 +615,18 @@ def main() -> None:
                     serving(unix_command, "statehost-unix", tmp / "unix", env, args.log_level))
                 rig.unix = same_host.enter_context(
                     statehost.connect(unix_served.url, token=token, timeout=120))
+                rig.unix_tcp = same_host.enter_context(
+                    statehost.connect(unix_served.url, token=token, timeout=120))
+                rig.unix_tcp._http.use_unix(None)  # loopback TCP to the same server
+                rig.unix_pid = unix_served.process.pid
                 print(f"same-host rows: {rig.unix!r}, shared memory "
                       f"{rig.unix.server_info['shared_memory']['why']}")
             for case, make, calls, block, warmup, nbytes in cases:
                 steps = make(rig)
                 for step in steps.values():
                     run_calls(step, warmup)
+                for name in steps:  # CPU time is counted on the timed calls only
+                    rig.cpu.pop(name, None)
                 before = server_call_seconds(metrics)
                 results.add(case, time_interleaved(steps, calls, block), nbytes)
                 after = server_call_seconds(metrics)
@@ -587,6 +648,7 @@ def main() -> None:
     if rig.ray_problem is not None:
         print(f"  ray actor: {rig.ray_problem}")
     print_checks(results.medians)
+    print_cpu(rig)
     print(
         "\nmean server-side time of POST /v1/call (its handler, from the decoded body to the "
         "response object; from /metrics):"
