@@ -26,7 +26,19 @@ rows, which take turns in blocks of calls so that they see the same machine load
    allows) and a bare 128 MiB download (streamed in 4 MiB chunks; httpx ``iter_raw()``
    read into one ``np.empty`` buffer).
 
+5. ``unix``: the tiny case's ``client.pmap`` (``pull=True``) over TCP loopback and over the
+   Unix socket of a second ``statehost serve`` (``--unix PATH``, same options otherwise),
+   by two clients of that same server, one kept on TCP.
+6. ``shm``: ``client.push`` (the value set anew before each, so it is uploaded) and
+   ``client.pull`` of a 128 MiB state by the same two clients, over TCP and over the Unix
+   socket, where its bytes go by shared memory (``server/shared_memory.py``), against
+   the host's own memcpy of 128 MiB (``np.copyto`` into a preallocated array) in the same
+   run.
+
 Plus a Ray actor holding the same module, when ``ray`` is importable.
+
+The ``unix`` and ``shm`` rows also count CPU time per call, this process's and the
+server's (``/proc/<pid>/stat``), which the machine's other load moves less than wall time.
 
 Local rows get numpy deltas and arguments, as the server does (it receives numpy), and
 block on their outputs and new state values. Remote outputs arrive as ``jax.Array``s
@@ -35,7 +47,7 @@ the table: the targets and the measured ratios, and the mean server-side ``/v1/c
 time (from ``/metrics``) per case.
 
 Run: ``make bench`` or ``python bench/bench_remote.py [--calls N] [--big-calls N]
-[--cases tiny,resident]``. On a machine with accelerators, ``BENCH_PLATFORM=cuda``
+[--cases tiny,resident] [--quick]``. On a machine with accelerators, ``BENCH_PLATFORM=cuda``
 runs both sides there, with one lane per device (``deploy/gpu-check.sh`` does this).
 Nothing here asserts a timing (STYLE rule 40).
 """
@@ -46,8 +58,10 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import secrets  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -78,6 +92,8 @@ TARGETS = {
     "resident": "(remote client.pmap - local statehost pmap) / bare round trip <= 1.3x",
     "upload": "128 MiB / (remote client.jit - local statehost jit) >= 0.9x bare upload MB/s",
     "pull": "client.pull >= 1 GB/s",
+    "unix": "tiny client.pmap over the Unix socket <= 0.8x over TCP",
+    "shm": "128 MiB push and pull over the Unix socket (shared memory) >= 0.5x host memcpy MB/s",
 }
 
 Step = Callable[[], Any]
@@ -290,6 +306,10 @@ class Rig:
     def __init__(self, client: Any, bare: httpx.Client, ray_problem: str | None):
         self.client, self.bare, self.ray_problem = client, bare, ray_problem
         self.resident = Affine(BIG_WIDTH)  # uploaded once by case 2, pulled by case 4
+        self.unix: Any = None  # a client of the server with a Unix socket (cases 5, 6)
+        self.unix_tcp: Any = None  # and one of that server kept on TCP
+        self.unix_pid: int | None = None  # that server's process
+        self.cpu: dict[str, list[float]] = {}  # row -> [this process's s, server's s, calls]
         self.actors: dict[int, Any] = {}
 
     def add_ray(self, steps: dict[str, Step], width: int, method: str, *args: Any) -> None:
@@ -360,6 +380,96 @@ def pull_steps(rig: Rig) -> dict[str, Step]:
     return steps
 
 
+def unix_command(port: int, data_dir: Path, log_level: str) -> list[str]:
+    """``statehost serve`` as ``statehost_command`` has it, plus a Unix socket next to its
+    data dir (where large buffers go by shared memory)."""
+    command = statehost_command(port, data_dir, log_level)
+    command[command.index("--unix") + 1] = str(data_dir.parent / "run" / "statehost.sock")
+    return command
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds used so far by this process, or by process ``pid`` (Linux)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def counting_cpu(rig: Rig, steps: dict[str, Step]) -> dict[str, Step]:
+    """``steps``, each adding the CPU time of its calls (this process's, the server's) to
+    ``rig.cpu[name]``."""
+
+    def counted(name: str, step: Step) -> Step:
+        def run():
+            mine, server = cpu_seconds(), cpu_seconds(rig.unix_pid)
+            result = jax.block_until_ready(step())
+            spent = rig.cpu.setdefault(name, [0.0, 0.0, 0])
+            spent[0] += cpu_seconds() - mine
+            spent[1] += cpu_seconds(rig.unix_pid) - server
+            spent[2] += 1
+            return result
+
+        return run
+
+    return {name: counted(name, step) for name, step in steps.items()}
+
+
+def unix_steps(rig: Rig) -> dict[str, Step]:
+    delta = np.full((LANES, 4), 0.5, np.float32)
+    return counting_cpu(rig, {
+        TCP_TINY: remote_pmap_step(rig.unix_tcp, Affine(4), delta, pull=True),
+        UNIX_TINY: remote_pmap_step(rig.unix, Affine(4), delta, pull=True),
+    })
+
+
+def shm_steps(rig: Rig) -> dict[str, Step]:
+    data = np.random.default_rng(1).standard_normal(BIG // 4, np.float32)
+    copy = np.empty_like(data)
+    np.copyto(copy, data)
+    states = {"tcp": statehost.ParamState(data), "unix": statehost.ParamState(data)}
+    clients = {"tcp": rig.unix_tcp, "unix": rig.unix}
+
+    def push(kind: str) -> Step:
+        def step():
+            states[kind].value = data  # a write: the next push uploads it
+            clients[kind].push(states[kind])
+
+        return step
+
+    def pull(kind: str) -> Step:
+        return lambda: clients[kind].pull(states[kind])
+
+    for kind in clients:
+        push(kind)()
+    return counting_cpu(rig, {
+        HOST_COPY: lambda: np.copyto(copy, data),
+        TCP_PUSH: push("tcp"),
+        SHM_PUSH: push("unix"),
+        TCP_PULL: pull("tcp"),
+        SHM_PULL: pull("unix"),
+    })
+
+
+def print_cpu(rig: Rig) -> None:
+    """CPU time per timed call of the ``unix`` and ``shm`` rows, and the targets' ratios
+    on it."""
+    if not rig.cpu:
+        return
+    per = {name: (c / n, s / n) for name, (c, s, n) in rig.cpu.items()}
+    print("\nCPU per call of the same-host rows (this process + the server's, in ms):")
+    for name, (mine, server) in per.items():
+        print(f"  {name:28s} {mine * 1e3:8.2f} + {server * 1e3:8.2f} = "
+              f"{(mine + server) * 1e3:8.2f}")
+    total = {name: sum(v) for name, v in per.items()}
+    if UNIX_TINY in total:
+        print(f"  on CPU time: unix tiny {total[UNIX_TINY] / total[TCP_TINY]:.2f}x tcp")
+    if SHM_PUSH in total:
+        print(f"  on CPU time: shm push {total[HOST_COPY] / total[SHM_PUSH]:.2f}x, shm pull "
+              f"{total[HOST_COPY] / total[SHM_PULL]:.2f}x host memcpy")
+
+
 REMOTE_PULL = "remote client.pmap pull=True"
 REMOTE_KEEP = "remote client.pmap pull=False"
 REMOTE_JIT = "remote client.jit"
@@ -367,6 +477,13 @@ REMOTE_PULL_STATE = "remote client.pull"
 BARE_ECHO = f"bare FastAPI+httpx {ECHO} B echo"
 BARE_UPLOAD = "bare chunked upload"
 TINY_BLOCK = 50  # calls a tiny row makes before the next row takes its turn
+TCP_TINY = "tcp client.pmap pull=True"
+UNIX_TINY = "unix client.pmap pull=True"
+HOST_COPY = "host np.copyto 128 MiB"
+TCP_PUSH = "tcp client.push"
+SHM_PUSH = "unix+shm client.push"
+TCP_PULL = "tcp client.pull"
+SHM_PULL = "unix+shm client.pull"
 
 
 def print_checks(m: dict[tuple[str, str], float]) -> None:
@@ -385,6 +502,13 @@ def print_checks(m: dict[tuple[str, str], float]) -> None:
         checks.append(("upload", m["upload", BARE_UPLOAD] / sent, "x", 0.9, True))
     if "pull" in ran:
         checks.append(("pull", BIG / m["pull", REMOTE_PULL_STATE] / 1e9, " GB/s", 1.0, True))
+    if "unix" in ran:
+        checks.append(("unix tiny", m["unix", UNIX_TINY] / m["unix", TCP_TINY], "x", 0.8,
+                       False))
+    if "shm" in ran:
+        copy = m["shm", HOST_COPY]
+        checks += [("shm push", copy / m["shm", SHM_PUSH], "x", 0.5, True),
+                   ("shm pull", copy / m["shm", SHM_PULL], "x", 0.5, True)]
     print("\ntargets (on medians):")
     for case, target in TARGETS.items():
         if case in ran:
@@ -409,6 +533,10 @@ def print_checks(m: dict[tuple[str, str], float]) -> None:
             f"{BIG / sent / 1e6:,.0f} MB/s; the whole remote call is "
             f"{m['upload', BARE_UPLOAD] / m['upload', REMOTE_JIT]:.2f}x the bare upload's MB/s"
         )
+    if "shm" in ran:
+        rates = {name: BIG / m["shm", name] / 1e9
+                 for name in (HOST_COPY, TCP_PUSH, SHM_PUSH, TCP_PULL, SHM_PULL)}
+        print("  shm: " + ", ".join(f"{name} {rate:.2f} GB/s" for name, rate in rates.items()))
 
 
 def main() -> None:
@@ -425,10 +553,14 @@ def main() -> None:
         "info, logs every request)",
     )
     parser.add_argument(
-        "--cases", default="tiny,resident,upload,pull",
+        "--cases", default="tiny,resident,upload,pull,unix,shm",
         help="comma-separated cases to run (default: all)",
     )
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: 100 tiny calls, 10 per 128 MiB row, 5 warm-ups")
     args = parser.parse_args()
+    if args.quick:
+        args.calls, args.big_calls, args.warmup = 100, 10, 5
     wanted = set(args.cases.split(","))
 
     devices = jax.local_devices(backend=PLATFORM)
@@ -451,6 +583,8 @@ def main() -> None:
         ("resident", resident_steps, args.big_calls, big_block, 3, None),
         ("upload", upload_steps, args.big_calls, big_block, 2, BIG),
         ("pull", pull_steps, args.big_calls, big_block, 2, BIG),
+        ("unix", unix_steps, args.calls, TINY_BLOCK, args.warmup, None),
+        ("shm", shm_steps, args.big_calls, big_block, 3, BIG),
     ]
     cases = [c for c in cases if c[0] in wanted]
 
@@ -474,16 +608,32 @@ def main() -> None:
             ) as metrics,
         ):
             rig = Rig(client, bare, ray_problem())
+            same_host = contextlib.ExitStack()
+            if wanted & {"unix", "shm"}:  # a second server, with a Unix socket
+                (tmp / "unix").mkdir()
+                unix_served = same_host.enter_context(
+                    serving(unix_command, "statehost-unix", tmp / "unix", env, args.log_level))
+                rig.unix = same_host.enter_context(
+                    statehost.connect(unix_served.url, token=token, timeout=120))
+                rig.unix_tcp = same_host.enter_context(
+                    statehost.connect(unix_served.url, token=token, timeout=120))
+                rig.unix_tcp._http.use_unix(None)  # loopback TCP to the same server
+                rig.unix_pid = unix_served.process.pid
+                print(f"same-host rows: {rig.unix!r}, shared memory "
+                      f"{rig.unix.server_info['shared_memory']['why']}")
             for case, make, calls, block, warmup, nbytes in cases:
                 steps = make(rig)
                 for step in steps.values():
                     run_calls(step, warmup)
+                for name in steps:  # CPU time is counted on the timed calls only
+                    rig.cpu.pop(name, None)
                 before = server_call_seconds(metrics)
                 results.add(case, time_interleaved(steps, calls, block), nbytes)
                 after = server_call_seconds(metrics)
                 if after[1] > before[1]:
                     server_seconds[case] = (after[0] - before[0]) / (after[1] - before[1])
                 del steps  # frees this case's 128 MiB buffers before the next case
+            same_host.close()
             if rig.actors:
                 import ray
 
@@ -498,6 +648,7 @@ def main() -> None:
     if rig.ray_problem is not None:
         print(f"  ray actor: {rig.ray_problem}")
     print_checks(results.medians)
+    print_cpu(rig)
     print(
         "\nmean server-side time of POST /v1/call (its handler, from the decoded body to the "
         "response object; from /metrics):"

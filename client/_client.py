@@ -185,6 +185,7 @@ class Client:
             self.server_info = self._http.json("GET", "/v1/info")
             self._check_versions(self.server_info.get("versions", {}))
             self._use_unix_socket()
+            self._http.use_shared_memory(self.server_info)
             self._max_body = int(self.server_info.get("limits", {}).get("max_body",
                                                                         self._max_body))
             self._open_session()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +32,7 @@ from statehost.client._errors import (
     TransportError,
     remote_execution_error,
 )
+from statehost.client._shared_memory import SharedMemoryChannel
 from statehost.client._token import TokenSource
 from statehost.client._transport import FrameTransport, HttpxFrameTransport, StdlibFrameTransport
 from statehost.wire import CONTENT_TYPE, Frame, Message, decode
@@ -38,6 +40,7 @@ from statehost.wire import CONTENT_TYPE, Frame, Message, decode
 __all__ = ["Http", "client_error"]
 
 _CHUNK = 1 << 20
+log = logging.getLogger("statehost.client")
 
 
 @contextlib.contextmanager
@@ -114,6 +117,9 @@ class Http:
             headers["authorization"] = f"Bearer {self.token.token}"
         self._transport = transport
         self.progress = True  # bars on large transfers (connect(progress=...))
+        # Over the Unix socket: large buffers in shared memory (use_shared_memory).
+        self.shared_memory: SharedMemoryChannel | None = None
+        self.shared_memory_why = "not connected over the Unix socket"
         self._open()
 
     def _open(self) -> None:
@@ -142,8 +148,33 @@ class Http:
         assert self._transport is None and self._client is not None
         self._client.close()
         self.frames.close()
+        self._close_shared_memory()
         self.unix = path
         self._open()
+
+    def use_shared_memory(self, info: dict[str, Any]) -> None:
+        """Over the Unix socket, opens the server's shared-memory channel when ``info``
+        (``/v1/info``) says it has one; else :attr:`shared_memory_why` says why not."""
+        offer = info.get("shared_memory") or {}
+        if self.unix is None or self._transport is not None:
+            return
+        if not offer.get("enabled") or not offer.get("socket"):
+            self.shared_memory_why = f"the server has it off: {offer.get('why', 'an older server')}"
+            return
+        try:
+            self.shared_memory = SharedMemoryChannel(offer["socket"], self.token.token,
+                                                     self.timeout)
+            self.shared_memory_why = "on"
+        except (OSError, ClientError, WireError) as exc:
+            self.shared_memory_why = f"its channel {offer['socket']} failed ({exc})"
+            log.info("statehost client: no shared memory, %s; array bytes go through the "
+                     "byte stream", self.shared_memory_why)
+
+    def _close_shared_memory(self) -> None:
+        if self.shared_memory is not None:
+            self.shared_memory.close()
+            self.shared_memory = None
+            self.shared_memory_why = "closed"
 
     @property
     def client(self) -> httpx.Client:
@@ -163,6 +194,7 @@ class Http:
             self._client.close()
             self._client = None
             self.frames.close()
+            self._close_shared_memory()
 
     def can_stream(self) -> bool:
         """Whether a call stream can open: over the network, or an injected transport that
@@ -206,9 +238,19 @@ class Http:
     def frame(self, path: str, message: Message) -> Frame:
         """POSTs a message's frame and decodes the frame that comes back."""
         what = f"POST {path}"
-        encoded = message.to_frame()
-        headers = {"content-type": CONTENT_TYPE, "content-length": str(encoded.nbytes)}
         self.client  # raises ClientClosedError after close()  # noqa: B018
+        encoded = message.to_frame()
+        channel = self.shared_memory
+        if channel is not None and not channel.alive():  # the server restarted: a new one
+            self._close_shared_memory()
+            self.use_shared_memory(self.json("GET", "/v1/info"))
+            channel = self.shared_memory
+        if channel is not None:
+            with _translate(what, self.base_url, self.timeout):
+                encoded = channel.share(encoded)
+        headers = {"content-type": CONTENT_TYPE, "content-length": str(encoded.nbytes)}
+        if channel is not None:
+            headers.update(channel.headers)
         reread = False
         shown = progress.enabled(self.progress)
         # The transport shows a bar for an answer of 64 MiB or more (client/_progress.py).
@@ -234,7 +276,10 @@ class Http:
         note = self.token.refusal(reread) if status == 401 else ""
         _raise_for(status, bytes(body[:65536]) if status >= 400 else b"", what, note)
         try:
-            return decode(body)
+            if channel is None:
+                return decode(body)
+            with _translate(what, self.base_url, self.timeout):
+                return decode(body, channel.attach)
         except WireError as exc:
             raise ProtocolError(f"{what}: the server's answer is not a frame ({exc}).") from exc
 

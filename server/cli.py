@@ -398,9 +398,15 @@ def serve(args: argparse.Namespace) -> int:
     server = _server_class(uvicorn)(config)
     sockets = _sockets(config, settings)
     app.state.unix_socket = None if sockets is None else sockets[1].getsockname()
+    # Large array buffers by shared memory over the Unix socket, or why not (logged).
+    from statehost.server.shared_memory import SharedMemory
+
+    app.state.shared_memory = SharedMemory.start(
+        settings, None if sockets is None else Path(app.state.unix_socket), app)
     try:
         server.run(sockets=sockets)
     finally:
+        app.state.shared_memory.close()
         if sockets is not None:  # the socket file goes with the server that made it
             sockets[1].close()
             with contextlib.suppress(OSError):

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from statehost._errors import WireError
+from statehost.server import shared_memory
 from statehost.server.auth import Principal, resolve
 from statehost.server.errors import (
     AuthError,
@@ -156,13 +157,15 @@ async def read_frame(request: Request) -> Frame:
             f"{where}: the body ended after {pos} of {len(body)} bytes (truncated upload).",
         )
     request.state.body_bytes = pos
-    return checked_frame(body, versions, where)
+    return checked_frame(body, versions, where, shared_memory.attacher(request, where))
 
 
-def checked_frame(body: Any, versions: dict[str, object], where: str) -> Frame:
-    """Decodes a frame and refuses one whose sender's versions cannot exchange pickles."""
+def checked_frame(body: Any, versions: dict[str, object], where: str,
+                  attach: Any = None) -> Frame:
+    """Decodes a frame and refuses one whose sender's versions cannot exchange pickles
+    (``attach``: its buffers in shared memory, ``server/shared_memory.py``)."""
     try:
-        frame = decode(body)
+        frame = decode(body, attach)
     except WireError as exc:
         raise ProtocolError(f"{where}: {exc}") from exc
     theirs = frame.header.get("versions")

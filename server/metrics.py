@@ -34,6 +34,11 @@ class Metrics:
             "statehost_wire_bytes", "Frame bytes by direction (in/out) and part.",
             ["direction", "part"], registry=r,
         )
+        self.shared_memory_bytes = Counter(
+            "statehost_shared_memory_bytes", "Array bytes that went by shared memory over the "
+            "Unix socket, by direction (in/out); statehost_wire_bytes does not count them.",
+            ["direction"], registry=r,
+        )
         self.resident_bytes = Gauge(
             "statehost_resident_state_bytes", "Bytes of state values held on the devices.",
             registry=r,

@@ -108,6 +108,10 @@ class Settings:
         unix: a Unix socket to serve on besides TCP, for clients on this host: a path,
             ``auto`` ($XDG_RUNTIME_DIR/statehost/statehost.sock when $XDG_RUNTIME_DIR
             exists) or ``off`` (see ``server/unix_socket.py``).
+        shared_memory: over the Unix socket, move array buffers of at least
+            ``shared_memory_threshold`` bytes in shared memory instead of the byte stream
+            (``STATEHOST_SHARED_MEMORY=0`` turns it off; ``server/shared_memory.py``).
+        shared_memory_threshold: the smallest buffer that goes by shared memory (1MiB).
         device_memory: bytes of memory per device that calls are admitted against, where
             the platform does not report its own (``device.memory_stats()``; CPU does not).
             ``None``: no admission on such devices.
@@ -140,6 +144,8 @@ class Settings:
     shutdown_grace: float = 30.0
     compile_cache: bool = True
     unix: str = "auto"
+    shared_memory: bool = True
+    shared_memory_threshold: int = 1 << 20
     device_memory: int | None = None
     namespace_weight: int = 1
     namespace_weights: tuple[tuple[str, int], ...] = ()
@@ -197,6 +203,10 @@ class Settings:
         if self.shutdown_grace < 0:
             raise ValueError(f"statehost settings: shutdown_grace={self.shutdown_grace} must "
                              "be >= 0.")
+        if self.shared_memory_threshold < 1:
+            raise ValueError(f"statehost settings: shared_memory_threshold="
+                             f"{self.shared_memory_threshold} must be a positive size (1MiB); "
+                             "turn shared memory off with STATEHOST_SHARED_MEMORY=0 instead.")
         if self.device_memory is not None and self.device_memory < 1:
             raise ValueError(f"statehost settings: device_memory={self.device_memory} must be "
                              "a positive size (64MiB, 8GiB); unset it for no admission on "
@@ -238,12 +248,12 @@ def _convert(name: str, raw: str) -> Any:
     try:
         if name == "tokens":
             return tuple(t.strip() for t in raw.split(",") if t.strip())
-        if name in {"insecure", "compile_cache"}:
+        if name in {"insecure", "compile_cache", "shared_memory"}:
             if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
                 raise ValueError("expected true or false")
             return raw.lower() in {"1", "true", "yes"}
         if name in {"max_body", "device_memory", "default_max_bytes",
-                    "default_max_bytes_per_device"}:
+                    "default_max_bytes_per_device", "shared_memory_threshold"}:
             return parse_size(raw)
         if name == "namespace_weights":
             return tuple(parse_weight(part.strip()) for part in raw.split(",") if part.strip())

@@ -24,7 +24,7 @@ from statehost.server.errors import (
 )
 from statehost.server.execution import run_call
 from statehost.server.openapi import frames
-from statehost.server.routes._frames import frame_response
+from statehost.server.routes._frames import frame_response, stream_nbytes
 from statehost.wire import CallReply, CallRequest
 
 router = APIRouter(
@@ -71,7 +71,7 @@ async def call(request: Request, frame: FrameBody) -> Response:
     m.calls.labels("ok").inc()
     m.function_cache.labels("hit" if result.cached else "miss").inc()
     encoded = result.reply.to_frame()
-    m.wire_bytes.labels("out", "results").inc(result.reply.results.nbytes)
+    m.wire_bytes.labels("out", "results").inc(stream_nbytes(result.reply.results))
     if result.reply.states is not None:
-        m.wire_bytes.labels("out", "state").inc(result.reply.states.nbytes)
+        m.wire_bytes.labels("out", "state").inc(stream_nbytes(result.reply.states))
     return frame_response(encoded)

@@ -58,6 +58,8 @@ def info(request: Request, settings: SettingsDep, versions: VersionsDep, rt: Run
         "calls": {"queued": scheduler.queued, "running": scheduler.running, "stuck": stuck},
         # A client on this host given a loopback URL switches to it (server/unix_socket.py).
         "unix_socket": getattr(request.app.state, "unix_socket", None),
+        # Whether large array buffers go by shared memory over it, and why (shared_memory.py).
+        "shared_memory": _shared_memory(request.app.state, settings),
         "instance": request.app.state.instance,
         # the fair scheduler's queues (a caller's namespace; see statehost.server.calls)
         "queues": {ns: {**counts, "weight": settings.weight_of(ns)}
@@ -81,3 +83,11 @@ def _ledger(rt: Any, principal: Any) -> dict[str, Any]:
         "sessions": {sid[:8]: usage.describe() for sid, usage in ledger.by_session().items()
                      if sid in mine},
     }
+
+
+def _shared_memory(state: Any, settings: Any) -> dict[str, Any]:
+    service = getattr(state, "shared_memory", None)
+    if service is not None:
+        return service.describe()
+    return {"enabled": False, "why": "not serving on a Unix socket (statehost serve makes "
+            "one)", "threshold": settings.shared_memory_threshold, "socket": None}

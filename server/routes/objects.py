@@ -28,7 +28,7 @@ from statehost.server.names import check_name
 from statehost.server.openapi import errors
 from statehost.server.openapi import frames as frame_route
 from statehost.server.persistence import flush_ids
-from statehost.server.routes._frames import frame_response
+from statehost.server.routes._frames import frame_response, stream_nbytes
 from statehost.server.store import Session
 from statehost.wire import GetReply, GetRequest, PutReply, PutRequest
 
@@ -75,7 +75,7 @@ async def get(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Resp
         Call("get", session, tuple(r.id for r in rows),
              lambda c: get_object(c, obj, message.pull, rt)), where)
     encoded = reply.to_frame()
-    rt.metrics.wire_bytes.labels("out", "state").inc(encoded.nbytes)
+    rt.metrics.wire_bytes.labels("out", "state").inc(stream_nbytes(encoded))
     return frame_response(encoded)
 
 

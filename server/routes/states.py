@@ -17,7 +17,7 @@ from statehost.server.errors import (
     ValidationError,
 )
 from statehost.server.openapi import frames
-from statehost.server.routes._frames import frame_response
+from statehost.server.routes._frames import frame_response, stream_nbytes
 from statehost.server.transfer import pull_states, push_states
 from statehost.wire import PullReply, PullRequest, PushReply, PushRequest
 
@@ -52,5 +52,5 @@ async def pull(frame: FrameBody, rt: RuntimeDep, principal: PrincipalDep) -> Res
     reply = await rt.submit(
         Call("pull", session, message.ids, lambda c: pull_states(c, message, rt)),
         "POST /v1/states/pull")
-    rt.metrics.wire_bytes.labels("out", "state").inc(reply.states.nbytes)
+    rt.metrics.wire_bytes.labels("out", "state").inc(stream_nbytes(reply.states))
     return frame_response(reply)

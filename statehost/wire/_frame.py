@@ -17,10 +17,11 @@ body, a header that is not a JSON object, too large or nested too deep.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,10 +143,13 @@ class Frame:
 
     header: dict[str, Any]
     sections: dict[str, Section]
+    #: bytes of each section that came in shared memory, not in the body (``_shared_memory``)
+    shared_nbytes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def section_nbytes(self, name: str) -> int:
+        """The bytes of section ``name`` that travelled in the body."""
         section = self.sections.get(name)
-        return 0 if section is None else section.nbytes
+        return 0 if section is None else section.nbytes - self.shared_nbytes.get(name, 0)
 
 
 def _fail(what: str) -> WireError:
@@ -178,10 +182,18 @@ def _too_deep(value: Any) -> bool:
 _CONTAINERS = (dict, list)
 
 
-def decode(data: bytes | bytearray | memoryview) -> Frame:
-    """Decodes a frame without copying its buffers; raises ``WireError`` if malformed."""
+#: ``attach(arena id, nbytes)``: the bytes of a buffer a frame names in shared memory.
+Attach = Callable[[str, int], memoryview]
+
+
+def decode(data: bytes | bytearray | memoryview, attach: Attach | None = None) -> Frame:
+    """Decodes a frame without copying its buffers; raises ``WireError`` if malformed.
+
+    ``attach`` resolves the buffers the header names in shared memory (its ``"shm"``
+    field, ``_shared_memory.py``); without it such a frame is refused.
+    """
     view = memoryview(data).cast("B")
-    frame, end = _decode_at(view, 0)
+    frame, end = _decode_at(view, 0, attach)
     if end != view.nbytes:
         raise _fail(f"{view.nbytes - end} bytes follow the last buffer")
     return frame
@@ -203,7 +215,8 @@ def decode_all(data: bytes | bytearray | memoryview) -> list[Frame]:
             return frames
 
 
-def _decode_at(view: memoryview, start: int) -> tuple[Frame, int]:
+def _decode_at(view: memoryview, start: int, attach: Attach | None = None
+               ) -> tuple[Frame, int]:
     """The frame starting at byte ``start`` of ``view``, and where it ends."""
     total = view.nbytes
     if total - start < 8:
@@ -253,6 +266,35 @@ def _decode_at(view: memoryview, start: int) -> tuple[Frame, int]:
         for v in layout.values()
     ):
         raise _fail(f"the header's sections {layout!r:.200} do not fit {count} buffers")
+    shared = _attach(header, buffers, attach) if "shm" in header else None
     sections = {name: Section(buffers[first], buffers[first + 1 : first + n])
                 for name, (first, n) in layout.items()}
-    return Frame(header, sections), pos
+    frame = Frame(header, sections)
+    if shared:
+        for name, (first, n) in layout.items():
+            inside = sum(size for index, size in shared.items() if first <= index < first + n)
+            if inside:
+                frame.shared_nbytes[name] = inside
+    return frame, pos
+
+
+def _attach(header: dict[str, Any], buffers: list[memoryview], attach: Attach | None
+            ) -> dict[int, int]:
+    """Puts the buffers the header names in shared memory in place; index -> nbytes."""
+    named = header["shm"]
+    if attach is None:
+        raise _fail("the header names buffers in shared memory, which only a client on the "
+                    "server's host sends, over the Unix socket with its shared-memory channel "
+                    "open")
+    if not isinstance(named, dict) or not all(
+        type(k) is str and k.isdigit() and int(k) < len(buffers) and buffers[int(k)].nbytes == 0
+        and type(v) is list and len(v) == 2 and type(v[0]) is str and type(v[1]) is int
+        and v[1] >= 0 for k, v in named.items()
+    ):
+        raise _fail(f"the header's shm field {named!r:.200} does not name empty buffers of "
+                    f"the {len(buffers)} as [arena, nbytes]")
+    sizes = {}
+    for key, (arena, nbytes) in named.items():
+        buffers[int(key)] = attach(arena, nbytes)
+        sizes[int(key)] = nbytes
+    return sizes

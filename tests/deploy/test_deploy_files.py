@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import json
+import os
 import re
 import shlex
 import shutil
@@ -187,9 +188,13 @@ def test_compose_common(compose: dict[str, Any], name: str, serve_flags: set[str
             assert flag in serve_flags
     assert svc["ports"] == [f"127.0.0.1:{PORT}:{PORT}"]
     assert svc["environment"][_env("data_dir")] == DATA_DIR
-    [mount] = svc["volumes"]
+    mount, *others = svc["volumes"]
     volume, target = mount.split(":")
     assert target == DATA_DIR and volume in compose["volumes"]
+    # The Unix socket's directory (README, "Same machine"): shared, and nothing else.
+    assert [m.split(":")[1] for m in others] == [
+        os.path.dirname(svc["environment"][_env("unix")])]
+    assert svc["shm_size"]
     assert svc["env_file"] == ".env"
     assert svc["restart"] == "unless-stopped"
     assert _seconds(svc["stop_grace_period"]) >= GRACE_SECONDS
