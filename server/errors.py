@@ -36,6 +36,7 @@ __all__ = [
     "CallNotFoundError",
     "CallNotRunError",
     "CallTimeoutError",
+    "ClusterUnavailableError",
     "DeviceMemoryError",
     "ForbiddenError",
     "FunctionNotCachedError",
@@ -224,6 +225,11 @@ class DeviceMemoryError(ApiError):
 class QuotaExceededError(ApiError):
     """The request would take a namespace past one of its quotas (``namespace``, ``quota``,
     ``limit``, ``used``, ``requested``, ``largest``); nothing was applied."""
+
+
+class ClusterUnavailableError(ApiError):
+    """A process of the server's ``jax.distributed`` group is lost (``processes``: their
+    indices); nothing new runs until the group is restarted (``server/cluster.py``)."""
 
 
 assert set(ERROR_CLASSES) == set(ERROR_KINDS), set(ERROR_KINDS) ^ set(ERROR_CLASSES)

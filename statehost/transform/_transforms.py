@@ -67,7 +67,7 @@ class PmapMapping:
         )
         if jax.process_count(self.backend) == 1:
             return mapped
-        return _GroupPmapWrapper(mapped, out_axes, self.devices, self.backend)
+        return _GroupPmapWrapper(mapped, in_axes, out_axes, self.devices, self.backend)
 
     def check_lanes(self, lanes: int, api: str) -> None:
         """Raises a clear error when ``lanes`` cannot be placed one per device."""
@@ -119,35 +119,64 @@ class _GroupPmapWrapper:
     (a server's, shared by every process of its group) must stay one, so when any input is
     global the outputs are made global again (no copy: each process's shards become its
     part of the global array). Host-local inputs get host-local outputs, as in JAX.
+
+    A global input must also be laid out as pmap lays out its lanes (jax 0.10.2 refuses
+    any other sharding: "Sharding passed to jit does not match the sharding on the
+    respective arg"), so one that is not (a server's freshly uploaded state or argument,
+    replicated on every device) is resharded to one lane per device first: every
+    process already holds the whole value, so that moves nothing between processes.
     """
 
-    def __init__(self, mapped: Callable[..., Any], out_axes: Any,
+    def __init__(self, mapped: Callable[..., Any], in_axes: Any, out_axes: Any,
                  devices: Sequence[Any] | None, backend: str | None):
         self.mapped = mapped
+        self.in_axes = in_axes
         self.out_axes = out_axes
         self.devices = devices
         self.backend = backend
 
+    def _mesh(self) -> Any:
+        devices = self.devices or jax.devices(backend=self.backend)
+        return jax.sharding.Mesh(np.asarray(devices), ("lanes",))
+
     def __call__(self, *args: Any) -> Any:
-        out = self.mapped(*args)
         leaves = jax.tree_util.tree_leaves(args)
         if all(getattr(x, "is_fully_addressable", True) for x in leaves):
-            return out
-        devices = self.devices or jax.devices(backend=self.backend)
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("lanes",))
-
-        def spec(axis: int | None, leaf: Any) -> Any:
-            lanes = [None] * np.ndim(leaf)
-            if axis is not None:
-                lanes[axis] = "lanes"
-            return jax.sharding.PartitionSpec(*lanes)
-
-        specs = jax.tree_util.tree_map(
-            lambda axis, sub: jax.tree_util.tree_map(lambda leaf: spec(axis, leaf), sub),
-            self.out_axes, out, is_leaf=lambda x: x is None)
+            return self.mapped(*args)
+        mesh = self._mesh()
+        in_axes = self.in_axes if isinstance(self.in_axes, tuple) else (self.in_axes,) * len(args)
+        args = tuple(_tree_with_axes(lambda axis, leaf: _as_lanes(leaf, axis, mesh), axes, sub)
+                     for axes, sub in zip(in_axes, args, strict=True))
+        out = self.mapped(*args)
+        specs = _tree_with_axes(lambda axis, leaf: _lane_spec(axis, np.ndim(leaf)),
+                                self.out_axes, out)
         from jax.experimental import multihost_utils
 
         return multihost_utils.host_local_array_to_global_array(out, mesh, specs)
+
+
+def _tree_with_axes(fun: Callable[[int | None, Any], Any], axes: Any, tree: Any) -> Any:
+    """``fun(axis, leaf)`` over ``tree``, with ``axes`` a pmap axes prefix of it."""
+    return jax.tree_util.tree_map(
+        lambda axis, sub: jax.tree_util.tree_map(lambda leaf: fun(axis, leaf), sub),
+        axes, tree, is_leaf=lambda x: x is None)
+
+
+def _lane_spec(axis: int | None, ndim: int) -> Any:
+    lanes: list[str | None] = [None] * ndim
+    if axis is not None:
+        lanes[axis] = "lanes"
+    return jax.sharding.PartitionSpec(*lanes)
+
+
+def _as_lanes(leaf: Any, axis: int | None, mesh: Any) -> Any:
+    """A global array laid out as pmap wants it (lanes over ``mesh``, or replicated)."""
+    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+        return leaf
+    want = jax.sharding.NamedSharding(mesh, _lane_spec(axis, leaf.ndim))
+    if leaf.sharding.is_equivalent_to(want, leaf.ndim):
+        return leaf
+    return jax.device_put(leaf, want)
 
 
 @overload
