@@ -124,6 +124,16 @@ _SERVE_FLAGS = (
           type=int),
     _Flag("--default-max-queued", "default_max_queued", "the same: its calls waiting in the "
           "queue", type=int),
+    _Flag("--coordinator", "coordinator", "HOST:PORT of the jax.distributed coordinator of a "
+          "group of server processes (process 0 runs it, on that port); with "
+          "--num-processes and --process-id", metavar="HOST:PORT"),
+    _Flag("--num-processes", "num_processes", "processes in the group", type=int),
+    _Flag("--process-id", "process_id", "this process's index in the group: 0 leads and "
+          "serves clients, the others follow and serve only GET /v1/health", type=int),
+    _Flag("--cluster", "cluster", "auto: join the group jax.distributed.initialize() "
+          "detects (SLURM, Kubernetes, TPU pods)", choices=["off", "auto"]),
+    _Flag("--heartbeat-timeout", "heartbeat_timeout", "seconds without a follower's "
+          "heartbeat before the leader holds it lost and refuses new work", type=float),
 )
 
 
@@ -357,6 +367,18 @@ def serve(args: argparse.Namespace) -> int:
     import jax
 
     jax.config.update("jax_num_cpu_devices", settings.cpu_devices)
+    group = None
+    if settings.in_group:  # before JAX is otherwise used (server/cluster.py)
+        from statehost.server import cluster
+
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(levelname)s %(name)s: %(message)s")
+        index, count = cluster.join(settings)
+        if index > 0:
+            from statehost.server.follower import serve_follower
+
+            return serve_follower(settings, index, count)
+        group = cluster.Leader(settings, count)
 
     import uvicorn
 
@@ -383,6 +405,12 @@ def serve(args: argparse.Namespace) -> int:
               f"{len(settings.tokens)} configured token(s)>)", flush=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    if group is not None:
+        runtime = app.state.runtime
+        group.on_lost = runtime.scheduler.fail_all
+        runtime.group = group
+        group.start()
+        print(f"  leader of a group of {group.count} processes", flush=True)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=args.log_level,
         access_log=args.access_log,
@@ -401,6 +429,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server.run(sockets=sockets)
     finally:
+        if group is not None:
+            group.close()
         if sockets is not None:  # the socket file goes with the server that made it
             sockets[1].close()
             with contextlib.suppress(OSError):

@@ -213,6 +213,7 @@ def put_object(call: Any, request: PutRequest, rt: Any) -> PutReply:
                                       states=request.states), rt, where, charge=charge)
     else:
         rt.quotas.check_bytes({namespace: charge.extra}, where)
+    rt.share(call, request, where)
     result = rt.registry.put(call.session, request.name, request.object_kind,
                              bytes(request.structure.payload), dict(request.paths))
     return PutReply(state_versions=result["states"])
@@ -221,6 +222,7 @@ def put_object(call: Any, request: PutRequest, rt: Any) -> PutReply:
 def get_object(call: Any, obj: ObjectRow, pull: bool, rt: Any) -> GetReply:
     """The object's structure and, with ``pull``, its states' values (``call.keys``)."""
     ids = list(call.keys)
+    rt.share(call, None, "POST /v1/objects/get", obj=obj, pull=pull)
     versions = {i: rt.store.meta(i).version for i in ids}
     states = None
     if pull:
