@@ -44,16 +44,48 @@ def global_arguments(args: Any) -> Any:
 
 
 def gathered(tree: Any) -> Any:
-    """``tree`` with every array this process holds only part of gathered whole (a
-    collective: every process of the group must call it, in the same order)."""
+    """``tree`` with every array this process holds only part of gathered whole.
+
+    The gather is a collective (``process_allgather``): every process of the group calls
+    it for the same arrays in the same order, those laid out over every process. An array
+    on some processes only (a ``pmap(devices=...)`` on part of the group) is whole on the
+    leader when the leader holds all of it, and cannot be read by it otherwise: that is a
+    ``ValueError`` raised before any gather starts, and on a follower (whose results are
+    never sent anywhere) a placeholder of the same shape.
+    """
     from jax.experimental import multihost_utils
 
-    def one(leaf: Any) -> Any:
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return multihost_utils.process_allgather(leaf, tiled=True)
-        return leaf
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    everywhere = set(range(jax.process_count()))
+    here = jax.process_index()
+    ways = []
+    for leaf in leaves:
+        if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+            ways.append("local")
+            continue
+        holders = {d.process_index for d in leaf.sharding.device_set}
+        if holders == everywhere:
+            ways.append("gather")
+        elif here == 0:
+            raise ValueError(_MSG_ELSEWHERE.format(shape=leaf.shape, processes=sorted(holders)))
+        else:
+            ways.append("placeholder")
+    out = []
+    for leaf, way in zip(leaves, ways, strict=True):
+        if way == "gather":
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
+        elif way == "placeholder":
+            leaf = np.zeros(leaf.shape, leaf.dtype)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
-    return jax.tree_util.tree_map(one, tree)
+
+_MSG_ELSEWHERE = (
+    "an array of shape {shape} lives only on devices of processes {processes} of the "
+    "server's group (a pmap with devices= on their devices alone), so the leader cannot "
+    "read it. Fix: map over devices that include some of process 0's (client.devices() "
+    "shows each device's process_index), or over all of them."
+)
 
 
 def _replicated() -> Any:
