@@ -71,6 +71,7 @@ class Follower:
         self.ops = 0
         self.failed = 0
         self.last: dict[str, Any] = {}
+        self.applying: dict[str, Any] = {}  # the operation running now
         self.leader = "connecting"
         self._send_lock = threading.Lock()
         self.sock: socket.socket | None = None
@@ -85,7 +86,7 @@ class Follower:
         return {"status": "ok" if self.leader == "following" else "unhealthy",
                 "role": "follower", "process_index": self.index, "process_count": self.count,
                 "leader": self.leader, "ops": self.ops, "failed": self.failed,
-                "last_op": self.last, "sessions": len(self.sessions),
+                "last_op": self.last, "applying": self.applying, "sessions": len(self.sessions),
                 "devices": [d.id for d in jax.local_devices()], "states": states}
 
     def _heartbeats(self) -> None:
@@ -125,6 +126,7 @@ class Follower:
 
     def apply(self, op: ClusterOp, data: memoryview | None) -> None:
         """Runs one operation; its failure (the same as the leader's) is only counted."""
+        self.applying = {"seq": op.seq, "kind": op.kind}
         try:
             self._apply(op, data)
         except BaseException as exc:
@@ -135,6 +137,7 @@ class Follower:
                       op.kind, exc)
         else:
             self.last = {"seq": op.seq, "kind": op.kind}
+        self.applying = {}
         self.ops += 1
 
     def _apply(self, op: ClusterOp, data: memoryview | None) -> Any:

@@ -48,28 +48,27 @@ def gathered(tree: Any) -> Any:
 
     The gather is a collective (``process_allgather``): every process of the group calls
     it for the same arrays in the same order, those laid out over every process. An array
-    on some processes only (a ``pmap(devices=...)`` on part of the group) is whole on the
-    leader when the leader holds all of it, and cannot be read by it otherwise: that is a
-    ``ValueError`` raised before any gather starts, and on a follower (whose results are
-    never sent anywhere) a placeholder of the same shape.
+    on the leader's devices alone (a ``pmap(devices=...)`` on some of them) is whole on
+    the leader, and a follower (whose results go nowhere) takes a placeholder of its shape.
+    Any other layout cannot be read by the leader: a ``ValueError`` on every process (the
+    layout is the same everywhere), before any gather starts, so all fail alike.
     """
     from jax.experimental import multihost_utils
 
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     everywhere = set(range(jax.process_count()))
-    here = jax.process_index()
     ways = []
     for leaf in leaves:
-        if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+        if not isinstance(leaf, jax.Array):
             ways.append("local")
             continue
         holders = {d.process_index for d in leaf.sharding.device_set}
         if holders == everywhere:
-            ways.append("gather")
-        elif here == 0:
-            raise ValueError(_MSG_ELSEWHERE.format(shape=leaf.shape, processes=sorted(holders)))
+            ways.append("gather" if not leaf.is_fully_addressable else "local")
+        elif holders == {0}:
+            ways.append("local" if leaf.is_fully_addressable else "placeholder")
         else:
-            ways.append("placeholder")
+            raise ValueError(_MSG_ELSEWHERE.format(shape=leaf.shape, processes=sorted(holders)))
     out = []
     for leaf, way in zip(leaves, ways, strict=True):
         if way == "gather":
@@ -81,10 +80,10 @@ def gathered(tree: Any) -> Any:
 
 
 _MSG_ELSEWHERE = (
-    "an array of shape {shape} lives only on devices of processes {processes} of the "
-    "server's group (a pmap with devices= on their devices alone), so the leader cannot "
-    "read it. Fix: map over devices that include some of process 0's (client.devices() "
-    "shows each device's process_index), or over all of them."
+    "an array of shape {shape} lives on devices of processes {processes} of the server's "
+    "group only (a pmap with devices= on some of the group's devices), so the leader "
+    "(process 0) cannot read it. Fix: map over all devices, or over process 0's only "
+    "(client.devices() shows each device's process_index)."
 )
 
 

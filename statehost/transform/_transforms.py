@@ -228,9 +228,17 @@ def _lane_spec(axis: int | None, ndim: int) -> Any:
 
 def _as_lanes(leaf: Any, axis: int | None, mesh: Any) -> Any:
     """A global array laid out as pmap wants it (lanes over ``mesh``, or replicated)."""
-    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+    if not isinstance(leaf, jax.Array):
         return leaf
     want = jax.sharding.NamedSharding(mesh, _lane_spec(axis, leaf.ndim))
+    if leaf.is_fully_addressable:
+        # A host-local input stays as it is, unless it is a state a pmap on other devices
+        # of this process left there: the processes that do not hold it fail alike below.
+        devices = leaf.sharding.device_set
+        if len(devices) > 1 and not devices <= want.device_set:
+            raise ValueError(_MSG_OTHER_DEVICES.format(
+                have=sorted(d.id for d in devices), want=sorted(d.id for d in want.device_set)))
+        return leaf
     if leaf.sharding.is_equivalent_to(want, leaf.ndim):
         return leaf
     if leaf.sharding.device_set == want.device_set:

@@ -1,0 +1,239 @@
+"""A server spanning a ``jax.distributed`` group: 2 real processes x 4 CPU devices (issue 14).
+
+One group (module-scoped) serves the seed example, the sharding, the repeat calls, the
+named objects and the bad input; a second one, started last, loses a follower to SIGKILL
+while a call runs in it.
+"""
+
+import os
+import re
+import signal
+import threading
+import time
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import statehost
+import statehost.client
+from statehost.wire import CONTENT_TYPE
+from tests.cluster import health, running_group
+from tests.core.models import PARAM, Affine
+from tests.examples.test_parallelisation_example import (
+    REPO_ROOT,
+    SAMPLE_SHARED,
+    _lines,
+    _numbers,
+    _section,
+    run_example,
+)
+
+PMAP = dict(axis_name="i", in_axes=0, out_axes=0, state_in_axes={0: PARAM},
+            state_out_axes={0: PARAM})
+# A printed jax.Array's numbers (as tests/examples/test_parallelisation_remote_example.py).
+_ARRAY = re.compile(r"^Array\((\[.*?\]), dtype=[^)]*\)$", re.MULTILINE | re.DOTALL)
+LEADER_DEVICES = [0, 1, 2, 3]
+FOLLOWER_DEVICES = [2048, 2049, 2050, 2051]  # CPU device ids of process 1 (jax 0.10.2)
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    with running_group(tmp_path_factory.mktemp("group")) as running:
+        yield running
+
+
+@pytest.fixture
+def client(group):
+    with statehost.connect(group.leader.url, token=group.leader.token) as connected:
+        yield connected
+
+
+def _follower(group, timeout=60.0):
+    """The follower's health JSON once it has applied every operation the leader sent (it
+    runs them a little behind the leader's replies)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sent = health(group.leader)[1]["ops"]
+        body = health(group.followers[0])[1]
+        if body["ops"] >= sent and not body["applying"]:
+            return body
+        assert time.monotonic() < deadline, (sent, body)
+        time.sleep(0.02)
+
+
+def test_the_remote_seed_example_prints_the_seeds_values_with_8_lanes(group):
+    out = run_example(REPO_ROOT / "examples" / "parallelisation_remote.py",
+                      {"STATEHOST_URL": group.leader.url, "STATEHOST_TOKEN": group.leader.token})
+
+    assert _lines(out)[1] == "server device count: 8"
+    np.testing.assert_array_equal(_numbers(_section(out, "final weights:",
+                                                    "weights after pairwise update:")),
+                                  np.arange(1.0, 33.0))
+    np.testing.assert_array_equal(
+        _numbers(_section(out, "weights after pairwise update:", "Array(")),
+        [2.0] * 4 + [0.0] * 4)
+    assert "Array([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5], dtype=float32)" in out
+    arrays = [_numbers(body) for body in _ARRAY.findall(out)]
+    assert len(arrays) == 4, out  # add_with_scale, normal, shared, the final weights
+    np.testing.assert_allclose(arrays[2], SAMPLE_SHARED, rtol=0, atol=1e-5)
+    assert out[out.rindex("Array("):].count("[2., 2., 2., 2.]") == 8
+    assert _follower(group)["failed"] == 0  # the follower ran every operation too
+
+
+def test_info_and_devices_show_every_process(group, client):
+    devices = client.devices()
+    assert [d.id for d in devices] == LEADER_DEVICES + FOLLOWER_DEVICES
+    assert [d.process_index for d in devices] == [0] * 4 + [1] * 4
+    info = httpx.get(group.leader.url + "/v1/info",
+                     headers={"authorization": f"Bearer {group.leader.token}"}).json()
+    processes = info["processes"]
+    assert [(p["index"], p["role"], p["devices"], p["health"]) for p in processes] == [
+        (0, "leader", LEADER_DEVICES, "ok"), (1, "follower", FOLLOWER_DEVICES, "ok")]
+    assert 0 <= processes[1]["heartbeat_age_s"] < 2.0
+    assert info["limits"]["workers"] == 1  # one total order of device work
+
+
+def test_a_state_is_sharded_across_both_processes(group, client):
+    model = Affine(8)
+    client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+    state_id = model.weight.id
+
+    assert _follower(group)["states"][state_id] == {"shards": [FOLLOWER_DEVICES]}
+    assert health(group.leader)[1]["states"][state_id] == {"shards": [LEADER_DEVICES]}
+    np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 2.0))
+
+
+def test_repeat_calls_move_no_state_bytes_and_compile_nothing(group, client):
+    model = Affine(8)
+    step = client.pmap(model, pull=False, **PMAP)
+    step(jnp.ones((8, 4)))
+    leader = group.leader
+    moved = [leader.metric("statehost_wire_bytes_total", direction=d, part="state")
+             for d in ("in", "out")]
+    compiles = leader.metric("statehost_compiles_total")
+    ops = _follower(group)["ops"]
+    for _ in range(10):
+        out = step(jnp.ones((8, 4)))
+    np.testing.assert_array_equal(np.asarray(out), np.full((8, 4), 12.0))  # all 10 ran
+
+    assert [leader.metric("statehost_wire_bytes_total", direction=d, part="state")
+            for d in ("in", "out")] == moved
+    assert leader.metric("statehost_compiles_total") == compiles
+    assert _follower(group)["ops"] >= ops + 11  # 10 calls and the fetch, on both processes
+    client.pull(model)
+    np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 12.0))
+
+
+def test_put_and_get_from_two_clients(group, client):
+    model = Affine(8)
+    client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+    client.put("team/net", model)
+    with statehost.connect(group.leader.url, token=group.leader.token) as other:
+        net = other.get("team/net")
+        np.testing.assert_array_equal(net.weight.value, np.full((8, 4), 2.0))
+        other.pmap(net, **PMAP)(jnp.full((8, 4), 3.0))
+    client.pull(model)
+    np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 5.0))
+    assert model.weight.id in _follower(group)["states"]
+
+
+def test_work_no_follower_runs_is_refused_in_a_group(group, client):
+    client.put("team/counter", Affine(8))
+    answer = httpx.get(f"{group.leader.url}/v1/namespaces/team/states/counter.weight/value",
+                       headers={"authorization": f"Bearer {group.leader.token}"})
+
+    assert answer.status_code == 503
+    assert answer.json()["error"]["type"] == "ClusterUnavailableError"
+    assert "not supported on a server spanning several processes" in \
+        answer.json()["error"]["message"]
+
+
+def test_a_pmap_on_some_devices_keeps_its_states_there(group, client):
+    model = Affine(2)
+    leader_pair = client.devices()[:2]
+    client.pmap(model, devices=leader_pair, **PMAP)(jnp.ones((2, 4)))
+    np.testing.assert_array_equal(model.weight.value, np.full((2, 4), 2.0))
+    ops = _follower(group)
+    with pytest.raises(statehost.client.RemoteExecutionError, match="cannot move to the devices"):
+        client.pmap(model, devices=client.devices()[2:4], **PMAP)(jnp.ones((2, 4)))
+
+    other = Affine(2)
+    with pytest.raises(statehost.client.ServerError, match="cannot read it"):
+        client.pmap(other, devices=client.devices()[4:6], **PMAP)(jnp.ones((2, 4)))
+    after = _follower(group)
+    assert after["failed"] == ops["failed"] + 2  # failed alike on both: nothing diverged
+    client.pull(model)
+    np.testing.assert_array_equal(model.weight.value, np.full((2, 4), 2.0))
+
+
+def test_bad_input_never_reaches_a_follower(group, client):
+    model = Affine(8)
+    client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+    before = _follower(group)
+    url, auth = group.leader.url, {"authorization": f"Bearer {group.leader.token}"}
+
+    garbage = httpx.post(url + "/v1/call", content=b"not a frame",
+                         headers={**auth, "content-type": CONTENT_TYPE})
+    closed = httpx.delete(url + "/v1/sessions/" + "0" * 32, headers=auth)
+    no_token = httpx.post(url + "/v1/call", content=b"x")
+
+    assert (garbage.status_code, closed.status_code, no_token.status_code) == (400, 404, 401)
+    after = _follower(group)
+    assert (after["ops"], after["last_op"]) == (before["ops"], before["last_op"])
+    assert health(group.leader)[0] == 200
+    client.pull(model)  # and the states are as they were
+    np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 2.0))
+
+
+def test_followers_serve_only_health(group):
+    answer = httpx.get(group.followers[0].url + "/v1/info")
+
+    assert answer.status_code == 404
+    assert "serves only GET /v1/health" in answer.json()["error"]["message"]
+    status, body = health(group.followers[0])
+    assert (status, body["role"], body["process_index"], body["leader"]) == \
+        (200, "follower", 1, "following")
+    assert body["devices"] == FOLLOWER_DEVICES
+
+
+# -- losing a follower (a group of its own) ------------------------------------------------
+def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(tmp_path):
+    flag = tmp_path / "go"
+
+    def waits(delta):  # traced by both processes; the test lets it go
+        while not flag.exists():
+            time.sleep(0.01)
+        return delta + jax.lax.psum(delta, "i")
+
+    with running_group(tmp_path, heartbeat_timeout=2.0) as group, \
+            statehost.connect(group.leader.url, token=group.leader.token) as client:
+        answers = []
+
+        def call():
+            try:
+                answers.append(client.pmap(waits, axis_name="i")(np.ones((8, 2), np.float32)))
+            except Exception as exc:
+                answers.append(exc)
+
+        runner = threading.Thread(target=call)
+        runner.start()
+        deadline = time.monotonic() + 60
+        while health(group.followers[0])[1]["applying"].get("kind") != "call":  # inside it
+            assert time.monotonic() < deadline, health(group.followers[0])
+            time.sleep(0.02)
+        os.kill(group.followers[0].process.pid, signal.SIGKILL)
+        runner.join(timeout=30)
+        flag.touch()
+
+        assert not runner.is_alive()
+        assert isinstance(answers[0], statehost.client.ClusterUnavailableError), answers
+        assert answers[0].processes == [1]
+        assert "restart the whole group" in str(answers[0])
+        status, body = health(group.leader)
+        assert status == 503 and body["status"] == "unhealthy"
+        assert "process 1 lost" in body["reason"]
+        with pytest.raises(statehost.client.ClusterUnavailableError, match="process 1"):
+            client.pmap(lambda x: x * 2, axis_name="i")(np.ones((8, 2), np.float32))
