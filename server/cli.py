@@ -361,6 +361,13 @@ def serve(args: argparse.Namespace) -> int:
         print(_MSG_INSECURE.format(host=settings.host), file=sys.stderr)
         return 2
 
+    if not settings.in_group:  # a group's data dir is not reloaded by one process
+        from statehost.server.cluster import check_process_count
+
+        refused = check_process_count(settings.data_dir, 1)
+        if refused:
+            print(refused, file=sys.stderr)
+            return 2
     _limit_malloc_arenas()
     # Must happen before any JAX backend starts; it only affects the CPU backend, so a
     # machine with accelerators keeps using them.
@@ -378,6 +385,10 @@ def serve(args: argparse.Namespace) -> int:
             from statehost.server.follower import serve_follower
 
             return serve_follower(settings, index, count)
+        refused = cluster.check_process_count(settings.data_dir, count)
+        if refused:
+            print(refused, file=sys.stderr)
+            return 2
         group = cluster.Leader(settings, count)
 
     import uvicorn
@@ -410,6 +421,11 @@ def serve(args: argparse.Namespace) -> int:
         group.on_lost = runtime.scheduler.fail_all
         runtime.group = group
         group.start()
+        if not group.wait_formed():
+            print(f"statehost serve: only {len(group.followers)} of {group.count - 1} "
+                  "follower(s) joined; start every process of the group (--process-id 1.."
+                  f"{group.count - 1}) with the same --coordinator.", file=sys.stderr)
+            return 2
         print(f"  leader of a group of {group.count} processes", flush=True)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=args.log_level,

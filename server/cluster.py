@@ -64,6 +64,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from statehost.server.errors import ClusterUnavailableError
@@ -398,6 +399,34 @@ class Leader:
             if op.kind == "stop":
                 return
 
+    def wait_formed(self, timeout: float = _MEET_TIMEOUT_S) -> bool:
+        """Waits until every follower joined (they come right after
+        ``jax.distributed.initialize``, which every process passes together)."""
+        deadline = time.monotonic() + timeout
+        while len(self.followers) < self.count - 1:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def share_data(self, persistence: Any) -> None:
+        """The group's first operation: the leader's database and state files, from which
+        each follower reloads the same named states as the leader did (the leader alone
+        keeps a data dir; followers keep a scratch copy)."""
+        import sqlite3
+
+        source = sqlite3.connect(f"file:{persistence.db_path}?mode=ro", uri=True)
+        try:
+            db = source.serialize()
+        finally:
+            source.close()
+        files = {}
+        for row in persistence.db.states():
+            path = persistence.data_dir / row.file
+            if path.is_file():
+                files[row.file] = path.read_bytes()
+        self.broadcast("load", None, where="reload", db=db, files=files)
+
     def close(self, wait: float = 15.0) -> None:
         """Tells the followers to stop (after what is queued) and waits for them to leave
         the coordination service, which lives in this process: a follower still in it
@@ -420,6 +449,38 @@ class Leader:
                 follower.sock.close()
             except OSError:
                 pass
+
+
+_MSG_OTHER_COUNT = (
+    "statehost serve: the data dir {data_dir} holds the named states of a group of "
+    "{recorded} process(es) (recorded in {path}), and this server is {now}. A state's "
+    "layout over the devices is tied to the group's processes, so it is not reloaded "
+    "under another count. To migrate: 1. start the old setup again (--num-processes "
+    "{recorded}) and pull what you keep (obj = client.get('ns/name'), client.pull(obj)); "
+    "2. stop it, and start the new one on a fresh --data-dir; 3. put the objects there "
+    "again (client.put('ns/name', obj))."
+)
+_PROCESSES_FILE = "processes"
+
+
+def check_process_count(data_dir: Path, count: int) -> str | None:
+    """A refusal (what to do) when ``data_dir`` was a group of another size; else records
+    ``count`` there (a group's leader) and returns ``None``."""
+    path = data_dir / _PROCESSES_FILE
+    try:
+        recorded = int(path.read_text().strip())
+    except FileNotFoundError:
+        recorded = None
+    except ValueError:
+        recorded = -1
+    if recorded is not None and recorded != count:
+        now = "a single process" if count == 1 else f"a group of {count}"
+        return _MSG_OTHER_COUNT.format(data_dir=data_dir, recorded=recorded, path=path,
+                                       now=now)
+    if count > 1 and recorded is None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{count}\n")
+    return None
 
 
 def meet_leader(process: int, timeout: float = _MEET_TIMEOUT_S) -> socket.socket:

@@ -39,6 +39,7 @@ from statehost.server.cluster import (
     read_message,
     send_message,
 )
+from statehost.server.persistence.permissions import make_private_dir
 from statehost.server.settings import Settings
 
 __all__ = ["Follower", "serve_follower"]
@@ -65,8 +66,7 @@ class Follower:
             settings, data_dir=scratch, device_memory=None, default_max_bytes=None,
             default_max_bytes_per_device=None, default_max_sessions=None,
             default_max_queued=None)
-        self.rt = Runtime(mirror)
-        self.rt.persistence.open()
+        self.rt = Runtime(mirror)  # its persistence opens with the leader's data ("load")
         self.sessions: dict[str, Any] = {}
         self.ops = 0
         self.failed = 0
@@ -149,6 +149,18 @@ class Follower:
         from statehost.server.transfer import fetch_kept, pull_states, push_states
 
         rt = self.rt
+        if op.kind == "load":  # the first operation: the leader's database and files
+            scratch = rt.settings.data_dir
+            make_private_dir(scratch)
+            (scratch / "statehost.db").write_bytes(op.extra["db"])
+            for name, data in op.extra["files"].items():
+                path = scratch / name
+                make_private_dir(path.parent)
+                path.write_bytes(data)
+            rt.persistence.open()
+            return rt.persistence.reload(rt.store)
+        if op.kind == "flush":
+            return rt.persistence.flush(list(op.keys))
         if op.kind == "open":
             now = time.monotonic()
             self.sessions[op.session] = Session(op.session, now, now, op.extra["principal"],

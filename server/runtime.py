@@ -60,6 +60,13 @@ class Runtime:
             self.group.broadcast(call.kind, call.session.id if call.session else None,
                                  call.id, call.keys, message, where, **extra)
 
+    def flush_named(self, ids: list[str]) -> int:
+        """``persistence.flush(ids)``; in a group, on every process (the leader writes the
+        files, the followers take part in gathering the values: server/cluster.py)."""
+        if self.group is not None:
+            self.group.broadcast("flush", None, keys=tuple(ids))
+        return self.persistence.flush(ids)
+
     def open_session(self, principal: Principal, client: str = "",
                      where: str = "POST /v1/sessions") -> Session:
         """A new session of ``principal`` (429 past its namespace's ``max_sessions``)."""

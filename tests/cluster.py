@@ -44,11 +44,14 @@ def health(served: Served) -> tuple[int, dict]:
 @contextlib.contextmanager
 def running_group(tmp_path: Path, *args: str, count: int = 2, cpu_devices: int = 4,
                   heartbeat_timeout: float = 2.0, token: str = "test-token",
-                  timeout: float = 120.0) -> Iterator[Group]:
-    """Runs a group of ``count`` server processes until the ``with`` block ends."""
+                  timeout: float = 120.0, env: dict[str, str] | None = None
+                  ) -> Iterator[Group]:
+    """Runs a group of ``count`` server processes until the ``with`` block ends; their
+    files go to ``tmp_path / f"data-{index}"``, so a second group there is a restart."""
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")}
     env.update({"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "JAX_PLATFORMS": "cpu",
-                "STATEHOST_TOKENS": token})
+                "STATEHOST_TOKENS": token, **extra})
     coordinator = f"127.0.0.1:{free_port()}"
     processes: list[Served] = []
     try:

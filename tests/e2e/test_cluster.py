@@ -8,6 +8,8 @@ while a call runs in it.
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -199,7 +201,42 @@ def test_followers_serve_only_health(group):
     assert body["devices"] == FOLLOWER_DEVICES
 
 
-# -- losing a follower (a group of its own) ------------------------------------------------
+# -- restarting the group, losing a follower (groups of their own) -------------------------
+def test_named_states_survive_a_restart_of_the_whole_group(tmp_path):
+    from statehost.server.persistence.database import Database
+    from statehost.server.persistence.files import load_value
+
+    model = Affine(8)
+    with running_group(tmp_path, env={"STATEHOST_DURABILITY": "sync"}) as group, \
+            statehost.connect(group.leader.url, token=group.leader.token) as client:
+        client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+        client.put("team/net", model)  # sync: on disk when it returns
+    state_id = model.weight.id
+
+    with running_group(tmp_path) as group, \
+            statehost.connect(group.leader.url, token=group.leader.token) as client:
+        net = client.get("team/net")
+        np.testing.assert_array_equal(net.weight.value, np.full((8, 4), 2.0))
+        assert net.weight.id == state_id
+        assert _follower(group)["states"][state_id] == {"shards": [FOLLOWER_DEVICES]}
+        client.pmap(net, **PMAP)(jnp.ones((8, 4)))  # flushed at shutdown (interval)
+    db = Database(tmp_path / "data-0" / "statehost.db")
+    try:
+        value, _ = load_value(tmp_path / "data-0" / db.state(state_id).file)
+    finally:
+        db.close()
+    np.testing.assert_array_equal(jax.tree_util.tree_leaves(value)[0], np.full((8, 4), 3.0))
+
+    alone = subprocess.run(
+        [sys.executable, "-m", "statehost.server", "serve", "--data-dir",
+         str(tmp_path / "data-0"), "--port", "0"], capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")})
+    assert alone.returncode == 2
+    assert "holds the named states of a group of 2 process(es)" in alone.stderr
+    assert "client.put('ns/name', obj)" in alone.stderr
+
+
+# -- losing a follower -------------------------------------------------------------------
 def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(tmp_path):
     flag = tmp_path / "go"
 
