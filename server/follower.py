@@ -91,6 +91,7 @@ class Follower:
 
     def _heartbeats(self) -> None:
         period = heartbeat_interval(self.rt.settings)
+        last = time.monotonic()
         while self.sock is not None:
             try:
                 with self._send_lock:
@@ -98,6 +99,11 @@ class Follower:
             except OSError:
                 return
             time.sleep(period)
+            now = time.monotonic()
+            if now - last > 4 * period:  # this process is starved: the leader may lose it
+                log.warning("group follower %d: heartbeat %.1f s late", self.index,
+                            now - last - period)
+            last = now
 
     # -- following ----------------------------------------------------------------------
     def run(self) -> int:
@@ -186,6 +192,10 @@ class Follower:
             return put_object(call, message, rt)
         if op.kind == "get":
             return get_object(call, op.extra["obj"], op.extra["pull"], rt)
+        if op.kind == "delete":
+            deleted = rt.registry.delete(op.extra["namespace"], op.extra["name"])
+            rt.functions.evict_states(deleted)
+            return deleted
         if op.kind == "fetch":
             return fetch_kept(call, message, rt, "fetch")
         raise ValueError(f"unknown operation {op.kind!r}")

@@ -1,8 +1,9 @@
 """A server spanning a ``jax.distributed`` group: 2 real processes x 4 CPU devices (issue 14).
 
 One group (module-scoped) serves the seed example, the sharding, the repeat calls, the
-named objects and the bad input; a second one, started last, loses a follower to SIGKILL
-while a call runs in it.
+named objects and the bad input. A second one puts a named state, is restarted on the
+same data dirs, reloads and flushes it, and finally loses a follower to SIGKILL while a
+call runs in it.
 """
 
 import os
@@ -36,7 +37,7 @@ from tests.examples.test_parallelisation_example import (
 PMAP = dict(axis_name="i", in_axes=0, out_axes=0, state_in_axes={0: PARAM},
             state_out_axes={0: PARAM})
 # A printed jax.Array's numbers (as tests/examples/test_parallelisation_remote_example.py).
-_ARRAY = re.compile(r"^Array\((\[.*?\]), dtype=[^)]*\)$", re.MULTILINE | re.DOTALL)
+_ARRAY = re.compile(r"^Array\((\[.*?\]),\s+dtype=[^)]*\)$", re.MULTILINE | re.DOTALL)
 LEADER_DEVICES = [0, 1, 2, 3]
 FOLLOWER_DEVICES = [2048, 2049, 2050, 2051]  # CPU device ids of process 1 (jax 0.10.2)
 
@@ -140,6 +141,8 @@ def test_put_and_get_from_two_clients(group, client):
     client.pull(model)
     np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 5.0))
     assert model.weight.id in _follower(group)["states"]
+    client.delete("team/net")  # on the follower too
+    assert model.weight.id not in _follower(group)["states"]
 
 
 def test_work_no_follower_runs_is_refused_in_a_group(group, client):
@@ -201,43 +204,59 @@ def test_followers_serve_only_health(group):
     assert body["devices"] == FOLLOWER_DEVICES
 
 
-# -- restarting the group, losing a follower (groups of their own) -------------------------
-def test_named_states_survive_a_restart_of_the_whole_group(tmp_path):
-    from statehost.server.persistence.database import Database
-    from statehost.server.persistence.files import load_value
-
+# -- restarting the group, then losing a follower (a group of its own) --------------------
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory):
+    """A group that put a named state (durability sync) and was restarted on the same data
+    dirs; it flushes every 0.2 s."""
+    tmp = tmp_path_factory.mktemp("restart")
     model = Affine(8)
-    with running_group(tmp_path, env={"STATEHOST_DURABILITY": "sync"}) as group, \
+    with running_group(tmp, env={"STATEHOST_DURABILITY": "sync"}) as group, \
             statehost.connect(group.leader.url, token=group.leader.token) as client:
         client.pmap(model, **PMAP)(jnp.ones((8, 4)))
         client.put("team/net", model)  # sync: on disk when it returns
-    state_id = model.weight.id
+    with running_group(tmp, env={"STATEHOST_FLUSH_INTERVAL": "0.2"}) as group:
+        yield tmp, group, model.weight.id
 
-    with running_group(tmp_path) as group, \
-            statehost.connect(group.leader.url, token=group.leader.token) as client:
+
+def test_named_states_survive_a_restart_of_the_whole_group(restarted):
+    from statehost.server.persistence.database import Database
+    from statehost.server.persistence.files import load_value
+
+    tmp, group, state_id = restarted
+    with statehost.connect(group.leader.url, token=group.leader.token) as client:
         net = client.get("team/net")
         np.testing.assert_array_equal(net.weight.value, np.full((8, 4), 2.0))
         assert net.weight.id == state_id
         assert _follower(group)["states"][state_id] == {"shards": [FOLLOWER_DEVICES]}
-        client.pmap(net, **PMAP)(jnp.ones((8, 4)))  # flushed at shutdown (interval)
-    db = Database(tmp_path / "data-0" / "statehost.db")
+        client.pmap(net, **PMAP)(jnp.ones((8, 4)))  # written by the next flush (interval)
+
+    db = Database(tmp / "data-0" / "statehost.db")
     try:
-        value, _ = load_value(tmp_path / "data-0" / db.state(state_id).file)
+        path = tmp / "data-0" / db.state(state_id).file
     finally:
         db.close()
-    np.testing.assert_array_equal(jax.tree_util.tree_leaves(value)[0], np.full((8, 4), 3.0))
+    deadline = time.monotonic() + 60
+    while jax.tree_util.tree_leaves(load_value(path)[0])[0][0, 0] != 3.0:
+        assert time.monotonic() < deadline, "the flush did not write the new value"
+        time.sleep(0.05)
 
+
+def test_a_data_dir_of_another_process_count_is_refused(restarted):
+    tmp, _, _ = restarted
     alone = subprocess.run(
-        [sys.executable, "-m", "statehost.server", "serve", "--data-dir",
-         str(tmp_path / "data-0"), "--port", "0"], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "statehost.server", "serve", "--data-dir", str(tmp / "data-0"),
+         "--port", "0"], capture_output=True, text=True, timeout=60,
         env={k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")})
+
     assert alone.returncode == 2
     assert "holds the named states of a group of 2 process(es)" in alone.stderr
     assert "client.put('ns/name', obj)" in alone.stderr
 
 
 # -- losing a follower -------------------------------------------------------------------
-def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(tmp_path):
+def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(restarted, tmp_path):
+    _, group, _ = restarted  # the last test of this group
     flag = tmp_path / "go"
 
     def waits(delta):  # traced by both processes; the test lets it go
@@ -245,8 +264,7 @@ def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(tmp_path)
             time.sleep(0.01)
         return delta + jax.lax.psum(delta, "i")
 
-    with running_group(tmp_path, heartbeat_timeout=2.0) as group, \
-            statehost.connect(group.leader.url, token=group.leader.token) as client:
+    with statehost.connect(group.leader.url, token=group.leader.token) as client:
         answers = []
 
         def call():
