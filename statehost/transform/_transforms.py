@@ -241,16 +241,19 @@ def _as_lanes(leaf: Any, axis: int | None, mesh: Any) -> Any:
         return leaf
     if leaf.sharding.is_equivalent_to(want, leaf.ndim):
         return leaf
-    if leaf.sharding.device_set == want.device_set:
-        return jax.device_put(leaf, want)
-    # pmap(devices=...) on some of the group's devices: JAX reshards only within one set
-    # of devices ("For a cross-host reshard in multi-controller JAX, input and target
-    # sharding should have the same set of devices", jax 0.10.2). A replicated value is
-    # whole on each process: its parts for the new devices are cut from the local copy.
     if not leaf.sharding.is_fully_replicated:
+        if leaf.sharding.device_set == want.device_set:
+            return jax.device_put(leaf, want)
+        # JAX reshards a global array only within its own devices ("For a cross-host
+        # reshard in multi-controller JAX, input and target sharding should have the same
+        # set of devices", jax 0.10.2).
         raise ValueError(_MSG_OTHER_DEVICES.format(
             have=sorted(d.id for d in leaf.sharding.device_set),
             want=sorted(d.id for d in want.device_set)))
+    # A replicated value (a fresh upload or argument) is whole on every process: its
+    # lanes are cut from the local copy, which moves nothing between processes (a
+    # device_put to the lanes runs a cross-process program: ~6x the CPU of a tiny call),
+    # and works for a pmap(devices=...) on some of the group's devices too.
     host = np.asarray(leaf.addressable_shards[0].data)
     return jax.make_array_from_callback(leaf.shape, want, lambda index: host[index],
                                         dtype=leaf.dtype)
