@@ -153,6 +153,8 @@ def _default(field: dataclasses.Field[Any]) -> str:
         return "unset: no admission on devices that report no memory"
     if field.name == "namespace_weights":
         return f"none: every namespace weighs {Settings.namespace_weight}"
+    if field.name in {"coordinator", "num_processes", "process_id"}:
+        return "unset: one process, no group"
     if field.name.startswith("default_max_") and value is None:
         return "no limit"
     if isinstance(value, bool):
@@ -357,7 +359,9 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {flag.field: getattr(args, flag.field) for flag in _SERVE_FLAGS}
     overrides["tokens"] = tuple(args.tokens) if args.tokens else None
     settings = Settings.from_env(**overrides)
-    if not settings.tokens and not is_loopback(settings.host) and not settings.insecure:
+    # A group's followers serve only GET /v1/health: the check is the leader's (below).
+    insecure = not settings.tokens and not is_loopback(settings.host) and not settings.insecure
+    if insecure and not settings.in_group:
         print(_MSG_INSECURE.format(host=settings.host), file=sys.stderr)
         return 2
 
@@ -385,6 +389,9 @@ def serve(args: argparse.Namespace) -> int:
             from statehost.server.follower import serve_follower
 
             return serve_follower(settings, index, count)
+        if insecure:
+            print(_MSG_INSECURE.format(host=settings.host), file=sys.stderr)
+            return 2
         refused = cluster.check_process_count(settings.data_dir, count)
         if refused:
             print(refused, file=sys.stderr)

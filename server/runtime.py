@@ -164,3 +164,6 @@ class Runtime:
             for status, count in counts.items():
                 m.session_calls.labels(session, status).set(count)
         m.calls_stuck.set(len(self.scheduler.stuck(self.settings.stuck_after)))
+        if self.group is not None:
+            for row in self.group.processes():
+                m.group_processes.labels(str(row["index"])).set(int(row["health"] == "ok"))

@@ -97,6 +97,8 @@ def test_info_and_devices_show_every_process(group, client):
         (0, "leader", LEADER_DEVICES, "ok"), (1, "follower", FOLLOWER_DEVICES, "ok")]
     assert 0 <= processes[1]["heartbeat_age_s"] < 2.0
     assert info["limits"]["workers"] == 1  # one total order of device work
+    assert [group.leader.metric("statehost_group_process_up", process=i) for i in "01"] == \
+        [1.0, 1.0]
 
 
 def test_a_state_is_sharded_across_both_processes(group, client):
@@ -290,5 +292,6 @@ def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(restarted
         status, body = health(group.leader)
         assert status == 503 and body["status"] == "unhealthy"
         assert "process 1 lost" in body["reason"]
+        assert group.leader.metric("statehost_group_process_up", process="1") == 0.0
         with pytest.raises(statehost.client.ClusterUnavailableError, match="process 1"):
             client.pmap(lambda x: x * 2, axis_name="i")(np.ones((8, 2), np.float32))
