@@ -38,7 +38,8 @@
         └── ServerError                 the server failed (HTTP 5xx)
             ├── StorageError            the server's disk failed; nothing was applied (503)
             ├── DeviceMemoryError       the call does not fit in device memory; not run (507)
-            └── ClusterUnavailableError a process of the server's group is lost (503)
+            ├── ClusterUnavailableError a process of the server's group is lost (503)
+            └── GroupUnsupportedError   not run on a server of several processes (501)
 
 Which class answers which error kind of the wire (``statehost.wire.ERROR_KINDS``) is
 :data:`BY_TYPE`, checked against that table by the tests; a ``RemoteExecutionError`` is
@@ -68,6 +69,7 @@ __all__ = [
     "DeviceMemoryError",
     "ForbiddenError",
     "FunctionNotCachedError",
+    "GroupUnsupportedError",
     "JobCancelledError",
     "JobNotDoneError",
     "JobNotFoundError",
@@ -327,6 +329,11 @@ class ClusterUnavailableError(ServerError):
         return [int(i) for i in value] if isinstance(value, list) else []
 
 
+class GroupUnsupportedError(ServerError):
+    """The server spans several processes and does not run this request there (HTTP 501):
+    jobs, loops, invokes and the JSON value API need a single-process server for now."""
+
+
 #: error kind name (``statehost.wire.ERROR_KINDS``) -> the class raised for it.
 BY_TYPE: dict[str, type[ClientError]] = {
     cls.__name__: cls for cls in (
@@ -337,7 +344,7 @@ BY_TYPE: dict[str, type[ClientError]] = {
         ValidationError, RemoteExecutionError, ServerError, StorageError, ArrayNotFoundError,
         CallCancelledError, CallNotRunError, CallNotFoundError, CallTimeoutError,
         JobNotFoundError, JobNotDoneError, JobCancelledError, DeviceMemoryError,
-        QuotaExceededError, ClusterUnavailableError,
+        QuotaExceededError, ClusterUnavailableError, GroupUnsupportedError,
     )
 }
 

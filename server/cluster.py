@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from statehost.server.errors import ClusterUnavailableError
+from statehost.server.errors import ClusterUnavailableError, GroupUnsupportedError
 from statehost.server.settings import Settings
 
 __all__ = ["MIRRORED", "ClusterOp", "Leader", "check_mirrored", "heartbeat_interval", "join",
@@ -205,8 +205,7 @@ class ClusterOp:
 
 def check_mirrored(kind: str, where: str) -> None:
     if kind not in MIRRORED:
-        raise ClusterUnavailableError(_MSG_NOT_MIRRORED.format(where=where, kind=kind),
-                                      processes=[])
+        raise GroupUnsupportedError(_MSG_NOT_MIRRORED.format(where=where, kind=kind))
 
 
 # -- the leader ---------------------------------------------------------------------

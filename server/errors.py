@@ -39,6 +39,7 @@ __all__ = [
     "ClusterUnavailableError",
     "DeviceMemoryError",
     "ForbiddenError",
+    "GroupUnsupportedError",
     "FunctionNotCachedError",
     "JobCancelledError",
     "JobNotDoneError",
@@ -230,6 +231,11 @@ class QuotaExceededError(ApiError):
 class ClusterUnavailableError(ApiError):
     """A process of the server's ``jax.distributed`` group is lost (``processes``: their
     indices); nothing new runs until the group is restarted (``server/cluster.py``)."""
+
+
+class GroupUnsupportedError(ApiError):
+    """The request is not run on a server spanning several processes (yet): only what
+    every process can replay is (``server/cluster.py``, ``MIRRORED``)."""
 
 
 assert set(ERROR_CLASSES) == set(ERROR_KINDS), set(ERROR_KINDS) ^ set(ERROR_CLASSES)

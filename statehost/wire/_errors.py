@@ -55,4 +55,6 @@ ERROR_KINDS: dict[str, ErrorKind] = {kind.name: kind for kind in (
     ErrorKind("QuotaExceededError", 429, "a namespace quota would be exceeded; nothing applied"),
     ErrorKind("ClusterUnavailableError", 503,
               "a process of the server's group is lost; the group must be restarted"),
+    ErrorKind("GroupUnsupportedError", 501,
+              "not supported on a server spanning several processes (yet)"),
 )}

@@ -152,8 +152,8 @@ def test_work_no_follower_runs_is_refused_in_a_group(group, client):
     answer = httpx.get(f"{group.leader.url}/v1/namespaces/team/states/counter.weight/value",
                        headers={"authorization": f"Bearer {group.leader.token}"})
 
-    assert answer.status_code == 503
-    assert answer.json()["error"]["type"] == "ClusterUnavailableError"
+    assert answer.status_code == 501
+    assert answer.json()["error"]["type"] == "GroupUnsupportedError"
     assert "not supported on a server spanning several processes" in \
         answer.json()["error"]["message"]
 
