@@ -58,8 +58,8 @@ with ``interval`` durability and 3.5 s with ``sync`` (the gather over gloo is mo
 
 **Not done (documented limits).** Jobs, loops, registered functions' invokes and the
 JSON value API are refused in a group (``MIRRORED`` lists what runs on every process);
-a namespace's durability changed after the group started and freed call-stream handles
-are not mirrored to the followers (a follower keeps those arrays until its session ends).
+and a namespace's durability changed after the group started is not mirrored to the
+followers.
 """
 
 from __future__ import annotations
@@ -190,7 +190,8 @@ class ClusterOp:
         keys: the state ids the leader's call holds.
         extra: what the kind needs besides its wire message (``principal`` and ``client``
             for ``open``; the object row and ``pull`` for ``get``; ``namespace`` and ``name``
-            for ``delete``; the leader's database and state files for ``load``).
+            for ``delete``; the leader's database and state files for ``load``; the kept
+            arrays' ``names`` for ``free``).
         message: the wire message's class name (``CallRequest``...), when one follows.
     """
 

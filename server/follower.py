@@ -87,6 +87,7 @@ class Follower:
                 "role": "follower", "process_index": self.index, "process_count": self.count,
                 "leader": self.leader, "ops": self.ops, "failed": self.failed,
                 "last_op": self.last, "applying": self.applying, "sessions": len(self.sessions),
+                "kept_arrays": sum(len(s.handles) for s in list(self.sessions.values())),
                 "devices": [d.id for d in jax.local_devices()], "states": states}
 
     def _heartbeats(self) -> None:
@@ -167,6 +168,11 @@ class Follower:
             return rt.persistence.reload(rt.store)
         if op.kind == "flush":
             return rt.persistence.flush(list(op.keys))
+        if op.kind == "free":  # arrays a session kept (the call stream's outputs)
+            kept = self.sessions.get(op.session)
+            for name in op.extra["names"] if kept is not None else ():
+                kept.handles.pop(name, None)
+            return None
         if op.kind == "open":
             now = time.monotonic()
             self.sessions[op.session] = Session(op.session, now, now, op.extra["principal"],

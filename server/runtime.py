@@ -60,6 +60,13 @@ class Runtime:
             self.group.broadcast(call.kind, call.session.id if call.session else None,
                                  call.id, call.keys, message, where, **extra)
 
+    def free_handles(self, session: Session, names: Any) -> None:
+        """Drops arrays ``session`` keeps (the call stream's outputs), on every process."""
+        for name in names:
+            session.handles.pop(name, None)
+        if self.group is not None and self.group.problem() is None:
+            self.group.broadcast("free", session.id, names=tuple(names))
+
     def flush_named(self, ids: list[str]) -> int:
         """``persistence.flush(ids)``; in a group, on every process (the leader writes the
         files, the followers take part in gathering the values: server/cluster.py)."""

@@ -542,8 +542,7 @@ class Channel:
 
     async def _free(self, message: FreeRequest) -> None:
         session = self._session(message.session)
-        for name in message.handles:
-            session.handles.pop(name, None)
+        self.rt.free_handles(session, message.handles)
 
     async def _control(self, message: ControlRequest) -> None:
         self._session(message.session)

@@ -31,6 +31,7 @@ def health(rt: RuntimeDep) -> Any:
 
     body.update(role="leader", process_index=0, process_count=group.count,
                 ops=group.sent, processes=group.processes(),
+                kept_arrays=sum(len(s.handles) for s in rt.sessions.all()),
                 states=resident_shards(rt.store))
     lost = group.problem()
     if lost is None:

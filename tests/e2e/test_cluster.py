@@ -127,9 +127,17 @@ def test_repeat_calls_move_no_state_bytes_and_compile_nothing(group, client):
     assert [leader.metric("statehost_wire_bytes_total", direction=d, part="state")
             for d in ("in", "out")] == moved
     assert leader.metric("statehost_compiles_total") == compiles
-    assert _follower(group)["ops"] >= ops + 11  # 10 calls and the fetch, on both processes
+    follower = _follower(group)
+    assert follower["ops"] >= ops + 11  # 10 calls and the fetch, on both processes
+    # the calls' outputs kept for the client, alike (the client frees them in batches)
+    assert follower["kept_arrays"] == health(group.leader)[1]["kept_arrays"] > 0
     client.pull(model)
     np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 12.0))
+    for _ in range(70):  # their outputs are dropped: the client frees them (64 at a time)
+        step(jnp.ones((8, 4)))
+    client.pull(model)
+    follower = _follower(group)
+    assert follower["kept_arrays"] == health(group.leader)[1]["kept_arrays"] < 70
 
 
 def test_put_and_get_from_two_clients(group, client):
