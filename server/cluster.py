@@ -113,6 +113,19 @@ _MSG_NOT_MIRRORED = (
 )
 
 
+_MSG_DURABILITY = (
+    "{where}: a namespace's durability cannot change while the server spans several "
+    "processes (each process must make the same writes to disk in the same order, and "
+    "a change would reach them at different points). Fix: give every process of the group "
+    "the same STATEHOST_DURABILITY, or set the namespace's durability on a single-process "
+    "server on this data dir before starting the group (the group keeps it)."
+)
+
+
+def refuse_durability_change(where: str) -> None:
+    raise GroupUnsupportedError(_MSG_DURABILITY.format(where=where))
+
+
 def heartbeat_interval(settings: Settings) -> float:
     return min(0.5, settings.heartbeat_timeout / 4)
 

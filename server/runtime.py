@@ -9,7 +9,7 @@ from typing import Any
 from statehost.server.admission import Admission
 from statehost.server.auth import Principal, TokenTable
 from statehost.server.callable_cache import FunctionCache
-from statehost.server.cluster import Leader, check_mirrored
+from statehost.server.cluster import Leader, check_mirrored, refuse_durability_change
 from statehost.server.errors import SessionNotFoundError
 from statehost.server.metrics import Metrics
 from statehost.server.named import Registry
@@ -59,6 +59,12 @@ class Runtime:
         if self.group is not None:
             self.group.broadcast(call.kind, call.session.id if call.session else None,
                                  call.id, call.keys, message, where, **extra)
+
+    def set_durability(self, namespace: str, durability: Any, where: str) -> None:
+        """A namespace's durability (refused in a group: ``server/cluster.py``)."""
+        if self.group is not None:
+            refuse_durability_change(where)
+        self.persistence.set_durability(namespace, durability)
 
     def free_handles(self, session: Session, names: Any) -> None:
         """Drops arrays ``session`` keeps (the call stream's outputs), on every process."""

@@ -164,6 +164,11 @@ def test_work_no_follower_runs_is_refused_in_a_group(group, client):
     assert answer.json()["error"]["type"] == "GroupUnsupportedError"
     assert "not supported on a server spanning several processes" in \
         answer.json()["error"]["message"]
+    durability = httpx.put(f"{group.leader.url}/v1/namespaces/team", json={
+        "durability": "sync"}, headers={"authorization": f"Bearer {group.leader.token}"})
+    assert durability.status_code == 501
+    assert "durability cannot change while the server spans several processes" in \
+        durability.json()["error"]["message"]
 
 
 def test_a_pmap_on_some_devices_keeps_its_states_there(group, client):
