@@ -37,7 +37,9 @@
         │                               the client can import it (``except TypeError`` works)
         └── ServerError                 the server failed (HTTP 5xx)
             ├── StorageError            the server's disk failed; nothing was applied (503)
-            └── DeviceMemoryError       the call does not fit in device memory; not run (507)
+            ├── DeviceMemoryError       the call does not fit in device memory; not run (507)
+            ├── ClusterUnavailableError a process of the server's group is lost (503)
+            └── GroupUnsupportedError   not run on a server of several processes (501)
 
 Which class answers which error kind of the wire (``statehost.wire.ERROR_KINDS``) is
 :data:`BY_TYPE`, checked against that table by the tests; a ``RemoteExecutionError`` is
@@ -63,9 +65,11 @@ __all__ = [
     "CallTimeoutError",
     "ClientClosedError",
     "ClientError",
+    "ClusterUnavailableError",
     "DeviceMemoryError",
     "ForbiddenError",
     "FunctionNotCachedError",
+    "GroupUnsupportedError",
     "JobCancelledError",
     "JobNotDoneError",
     "JobNotFoundError",
@@ -314,6 +318,22 @@ class QuotaExceededError(ClientError):
         return str(self.body.get("quota", ""))
 
 
+class ClusterUnavailableError(ServerError):
+    """A process of the server's group of processes is lost (HTTP 503): the call was not
+    run, or (running when the process was lost) did not finish; the operator restarts the
+    whole group. ``processes`` lists the lost processes' indices."""
+
+    @property
+    def processes(self) -> list[int]:
+        value = self.body.get("processes", [])
+        return [int(i) for i in value] if isinstance(value, list) else []
+
+
+class GroupUnsupportedError(ServerError):
+    """The server spans several processes and does not run this request there (HTTP 501):
+    jobs, loops, invokes and the JSON value API need a single-process server for now."""
+
+
 #: error kind name (``statehost.wire.ERROR_KINDS``) -> the class raised for it.
 BY_TYPE: dict[str, type[ClientError]] = {
     cls.__name__: cls for cls in (
@@ -324,7 +344,7 @@ BY_TYPE: dict[str, type[ClientError]] = {
         ValidationError, RemoteExecutionError, ServerError, StorageError, ArrayNotFoundError,
         CallCancelledError, CallNotRunError, CallNotFoundError, CallTimeoutError,
         JobNotFoundError, JobNotDoneError, JobCancelledError, DeviceMemoryError,
-        QuotaExceededError,
+        QuotaExceededError, ClusterUnavailableError, GroupUnsupportedError,
     )
 }
 

@@ -45,6 +45,7 @@ class RemoteDevice:
     platform: str
     kind: str
     memory: int | None = None
+    process_index: int = 0  # which process of a server group holds it (0 on one process)
 
     def __repr__(self) -> str:
         return f"RemoteDevice(id={self.id}, platform={self.platform!r}, kind={self.kind!r})"

@@ -103,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.refused = str(exc)
             raise
         await loop.run_in_executor(None, runtime.persistence.reload, runtime.store)
+        if runtime.group is not None:  # the followers reload the same (server/cluster.py)
+            await loop.run_in_executor(None, runtime.group.share_data, runtime.persistence)
         await loop.run_in_executor(None, runtime.tokens.start)
         compiling = contextlib.ExitStack()  # JAX's configuration, process-wide: restored at exit
         compiling.enter_context(persistent_compile_cache(

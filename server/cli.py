@@ -124,6 +124,16 @@ _SERVE_FLAGS = (
           type=int),
     _Flag("--default-max-queued", "default_max_queued", "the same: its calls waiting in the "
           "queue", type=int),
+    _Flag("--coordinator", "coordinator", "HOST:PORT of the jax.distributed coordinator of a "
+          "group of server processes (process 0 runs it, on that port); with "
+          "--num-processes and --process-id", metavar="HOST:PORT"),
+    _Flag("--num-processes", "num_processes", "processes in the group", type=int),
+    _Flag("--process-id", "process_id", "this process's index in the group: 0 leads and "
+          "serves clients, the others follow and serve only GET /v1/health", type=int),
+    _Flag("--cluster", "cluster", "auto: join the group jax.distributed.initialize() "
+          "detects (SLURM, Kubernetes, TPU pods)", choices=["off", "auto"]),
+    _Flag("--heartbeat-timeout", "heartbeat_timeout", "seconds without a follower's "
+          "heartbeat before the leader holds it lost and refuses new work", type=float),
 )
 
 
@@ -143,6 +153,8 @@ def _default(field: dataclasses.Field[Any]) -> str:
         return "unset: no admission on devices that report no memory"
     if field.name == "namespace_weights":
         return f"none: every namespace weighs {Settings.namespace_weight}"
+    if field.name in {"coordinator", "num_processes", "process_id"}:
+        return "unset: one process, no group"
     if field.name.startswith("default_max_") and value is None:
         return "no limit"
     if isinstance(value, bool):
@@ -347,16 +359,44 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {flag.field: getattr(args, flag.field) for flag in _SERVE_FLAGS}
     overrides["tokens"] = tuple(args.tokens) if args.tokens else None
     settings = Settings.from_env(**overrides)
-    if not settings.tokens and not is_loopback(settings.host) and not settings.insecure:
+    # A group's followers serve only GET /v1/health: the check is the leader's (below).
+    insecure = not settings.tokens and not is_loopback(settings.host) and not settings.insecure
+    if insecure and not settings.in_group:
         print(_MSG_INSECURE.format(host=settings.host), file=sys.stderr)
         return 2
 
+    if not settings.in_group:  # a group's data dir is not reloaded by one process
+        from statehost.server.cluster import check_process_count
+
+        refused = check_process_count(settings.data_dir, 1)
+        if refused:
+            print(refused, file=sys.stderr)
+            return 2
     _limit_malloc_arenas()
     # Must happen before any JAX backend starts; it only affects the CPU backend, so a
     # machine with accelerators keeps using them.
     import jax
 
     jax.config.update("jax_num_cpu_devices", settings.cpu_devices)
+    group = None
+    if settings.in_group:  # before JAX is otherwise used (server/cluster.py)
+        from statehost.server import cluster
+
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(levelname)s %(name)s: %(message)s")
+        index, count = cluster.join(settings)
+        if index > 0:
+            from statehost.server.follower import serve_follower
+
+            return serve_follower(settings, index, count)
+        if insecure:
+            print(_MSG_INSECURE.format(host=settings.host), file=sys.stderr)
+            return 2
+        refused = cluster.check_process_count(settings.data_dir, count)
+        if refused:
+            print(refused, file=sys.stderr)
+            return 2
+        group = cluster.Leader(settings, count)
 
     import uvicorn
 
@@ -383,6 +423,17 @@ def serve(args: argparse.Namespace) -> int:
               f"{len(settings.tokens)} configured token(s)>)", flush=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    if group is not None:
+        runtime = app.state.runtime
+        group.on_lost = runtime.scheduler.fail_all
+        runtime.group = group
+        group.start()
+        if not group.wait_formed():
+            print(f"statehost serve: only {len(group.followers)} of {group.count - 1} "
+                  "follower(s) joined; start every process of the group (--process-id 1.."
+                  f"{group.count - 1}) with the same --coordinator.", file=sys.stderr)
+            return 2
+        print(f"  leader of a group of {group.count} processes", flush=True)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=args.log_level,
         access_log=args.access_log,
@@ -406,6 +457,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server.run(sockets=sockets)
     finally:
+        if group is not None:
+            group.close()
         app.state.shared_memory.close()
         if sockets is not None:  # the socket file goes with the server that made it
             sockets[1].close()

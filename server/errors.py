@@ -36,8 +36,10 @@ __all__ = [
     "CallNotFoundError",
     "CallNotRunError",
     "CallTimeoutError",
+    "ClusterUnavailableError",
     "DeviceMemoryError",
     "ForbiddenError",
+    "GroupUnsupportedError",
     "FunctionNotCachedError",
     "JobCancelledError",
     "JobNotDoneError",
@@ -224,6 +226,16 @@ class DeviceMemoryError(ApiError):
 class QuotaExceededError(ApiError):
     """The request would take a namespace past one of its quotas (``namespace``, ``quota``,
     ``limit``, ``used``, ``requested``, ``largest``); nothing was applied."""
+
+
+class ClusterUnavailableError(ApiError):
+    """A process of the server's ``jax.distributed`` group is lost (``processes``: their
+    indices); nothing new runs until the group is restarted (``server/cluster.py``)."""
+
+
+class GroupUnsupportedError(ApiError):
+    """The request is not run on a server spanning several processes (yet): only what
+    every process can replay is (``server/cluster.py``, ``MIRRORED``)."""
 
 
 assert set(ERROR_CLASSES) == set(ERROR_KINDS), set(ERROR_KINDS) ^ set(ERROR_CLASSES)

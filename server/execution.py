@@ -38,6 +38,7 @@ from statehost.server.errors import (
     StateNotFoundError,
     ValidationError,
 )
+from statehost.server.placement import gathered, global_arguments
 from statehost.server.staging import _MSG_MISSING_STATES, Transaction
 from statehost.wire import CallReply, CallRequest, handle_name, outputs_signature, pack
 
@@ -161,10 +162,16 @@ def _signature(tree: Any) -> Any:
 def to_host(tree: Any, where: str) -> Any:
     """One ``device_get`` for outputs and states: their copies to the host overlap.
 
+    In a group of processes, arrays this process holds only part of are gathered first
+    (``process_allgather``, a collective: every process runs the same operation, so every
+    one gets here in the same order).
+
     A failure here is the server's (the run succeeded): a 500 that says nothing
     was applied, which is true because the commit comes after it.
     """
     try:
+        if jax.process_count() > 1:
+            tree = gathered(tree)
         return jax.device_get(tree)
     except Exception as exc:
         raise ServerError(
@@ -245,8 +252,9 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
                 raise StateNotFoundError(
                     _MSG_MISSING_STATES.format(where=_WHERE, ids=request.default_stream),
                     missing=[request.default_stream])
+        rt.share(call, request, _WHERE)  # a group's followers run it too (server/cluster.py)
         transform, cached = _resolve(request, tx, rt, session)
-        args = unpickle(request.args, tx.load_ref, "args", _WHERE)
+        args = global_arguments(unpickle(request.args, tx.load_ref, "args", _WHERE))
         if not (isinstance(args, tuple) and len(args) == 2 and isinstance(args[0], tuple)
                 and isinstance(args[1], dict)):
             raise ProtocolError(f"{_WHERE}: the args section must hold (args tuple, kwargs "

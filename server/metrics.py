@@ -105,3 +105,8 @@ class Metrics:
             "statehost_device_state_bytes", "Bytes of resident states on each device (every "
             "namespace and session).", ["device"], registry=r,
         )
+        self.group_processes = Gauge(
+            "statehost_group_process_up", "A server group's processes (server/cluster.py): "
+            "1 while the process follows (the leader: always), 0 once it is lost or before "
+            "it joined; no samples on a single-process server.", ["process"], registry=r,
+        )

@@ -33,7 +33,7 @@ from statehost.server.store import Meta, Session, StateStore, state_nbytes
 from statehost.server.transfer import push_states
 from statehost.wire import GetReply, PushRequest, PutReply, PutRequest, Section, StateValue, pack
 
-__all__ = ["Registry", "get_object", "put_object", "split_name"]
+__all__ = ["Registry", "delete_named", "get_object", "put_object", "split_name"]
 
 log = logging.getLogger("statehost.server")
 
@@ -213,14 +213,23 @@ def put_object(call: Any, request: PutRequest, rt: Any) -> PutReply:
                                       states=request.states), rt, where, charge=charge)
     else:
         rt.quotas.check_bytes({namespace: charge.extra}, where)
+    rt.share(call, request, where)
     result = rt.registry.put(call.session, request.name, request.object_kind,
                              bytes(request.structure.payload), dict(request.paths))
     return PutReply(state_versions=result["states"])
 
 
+def delete_named(call: Any, namespace: str, name: str, rt: Any) -> list[str]:
+    """Deletes a named object (its states leave the store); returns their ids."""
+    rt.share(call, None, f"DELETE /v1/namespaces/{namespace}/objects/{name}",
+             namespace=namespace, name=name)
+    return rt.registry.delete(namespace, name)
+
+
 def get_object(call: Any, obj: ObjectRow, pull: bool, rt: Any) -> GetReply:
     """The object's structure and, with ``pull``, its states' values (``call.keys``)."""
     ids = list(call.keys)
+    rt.share(call, None, "POST /v1/objects/get", obj=obj, pull=pull)
     versions = {i: rt.store.meta(i).version for i in ids}
     states = None
     if pull:

@@ -9,6 +9,7 @@ from typing import Any
 from statehost.server.admission import Admission
 from statehost.server.auth import Principal, TokenTable
 from statehost.server.callable_cache import FunctionCache
+from statehost.server.cluster import Leader, check_mirrored, refuse_durability_change
 from statehost.server.errors import SessionNotFoundError
 from statehost.server.metrics import Metrics
 from statehost.server.named import Registry
@@ -48,12 +49,48 @@ class Runtime:
         self.tokens = TokenTable(self.persistence.db_path)
         self.quotas = Quotas(self.settings, self.persistence, self.store, self.sessions,
                              self.scheduler)
+        # The leader of a group of processes (server/cluster.py); None on one process and
+        # on a follower's mirror runtime, which shares nothing further.
+        self.group: Leader | None = None
+
+    def share(self, call: Any, message: Any = None, where: str = "", **extra: Any) -> None:
+        """In a group, sends ``call`` (decided and checked here) to every follower just
+        before it runs (``server/cluster.py``); on one process, nothing."""
+        if self.group is not None:
+            self.group.broadcast(call.kind, call.session.id if call.session else None,
+                                 call.id, call.keys, message, where, **extra)
+
+    def set_durability(self, namespace: str, durability: Any, where: str) -> None:
+        """A namespace's durability (refused in a group: ``server/cluster.py``)."""
+        if self.group is not None:
+            refuse_durability_change(where)
+        self.persistence.set_durability(namespace, durability)
+
+    def free_handles(self, session: Session, names: Any) -> None:
+        """Drops arrays ``session`` keeps (the call stream's outputs), on every process."""
+        for name in names:
+            session.handles.pop(name, None)
+        if self.group is not None and self.group.problem() is None:
+            self.group.broadcast("free", session.id, names=tuple(names))
+
+    def flush_named(self, ids: list[str]) -> int:
+        """``persistence.flush(ids)``; in a group, on every process (the leader writes the
+        files, the followers take part in gathering the values: server/cluster.py)."""
+        if self.group is not None:
+            self.group.broadcast("flush", None, keys=tuple(ids))
+        return self.persistence.flush(ids)
 
     def open_session(self, principal: Principal, client: str = "",
                      where: str = "POST /v1/sessions") -> Session:
         """A new session of ``principal`` (429 past its namespace's ``max_sessions``)."""
         with self.quotas.opening_session(principal, where):
-            return self.sessions.create(principal, client)
+            if self.group is not None:
+                self.group.check(where)
+            session = self.sessions.create(principal, client)
+        if self.group is not None:
+            self.group.broadcast("open", session.id, where=where, principal=principal,
+                                 client=client)
+        return session
 
     async def submit(self, call: Any, where: str) -> Any:
         """``scheduler.submit(call)``, refused first (429) past its namespace's
@@ -62,6 +99,9 @@ class Runtime:
         work comes here (calls, pushes, pulls, puts, gets, invokes, value reads and writes,
         jobs); deleting a named object does not, since that is how a namespace frees room."""
         self.quotas.check_queued(call, where)
+        if self.group is not None:
+            check_mirrored(call.kind, where)
+            self.group.check(where)
         return await self.scheduler.submit(call)
 
     def session(self, session_id: object, principal: Principal, where: str) -> Session:
@@ -84,6 +124,8 @@ class Runtime:
     def free(self, session: Session) -> int:
         """Frees a session's states, kept arrays, and the callables that refer to them."""
         session.handles.clear()
+        if self.group is not None and self.group.problem() is None:
+            self.group.broadcast("close", session.id)
         ids = self.store.free(session)
         self.functions.evict_states(ids)
         self.refresh_gauges()
@@ -135,3 +177,6 @@ class Runtime:
             for status, count in counts.items():
                 m.session_calls.labels(session, status).set(count)
         m.calls_stuck.set(len(self.scheduler.stuck(self.settings.stuck_after)))
+        if self.group is not None:
+            for row in self.group.processes():
+                m.group_processes.labels(str(row["index"])).set(int(row["health"] == "ok"))

@@ -238,6 +238,21 @@ class Scheduler:
         self._pool.shutdown(wait=True, cancel_futures=False)
         self._transfer_pool.shutdown(wait=True, cancel_futures=False)
 
+    def fail_all(self, error: BaseException) -> int:
+        """Answers every queued and running call with ``error`` now, for a server whose group
+        lost a process (``server/cluster.py``): a running one may be blocked in a collective
+        for good, so its awaiter is answered without waiting for its worker."""
+        with self._guard:
+            for call in list(self._queue.values()):
+                if call.drop(error):
+                    self._finish_queued(call)
+            running = [c for c in self.calls if c.status is CallStatus.RUNNING]
+            awaiters = [self._awaiters.pop(id(c), None) for c in running]
+        for awaiter in awaiters:
+            if awaiter is not None:
+                awaiter.answer(None, error)
+        return len(running)
+
     # -- the queue (every method below but _run runs with the guard held) -----------------
     def _enqueue(self, call: Call) -> None:
         if call.is_transfer:  # no turn to take: it needs no worker

@@ -122,6 +122,15 @@ class Settings:
         default_max_bytes, default_max_bytes_per_device, default_max_sessions,
             default_max_queued: the quotas of a namespace that sets none of its own
             (``statehost namespace set``; ``server/quotas.py``); None: no limit.
+        coordinator, num_processes, process_id: a ``jax.distributed`` group of server
+            processes (``server/cluster.py``): the coordinator's ``HOST:PORT``, the number
+            of processes and this one's index (0 leads and serves clients).
+        cluster: ``auto``: join the group ``jax.distributed.initialize()`` detects by
+            itself (SLURM, Kubernetes, TPU pods); ``off`` (default): only with the flags.
+        heartbeat_timeout: seconds without a heartbeat after which the leader holds a
+            follower lost (followers send one every ``heartbeat_timeout / 4`` s, at most 0.5).
+        cluster_port: the leader's port for its followers' operation stream (0: any free
+            port; followers find it in the coordination service's key-value store).
     """
 
     host: str = "127.0.0.1"
@@ -153,6 +162,12 @@ class Settings:
     default_max_bytes_per_device: int | None = None
     default_max_sessions: int | None = None
     default_max_queued: int | None = None
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    cluster: str = "off"
+    heartbeat_timeout: float = 5.0
+    cluster_port: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -224,6 +239,41 @@ class Settings:
             if value is not None and value < least:
                 raise ValueError(f"statehost settings: {name}={value} must be >= {least} "
                                  "(unset it for no limit).")
+        self._check_cluster()
+
+    @property
+    def in_group(self) -> bool:
+        """Whether this server is one process of a ``jax.distributed`` group."""
+        return self.coordinator is not None or self.cluster == "auto" or \
+            (self.num_processes or 1) > 1
+
+    def _check_cluster(self) -> None:
+        """The group flags (``server/cluster.py``); a group runs its device work on one
+        worker, so that every process runs the same operations in the same order."""
+        if self.cluster not in {"off", "auto"}:
+            raise ValueError(f"statehost settings: cluster={self.cluster!r} must be 'off' or "
+                             "'auto' (jax.distributed.initialize()'s own detection of SLURM, "
+                             "Kubernetes or TPU pods); for a group of your own, pass "
+                             "--coordinator HOST:PORT --num-processes N --process-id I.")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"statehost settings: num_processes={self.num_processes} must "
+                             "be >= 1.")
+        if self.process_id is not None and not 0 <= self.process_id < (
+                self.num_processes or 1):
+            raise ValueError(f"statehost settings: process_id={self.process_id} must be in "
+                             f"0..{(self.num_processes or 1) - 1} (one per process of the "
+                             "group, 0 for the leader).")
+        if (self.num_processes or 1) > 1 and (self.coordinator is None) != (
+                self.process_id is None):
+            raise ValueError("statehost settings: a group of processes needs --coordinator "
+                             "HOST:PORT and --process-id I together (or neither, with "
+                             "--cluster auto).")
+        if not self.heartbeat_timeout > 0:
+            raise ValueError(f"statehost settings: heartbeat_timeout={self.heartbeat_timeout} "
+                             "must be > 0 seconds.")
+        if self.in_group:
+            object.__setattr__(self, "workers", 1)
+            object.__setattr__(self, "session_workers", 1)
 
     def weight_of(self, namespace: str) -> int:
         """The fair scheduler's weight of ``namespace``'s queue."""
@@ -257,8 +307,11 @@ def _convert(name: str, raw: str) -> Any:
             return parse_size(raw)
         if name == "namespace_weights":
             return tuple(parse_weight(part.strip()) for part in raw.split(",") if part.strip())
-        if name in {"default_max_sessions", "default_max_queued"}:
+        if name in {"default_max_sessions", "default_max_queued", "num_processes",
+                    "process_id", "cluster_port"}:
             return int(raw)
+        if name == "heartbeat_timeout":
+            return float(raw)
         if name in {"port", "cpu_devices", "workers", "function_cache_size",
                     "json_max_elements", "max_unflushed_commits", "session_workers",
                     "namespace_weight"}:

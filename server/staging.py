@@ -44,6 +44,7 @@ from statehost.server.errors import (
 from statehost.server.persistence import Durability
 from statehost.server.persistence import StateRecord as DurableRecord
 from statehost.server.persistence.errors import describe_failure
+from statehost.server.placement import place
 from statehost.transform import PendingWrites, defer_writes
 from statehost.wire import HandleRef, Section, StateRecord, StateRef, is_state_id
 
@@ -212,7 +213,7 @@ class Transaction:
 
     def _place(self, record: StateRecord) -> Any:
         try:
-            return jax.device_put(record.value)
+            return place(record.value)  # global arrays in a group (server/placement.py)
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
             cls = PayloadTooLargeError if "RESOURCE_EXHAUSTED" in text else ValidationError

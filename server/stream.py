@@ -46,8 +46,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import jax
-
 from statehost._errors import WireError
 from statehost.server.admission import NotAdmitted
 from statehost.server.calls import Call, CallCancelled, CallStatus
@@ -63,7 +61,7 @@ from statehost.server.errors import (
     error_body,
 )
 from statehost.server.execution import run_call
-from statehost.server.transfer import pull_states
+from statehost.server.transfer import fetch_kept, pull_states
 from statehost.wire import (
     CallRequest,
     ControlRequest,
@@ -75,7 +73,6 @@ from statehost.wire import (
     Message,
     PullRequest,
     decode_all,
-    pack,
 )
 
 if TYPE_CHECKING:
@@ -543,19 +540,14 @@ class Channel:
         session = self._session(message.session)
 
         def fetch(call: Call) -> FetchReply:
-            arrays = [session.kept(name, WHERE) for name in message.handles]
-            weak = tuple(isinstance(a, jax.Array) and jax.typeof(a).weak_type for a in arrays)
-            values = jax.device_get(arrays)
-            return FetchReply(call_id=message.call_id, weak_types=weak,
-                              values=pack(values, refs=False, code=False))
+            return fetch_kept(call, message, self.rt, WHERE)  # server/transfer.py
 
         reply = await self.rt.submit(Call("fetch", session, (), fetch), WHERE)
         return reply.to_frame().to_bytes()
 
     async def _free(self, message: FreeRequest) -> None:
         session = self._session(message.session)
-        for name in message.handles:
-            session.handles.pop(name, None)
+        self.rt.free_handles(session, message.handles)
 
     async def _control(self, message: ControlRequest) -> None:
         self._session(message.session)

@@ -110,6 +110,12 @@ def save_value(path: Path, value: PyTree, *, meta: dict[str, str] | None = None)
         if not (isinstance(key, str) and isinstance(item, str)) or key.startswith(_RESERVED):
             raise TypeError(_MSG_META.format(key=key, value=item, reserved=_RESERVED))
     leaves, treedef = jtu.tree_flatten(value)
+    if jax.process_count() > 1:  # a server group (server/cluster.py): the leader writes
+        from statehost.server.placement import gathered
+
+        leaves = gathered(leaves)  # a collective: every process comes here, in one order
+        if jax.process_index() > 0:
+            return 0
     arrays = [np.asarray(x) for x in jax.device_get(leaves)]  # one batched transfer
     tensors = {str(i): _to_storable(i, a) for i, a in enumerate(arrays)}
     header = {
@@ -260,6 +266,8 @@ def describe_sharding(value: PyTree) -> list[dict]:
 
 
 def _place(leaf: Any, desc: Any) -> jax.Array:
+    if jax.process_count() > 1:
+        return _place_in_group(leaf, desc)
     devices = {d.id: d for d in jax.devices()}
     kind = desc.get("kind") if isinstance(desc, dict) else None
     try:
@@ -274,6 +282,25 @@ def _place(leaf: Any, desc: Any) -> jax.Array:
     except Exception:  # a device gone after a restart, a stale description: use the default
         pass
     return jax.device_put(leaf)
+
+
+def _place_in_group(leaf: Any, desc: Any) -> jax.Array:
+    """A reloaded leaf in a server group: a global array laid out as recorded (every
+    process has the whole value: no transfer between them), else replicated."""
+    from statehost.server.placement import place as place_globally
+
+    host = np.asarray(leaf)
+    if isinstance(desc, dict) and desc.get("kind") == "named":
+        try:
+            devices = {d.id: d for d in jax.devices()}
+            grid = np.array([devices[i] for i in desc["device_ids"]]).reshape(desc["mesh_shape"])
+            mesh = Mesh(grid, tuple(desc["axis_names"]))
+            spec = PartitionSpec(*(tuple(e) if isinstance(e, list) else e for e in desc["spec"]))
+            return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec),
+                                                lambda index: host[index], dtype=host.dtype)
+        except Exception:  # a stale description: replicated, as a fresh upload is
+            pass
+    return place_globally(host)
 
 
 def place(value: PyTree, shardings: list[dict] | None) -> PyTree:

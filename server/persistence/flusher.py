@@ -24,7 +24,7 @@ async def flush_ids(rt: Runtime, ids: list[str]) -> int:
     """Writes these named states, holding their locks so each value is a committed one."""
     if not ids:
         return 0
-    return await rt.scheduler.run(ids, rt.persistence.flush, ids)
+    return await rt.scheduler.run(ids, rt.flush_named, ids)
 
 
 async def flush(rt: Runtime) -> int:

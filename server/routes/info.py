@@ -39,14 +39,20 @@ def info(request: Request, settings: SettingsDep, versions: VersionsDep, rt: Run
     scheduler = rt.scheduler
     stuck = [{k: call[k] for k in _STUCK_FIELDS}
              for call in (c.describe() for c in scheduler.stuck(settings.stuck_after))]
-    stats = {d: memory_stats(d) for d in jax.devices()}
+    group = rt.group
+    # A group's other processes' devices answer no memory_stats here (not addressable).
+    stats = {d: memory_stats(d) if d.process_index == jax.process_index() else {}
+             for d in jax.devices()}
     return {
         "versions": versions,
         "devices": [
             {"id": d.id, "platform": d.platform, "kind": d.device_kind,
-             "memory": found.get("bytes_limit")}
+             "memory": found.get("bytes_limit"),
+             **({"process_index": d.process_index} if group is not None else {})}
             for d, found in stats.items()
         ],
+        # A group of processes (server/cluster.py): each one's devices and health.
+        **({"processes": group.processes()} if group is not None else {}),
         # Apart from "devices", whose entries older clients read field by field.
         "memory_in_use": {str(d.id): found.get("bytes_in_use") for d, found in stats.items()},
         "limits": {"max_body": settings.max_body, "session_ttl": settings.session_ttl,

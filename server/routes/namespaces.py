@@ -11,7 +11,12 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from statehost.server.deps import PrincipalDep, RuntimeDep, require_token
-from statehost.server.errors import ForbiddenError, NotFoundError, ValidationError
+from statehost.server.errors import (
+    ForbiddenError,
+    GroupUnsupportedError,
+    NotFoundError,
+    ValidationError,
+)
 from statehost.server.openapi import errors
 from statehost.server.persistence import Durability
 from statehost.server.persistence.database import QUOTA_FIELDS
@@ -110,7 +115,8 @@ def list_namespaces(rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
 
 
 @router.put("/{namespace}", summary="Set a namespace's durability (scope admin) and quotas "
-            "(a server token)", responses=errors(NotFoundError, ForbiddenError, ValidationError))
+            "(a server token)", responses=errors(NotFoundError, ForbiddenError, ValidationError,
+                                                 GroupUnsupportedError))
 def set_namespace(namespace: str, body: NamespaceBody, rt: RuntimeDep,
                   principal: PrincipalDep) -> dict[str, Any]:
     where = f"PUT /v1/namespaces/{namespace}"
@@ -121,7 +127,7 @@ def set_namespace(namespace: str, body: NamespaceBody, rt: RuntimeDep,
     if quotas and principal.namespace is not None:
         raise ForbiddenError(_MSG_OPERATOR_ONLY.format(where=where, namespace=namespace))
     if body.durability is not None:
-        rt.persistence.set_durability(namespace, body.durability)
+        rt.set_durability(namespace, body.durability, where)
     if quotas:
         rt.persistence.set_quotas(namespace, quotas)
     out: dict[str, Any] = {"namespace": namespace,

@@ -23,7 +23,7 @@ from statehost.server.errors import (
     StorageError,
     ValidationError,
 )
-from statehost.server.named import get_object, put_object
+from statehost.server.named import delete_named, get_object, put_object
 from statehost.server.names import check_name
 from statehost.server.openapi import errors
 from statehost.server.openapi import frames as frame_route
@@ -126,7 +126,7 @@ async def delete_object(namespace: str, name: str, rt: RuntimeDep,
     # Not checked against max_queued: deleting is how a namespace frees room.
     deleted = await rt.scheduler.submit(Call(
         "delete", Session.for_request(principal), obj.state_ids,
-        lambda c: rt.registry.delete(namespace, name)))
+        lambda c: delete_named(c, namespace, name, rt)))
     rt.functions.evict_states(obj.state_ids)
     await run_in_threadpool(rt.refresh_gauges)
     return {"name": f"{namespace}/{name}", "deleted": list(deleted)}

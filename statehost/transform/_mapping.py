@@ -430,6 +430,11 @@ class StatefulMapping(StatefulCall):
         if self.mapping_fn is jax.vmap or getattr(self.mapping_fn, "func", None) is jax.vmap:
             # jax.vmap re-traces on every call; under jax.jit a warm call runs no Python.
             mapped = jax.jit(mapped)
+        elif jax.process_count() > 1 and not hasattr(mapped, "in_axes"):
+            from statehost.transform._transforms import group_mapped
+
+            mapped = group_mapped(mapped, pure, in_axes, out_axes, self.axis_name,
+                                  self.axis_size)  # a custom mapping_fn (a jax.pmap) too
         return mapped
 
     def _rng_keys(self, plan: Plan, read: Callable[[State], Any]) -> tuple[list[Any], list[Any]]:

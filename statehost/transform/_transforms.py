@@ -28,6 +28,13 @@ _MSG_DEVICES_MISMATCH = (
     "{lanes}] or map over {count} lanes."
 )
 
+_MSG_OTHER_DEVICES = (
+    "pmap: a state or argument laid out over devices {have} cannot move to the devices "
+    "{want} of this pmap in a jax.distributed group (JAX reshards a global array only "
+    "within its own devices). Fix: map over the same devices as the call that last wrote "
+    "it, or push the value again (a fresh upload is whole on every device)."
+)
+
 
 class PmapMapping:
     """``mapping_fn`` of ``pmap``: ``jax.pmap`` with its device and donation options.
@@ -67,7 +74,8 @@ class PmapMapping:
         )
         if jax.process_count(self.backend) == 1:
             return mapped
-        return _GroupPmapWrapper(mapped, out_axes, self.devices, self.backend)
+        return _GroupPmapWrapper(mapped, in_axes, out_axes, self.devices, self.backend,
+                                 fun=fun, axis_name=axis_name, axis_size=axis_size)
 
     def check_lanes(self, lanes: int, api: str) -> None:
         """Raises a clear error when ``lanes`` cannot be placed one per device."""
@@ -119,35 +127,136 @@ class _GroupPmapWrapper:
     (a server's, shared by every process of its group) must stay one, so when any input is
     global the outputs are made global again (no copy: each process's shards become its
     part of the global array). Host-local inputs get host-local outputs, as in JAX.
+
+    A global input must also be laid out as pmap lays out its lanes (jax 0.10.2 refuses
+    any other sharding: "Sharding passed to jit does not match the sharding on the
+    respective arg"), so one that is not (a server's freshly uploaded state or argument,
+    replicated on every device) is resharded to one lane per device first: every
+    process already holds the whole value, so that moves nothing between processes.
     """
 
-    def __init__(self, mapped: Callable[..., Any], out_axes: Any,
-                 devices: Sequence[Any] | None, backend: str | None):
+    def __init__(self, mapped: Callable[..., Any], in_axes: Any, out_axes: Any,
+                 devices: Sequence[Any] | None, backend: str | None, *,
+                 fun: Callable[..., Any], axis_name: Any, axis_size: int | None):
+        self.fun, self.axis_name, self.axis_size = fun, axis_name, axis_size
         self.mapped = mapped
+        self.in_axes = in_axes
         self.out_axes = out_axes
         self.devices = devices
         self.backend = backend
 
+    def _mesh(self, in_axes: tuple[Any, ...], args: tuple[Any, ...]) -> Any:
+        """The lanes' devices: ``devices=``, else the first ``lanes`` of the group's (as
+        ``jax.pmap`` picks them); ``None`` when there are more lanes than devices (a custom
+        ``mapping_fn`` that is no pmap: its inputs are left as they are)."""
+        if self.devices:
+            return jax.sharding.Mesh(np.asarray(self.devices), ("lanes",))
+        lanes = self.axis_size
+        if lanes is None:
+            sizes = []
+            _ = [_tree_with_axes(lambda axis, leaf: sizes.append(np.shape(leaf)[axis])
+                                 if axis is not None else None, axes, sub)
+                 for axes, sub in zip(in_axes, args, strict=True)]
+            lanes = sizes[0] if sizes else None
+        devices = jax.devices(backend=self.backend)
+        if lanes is None or lanes > len(devices):
+            return None
+        return jax.sharding.Mesh(np.asarray(devices[:lanes]), ("lanes",))
+
     def __call__(self, *args: Any) -> Any:
-        out = self.mapped(*args)
         leaves = jax.tree_util.tree_leaves(args)
         if all(getattr(x, "is_fully_addressable", True) for x in leaves):
-            return out
-        devices = self.devices or jax.devices(backend=self.backend)
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("lanes",))
-
-        def spec(axis: int | None, leaf: Any) -> Any:
-            lanes = [None] * np.ndim(leaf)
-            if axis is not None:
-                lanes[axis] = "lanes"
-            return jax.sharding.PartitionSpec(*lanes)
-
-        specs = jax.tree_util.tree_map(
-            lambda axis, sub: jax.tree_util.tree_map(lambda leaf: spec(axis, leaf), sub),
-            self.out_axes, out, is_leaf=lambda x: x is None)
+            return self.mapped(*args)
+        in_axes = self.in_axes if isinstance(self.in_axes, tuple) else (self.in_axes,) * len(args)
+        mesh = self._mesh(in_axes, args)
+        if mesh is None:
+            return self.mapped(*args)
+        args = tuple(_tree_with_axes(lambda axis, leaf: _as_lanes(leaf, axis, mesh), axes, sub)
+                     for axes, sub in zip(in_axes, args, strict=True))
+        if not any(d.process_index == jax.process_index() for d in mesh.devices.flat):
+            return self._elsewhere(mesh, args)
+        out = self.mapped(*args)
+        specs = _tree_with_axes(lambda axis, leaf: _lane_spec(axis, np.ndim(leaf)),
+                                self.out_axes, out)
         from jax.experimental import multihost_utils
 
         return multihost_utils.host_local_array_to_global_array(out, mesh, specs)
+
+
+    def _elsewhere(self, mesh: Any, args: tuple[Any, ...]) -> Any:
+        """A pmap on devices that other processes of the group hold, all of them: nothing
+        runs here (jax 0.10.2's pmap fails on a process that holds none of its devices, in
+        ``mesh._get_local_mesh``), and the outputs are global arrays with no part here,
+        as the processes that run it have them."""
+        shapes = jax.eval_shape(jax.vmap(
+            self.fun, in_axes=self.in_axes, out_axes=self.out_axes, axis_name=self.axis_name,
+            axis_size=self.axis_size), *args)
+
+        def absent(axis: int | None, shape: Any) -> Any:
+            sharding = jax.sharding.NamedSharding(mesh, _lane_spec(axis, len(shape.shape)))
+            return jax.make_array_from_callback(shape.shape, sharding, _no_part,
+                                                dtype=shape.dtype)
+
+        return _tree_with_axes(absent, self.out_axes, shapes)
+
+
+def group_mapped(mapped: Callable[..., Any], fun: Callable[..., Any], in_axes: Any,
+                 out_axes: Any, axis_name: Any, axis_size: int | None) -> Callable[..., Any]:
+    """A custom ``mapping_fn``'s result in a ``jax.distributed`` group: global arrays in
+    and out, as ``pmap``'s own (``_GroupPmapWrapper``)."""
+    return _GroupPmapWrapper(mapped, in_axes, out_axes, None, None, fun=fun,
+                             axis_name=axis_name, axis_size=axis_size)
+
+
+def _no_part(index: Any) -> Any:
+    raise AssertionError("this process holds no part of the array")
+
+
+def _tree_with_axes(fun: Callable[[int | None, Any], Any], axes: Any, tree: Any) -> Any:
+    """``fun(axis, leaf)`` over ``tree``, with ``axes`` a pmap axes prefix of it."""
+    return jax.tree_util.tree_map(
+        lambda axis, sub: jax.tree_util.tree_map(lambda leaf: fun(axis, leaf), sub),
+        axes, tree, is_leaf=lambda x: x is None)
+
+
+def _lane_spec(axis: int | None, ndim: int) -> Any:
+    lanes: list[str | None] = [None] * ndim
+    if axis is not None:
+        lanes[axis] = "lanes"
+    return jax.sharding.PartitionSpec(*lanes)
+
+
+def _as_lanes(leaf: Any, axis: int | None, mesh: Any) -> Any:
+    """A global array laid out as pmap wants it (lanes over ``mesh``, or replicated)."""
+    if not isinstance(leaf, jax.Array):
+        return leaf
+    want = jax.sharding.NamedSharding(mesh, _lane_spec(axis, leaf.ndim))
+    if leaf.is_fully_addressable:
+        # A host-local input stays as it is, unless it is a state a pmap on other devices
+        # of this process left there: the processes that do not hold it fail alike below.
+        devices = leaf.sharding.device_set
+        if len(devices) > 1 and not devices <= want.device_set:
+            raise ValueError(_MSG_OTHER_DEVICES.format(
+                have=sorted(d.id for d in devices), want=sorted(d.id for d in want.device_set)))
+        return leaf
+    if leaf.sharding.is_equivalent_to(want, leaf.ndim):
+        return leaf
+    if not leaf.sharding.is_fully_replicated:
+        if leaf.sharding.device_set == want.device_set:
+            return jax.device_put(leaf, want)
+        # JAX reshards a global array only within its own devices ("For a cross-host
+        # reshard in multi-controller JAX, input and target sharding should have the same
+        # set of devices", jax 0.10.2).
+        raise ValueError(_MSG_OTHER_DEVICES.format(
+            have=sorted(d.id for d in leaf.sharding.device_set),
+            want=sorted(d.id for d in want.device_set)))
+    # A replicated value (a fresh upload or argument) is whole on every process: its
+    # lanes are cut from the local copy, which moves nothing between processes (a
+    # device_put to the lanes runs a cross-process program: ~6x the CPU of a tiny call),
+    # and works for a pmap(devices=...) on some of the group's devices too.
+    host = np.asarray(leaf.addressable_shards[0].data)
+    return jax.make_array_from_callback(leaf.shape, want, lambda index: host[index],
+                                        dtype=leaf.dtype)
 
 
 @overload

@@ -53,4 +53,8 @@ ERROR_KINDS: dict[str, ErrorKind] = {kind.name: kind for kind in (
     ErrorKind("DeviceMemoryError", 507,
               "the call does not fit in the devices' free memory; it was not run"),
     ErrorKind("QuotaExceededError", 429, "a namespace quota would be exceeded; nothing applied"),
+    ErrorKind("ClusterUnavailableError", 503,
+              "a process of the server's group is lost; the group must be restarted"),
+    ErrorKind("GroupUnsupportedError", 501,
+              "not supported on a server spanning several processes (yet)"),
 )}

@@ -1,0 +1,116 @@
+"""Where the server's values live: on one process, where ``jax.device_put`` puts them; in a
+``jax.distributed`` group (``server/cluster.py``), as global arrays over every device.
+
+Every process of a group received the same host values (the leader decoded them, the
+followers got them from its stream), so a global array is built from each process's own
+copy: nothing moves between processes. Uploaded states and call arguments are replicated
+(every device holds the whole value); the group's ``pmap`` reshards a mapped one to a lane
+per device on first use (``statehost.transform._transforms._GroupPmapWrapper``), and the
+state keeps that layout from then on, as on one process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from statehost import State
+
+__all__ = ["gathered", "global_arguments", "place", "resident_shards", "shards"]
+
+
+def place(value: Any) -> Any:
+    """An uploaded state's value on the server's devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(value)
+    return jax.tree_util.tree_map(_global, value)
+
+
+def global_arguments(args: Any) -> Any:
+    """A call's host arguments as global arrays in a group (unchanged on one process):
+    multi-controller JAX would read each process's copy as that process's own lanes."""
+    if jax.process_count() == 1:
+        return args
+
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, np.ndarray | np.generic) or (
+                isinstance(leaf, jax.Array) and leaf.is_fully_addressable):
+            return _global(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map(one, args, is_leaf=lambda x: isinstance(x, State))
+
+
+def gathered(tree: Any) -> Any:
+    """``tree`` with every array this process holds only part of gathered whole.
+
+    The gather is a collective (``process_allgather``): every process of the group calls
+    it for the same arrays in the same order, those laid out over every process. An array
+    on the leader's devices alone (a ``pmap(devices=...)`` on some of them) is whole on
+    the leader, and a follower (whose results go nowhere) takes a placeholder of its shape.
+    Any other layout cannot be read by the leader: a ``ValueError`` on every process (the
+    layout is the same everywhere), before any gather starts, so all fail alike.
+    """
+    from jax.experimental import multihost_utils
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    everywhere = set(range(jax.process_count()))
+    ways = []
+    for leaf in leaves:
+        if not isinstance(leaf, jax.Array):
+            ways.append("local")
+            continue
+        holders = {d.process_index for d in leaf.sharding.device_set}
+        if holders == everywhere:
+            ways.append("gather" if not leaf.is_fully_addressable else "local")
+        elif holders == {0}:
+            ways.append("local" if leaf.is_fully_addressable else "placeholder")
+        else:
+            raise ValueError(_MSG_ELSEWHERE.format(shape=leaf.shape, processes=sorted(holders)))
+    out = []
+    for leaf, way in zip(leaves, ways, strict=True):
+        if way == "gather":
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
+        elif way == "placeholder":
+            leaf = np.zeros(leaf.shape, leaf.dtype)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+_MSG_ELSEWHERE = (
+    "an array of shape {shape} lives on devices of processes {processes} of the server's "
+    "group only (a pmap with devices= on some of the group's devices), so the leader "
+    "(process 0) cannot read it. Fix: map over all devices, or over process 0's only "
+    "(client.devices() shows each device's process_index)."
+)
+
+
+def _replicated() -> Any:
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("lanes",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _global(leaf: Any) -> Any:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return leaf
+    host = np.asarray(leaf)
+    # As device_put does: 64-bit values become 32-bit ones unless jax_enable_x64.
+    host = host.astype(jax.dtypes.canonicalize_dtype(host.dtype), copy=False)
+    return jax.make_array_from_callback(host.shape, _replicated(), lambda index: host[index])
+
+
+def shards(value: Any) -> list[list[int]]:
+    """The ids of the devices of this process that hold a part of each leaf of ``value``."""
+    return [sorted(s.device.id for s in leaf.addressable_shards)
+            for leaf in jax.tree_util.tree_leaves(value) if isinstance(leaf, jax.Array)]
+
+
+def resident_shards(store: Any, limit: int = 1000) -> dict[str, dict[str, Any]]:
+    """Each resident state's ``shards`` on this process (health JSON of a group's
+    processes: which process holds which part)."""
+    out = {}
+    for state_id, state in list(store._states.items())[:limit]:  # a copy: calls change it
+        out[state_id] = {"shards": shards(state._value)}
+    return out

@@ -1,0 +1,310 @@
+"""A server spanning a ``jax.distributed`` group: 2 real processes x 4 CPU devices (issue 14).
+
+One group (module-scoped) serves the seed example, the sharding, the repeat calls, the
+named objects and the bad input. A second one puts a named state, is restarted on the
+same data dirs, reloads and flushes it, and finally loses a follower to SIGKILL while a
+call runs in it.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import statehost
+import statehost.client
+from statehost.wire import CONTENT_TYPE
+from tests.cluster import health, running_group
+from tests.core.models import PARAM, Affine
+from tests.examples.test_parallelisation_example import (
+    REPO_ROOT,
+    SAMPLE_SHARED,
+    _lines,
+    _numbers,
+    _section,
+    run_example,
+)
+
+PMAP = dict(axis_name="i", in_axes=0, out_axes=0, state_in_axes={0: PARAM},
+            state_out_axes={0: PARAM})
+# A printed jax.Array's numbers (as tests/examples/test_parallelisation_remote_example.py).
+_ARRAY = re.compile(r"^Array\((\[.*?\]),\s+dtype=[^)]*\)$", re.MULTILINE | re.DOTALL)
+LEADER_DEVICES = [0, 1, 2, 3]
+FOLLOWER_DEVICES = [2048, 2049, 2050, 2051]  # CPU device ids of process 1 (jax 0.10.2)
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    with running_group(tmp_path_factory.mktemp("group")) as running:
+        yield running
+
+
+@pytest.fixture
+def client(group):
+    with statehost.connect(group.leader.url, token=group.leader.token) as connected:
+        yield connected
+
+
+def _follower(group, timeout=60.0):
+    """The follower's health JSON once it has applied every operation the leader sent (it
+    runs them a little behind the leader's replies)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sent = health(group.leader)[1]["ops"]
+        body = health(group.followers[0])[1]
+        if body["ops"] >= sent and not body["applying"]:
+            return body
+        assert time.monotonic() < deadline, (sent, body)
+        time.sleep(0.02)
+
+
+def test_the_remote_seed_example_prints_the_seeds_values_with_8_lanes(group):
+    out = run_example(REPO_ROOT / "examples" / "parallelisation_remote.py",
+                      {"STATEHOST_URL": group.leader.url, "STATEHOST_TOKEN": group.leader.token})
+
+    assert _lines(out)[1] == "server device count: 8"
+    np.testing.assert_array_equal(_numbers(_section(out, "final weights:",
+                                                    "weights after pairwise update:")),
+                                  np.arange(1.0, 33.0))
+    np.testing.assert_array_equal(
+        _numbers(_section(out, "weights after pairwise update:", "Array(")),
+        [2.0] * 4 + [0.0] * 4)
+    assert "Array([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5], dtype=float32)" in out
+    arrays = [_numbers(body) for body in _ARRAY.findall(out)]
+    assert len(arrays) == 4, out  # add_with_scale, normal, shared, the final weights
+    np.testing.assert_allclose(arrays[2], SAMPLE_SHARED, rtol=0, atol=1e-5)
+    assert out[out.rindex("Array("):].count("[2., 2., 2., 2.]") == 8
+    assert _follower(group)["failed"] == 0  # the follower ran every operation too
+
+
+def test_info_and_devices_show_every_process(group, client):
+    devices = client.devices()
+    assert [d.id for d in devices] == LEADER_DEVICES + FOLLOWER_DEVICES
+    assert [d.process_index for d in devices] == [0] * 4 + [1] * 4
+    info = httpx.get(group.leader.url + "/v1/info",
+                     headers={"authorization": f"Bearer {group.leader.token}"}).json()
+    processes = info["processes"]
+    assert [(p["index"], p["role"], p["devices"], p["health"]) for p in processes] == [
+        (0, "leader", LEADER_DEVICES, "ok"), (1, "follower", FOLLOWER_DEVICES, "ok")]
+    assert 0 <= processes[1]["heartbeat_age_s"] < 2.0
+    assert info["limits"]["workers"] == 1  # one total order of device work
+    assert [group.leader.metric("statehost_group_process_up", process=i) for i in "01"] == \
+        [1.0, 1.0]
+
+
+def test_a_state_is_sharded_across_both_processes(group, client):
+    model = Affine(8)
+    client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+    state_id = model.weight.id
+
+    assert _follower(group)["states"][state_id] == {"shards": [FOLLOWER_DEVICES]}
+    assert health(group.leader)[1]["states"][state_id] == {"shards": [LEADER_DEVICES]}
+    np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 2.0))
+
+
+def test_repeat_calls_move_no_state_bytes_and_compile_nothing(group, client):
+    model = Affine(8)
+    step = client.pmap(model, pull=False, **PMAP)
+    step(jnp.ones((8, 4)))
+    leader = group.leader
+    moved = [leader.metric("statehost_wire_bytes_total", direction=d, part="state")
+             for d in ("in", "out")]
+    compiles = leader.metric("statehost_compiles_total")
+    ops = _follower(group)["ops"]
+    for _ in range(10):
+        out = step(jnp.ones((8, 4)))
+    np.testing.assert_array_equal(np.asarray(out), np.full((8, 4), 12.0))  # all 10 ran
+
+    assert [leader.metric("statehost_wire_bytes_total", direction=d, part="state")
+            for d in ("in", "out")] == moved
+    assert leader.metric("statehost_compiles_total") == compiles
+    follower = _follower(group)
+    assert follower["ops"] >= ops + 11  # 10 calls and the fetch, on both processes
+    # the calls' outputs kept for the client, alike (the client frees them in batches)
+    assert follower["kept_arrays"] == health(group.leader)[1]["kept_arrays"] > 0
+    client.pull(model)
+    np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 12.0))
+    for _ in range(70):  # their outputs are dropped: the client frees them (64 at a time)
+        step(jnp.ones((8, 4)))
+    client.pull(model)
+    follower = _follower(group)
+    assert follower["kept_arrays"] == health(group.leader)[1]["kept_arrays"] < 70
+
+
+def test_put_and_get_from_two_clients(group, client):
+    model = Affine(8)
+    client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+    client.put("team/net", model)
+    with statehost.connect(group.leader.url, token=group.leader.token) as other:
+        net = other.get("team/net")
+        np.testing.assert_array_equal(net.weight.value, np.full((8, 4), 2.0))
+        other.pmap(net, **PMAP)(jnp.full((8, 4), 3.0))
+    client.pull(model)
+    np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 5.0))
+    assert model.weight.id in _follower(group)["states"]
+    client.delete("team/net")  # on the follower too
+    assert model.weight.id not in _follower(group)["states"]
+
+
+def test_work_no_follower_runs_is_refused_in_a_group(group, client):
+    client.put("team/counter", Affine(8))
+    answer = httpx.get(f"{group.leader.url}/v1/namespaces/team/states/counter.weight/value",
+                       headers={"authorization": f"Bearer {group.leader.token}"})
+
+    assert answer.status_code == 501
+    assert answer.json()["error"]["type"] == "GroupUnsupportedError"
+    assert "not supported on a server spanning several processes" in \
+        answer.json()["error"]["message"]
+    durability = httpx.put(f"{group.leader.url}/v1/namespaces/team", json={
+        "durability": "sync"}, headers={"authorization": f"Bearer {group.leader.token}"})
+    assert durability.status_code == 501
+    assert "durability cannot change while the server spans several processes" in \
+        durability.json()["error"]["message"]
+
+
+def test_a_pmap_on_some_devices_keeps_its_states_there(group, client):
+    model = Affine(2)
+    leader_pair = client.devices()[:2]
+    client.pmap(model, devices=leader_pair, **PMAP)(jnp.ones((2, 4)))
+    np.testing.assert_array_equal(model.weight.value, np.full((2, 4), 2.0))
+    ops = _follower(group)
+    with pytest.raises(statehost.client.RemoteExecutionError, match="cannot move to the devices"):
+        client.pmap(model, devices=client.devices()[2:4], **PMAP)(jnp.ones((2, 4)))
+
+    other = Affine(2)
+    with pytest.raises(statehost.client.ServerError, match="cannot read it"):
+        client.pmap(other, devices=client.devices()[4:6], **PMAP)(jnp.ones((2, 4)))
+    after = _follower(group)
+    assert after["failed"] == ops["failed"] + 2  # failed alike on both: nothing diverged
+    client.pull(model)
+    np.testing.assert_array_equal(model.weight.value, np.full((2, 4), 2.0))
+
+
+def test_bad_input_never_reaches_a_follower(group, client):
+    model = Affine(8)
+    client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+    before = _follower(group)
+    url, auth = group.leader.url, {"authorization": f"Bearer {group.leader.token}"}
+
+    garbage = httpx.post(url + "/v1/call", content=b"not a frame",
+                         headers={**auth, "content-type": CONTENT_TYPE})
+    closed = httpx.delete(url + "/v1/sessions/" + "0" * 32, headers=auth)
+    no_token = httpx.post(url + "/v1/call", content=b"x")
+
+    assert (garbage.status_code, closed.status_code, no_token.status_code) == (400, 404, 401)
+    after = _follower(group)
+    assert (after["ops"], after["last_op"]) == (before["ops"], before["last_op"])
+    assert health(group.leader)[0] == 200
+    client.pull(model)  # and the states are as they were
+    np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 2.0))
+
+
+def test_followers_serve_only_health(group):
+    answer = httpx.get(group.followers[0].url + "/v1/info")
+
+    assert answer.status_code == 404
+    assert "serves only GET /v1/health" in answer.json()["error"]["message"]
+    status, body = health(group.followers[0])
+    assert (status, body["role"], body["process_index"], body["leader"]) == \
+        (200, "follower", 1, "following")
+    assert body["devices"] == FOLLOWER_DEVICES
+
+
+# -- restarting the group, then losing a follower (a group of its own) --------------------
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory):
+    """A group that put a named state (durability sync) and was restarted on the same data
+    dirs; it flushes every 0.2 s."""
+    tmp = tmp_path_factory.mktemp("restart")
+    model = Affine(8)
+    with running_group(tmp, env={"STATEHOST_DURABILITY": "sync"}) as group, \
+            statehost.connect(group.leader.url, token=group.leader.token) as client:
+        client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+        client.put("team/net", model)  # sync: on disk when it returns
+    with running_group(tmp, env={"STATEHOST_FLUSH_INTERVAL": "0.2"}) as group:
+        yield tmp, group, model.weight.id
+
+
+def test_named_states_survive_a_restart_of_the_whole_group(restarted):
+    from statehost.server.persistence.database import Database
+    from statehost.server.persistence.files import load_value
+
+    tmp, group, state_id = restarted
+    with statehost.connect(group.leader.url, token=group.leader.token) as client:
+        net = client.get("team/net")
+        np.testing.assert_array_equal(net.weight.value, np.full((8, 4), 2.0))
+        assert net.weight.id == state_id
+        assert _follower(group)["states"][state_id] == {"shards": [FOLLOWER_DEVICES]}
+        client.pmap(net, **PMAP)(jnp.ones((8, 4)))  # written by the next flush (interval)
+
+    db = Database(tmp / "data-0" / "statehost.db")
+    try:
+        path = tmp / "data-0" / db.state(state_id).file
+    finally:
+        db.close()
+    deadline = time.monotonic() + 60
+    while jax.tree_util.tree_leaves(load_value(path)[0])[0][0, 0] != 3.0:
+        assert time.monotonic() < deadline, "the flush did not write the new value"
+        time.sleep(0.05)
+
+
+def test_a_data_dir_of_another_process_count_is_refused(restarted):
+    tmp, _, _ = restarted
+    alone = subprocess.run(
+        [sys.executable, "-m", "statehost.server", "serve", "--data-dir", str(tmp / "data-0"),
+         "--port", "0"], capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("STATEHOST_")})
+
+    assert alone.returncode == 2
+    assert "holds the named states of a group of 2 process(es)" in alone.stderr
+    assert "client.put('ns/name', obj)" in alone.stderr
+
+
+# -- losing a follower -------------------------------------------------------------------
+def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(restarted, tmp_path):
+    _, group, _ = restarted  # the last test of this group
+    flag = tmp_path / "go"
+
+    def waits(delta):  # traced by both processes; the test lets it go
+        while not flag.exists():
+            time.sleep(0.01)
+        return delta + jax.lax.psum(delta, "i")
+
+    with statehost.connect(group.leader.url, token=group.leader.token) as client:
+        answers = []
+
+        def call():
+            try:
+                answers.append(client.pmap(waits, axis_name="i")(np.ones((8, 2), np.float32)))
+            except Exception as exc:
+                answers.append(exc)
+
+        runner = threading.Thread(target=call)
+        runner.start()
+        deadline = time.monotonic() + 60
+        while health(group.followers[0])[1]["applying"].get("kind") != "call":  # inside it
+            assert time.monotonic() < deadline, health(group.followers[0])
+            time.sleep(0.02)
+        os.kill(group.followers[0].process.pid, signal.SIGKILL)
+        runner.join(timeout=30)
+        flag.touch()
+
+        assert not runner.is_alive()
+        assert isinstance(answers[0], statehost.client.ClusterUnavailableError), answers
+        assert answers[0].processes == [1]
+        assert "restart the whole group" in str(answers[0])
+        status, body = health(group.leader)
+        assert status == 503 and body["status"] == "unhealthy"
+        assert "process 1 lost" in body["reason"]
+        assert group.leader.metric("statehost_group_process_up", process="1") == 0.0
+        with pytest.raises(statehost.client.ClusterUnavailableError, match="process 1"):
+            client.pmap(lambda x: x * 2, axis_name="i")(np.ones((8, 2), np.float32))

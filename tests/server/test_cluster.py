@@ -1,0 +1,112 @@
+"""The group's pieces that need no second process (server/cluster.py): its settings, the
+operation framing, and the leader's view of its followers (their heartbeats and loss).
+The whole group runs in tests/e2e/test_cluster.py."""
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from statehost.server.cluster import ClusterOp, Leader, read_message, send_message
+from statehost.server.errors import ClusterUnavailableError
+from statehost.server.settings import Settings
+from statehost.wire import PullRequest
+
+
+def test_a_group_is_read_from_the_environment_and_runs_one_worker(tmp_path):
+    env = {"STATEHOST_COORDINATOR": "10.0.0.1:8476", "STATEHOST_NUM_PROCESSES": "2",
+           "STATEHOST_PROCESS_ID": "1", "STATEHOST_HEARTBEAT_TIMEOUT": "2.5",
+           "STATEHOST_DATA_DIR": str(tmp_path)}
+    settings = Settings.from_env(env)
+
+    assert (settings.coordinator, settings.num_processes, settings.process_id) == \
+        ("10.0.0.1:8476", 2, 1)
+    assert settings.in_group and settings.heartbeat_timeout == 2.5
+    assert (settings.workers, settings.session_workers) == (1, 1)
+    single = Settings(data_dir=tmp_path)
+    assert not single.in_group and single.workers == 4  # one process: unchanged
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"cluster": "slurm"}, "must be 'off' or 'auto'"),
+    ({"num_processes": 2, "process_id": 2, "coordinator": "h:1"}, r"must be in 0\.\.1"),
+    ({"num_processes": 2, "process_id": 1}, "needs --coordinator HOST:PORT and --process-id"),
+    ({"num_processes": 0}, "num_processes=0 must be >= 1"),
+    ({"heartbeat_timeout": 0.0}, "heartbeat_timeout=0.0 must be > 0"),
+])
+def test_bad_group_settings_say_what_to_pass(tmp_path, fields, match):
+    with pytest.raises(ValueError, match=match):
+        Settings(data_dir=tmp_path, **fields)
+
+
+def test_an_operation_travels_with_its_wire_message():
+    a, b = socket.socketpair()
+    with a, b:
+        message = PullRequest(session="s" * 32, ids=("a" * 32,))
+        op = ClusterOp("pull", 7, "s" * 32, "call-1", ("a" * 32,), {}, "PullRequest")
+        sender = threading.Thread(target=send_message, args=(a, op, message.to_frame()))
+        sender.start()
+        got, data = read_message(b)
+        sender.join()
+
+    from statehost.wire import decode
+
+    assert got == op
+    assert PullRequest.from_frame(decode(data)) == message
+
+
+def _leader(tmp_path, count=2, timeout=0.2):
+    return Leader(Settings(data_dir=tmp_path, heartbeat_timeout=timeout), count)
+
+
+def test_a_forming_group_refuses_work_until_every_follower_joined(tmp_path):
+    leader = _leader(tmp_path)
+
+    assert leader.problem() == "forming: 0 of 1 follower(s) connected"
+    with pytest.raises(ClusterUnavailableError, match="still forming .0 of 1 follower"):
+        leader.check("POST /v1/call")
+
+
+def test_a_silent_follower_is_lost_after_the_heartbeat_bound(tmp_path):
+    """Its connection stays open (a stopped process), but no heartbeat comes."""
+    from statehost.server import cluster
+
+    lost = threading.Event()
+    errors = []
+    leader = _leader(tmp_path)
+    leader.on_lost = lambda error: (errors.append(error), lost.set())
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        follower = cluster._Follower(1, ours, last_seen=0.0)
+        leader.followers[1] = follower
+        threading.Thread(target=leader._read, args=(follower,), daemon=True).start()
+        threading.Thread(target=leader._monitor, daemon=True).start()
+        assert lost.wait(30)
+        leader._closed.set()
+
+    assert "no heartbeat for" in follower.lost and "0.2 s bound" in follower.lost
+    assert errors[0].extra["processes"] == [1]
+    with pytest.raises(ClusterUnavailableError, match="process 1 of this server's group of 2 "
+                       "is lost .no heartbeat"):
+        leader.broadcast("call", "s" * 32)
+    assert [p["health"] for p in leader.processes()] == ["ok", "lost"]
+
+
+def test_a_closed_connection_is_an_immediate_loss(tmp_path):
+    from statehost.server import cluster
+
+    lost = threading.Event()
+    leader = _leader(tmp_path, timeout=3600.0)
+    leader.on_lost = lambda error: lost.set()
+    ours, theirs = socket.socketpair()
+    follower = cluster._Follower(1, ours, last_seen=float(np.inf))
+    leader.followers[1] = follower
+    threading.Thread(target=leader._read, args=(follower,), daemon=True).start()
+    send_message(theirs, {"ops": 3, "failed": 0})  # a heartbeat, then the process dies
+    theirs.close()
+
+    assert lost.wait(30)
+    assert "its connection closed" in follower.lost
+    assert follower.status == {"ops": 3, "failed": 0}
+    ours.close()
