@@ -45,6 +45,11 @@ _MSG_BAD_TOKEN = (
     "start, one from its STATEHOST_TOKENS, or one made with `statehost token create` (and "
     "not revoked: see `statehost token list`)."
 )
+_MSG_GROUP_DOWN = (
+    "process(es) {which} of the server's group are not answering: the server refuses new "
+    "calls until the whole group is restarted. Fix: restart every process of the group "
+    "(README, 'Several hosts')."
+)
 _MSG_UNREACHABLE = (
     "cannot connect to {url} ({why}). Is `statehost serve` running there? Start it with "
     "`statehost serve`, or check the URL and port."
@@ -292,6 +297,23 @@ def doctor(args: argparse.Namespace) -> int:
     shown = "; ".join(f"{len(ids)} x {kind} (ids {', '.join(map(str, ids))})"
                       for kind, ids in kinds.items())
     print(f"  devices: {len(devices)}: {shown or 'none'}")
+    processes = info.get("processes") or []
+    if processes:  # a server spanning a group of processes (statehost serve --coordinator)
+        print(f"  processes: {len(processes)} (a jax.distributed group; process 0 leads)")
+        rows = [("PROCESS", "ROLE", "DEVICES", "HEALTH", "HEARTBEAT")]
+        for p in processes:
+            age = p.get("heartbeat_age_s")
+            health = p.get("health", "unknown")
+            rows.append((str(p.get("index")), str(p.get("role", "")),
+                         ", ".join(map(str, p.get("devices", []))) or "none",
+                         health + (f": {p['reason']}" if p.get("reason") else ""),
+                         "-" if age is None else f"{age:.1f} s ago"))
+        _table(rows, "  ")
+        lost = [p for p in processes if p.get("health") != "ok"]
+        if lost:
+            which = ", ".join(str(p.get("index")) for p in lost)
+            print(f"  PROBLEM  {_MSG_GROUP_DOWN.format(which=which)}")
+            return 1
     limits = info.get("limits", {})
     print(f"  limits: max_body {_size(limits.get('max_body'))}, "
           f"session_ttl {limits.get('session_ttl', float('nan')):g} s")

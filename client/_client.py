@@ -90,6 +90,11 @@ _DISPATCH_MODES = ("async", "sync")
 # A request is re-sent at most this many times for the client's own bookkeeping: a
 # callable the server dropped from its cache, a session it closed.
 _RESENDS = 2
+# Arguments larger than this go by HTTP (``POST /v1/call``, as a blocking call), not the
+# call stream: a WebSocket message is copied whole several times on each side (framing,
+# masking), where an HTTP frame streams in 1 MiB memoryview chunks (or shared memory on
+# the Unix socket). 128 MiB took 3x the HTTP time over the stream on the 2-core machine.
+_STREAM_ARGS_MAX = 1 << 20
 
 
 def _to_host(tree: Any) -> Any:
@@ -762,7 +767,7 @@ class Client:
         if signature is None or not dispatcher.may_go_async() \
                 or not self._ledger.has_function(packed.digest) or any(
                 self._ledger.needs_upload(s) for s in refs.values()) \
-                or call_args.nbytes > self._max_body:
+                or call_args.nbytes > min(_STREAM_ARGS_MAX, self._max_body):
             return self._call_blocking(transform, placement, packed, call_args, twin, refs, key)
         message = self._call_request(packed, placement, call_args, twin, refs, keep=True,
                                      returns="none", expect=signature.expect)

@@ -159,6 +159,23 @@ def test_chained_remote_arrays_stay_on_the_server(async_client):
     np.testing.assert_array_equal(np.asarray(x), np.full_like(big, 2.0**7))
 
 
+def test_a_warm_call_with_arguments_over_a_mib_goes_by_http_not_the_stream(async_client):
+    # A WebSocket message is copied whole on both sides; HTTP streams the frame in chunks.
+    big = np.ones((LANES, 65536), np.float32)  # 2 MiB
+    total = async_client.jit(lambda x: x.sum())
+    np.testing.assert_allclose(np.asarray(total(big)), big.size)  # the first call: HTTP
+    stream_before = metric(async_client, "statehost_wire_bytes_total", direction="in",
+                           part="stream")
+    http_before = metric(async_client, "statehost_wire_bytes_total", direction="in",
+                         part="args")
+    out = total(big * 2)
+    np.testing.assert_allclose(np.asarray(out), 2 * big.size)
+    assert metric(async_client, "statehost_wire_bytes_total", direction="in",
+                  part="stream") - stream_before < 4096
+    assert metric(async_client, "statehost_wire_bytes_total", direction="in",
+                  part="args") - http_before >= big.nbytes
+
+
 def test_states_written_asynchronously_move_no_bytes_until_read(async_client):
     weight = statehost.ParamState(jnp.zeros((LANES, 32768)))  # 1 MiB, stays remote
 

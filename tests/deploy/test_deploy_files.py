@@ -342,3 +342,81 @@ def test_systemd_unit(serve_flags: set[str]) -> None:
     assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict"
     assert "PrivateDevices" not in svc, "PrivateDevices hides the GPUs"
     assert "MemoryDenyWriteExecute" not in svc, "XLA's JIT needs W+X memory"
+
+
+# ------------------------------------------------------------------ a group of hosts
+K8S_GROUP = DEPLOY / "k8s-cluster"
+COMPOSE_GROUP = DEPLOY / "cluster" / "docker-compose.yml"
+
+
+def _group_manifests() -> dict[str, list[dict[str, Any]]]:
+    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d]
+            for p in sorted(K8S_GROUP.glob("*.yaml"))}
+
+
+def test_group_kustomization_lists_every_manifest() -> None:
+    kust = _load(K8S_GROUP / "kustomization.yaml")
+    assert sorted(kust["resources"]) == sorted(set(_group_manifests()) - {"kustomization.yaml"})
+    [image] = kust["images"]
+    assert f"{image['newName']}:{image['newTag']}" == IMAGE
+
+
+def test_group_statefulset_gives_each_pod_its_process_index() -> None:
+    m = _group_manifests()
+    [sts] = m["statefulset.yaml"]
+    spec = sts["spec"]
+    assert sts["kind"] == "StatefulSet"
+    # jax.distributed holds every process until all have joined: start them together.
+    assert spec["podManagementPolicy"] == "Parallel"
+    services = {s["metadata"]["name"]: s for s in m["service.yaml"]}
+    headless = services[spec["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True  # the group forms unready
+    [ctr] = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in ctr["env"]}
+    assert set(env) <= ALL_ENV
+    assert int(env[_env("num_processes")]["value"]) == spec["replicas"]
+    index = env[_env("process_id")]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert index == "metadata.labels['apps.kubernetes.io/pod-index']"
+    host, _, port = env[_env("coordinator")]["value"].partition(":")
+    assert host == f"{sts['metadata']['name']}-0.{spec['serviceName']}"  # pod 0's DNS name
+    assert int(port) in {p["containerPort"] for p in ctr["ports"]}
+    assert int(ctr["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert ctr[probe]["httpGet"] == {"path": HEALTH, "port": PORT}, probe
+    assert env[_env("data_dir")]["value"] == DATA_DIR
+    [claim] = spec["volumeClaimTemplates"]
+    assert [v["mountPath"] for v in ctr["volumeMounts"] if v["name"] ==
+            claim["metadata"]["name"]] == [DATA_DIR]
+
+
+def test_group_clients_reach_the_leader_only() -> None:
+    m = _group_manifests()
+    [sts] = m["statefulset.yaml"]
+    [client] = [s for s in m["service.yaml"] if s["metadata"]["name"] != sts["spec"]["serviceName"]]
+    assert client["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == \
+        f"{sts['metadata']['name']}-0"
+    [port] = client["spec"]["ports"]
+    assert port["port"] == PORT and port["targetPort"] == PORT
+
+
+def test_group_compose_runs_one_process_per_service(serve_flags: set[str]) -> None:
+    services = _load(COMPOSE_GROUP)["services"]
+    commands = {name: svc["command"] for name, svc in services.items()}
+    ids = {}
+    for name, cmd in commands.items():
+        assert cmd[0] == "serve"
+        assert {f for f in cmd if f.startswith("--")} <= serve_flags, cmd
+        assert int(cmd[cmd.index("--num-processes") + 1]) == len(services)
+        ids[int(cmd[cmd.index("--process-id") + 1])] = name
+    assert sorted(ids) == list(range(len(services)))
+    coordinators = {cmd[cmd.index("--coordinator") + 1] for cmd in commands.values()}
+    [coordinator] = coordinators
+    assert coordinator.partition(":")[0] == ids[0]  # process 0's service name
+    assert services[ids[0]]["ports"] == [f"127.0.0.1:{PORT}:{PORT}"]
+    assert all("ports" not in services[n] for i, n in ids.items() if i)  # followers: no API
+    volumes = [svc["volumes"][0].split(":")[0] for svc in services.values()]
+    assert len(set(volumes)) == len(volumes)
+    for svc in services.values():
+        assert svc["environment"][_env("data_dir")] == DATA_DIR
+        assert HEALTH_URL in " ".join(svc["healthcheck"]["test"])
