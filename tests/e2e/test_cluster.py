@@ -140,6 +140,36 @@ def test_repeat_calls_move_no_state_bytes_and_compile_nothing(group, client):
     assert follower["kept_arrays"] == health(group.leader)[1]["kept_arrays"] < 70
 
 
+def _doctor(served, capsys) -> tuple[int, str]:
+    from statehost._cli import main
+
+    code = main(["doctor", "--url", served.url, "--token", served.token])
+    return code, capsys.readouterr().out
+
+
+def _process_rows(out: str) -> dict[str, list[str]]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["PROCESS"])
+    rows = {}
+    for line in lines[start + 1:]:
+        cells = line.split()
+        if not cells or not cells[0].isdigit():
+            break
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_doctor_shows_every_process_of_the_group(group, capsys):
+    code, out = _doctor(group.leader, capsys)
+    assert code == 0, out
+    assert "devices: 8:" in out and "processes: 2 (a jax.distributed group" in out
+    rows = _process_rows(out)
+    assert rows["0"][1] == "leader" and rows["1"][1] == "follower"
+    assert " ".join(rows["0"]).count("ok") == 1 and "ok" in rows["1"]
+    assert "2048, 2049, 2050, 2051" in out  # the follower's devices
+    assert "all good" in out
+
+
 def test_put_and_get_from_two_clients(group, client):
     model = Affine(8)
     client.pmap(model, **PMAP)(jnp.ones((8, 4)))
@@ -270,7 +300,8 @@ def test_a_data_dir_of_another_process_count_is_refused(restarted):
 
 
 # -- losing a follower -------------------------------------------------------------------
-def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(restarted, tmp_path):
+def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(restarted, tmp_path,
+                                                                       capsys):
     _, group, _ = restarted  # the last test of this group
     flag = tmp_path / "go"
 
@@ -308,3 +339,7 @@ def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(restarted
         assert group.leader.metric("statehost_group_process_up", process="1") == 0.0
         with pytest.raises(statehost.client.ClusterUnavailableError, match="process 1"):
             client.pmap(lambda x: x * 2, axis_name="i")(np.ones((8, 2), np.float32))
+    code, out = _doctor(group.leader, capsys)
+    assert code == 1, out
+    assert any(cell.startswith("lost") for cell in _process_rows(out)["1"])
+    assert "PROBLEM  process(es) 1 of the server's group are not answering" in out
