@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_outputs.py
 	$(PY) bench/bench_async.py
 	$(PY) bench/bench_sharedbox.py
+	$(PY) bench/bench_cluster.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check statehost client server tests bench examples
