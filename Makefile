@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml | $(PY)
 serve: $(STAMP)
 	$(PY) -m statehost.server serve $(SERVE_ARGS)
 
+# Two pytest workers (pytest-xdist), each with whole test files (--dist loadfile), so a
+# module's server is started once: most of a test's time is spent waiting on a server
+# subprocess or a compile, which the other worker fills. `make test PYTEST_ARGS=-n0` runs
+# the suite in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The bench extra (brainstate) must not move the venv's jax/jaxlib, which the test suite
 # runs on: pin them to what is installed. If brainstate cannot be installed under that pin,

@@ -2,6 +2,7 @@
 it from the state files, so a restarted server serves the named states as they were."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,9 +54,12 @@ def _damage(db, how):
     db.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("how", ["page", "header", "empty"])
-def test_server_refuses_a_damaged_database_and_repair_rebuilds_it(tmp_path, how):
-    with running_server(tmp_path) as served, \
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """A data directory a server wrote and shut down cleanly, and the versions it served:
+    made once, copied for each kind of damage (its files name each other relatively)."""
+    tmp = tmp_path_factory.mktemp("written")
+    with running_server(tmp) as served, \
             statehost.connect(served.url, token=served.token) as client:
         model = Affine(LANES)
         client.put("team/net", model)
@@ -69,6 +73,13 @@ def test_server_refuses_a_damaged_database_and_repair_rebuilds_it(tmp_path, how)
             incr()
         before = {"team/net": _versions(client, "team/net"),
                   "lab/counter": _versions(client, "lab/counter")}
+    return tmp / "data", before
+
+
+@pytest.mark.parametrize("how", ["page", "header", "empty"])
+def test_server_refuses_a_damaged_database_and_repair_rebuilds_it(tmp_path, how, written):
+    data, before = written
+    shutil.copytree(data, tmp_path / "data")
     db = tmp_path / "data" / "statehost.db"
     assert not db.with_name("statehost.db-wal").exists()  # checkpointed at shutdown
     _damage(db, how)
