@@ -5,10 +5,13 @@ with the loopback URL and move to the socket the server advertises.
 """
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import httpx
 import jax.numpy as jnp
@@ -110,9 +113,19 @@ def test_a_directory_open_to_others_is_refused(tmp_path):
     assert "is open to others (mode 755)" in err and "--unix PATH" in err
 
 
-def test_auto_uses_the_runtime_dir_replaces_a_stale_socket_and_cleans_up(tmp_path):
-    runtime = tmp_path / "xdg-run"
-    runtime.mkdir(mode=0o700)
+@pytest.fixture
+def short_dir():
+    """A directory with a short path (mode 0700): under pytest-xdist ``tmp_path`` grows by
+    a worker's folder, and a socket's path may have at most 107 bytes (its .shm
+    channel's too)."""
+    path = Path(tempfile.mkdtemp(prefix="sh-run-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_auto_uses_the_runtime_dir_replaces_a_stale_socket_and_cleans_up(tmp_path,
+                                                                          short_dir):
+    runtime = short_dir
     path = runtime / "statehost" / "statehost.sock"
     path.parent.mkdir(mode=0o700)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
