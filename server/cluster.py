@@ -508,6 +508,9 @@ class Leader:
                     continue
                 if want is None or header["shards"] >= want:
                     break
+            if "failed" in header and header["shards"] == want:
+                raise RuntimeError(_MSG_FOLLOWER_FAILED.format(
+                    index=index, seq=want, why=header["failed"]))
             if want is not None and header["shards"] > want:
                 raise RuntimeError(_MSG_OUT_OF_STEP.format(index=index, want=want,
                                                            got=header["shards"]))
@@ -574,6 +577,13 @@ _MSG_OUT_OF_STEP = (
     "results of operation {want}: it skipped that gather (its run of the operation failed "
     "where the leader's did not). Nothing of this call is applied. Fix: restart the whole "
     "group; report it, with both processes' logs."
+)
+
+
+_MSG_FOLLOWER_FAILED = (
+    "process {index} failed operation {seq} where the leader did not ({why}), so its "
+    "shards of the results never come. Nothing of this call is applied. Fix: restart the "
+    "whole group; report it, with both processes' logs."
 )
 
 

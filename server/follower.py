@@ -116,6 +116,17 @@ class Follower:
         with self._send_lock:
             send_message(self.sock, header, body)
 
+    def _failed(self, seq: int, why: str) -> None:
+        """Tells the leader that op ``seq`` failed here: a gather of it it waits in ends
+        (the same failure on the leader never gathers, and the note is dropped)."""
+        if self.sock is None:
+            return
+        try:
+            with self._send_lock:
+                send_message(self.sock, {"shards": seq, "parts": [], "failed": why})
+        except OSError:
+            pass
+
     def receive(self) -> list[Any]:
         raise AssertionError("a follower sends its shards; the leader receives them")
 
@@ -159,6 +170,7 @@ class Follower:
                          "message": str(exc)[:300]}
             log.debug("group follower %d: op %d (%s) failed: %s", self.index, op.seq,
                       op.kind, exc)
+            self._failed(op.seq, f"{type(exc).__name__}: {str(exc)[:300]}")
         else:
             self.last = {"seq": op.seq, "kind": op.kind}
         self.applying = {}
