@@ -74,6 +74,8 @@ followers.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hashlib
 import hmac
 import logging
@@ -106,6 +108,7 @@ _KEY_ADDRESS = "statehost/cluster/address"
 _KEY_SECRET = "statehost/cluster/secret"
 _HEAD = struct.Struct(">QI")  # the whole message's length, its header's length
 _MEET_TIMEOUT_S = 300.0
+_INLINE_BYTES = 1 << 20  # an op's body up to this is written by its caller's thread
 _IOV_MAX = 512  # chunks one sendmsg takes (Linux allows 1024)
 
 _MSG_LOST = (
@@ -231,6 +234,14 @@ def read_message(sock: socket.socket) -> tuple[Any, memoryview | None]:
     return header, (data[head_len:] if total - 4 > head_len else None)
 
 
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _mac(secret: str, nonce: bytes) -> bytes:
     return hmac.new(secret.encode(), nonce, hashlib.sha256).digest()
 
@@ -303,7 +314,10 @@ class Leader:
         self._closed = threading.Event()
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
-        self._outbox: queue.SimpleQueue[tuple[ClusterOp, Any]] = queue.SimpleQueue()
+        # Ops the sender thread writes, in order; ``_writing``: one is being written.
+        self._outbox: collections.deque[tuple[ClusterOp, Any]] = collections.deque()
+        self._wake = threading.Condition(self._send_lock)
+        self._writing = False
         self._sender = threading.Thread(target=self._send, name="statehost-group-send",
                                         daemon=True)
 
@@ -456,35 +470,64 @@ class Leader:
     def broadcast(self, kind: str, session: str | None, call_id: str | None = None,
                   keys: tuple[str, ...] = (), message: Any = None, where: str = "",
                   **extra: Any) -> None:
-        """Queues one operation for every follower, in the one order (a 503 when one is
-        lost: then nothing runs). The sender thread writes it, so that no caller (the event
-        loop closing a session) waits on a socket."""
+        """Sends one operation to every follower, in the one order (a 503 when one is
+        lost: then nothing runs). A worker thread (the call's) writes a small one itself
+        when nothing is queued before it: handing it to the sender thread costs a thread
+        switch per op, which the GIL can hold up for milliseconds while the caller runs
+        on. The event loop (closing a session) and large ones queue it for the sender
+        thread, so that the loop never waits on a socket."""
         body = None if message is None else message.to_frame()
+        inline = (body is None or body.nbytes < _INLINE_BYTES) and not _on_event_loop()
         with self._send_lock:
             self.check(where or kind)
             self.seq += 1
             self._local.seq = self.seq
             op = ClusterOp(kind, self.seq, session, call_id, tuple(keys), extra,
                            None if message is None else type(message).__name__)
-            self._outbox.put((op, body))
+            if not inline or self._writing or self._outbox:
+                self._outbox.append((op, body))
+                self._wake.notify()
+                return
+            self._writing = True
+        try:
+            self._write(op, body)
+        finally:
+            with self._send_lock:
+                self._writing = False
+                if self._outbox:
+                    self._wake.notify()
 
     def _send(self) -> None:
         while True:
-            op, body = self._outbox.get()
-            head = encode_message(op, body)  # pickled once, whatever the followers' count
-            for follower in list(self.followers.values()):
-                if follower.lost is not None:
-                    continue
-                try:
-                    sent = send_encoded(follower.sock, head, body)
-                except OSError as exc:
-                    self._lose(follower, f"sending to it failed: {exc}")
-                    continue
-                if self.sent_bytes is not None:
-                    self.sent_bytes.labels(str(follower.index)).inc(sent)
-            self.sent += 1
+            with self._send_lock:
+                while self._writing or not self._outbox:
+                    self._wake.wait()
+                op, body = self._outbox.popleft()
+                self._writing = True
+            try:
+                self._write(op, body)
+            finally:
+                with self._send_lock:
+                    self._writing = False
+                    if self._outbox:
+                        self._wake.notify()
             if op.kind == "stop":
                 return
+
+    def _write(self, op: ClusterOp, body: Any) -> None:
+        """``op`` to every follower not lost (its writer holds ``_writing``)."""
+        head = encode_message(op, body)  # pickled once, whatever the followers' count
+        for follower in list(self.followers.values()):
+            if follower.lost is not None:
+                continue
+            try:
+                sent = send_encoded(follower.sock, head, body)
+            except OSError as exc:
+                self._lose(follower, f"sending to it failed: {exc}")
+                continue
+            if self.sent_bytes is not None:
+                self.sent_bytes.labels(str(follower.index)).inc(sent)
+        self.sent += 1
 
     # -- results ----------------------------------------------------------------------
     def send(self, parts: list[list[tuple[Any, np.ndarray]]]) -> None:
@@ -553,7 +596,8 @@ class Leader:
         self._stopping.set()
         with self._send_lock:
             self.seq += 1
-            self._outbox.put((ClusterOp("stop", self.seq), None))
+            self._outbox.append((ClusterOp("stop", self.seq), None))
+            self._wake.notify()
         self._sender.join(timeout=wait)
         deadline = time.monotonic() + wait
         for follower in list(self.followers.values()):
