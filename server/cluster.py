@@ -79,6 +79,7 @@ import collections
 import hashlib
 import hmac
 import logging
+import math
 import pickle
 import queue
 import secrets
@@ -647,7 +648,7 @@ def _decode_shards(meta: list[list[tuple[Any, Any, tuple[int, ...]]]],
     for leaf in meta:
         parts = []
         for index, dtype, shape in leaf:
-            size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            size = math.prod(shape) * np.dtype(dtype).itemsize
             assert data is not None or size == 0
             raw = data[offset:offset + size] if data is not None else b""
             parts.append((index, np.frombuffer(raw, dtype).reshape(shape)))
