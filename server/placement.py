@@ -77,8 +77,10 @@ def global_arguments(args: Any) -> Any:
 def gathered(tree: Any) -> Any:
     """``tree`` with every array this process holds only part of gathered whole.
 
-    The gather is a collective (``process_allgather``): every process of the group calls
-    it for the same arrays in the same order, those laid out over every process. An array
+    Every process of the group calls it for the same arrays in the same order, those laid
+    out over every process: in a server group each follower sends the leader its shards
+    (``use_peers``, see the module docstring); elsewhere (``tests/core``'s groups) it is
+    ``process_allgather``, a collective. An array
     on the leader's devices alone (a ``pmap(devices=...)`` on some of them) is whole on
     the leader, and a follower (whose results go nowhere) takes a placeholder of its shape.
     Any other layout cannot be read by the leader: a ``ValueError`` on every process (the
