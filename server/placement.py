@@ -119,6 +119,9 @@ def _gather_by_peers(leaves: list[Any], ways: list[str], peers: PeerShards) -> l
     of every array to gather in one message (and keeps placeholders: its results go
     nowhere); the leader fills each whole array from its shards and the followers'."""
     leader = jax.process_index() == 0
+    # A replicated array (a fresh upload) is whole on the leader: no follower sends it.
+    ways = ["replica" if way == "gather" and leaf.sharding.is_fully_replicated else way
+            for leaf, way in zip(leaves, ways, strict=True)]
     own = [_host_shards(leaf) if way == "gather" else None
            for leaf, way in zip(leaves, ways, strict=True)]
     if not leader:
@@ -127,8 +130,10 @@ def _gather_by_peers(leaves: list[Any], ways: list[str], peers: PeerShards) -> l
     out = []
     k = 0
     for leaf, way, parts in zip(leaves, ways, own, strict=True):
-        if way == "placeholder" or (way == "gather" and not leader):
+        if way == "placeholder" or (way in ("gather", "replica") and not leader):
             leaf = np.zeros(leaf.shape, leaf.dtype)
+        elif way == "replica":
+            leaf = np.asarray(leaf.addressable_shards[0].data)
         elif way == "gather":
             host = np.empty(leaf.shape, leaf.dtype)
             assert parts is not None
