@@ -409,6 +409,7 @@ class Leader:
             first = not self._lost_reported
             self._lost_reported = True
         log.error("group leader: process %d lost: %s", follower.index, why)
+        follower.shards.put(({"shards": None, "lost": why}, None))  # wakes a gather's wait
         try:
             follower.sock.close()
         except OSError:
@@ -547,9 +548,11 @@ class Leader:
                     header, data = follower.shards.get(
                         timeout=heartbeat_interval(self.settings))
                 except queue.Empty:
-                    if follower.lost is not None or self._closed.is_set():
-                        raise self.unavailable("reading the results") from None
-                    continue
+                    if not self._closed.is_set():
+                        continue
+                    header = {"shards": None, "lost": "the leader is closing"}
+                if "lost" in header or follower.lost is not None:
+                    raise self.unavailable("reading the results")
                 if want is None or header["shards"] >= want:
                     break
             if "failed" in header and header["shards"] == want:
