@@ -20,7 +20,9 @@ Below the table, per case: the group's median over the single process's (target 
 follower and the follower's acknowledgement), and the frame bytes per call on the client's
 wire of each server (``statehost_wire_bytes_total``; the target is no extra bytes: the
 group moves the request once, to the leader) next to the leader's broadcast bytes per
-call to its follower, when the server counts them.
+call to its follower, when the server counts them; then each server process's CPU per
+call (``utime + stime`` from ``/proc/<pid>/stat``, over its own blocks of calls), the
+leader's and the follower's apart.
 
 Run: ``make bench`` or ``python bench/bench_cluster.py [--calls N] [--big-calls N]
 [--cases tiny,resident]``. Nothing here asserts a timing (STYLE rule 40).
@@ -88,8 +90,9 @@ def group_command(coordinator: str, index: int) -> Callable[[int, Path, str], li
 
 
 @contextlib.contextmanager
-def group(tmp: Path, env: dict[str, str], log_level: str) -> Iterator[Served]:
-    """A 2-process group until the ``with`` block ends; yields its leader.
+def group(tmp: Path, env: dict[str, str], log_level: str
+          ) -> Iterator[tuple[Served, subprocess.Popen]]:
+    """A 2-process group until the ``with`` block ends; yields its leader and follower.
 
     The follower is started first and not waited on: ``jax.distributed`` holds every
     process until the whole group has joined, and the leader answers ``/v1/health`` only
@@ -113,7 +116,7 @@ def group(tmp: Path, env: dict[str, str], log_level: str) -> Iterator[Served]:
     try:
         with serving(group_command(coordinator, 0), "leader", tmp / "leader", env, log_level,
                      timeout=240) as leader:
-            yield leader
+            yield leader, follower
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}\nthe follower's log:\n{log.read_text(errors='replace')}") \
             from None
@@ -135,6 +138,16 @@ def remote_step(client: Any, model: Affine, delta: np.ndarray) -> Step:
     fun = client.pmap(model, axis_name="devices", state_in_axes=PARAM, state_out_axes=PARAM,
                       pull=False)
     return lambda: np.asarray(fun(delta))  # read each call: one full round trip
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def run_calls(step: Step, calls: int) -> list[float]:
@@ -187,14 +200,18 @@ def main() -> None:
         (tmp / "single").mkdir()
         with (serving(statehost_command, "single", tmp / "single", env,
                       args.log_level) as single,
-              group(tmp, env, args.log_level) as leader):
-            rows = run_cases(single, leader, token, wanted, args)
+              group(tmp, env, args.log_level) as (leader, follower)):
+            pids = {SINGLE: {"server": single.process.pid},
+                    GROUP: {"leader": leader.process.pid, "follower": follower.pid}}
+            rows = run_cases(single, leader, token, wanted, args, pids)
     print_results(rows)
 
 
 def run_cases(single: Served, leader: Served, token: str, wanted: list[str],
-              args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Per case and server: call times, and wire and broadcast bytes per call."""
+              args: argparse.Namespace, pids: dict[str, dict[str, int]]
+              ) -> dict[str, dict[str, Any]]:
+    """Per case and server: call times, wire and broadcast bytes per call, and each
+    server process's CPU seconds over its own blocks of calls."""
     auth = {"authorization": f"Bearer {token}"}
     results: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
@@ -215,17 +232,21 @@ def run_cases(single: Served, leader: Served, token: str, wanted: list[str],
             before = {name: (wire_bytes(m), broadcast_bytes(m))
                       for name, (_, m) in servers.items()}
             times: dict[str, list[float]] = {name: [] for name in steps}
+            cpu = {name: dict.fromkeys(pids[name], 0.0) for name in steps}
             block = max(1, calls // 10)
             for done in range(0, calls, block):
                 for name, step in steps.items():
+                    cpu0 = {role: cpu_seconds(pid) for role, pid in pids[name].items()}
                     times[name] += run_calls(step, min(block, calls - done))
+                    for role, pid in pids[name].items():
+                        cpu[name][role] += cpu_seconds(pid) - cpu0[role]
             per_call = {}
             for name, (_, m) in servers.items():
                 wire0, cast0 = before[name]
                 cast1 = broadcast_bytes(m)
                 per_call[name] = ((wire_bytes(m) - wire0) / calls,
                                   None if cast1 is None else (cast1 - (cast0 or 0)) / calls)
-            results[case] = {"times": times, "bytes": per_call}
+            results[case] = {"times": times, "bytes": per_call, "cpu": cpu}
             del steps
     return results
 
@@ -259,6 +280,15 @@ def print_results(results: dict[str, dict[str, Any]]) -> None:
         print(f"  {case:9s} {ratio:5.2f}x{verdict}; the group adds {(two - one) * 1e6:,.1f} us "
               f"per call; wire bytes per call {wire_two:,.0f} vs {wire_one:,.0f} "
               f"({'no extra' if wire_two <= wire_one * 1.01 + 8 else 'MORE'})")
+    print("\nserver CPU per call in microseconds (user + system, over each server's own "
+          "blocks of calls)")
+    for case, result in results.items():
+        for name, roles in result.get("cpu", {}).items():
+            calls = len(result["times"][name])
+            split = ", ".join(f"{role} {seconds * 1e6 / calls:,.0f}"
+                              for role, seconds in roles.items())
+            total = sum(roles.values()) * 1e6 / calls
+            print(f"  {case:9s} {name:24s} {total:8,.0f} us ({split})")
 
 
 if __name__ == "__main__":

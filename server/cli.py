@@ -426,6 +426,7 @@ def serve(args: argparse.Namespace) -> int:
     if group is not None:
         runtime = app.state.runtime
         group.on_lost = runtime.scheduler.fail_all
+        group.sent_bytes = runtime.metrics.cluster_broadcast_bytes
         runtime.group = group
         group.start()
         if not group.wait_formed():

@@ -30,6 +30,16 @@ used only to meet: the leader puts its stream's address and a fresh random secre
 (``statehost/cluster/*``); a follower reads them (so it needs no extra flag) and proves
 it knows the secret (an HMAC of the leader's nonce) before the leader sends anything.
 
+**Results come back on the same connection.** Where the leader reads an array laid
+out over every process (a call's outputs, a pulled or persisted state), each follower
+sends its shards of it to the leader (``Follower.send``, ``Leader.receive``; tagged with
+the operation's ``seq``), instead of every process running ``process_allgather``, a gloo
+collective: measured here (a tiny seed call, 2 x 4 CPU devices), the collective cost more
+CPU than the rest of the call. The leader waits for the shards no longer than the
+follower lives: a loss ends the wait with ``ClusterUnavailableError``. Each op is pickled
+once and its bytes written to every follower; ``statehost_cluster_broadcast_bytes_total``
+counts them.
+
 **Failure.** A follower sends a heartbeat every ``heartbeat_timeout / 4`` s (at most
 0.5 s). The leader holds it lost when none came for ``heartbeat_timeout`` s, or at once
 when its connection closes. Then the leader's ``/v1/health`` answers 503 naming the
@@ -64,9 +74,12 @@ followers.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hashlib
 import hmac
 import logging
+import math
 import pickle
 import queue
 import secrets
@@ -78,6 +91,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from statehost.server.errors import ClusterUnavailableError, GroupUnsupportedError
 from statehost.server.settings import Settings
@@ -94,6 +109,8 @@ _KEY_ADDRESS = "statehost/cluster/address"
 _KEY_SECRET = "statehost/cluster/secret"
 _HEAD = struct.Struct(">QI")  # the whole message's length, its header's length
 _MEET_TIMEOUT_S = 300.0
+_INLINE_BYTES = 1 << 20  # an op's body up to this is written by its caller's thread
+_IOV_MAX = 512  # chunks one sendmsg takes (Linux allows 1024)
 
 _MSG_LOST = (
     "{where}: process {processes} of this server's group of {count} is lost ({why}); "
@@ -156,14 +173,46 @@ def _kv() -> Any:
 
 
 # -- framing ------------------------------------------------------------------------
-def send_message(sock: socket.socket, header: Any, body: Any = None) -> None:
-    """One message: a pickled header, then (optionally) a wire frame (``Encoded``)."""
+def send_message(sock: socket.socket, header: Any, body: Any = None) -> int:
+    """One message: a pickled header, then (optionally) a wire frame (``Encoded``, or
+    ``Buffers``); returns the bytes sent."""
+    return send_encoded(sock, encode_message(header, body), body)
+
+
+def encode_message(header: Any, body: Any = None) -> bytes:
+    """The length prefix and pickled header of a message (``send_encoded`` sends them)."""
     head = pickle.dumps(header, protocol=5)
     size = 0 if body is None else body.nbytes
-    sock.sendall(_HEAD.pack(4 + len(head) + size, len(head)) + head)
-    if body is not None:
-        for chunk in body.chunks():
-            sock.sendall(chunk)
+    return _HEAD.pack(4 + len(head) + size, len(head)) + head
+
+
+def send_encoded(sock: socket.socket, head: bytes, body: Any = None) -> int:
+    """A message ``encode_message`` began: one ``sendmsg`` of the header and the body's
+    chunks (one system call, and no copy of the body)."""
+    chunks = [memoryview(c).cast("B") for c in [head, *(() if body is None else body.chunks())]]
+    total = sum(c.nbytes for c in chunks)
+    sent = sock.sendmsg(chunks[:_IOV_MAX])
+    for chunk in chunks:  # what one sendmsg did not take (interrupted; many chunks)
+        if sent >= chunk.nbytes:
+            sent -= chunk.nbytes
+            continue
+        sock.sendall(chunk[sent:])
+        sent = 0
+    return total
+
+
+@dataclass(frozen=True)
+class Buffers:
+    """A message body of raw host buffers (a follower's shards)."""
+
+    parts: tuple[Any, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(memoryview(p).nbytes for p in self.parts)
+
+    def chunks(self) -> tuple[Any, ...]:
+        return self.parts
 
 
 def _read_exactly(sock: socket.socket, n: int) -> memoryview:
@@ -184,6 +233,14 @@ def read_message(sock: socket.socket) -> tuple[Any, memoryview | None]:
     data = _read_exactly(sock, total - 4)
     header = pickle.loads(data[:head_len])
     return header, (data[head_len:] if total - 4 > head_len else None)
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _mac(secret: str, nonce: bytes) -> bytes:
@@ -231,6 +288,9 @@ class _Follower:
     status: dict[str, Any] = field(default_factory=dict)
     lost: str | None = None
     gone: threading.Event = field(default_factory=threading.Event)  # its connection ended
+    # Its shards for the leader's gathers (``Leader.receive``), in its order.
+    shards: queue.SimpleQueue[tuple[dict[str, Any], memoryview | None]] = field(
+        default_factory=queue.SimpleQueue)
 
 
 class Leader:
@@ -247,13 +307,18 @@ class Leader:
         self.followers: dict[int, _Follower] = {}
         self.seq = 0
         self.sent = 0
+        self.sent_bytes: Any = None  # a Counter of the bytes sent to followers (cli.py)
+        self._local = threading.local()  # the seq of the op this thread last broadcast
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._lost_reported = False
         self._closed = threading.Event()
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
-        self._outbox: queue.SimpleQueue[tuple[ClusterOp, Any]] = queue.SimpleQueue()
+        # Ops the sender thread writes, in order; ``_writing``: one is being written.
+        self._outbox: collections.deque[tuple[ClusterOp, Any]] = collections.deque()
+        self._wake = threading.Condition(self._send_lock)
+        self._writing = False
         self._sender = threading.Thread(target=self._send, name="statehost-group-send",
                                         daemon=True)
 
@@ -276,6 +341,9 @@ class Leader:
         threading.Thread(target=self._monitor, name="statehost-group-heartbeats",
                          daemon=True).start()
         self._sender.start()
+        from statehost.server.placement import use_peers
+
+        use_peers(self)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -312,9 +380,12 @@ class Leader:
         """Heartbeats and acknowledgements from one follower, until its connection ends."""
         try:
             while True:
-                header, _ = read_message(follower.sock)
+                header, data = read_message(follower.sock)
                 follower.last_seen = time.monotonic()
-                follower.status = header
+                if "shards" in header:
+                    follower.shards.put((header, data))
+                else:
+                    follower.status = header
         except (OSError, ConnectionError, pickle.UnpicklingError, struct.error) as exc:
             if not self._stopping.is_set():
                 self._lose(follower, f"its connection closed: {exc}")
@@ -338,6 +409,7 @@ class Leader:
             first = not self._lost_reported
             self._lost_reported = True
         log.error("group leader: process %d lost: %s", follower.index, why)
+        follower.shards.put(({"shards": None, "lost": why}, None))  # wakes a gather's wait
         try:
             follower.sock.close()
         except OSError:
@@ -400,30 +472,97 @@ class Leader:
     def broadcast(self, kind: str, session: str | None, call_id: str | None = None,
                   keys: tuple[str, ...] = (), message: Any = None, where: str = "",
                   **extra: Any) -> None:
-        """Queues one operation for every follower, in the one order (a 503 when one is
-        lost: then nothing runs). The sender thread writes it, so that no caller (the event
-        loop closing a session) waits on a socket."""
+        """Sends one operation to every follower, in the one order (a 503 when one is
+        lost: then nothing runs). A worker thread (the call's) writes a small one itself
+        when nothing is queued before it: handing it to the sender thread costs a thread
+        switch per op, which the GIL can hold up for milliseconds while the caller runs
+        on. The event loop (closing a session) and large ones queue it for the sender
+        thread, so that the loop never waits on a socket."""
         body = None if message is None else message.to_frame()
+        inline = (body is None or body.nbytes < _INLINE_BYTES) and not _on_event_loop()
         with self._send_lock:
             self.check(where or kind)
             self.seq += 1
+            self._local.seq = self.seq
             op = ClusterOp(kind, self.seq, session, call_id, tuple(keys), extra,
                            None if message is None else type(message).__name__)
-            self._outbox.put((op, body))
+            if not inline or self._writing or self._outbox:
+                self._outbox.append((op, body))
+                self._wake.notify()
+                return
+            self._writing = True
+        try:
+            self._write(op, body)
+        finally:
+            with self._send_lock:
+                self._writing = False
+                if self._outbox:
+                    self._wake.notify()
 
     def _send(self) -> None:
         while True:
-            op, body = self._outbox.get()
-            for follower in list(self.followers.values()):
-                if follower.lost is not None:
-                    continue
-                try:
-                    send_message(follower.sock, op, body)
-                except OSError as exc:
-                    self._lose(follower, f"sending to it failed: {exc}")
-            self.sent += 1
+            with self._send_lock:
+                while self._writing or not self._outbox:
+                    self._wake.wait()
+                op, body = self._outbox.popleft()
+                self._writing = True
+            try:
+                self._write(op, body)
+            finally:
+                with self._send_lock:
+                    self._writing = False
+                    if self._outbox:
+                        self._wake.notify()
             if op.kind == "stop":
                 return
+
+    def _write(self, op: ClusterOp, body: Any) -> None:
+        """``op`` to every follower not lost (its writer holds ``_writing``)."""
+        head = encode_message(op, body)  # pickled once, whatever the followers' count
+        for follower in list(self.followers.values()):
+            if follower.lost is not None:
+                continue
+            try:
+                sent = send_encoded(follower.sock, head, body)
+            except OSError as exc:
+                self._lose(follower, f"sending to it failed: {exc}")
+                continue
+            if self.sent_bytes is not None:
+                self.sent_bytes.labels(str(follower.index)).inc(sent)
+        self.sent += 1
+
+    # -- results ----------------------------------------------------------------------
+    def send(self, parts: list[list[tuple[Any, np.ndarray]]]) -> None:
+        raise AssertionError("the leader receives shards; it sends none")
+
+    def receive(self) -> list[list[list[tuple[Any, np.ndarray]]]]:
+        """Every follower's shards for this gather (``server/placement.py``): the next
+        message of each, for the op this thread broadcast last (older ones, of an op that
+        failed here before its gather, are dropped). A 503 when a follower is lost."""
+        want = getattr(self._local, "seq", None)
+        out = []
+        for index in sorted(self.followers):
+            follower = self.followers[index]
+            while True:
+                try:
+                    header, data = follower.shards.get(
+                        timeout=heartbeat_interval(self.settings))
+                except queue.Empty:
+                    if not self._closed.is_set():
+                        continue
+                    header = {"shards": None, "lost": "the leader is closing"}
+                if "lost" in header or follower.lost is not None:
+                    raise self.unavailable("reading the results")
+                if want is None or header["shards"] >= want:
+                    break
+            if "failed" in header and header["shards"] == want:
+                raise RuntimeError(_MSG_FOLLOWER_FAILED.format(
+                    index=index, seq=want, why=header["failed"]))
+            if want is not None and header["shards"] > want:
+                raise RuntimeError(_MSG_OUT_OF_STEP.format(index=index, want=want,
+                                                           got=header["shards"]))
+            out.append(_decode_shards(header["parts"], data))
+        return out
 
     def wait_formed(self, timeout: float = _MEET_TIMEOUT_S) -> bool:
         """Waits until every follower joined (they come right after
@@ -461,13 +600,17 @@ class Leader:
         self._stopping.set()
         with self._send_lock:
             self.seq += 1
-            self._outbox.put((ClusterOp("stop", self.seq), None))
+            self._outbox.append((ClusterOp("stop", self.seq), None))
+            self._wake.notify()
         self._sender.join(timeout=wait)
         deadline = time.monotonic() + wait
         for follower in list(self.followers.values()):
             if follower.lost is None:
                 follower.gone.wait(max(0.0, deadline - time.monotonic()))
         self._closed.set()
+        from statehost.server.placement import use_peers
+
+        use_peers(None)
         if self._listener is not None:
             self._listener.close()
         for follower in self.followers.values():
@@ -475,6 +618,46 @@ class Leader:
                 follower.sock.close()
             except OSError:
                 pass
+
+
+_MSG_OUT_OF_STEP = (
+    "process {index} sent its shards of operation {got} while the leader gathers the "
+    "results of operation {want}: it skipped that gather (its run of the operation failed "
+    "where the leader's did not). Nothing of this call is applied. Fix: restart the whole "
+    "group; report it, with both processes' logs."
+)
+
+
+_MSG_FOLLOWER_FAILED = (
+    "process {index} failed operation {seq} where the leader did not ({why}), so its "
+    "shards of the results never come. Nothing of this call is applied. Fix: restart the "
+    "whole group; report it, with both processes' logs."
+)
+
+
+def encode_shards(parts: list[list[tuple[Any, np.ndarray]]], seq: int
+                  ) -> tuple[dict[str, Any], Buffers]:
+    """A follower's shards as a message: their indices, dtypes and shapes in the header,
+    their bytes as the body."""
+    meta = [[(index, a.dtype, a.shape) for index, a in leaf] for leaf in parts]
+    buffers = tuple(np.ascontiguousarray(a) for leaf in parts for _, a in leaf)
+    return {"shards": seq, "parts": meta}, Buffers(buffers)
+
+
+def _decode_shards(meta: list[list[tuple[Any, Any, tuple[int, ...]]]],
+                   data: memoryview | None) -> list[list[tuple[Any, np.ndarray]]]:
+    out = []
+    offset = 0
+    for leaf in meta:
+        parts = []
+        for index, dtype, shape in leaf:
+            size = math.prod(shape) * np.dtype(dtype).itemsize
+            assert data is not None or size == 0
+            raw = data[offset:offset + size] if data is not None else b""
+            parts.append((index, np.frombuffer(raw, dtype).reshape(shape)))
+            offset += size
+        out.append(parts)
+    return out
 
 
 _MSG_OTHER_COUNT = (

@@ -34,6 +34,7 @@ from typing import Any
 
 from statehost.server.cluster import (
     ClusterOp,
+    encode_shards,
     heartbeat_interval,
     meet_leader,
     read_message,
@@ -75,6 +76,7 @@ class Follower:
         self.leader = "connecting"
         self._send_lock = threading.Lock()
         self.sock: socket.socket | None = None
+        self.seq = 0  # the operation it applies (its shards carry it: cluster.py)
 
     # -- what it reports ----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -106,10 +108,35 @@ class Follower:
                             now - last - period)
             last = now
 
+    # -- results (server/placement.py's PeerShards) --------------------------------------
+    def send(self, parts: list[list[Any]]) -> None:
+        """Its shards of the arrays the leader gathers now, on the leader's connection."""
+        header, body = encode_shards(parts, self.seq)
+        assert self.sock is not None
+        with self._send_lock:
+            send_message(self.sock, header, body)
+
+    def _failed(self, seq: int, why: str) -> None:
+        """Tells the leader that op ``seq`` failed here: a gather of it it waits in ends
+        (the same failure on the leader never gathers, and the note is dropped)."""
+        if self.sock is None:
+            return
+        try:
+            with self._send_lock:
+                send_message(self.sock, {"shards": seq, "parts": [], "failed": why})
+        except OSError:
+            pass
+
+    def receive(self) -> list[Any]:
+        raise AssertionError("a follower sends its shards; the leader receives them")
+
     # -- following ----------------------------------------------------------------------
     def run(self) -> int:
+        from statehost.server.placement import use_peers
+
         self.sock = meet_leader(self.index)
         self.leader = "following"
+        use_peers(self)
         log.info("group follower %d: following the leader", self.index)
         threading.Thread(target=self._heartbeats, name="statehost-heartbeat",
                          daemon=True).start()
@@ -134,6 +161,7 @@ class Follower:
     def apply(self, op: ClusterOp, data: memoryview | None) -> None:
         """Runs one operation; its failure (the same as the leader's) is only counted."""
         self.applying = {"seq": op.seq, "kind": op.kind}
+        self.seq = op.seq
         try:
             self._apply(op, data)
         except BaseException as exc:
@@ -142,6 +170,7 @@ class Follower:
                          "message": str(exc)[:300]}
             log.debug("group follower %d: op %d (%s) failed: %s", self.index, op.seq,
                       op.kind, exc)
+            self._failed(op.seq, f"{type(exc).__name__}: {str(exc)[:300]}")
         else:
             self.last = {"seq": op.seq, "kind": op.kind}
         self.applying = {}

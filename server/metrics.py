@@ -110,3 +110,8 @@ class Metrics:
             "1 while the process follows (the leader: always), 0 once it is lost or before "
             "it joined; no samples on a single-process server.", ["process"], registry=r,
         )
+        self.cluster_broadcast_bytes = Counter(
+            "statehost_cluster_broadcast_bytes_total", "Bytes a server group's leader sent "
+            "its followers (server/cluster.py), per follower: each operation and its wire "
+            "message; no samples on a single-process server.", ["process"], registry=r,
+        )

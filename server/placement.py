@@ -7,18 +7,49 @@ copy: nothing moves between processes. Uploaded states and call arguments are re
 (every device holds the whole value); the group's ``pmap`` reshards a mapped one to a lane
 per device on first use (``statehost.transform._transforms._GroupPmapWrapper``), and the
 state keeps that layout from then on, as on one process.
+
+**Reading a group's results.** The leader reads an array laid out over every process
+(a call's outputs, a pulled or persisted state) from its own shards and the followers'
+shards, which each follower sends it on its connection to the leader (``PeerShards``,
+``server/cluster.py``), rather than through ``process_allgather``: that is a collective
+program over gloo (an all-gather to every device of every process, ~2x the CPU of the
+whole tiny call), although only the leader reads the result.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
 from statehost import State
 
-__all__ = ["gathered", "global_arguments", "place", "resident_shards", "shards"]
+__all__ = ["PeerShards", "gathered", "global_arguments", "place", "resident_shards",
+           "shards", "use_peers"]
+
+
+class PeerShards(Protocol):
+    """How a group's processes bring their shards to the leader (``server/cluster.py``)."""
+
+    def send(self, parts: list[list[tuple[Any, np.ndarray]]]) -> None:
+        """A follower's: its shards (index, host copy) of each gathered array."""
+
+    def receive(self) -> list[list[list[tuple[Any, np.ndarray]]]]:
+        """The leader's: every follower's ``send`` for the same gather, in process order."""
+
+
+#: This process's ``PeerShards`` in a group (``None``: gather with ``process_allgather``).
+#: Set once, when the process joins its group, like ``jax.distributed``'s own state.
+_PEERS: list[PeerShards] = []
+
+
+def use_peers(peers: PeerShards | None) -> None:
+    """Makes ``peers`` the way ``gathered`` reads this process's group (``None``: none)."""
+    _PEERS.clear()
+    if peers is not None:
+        _PEERS.append(peers)
 
 
 def place(value: Any) -> Any:
@@ -46,8 +77,10 @@ def global_arguments(args: Any) -> Any:
 def gathered(tree: Any) -> Any:
     """``tree`` with every array this process holds only part of gathered whole.
 
-    The gather is a collective (``process_allgather``): every process of the group calls
-    it for the same arrays in the same order, those laid out over every process. An array
+    Every process of the group calls it for the same arrays in the same order, those laid
+    out over every process: in a server group each follower sends the leader its shards
+    (``use_peers``, see the module docstring); elsewhere (``tests/core``'s groups) it is
+    ``process_allgather``, a collective. An array
     on the leader's devices alone (a ``pmap(devices=...)`` on some of them) is whole on
     the leader, and a follower (whose results go nowhere) takes a placeholder of its shape.
     Any other layout cannot be read by the leader: a ``ValueError`` on every process (the
@@ -69,6 +102,8 @@ def gathered(tree: Any) -> Any:
             ways.append("local" if leaf.is_fully_addressable else "placeholder")
         else:
             raise ValueError(_MSG_ELSEWHERE.format(shape=leaf.shape, processes=sorted(holders)))
+    if _PEERS and "gather" in ways:
+        return jax.tree_util.tree_unflatten(treedef, _gather_by_peers(leaves, ways, _PEERS[0]))
     out = []
     for leaf, way in zip(leaves, ways, strict=True):
         if way == "gather":
@@ -77,6 +112,49 @@ def gathered(tree: Any) -> Any:
             leaf = np.zeros(leaf.shape, leaf.dtype)
         out.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _gather_by_peers(leaves: list[Any], ways: list[str], peers: PeerShards) -> list[Any]:
+    """``gathered``'s leaves read as the module docstring says: a follower sends its shards
+    of every array to gather in one message (and keeps placeholders: its results go
+    nowhere); the leader fills each whole array from its shards and the followers'."""
+    leader = jax.process_index() == 0
+    # A replicated array (a fresh upload) is whole on the leader: no follower sends it.
+    ways = ["replica" if way == "gather" and leaf.sharding.is_fully_replicated else way
+            for leaf, way in zip(leaves, ways, strict=True)]
+    own = [_host_shards(leaf) if way == "gather" else None
+           for leaf, way in zip(leaves, ways, strict=True)]
+    if not leader:
+        peers.send([parts for parts in own if parts is not None])
+    received = peers.receive() if leader else []
+    out = []
+    k = 0
+    for leaf, way, parts in zip(leaves, ways, own, strict=True):
+        if way == "placeholder" or (way in ("gather", "replica") and not leader):
+            leaf = np.zeros(leaf.shape, leaf.dtype)
+        elif way == "replica":
+            leaf = np.asarray(leaf.addressable_shards[0].data)
+        elif way == "gather":
+            host = np.empty(leaf.shape, leaf.dtype)
+            assert parts is not None
+            for index, data in [*parts, *(p for sent in received for p in sent[k])]:
+                host[index] = data
+            leaf = host
+        k += way == "gather"
+        out.append(leaf)
+    return out
+
+
+def _host_shards(leaf: Any) -> list[tuple[Any, np.ndarray]]:
+    """This process's parts of ``leaf`` (one per distinct index: replicas once)."""
+    parts: dict[Any, np.ndarray] = {}
+    for shard in leaf.addressable_shards:
+        key = tuple((s.start, s.stop, s.step) for s in shard.index)
+        if key not in parts:
+            parts[key] = shard.data
+    for data in parts.values():  # the copies overlap (device_get would, at ~5x the CPU
+        data.copy_to_host_async()  # of its pytree handling for these few leaves)
+    return [(tuple(slice(*k) for k in key), np.asarray(data)) for key, data in parts.items()]
 
 
 _MSG_ELSEWHERE = (
@@ -88,7 +166,14 @@ _MSG_ELSEWHERE = (
 
 
 def _replicated() -> Any:
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("lanes",))
+    return _replicated_over(tuple(jax.devices()))
+
+
+@functools.lru_cache(maxsize=8)
+def _replicated_over(devices: tuple[Any, ...]) -> Any:
+    """Built once per device set: a ``Mesh`` and its sharding cost ~40 us a call, and
+    ``jax.devices()`` does not change while a process lives (a pure function of it)."""
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("lanes",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 

@@ -120,9 +120,14 @@ def test_repeat_calls_move_no_state_bytes_and_compile_nothing(group, client):
              for d in ("in", "out")]
     compiles = leader.metric("statehost_compiles_total")
     ops = _follower(group)["ops"]
+    cast = leader.metric("statehost_cluster_broadcast_bytes_total", process="1")
     for _ in range(10):
         out = step(jnp.ones((8, 4)))
     np.testing.assert_array_equal(np.asarray(out), np.full((8, 4), 12.0))  # all 10 ran
+
+    # the requests went to the follower (a few KiB each: no state's bytes come with them)
+    sent = leader.metric("statehost_cluster_broadcast_bytes_total", process="1") - cast
+    assert 10 * 128 < sent < 10 * 16384
 
     assert [leader.metric("statehost_wire_bytes_total", direction=d, part="state")
             for d in ("in", "out")] == moved

@@ -8,7 +8,13 @@ import threading
 import numpy as np
 import pytest
 
-from statehost.server.cluster import ClusterOp, Leader, read_message, send_message
+from statehost.server.cluster import (
+    ClusterOp,
+    Leader,
+    encode_shards,
+    read_message,
+    send_message,
+)
 from statehost.server.errors import ClusterUnavailableError
 from statehost.server.settings import Settings
 from statehost.wire import PullRequest
@@ -110,3 +116,66 @@ def test_a_closed_connection_is_an_immediate_loss(tmp_path):
     assert "its connection closed" in follower.lost
     assert follower.status == {"ops": 3, "failed": 0}
     ours.close()
+
+
+def _shards_leader(tmp_path, timeout=3600.0):
+    """A leader with one follower on a socket pair (ours: the leader's end), read by the
+    leader's reader thread, as in a group."""
+    from statehost.server import cluster
+
+    leader = _leader(tmp_path, timeout=timeout)
+    ours, theirs = socket.socketpair()
+    follower = cluster._Follower(1, ours, last_seen=float(np.inf))
+    leader.followers[1] = follower
+    threading.Thread(target=leader._read, args=(follower,), daemon=True).start()
+    return leader, follower, theirs
+
+
+def test_a_followers_shards_reach_the_leaders_gather_in_order(tmp_path):
+    """Its shards of the op the leader gathers for; those of an older op (which failed on
+    the leader before its gather) are dropped."""
+    leader, _, theirs = _shards_leader(tmp_path)
+    stale = [[((slice(0, 1),), np.zeros(1, np.float32))]]
+    wanted = [[((slice(4, 8), slice(None)), np.arange(8, dtype=np.int32).reshape(4, 2))],
+              [((), np.float32(3.5) * np.ones((), np.float32))]]
+    with theirs:
+        for parts, seq in ((stale, 4), (wanted, 5)):
+            send_message(theirs, *encode_shards(parts, seq))
+        leader._local.seq = 5  # this thread broadcast op 5 last
+        (got,) = leader.receive()
+
+    assert [[index for index, _ in leaf] for leaf in got] == [[(slice(4, 8), slice(None))],
+                                                               [()]]
+    np.testing.assert_array_equal(got[0][0][1], wanted[0][0][1])
+    assert got[1][0][1] == 3.5 and got[1][0][1].dtype == np.float32
+
+
+def test_shards_of_a_later_op_say_the_follower_skipped_a_gather(tmp_path):
+    leader, _, theirs = _shards_leader(tmp_path)
+    with theirs:
+        send_message(theirs, *encode_shards([], 9))
+        leader._local.seq = 7
+        with pytest.raises(RuntimeError, match="process 1 sent its shards of operation 9 "
+                           "while the leader gathers the results of operation 7"):
+            leader.receive()
+
+
+def test_a_lost_follower_ends_the_leaders_wait_for_its_shards(tmp_path):
+    leader, follower, theirs = _shards_leader(tmp_path)
+    leader._local.seq = 1
+    theirs.close()  # it dies before sending them
+
+    with pytest.raises(ClusterUnavailableError, match="process 1 of this server's group of "
+                       "2 is lost .its connection closed"):
+        leader.receive()
+    assert follower.lost is not None
+
+
+def test_a_follower_that_failed_the_op_ends_the_leaders_wait_with_its_reason(tmp_path):
+    leader, _, theirs = _shards_leader(tmp_path)
+    with theirs:
+        send_message(theirs, {"shards": 3, "parts": [], "failed": "MemoryError: no room"})
+        leader._local.seq = 3
+        with pytest.raises(RuntimeError, match="process 1 failed operation 3 where the "
+                           "leader did not .MemoryError: no room."):
+            leader.receive()
