@@ -163,8 +163,8 @@ def to_host(tree: Any, where: str) -> Any:
     """One ``device_get`` for outputs and states: their copies to the host overlap.
 
     In a group of processes, arrays this process holds only part of are gathered first
-    (``process_allgather``, a collective: every process runs the same operation, so every
-    one gets here in the same order).
+    (``placement.gathered``: the followers send their shards over the operation stream;
+    every process runs the same operation, so every one gets here in the same order).
 
     A failure here is the server's (the run succeeded): a 500 that says nothing
     was applied, which is true because the commit comes after it.

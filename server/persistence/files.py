@@ -113,7 +113,7 @@ def save_value(path: Path, value: PyTree, *, meta: dict[str, str] | None = None)
     if jax.process_count() > 1:  # a server group (server/cluster.py): the leader writes
         from statehost.server.placement import gathered
 
-        leaves = gathered(leaves)  # a collective: every process comes here, in one order
+        leaves = gathered(leaves)  # every process comes here, in one order
         if jax.process_index() > 0:
             return 0
     arrays = [np.asarray(x) for x in jax.device_get(leaves)]  # one batched transfer
