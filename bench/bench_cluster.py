@@ -47,18 +47,35 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from _remote_server import Served, serving, statehost_command  # noqa: E402
 
-# The seed's module, as bench_remote measures it (one lane per device: 8 on CPU).
-from bench_remote import LANES, PARAM, Affine  # noqa: E402
-
 import statehost  # noqa: E402
+from statehost.util.filter import OfType  # noqa: E402
 
+LANES = 8
 BIG = 128 << 20  # bytes of the resident weight
 BIG_WIDTH = BIG // (4 * LANES)
+PARAM = {0: OfType(statehost.ParamState)}
 SINGLE, GROUP = "1 process x 8 devices", "2 processes x 4 devices"
 TINY_TARGET = 1.5  # the group's tiny call over the single process's (issue 14)
+
+
+class Affine(statehost.nn.Module):
+    """The seed notebook's module; returns only the first 4 columns of the new weight.
+
+    bench_remote has the same class, but one imported from there would be pickled by
+    reference, which the servers cannot import; defined in ``__main__``, cloudpickle sends
+    it by value."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = statehost.ParamState(jnp.ones((LANES, width), jnp.float32))
+
+    def __call__(self, delta):
+        self.weight.value = self.weight.value + delta
+        return self.weight.value[:4]
 
 
 # -- the servers ---------------------------------------------------------------------
