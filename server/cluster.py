@@ -491,13 +491,7 @@ class Leader:
                 self._wake.notify()
                 return
             self._writing = True
-        try:
-            self._write(op, body)
-        finally:
-            with self._send_lock:
-                self._writing = False
-                if self._outbox:
-                    self._wake.notify()
+        self._write_turn(op, body)
 
     def _send(self) -> None:
         while True:
@@ -506,15 +500,20 @@ class Leader:
                     self._wake.wait()
                 op, body = self._outbox.popleft()
                 self._writing = True
-            try:
-                self._write(op, body)
-            finally:
-                with self._send_lock:
-                    self._writing = False
-                    if self._outbox:
-                        self._wake.notify()
+            self._write_turn(op, body)
             if op.kind == "stop":
                 return
+
+    def _write_turn(self, op: ClusterOp, body: Any) -> None:
+        """Writes ``op`` (the caller took the writer's turn, ``_writing``), then gives the
+        turn back and wakes the sender thread if ops are waiting."""
+        try:
+            self._write(op, body)
+        finally:
+            with self._send_lock:
+                self._writing = False
+                if self._outbox:
+                    self._wake.notify()
 
     def _write(self, op: ClusterOp, body: Any) -> None:
         """``op`` to every follower not lost (its writer holds ``_writing``)."""
