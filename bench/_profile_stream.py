@@ -84,11 +84,9 @@ def thread_cpu(pid: int) -> tuple[float, float]:
     return main, other
 
 
-def cpu_by_thread(pid: int) -> dict[str, float]:
-    """Seconds of CPU of process ``pid`` per thread, keyed ``tid:name`` (``main`` for the
-    main thread). Here every other thread is named ``python``: the scheduler's workers
-    and XLA's CPU device threads (one per device) alike."""
-    found: dict[str, float] = {}
+def _threads(pid: int) -> list[tuple[int, str, float]]:
+    """``(tid, name, seconds of CPU)`` of each thread of process ``pid``."""
+    found = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
@@ -96,23 +94,23 @@ def cpu_by_thread(pid: int) -> dict[str, float]:
         except FileNotFoundError:
             continue
         fields = fields.split()
-        key = "main" if int(tid) == pid else f"{tid}:{name}"
-        found[key] = (int(fields[11]) + int(fields[12])) / _TICK
+        found.append((int(tid), name, (int(fields[11]) + int(fields[12])) / _TICK))
     return found
+
+
+def cpu_by_thread(pid: int) -> dict[str, float]:
+    """Seconds of CPU of process ``pid`` per thread, keyed ``tid:name`` (``main`` for the
+    main thread). Here every other thread is named ``python``: the scheduler's workers
+    and XLA's CPU device threads (one per device) alike."""
+    return {"main" if tid == pid else f"{tid}:{name}": cpu for tid, name, cpu in _threads(pid)}
 
 
 def cpu_by_name(pid: int) -> dict[str, float]:
     """Seconds of CPU of process ``pid`` per thread name (``comm``: XLA names its pools)."""
     found: dict[str, float] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                name, fields = f.read().split(" (", 1)[1].rsplit(")", 1)
-        except FileNotFoundError:
-            continue
-        fields = fields.split()
-        name = "main" if int(tid) == pid else name
-        found[name] = found.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    for tid, name, cpu in _threads(pid):
+        key = "main" if tid == pid else name
+        found[key] = found.get(key, 0.0) + cpu
     return found
 
 
