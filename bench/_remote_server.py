@@ -30,7 +30,8 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["Command", "Served", "bare_command", "fresh_buffer", "serving", "statehost_command"]
+__all__ = ["Command", "Served", "bare_command", "fresh_buffer", "serving", "statehost_command",
+           "stop"]
 
 _STREAM_CHUNK = 4 << 20  # what statehost's frame_response streams a large frame in
 
@@ -133,13 +134,18 @@ def serving(
             time.sleep(0.1)
         yield served
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM (a graceful shutdown), then SIGKILL after ``timeout`` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # -- the bare app (only when run as a script) -------------------------------------

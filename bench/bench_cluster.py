@@ -49,7 +49,7 @@ from typing import Any  # noqa: E402
 import httpx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _remote_server import Served, serving, statehost_command  # noqa: E402
+from _remote_server import Served, serving, statehost_command, stop  # noqa: E402
 
 import statehost  # noqa: E402
 from statehost.util.filter import OfType  # noqa: E402
@@ -125,12 +125,7 @@ def group(tmp: Path, env: dict[str, str], log_level: str
         raise RuntimeError(f"{exc}\nthe follower's log:\n{log.read_text(errors='replace')}") \
             from None
     finally:
-        follower.terminate()
-        try:
-            follower.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            follower.kill()
-            follower.wait()
+        stop(follower)  # it has stopped with its leader, normally
 
 
 # -- timing --------------------------------------------------------------------------
