@@ -241,9 +241,10 @@ class Client:
         self._ledger.forget_server()
 
     def close(self) -> None:
-        """Waits for the calls in flight, then closes the session (the server frees its
-        states) and the connection. Raises an asynchronous call's failure not raised yet
-        (after closing)."""
+        """Waits for the calls in flight, fetches the state values they wrote that were not
+        read yet (in one pull, so ``state.value`` works after the client is gone), then
+        closes the session (the server frees its states) and the connection. Raises an
+        asynchronous call's failure not raised yet (after closing)."""
         if self._http.closed:
             return
         failure = None
@@ -252,6 +253,10 @@ class Client:
                 self._dispatcher.sync()
             except ClientError as exc:
                 failure = exc
+            try:  # the values calls wrote and nobody read yet: the last chance to fetch them
+                self._dispatcher.fetch_deferred()
+            except ClientError as exc:
+                failure = failure or exc
             finally:
                 self._dispatcher.close()
                 self._dispatcher = None

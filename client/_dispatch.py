@@ -39,6 +39,7 @@ import numpy as np
 from statehost._state import DeferredValue, State
 from statehost.client._arrays import RemoteArray
 from statehost.client._errors import (
+    ClientClosedError,
     ClientError,
     FunctionNotCachedError,
     SessionNotFoundError,
@@ -117,17 +118,23 @@ class AsyncCall:
         return f"AsyncCall({self.id}, {self.status})"
 
 
+_NOT_FETCHED = object()
+
+
 class RemoteStateValue(DeferredValue):
     """A state value written by an asynchronous call, fetched (pulled) on first read."""
 
-    __slots__ = ("dispatcher", "state_id", "call")
+    __slots__ = ("dispatcher", "state_id", "call", "fetched")
 
     def __init__(self, dispatcher: Dispatcher, state_id: str, call: AsyncCall | None,
                  aval: Any):
         super().__init__(aval)
         self.dispatcher, self.state_id, self.call = dispatcher, state_id, call
+        self.fetched: Any = _NOT_FETCHED  # set when the client fetched it at close
 
     def resolve(self) -> Any:
+        if self.fetched is not _NOT_FETCHED:
+            return self.fetched
         return self.dispatcher.resolve_state(self)
 
 
@@ -155,6 +162,10 @@ class Dispatcher:
         self._issued: collections.deque[AsyncCall] = collections.deque()
         self._failure: AsyncCall | None = None  # the first failed call not raised yet
         self._frees: list[str] = []
+        # The states given deferred values, by id: the client fetches those still unread
+        # when it closes (fetch_deferred), since it cannot fetch them after.
+        self._deferred: dict[str, tuple[weakref.ref[State], RemoteStateValue]] = {}
+        self._closed = False
         # The stream generation the session was last checked at (by a blocking call over
         # HTTP, which reopens a closed session); None: check again before going async.
         self._checked: tuple[Stream, int] | None = None
@@ -170,6 +181,8 @@ class Dispatcher:
         return self._stream
 
     def close(self) -> None:
+        self._closed = True
+        self._deferred.clear()
         if self._stream is not None:
             self._stream.close()
 
@@ -245,7 +258,30 @@ class Dispatcher:
 
     def defer(self, state: State, call: AsyncCall) -> None:
         """``state`` gets the value ``call`` will write, fetched when read."""
-        state.defer(RemoteStateValue(self, state.id, call, state.aval))
+        deferred = RemoteStateValue(self, state.id, call, state.aval)
+        state.defer(deferred)
+        self._deferred[state.id] = (weakref.ref(state), deferred)
+
+    def fetch_deferred(self) -> None:
+        """Fetches, in one pull, the deferred values of this client's states not read yet
+        (the client is closing: after that nothing could fetch them). Call after ``sync``."""
+        unread = {}
+        for state_id, (ref, deferred) in self._deferred.items():
+            state = ref()
+            if state is not None and state.is_deferred and deferred.fetched is _NOT_FETCHED:
+                unread[state_id] = (state, deferred)
+        self._deferred.clear()
+        if not unread:
+            return
+        reply = PullReply.from_frame(self.roundtrip(PullRequest(
+            session=self.client._session, call_id=self.client.next_call_id(),
+            ids=tuple(unread))))
+        ledger = self.client._ledger
+        for state_id, value in reply.states.load():
+            state, deferred = unread[state_id]
+            deferred.fetched, deferred.call = jax.device_put(value), None
+            ledger.received(state, reply.state_versions.get(state_id))
+            state.value  # noqa: B018  installs the fetched value in place of the deferred one
 
     @staticmethod
     def mirror(local: State, twin: State) -> None:
@@ -373,6 +409,13 @@ class Dispatcher:
         return as_array(value, reply.weak_types[0] if reply.weak_types else False)
 
     def resolve_state(self, deferred: RemoteStateValue) -> Any:
+        if self._closed:
+            raise ClientClosedError(
+                f"reading state {deferred.state_id[:8]}...: its value was written on the "
+                "server by a call of a client that is closed now, and fetching it when the "
+                "client closed failed (see the error close() raised). Fix: read state "
+                "values before client.close(), or pull them with a new client "
+                "(client.pull(state)) while the server keeps them (named states).")
         call, deferred.call = deferred.call, None
         if call is not None and call.pending is not None:
             try:

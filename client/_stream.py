@@ -194,6 +194,9 @@ class Stream:
             pass
         if threading.current_thread() is not self._reader:
             self._reader.join(timeout=5)
+        # A request sent after this, or one still waiting, gets an error, never a hang.
+        self._fail_all(f"{self._where}: the client closed this stream (client.close(), or "
+                       "the client was garbage-collected); open a new client to go on")
 
     # -- the reader thread ---------------------------------------------------------------
     def _read(self) -> None:

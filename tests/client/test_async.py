@@ -487,3 +487,24 @@ def test_several_frames_before_any_alone_close_the_channel(async_client, transpo
     conn.send(free + free)
     assert conn.recv() is None and conn.close_code == 1007
     assert "send a frame alone first" in conn.close_reason
+
+
+def test_states_written_by_calls_are_read_after_the_client_closes(transport):
+    """``with connect(...) as client: ...`` then ``weight.value``: the values the calls
+    wrote come back at close (in one pull), not a hang on a closed stream."""
+    first = statehost.ParamState(jnp.zeros((LANES, 4)))
+    second = statehost.ParamState(jnp.ones(3))
+
+    def grow():
+        first.value = first.value + 1
+        second.value = second.value * 2
+        return first.value[0, 0]
+
+    with statehost.connect(URL, token=TOKEN, transport=transport) as client:
+        step = client.jit(grow)
+        step()  # blocking (a new signature)
+        step()  # asynchronous
+        assert first.is_deferred and second.is_deferred
+    assert not first.is_deferred and not second.is_deferred
+    np.testing.assert_array_equal(first.value, np.full((LANES, 4), 2.0))
+    np.testing.assert_array_equal(second.value, np.full(3, 4.0))
