@@ -348,3 +348,43 @@ def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(restarted
     assert code == 1, out
     assert any(cell.startswith("lost") for cell in _process_rows(out)["1"])
     assert "PROBLEM  process(es) 1 of the server's group are not answering" in out
+
+
+# -- durability sync: nothing acknowledged is lost ------------------------------------------
+def _state_row(group, name):
+    answer = httpx.get(f"{group.leader.url}/v1/namespaces/team/states/{name}",
+                       headers={"authorization": f"Bearer {group.leader.token}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_a_sync_put_acknowledged_before_a_follower_dies_survives_a_group_restart(tmp_path):
+    model = Affine(8)
+    with running_group(tmp_path, env={"STATEHOST_DURABILITY": "sync"}) as group, \
+            statehost.connect(group.leader.url, token=group.leader.token) as client:
+        client.pmap(model, **PMAP)(jnp.full((8, 4), 3.0))
+        client.put("team/acked", model)  # acknowledged: on disk by now (sync)
+        client.pmap(model, **PMAP)(jnp.ones((8, 4)))  # the named state's next version
+        acked = _state_row(group, "acked.weight")
+        assert acked["durable_version"] == acked["version"]
+        os.kill(group.followers[0].process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while health(group.leader)[0] != 503:
+            assert time.monotonic() < deadline, "the leader did not notice the loss"
+            time.sleep(0.05)
+        with pytest.raises(statehost.client.ClusterUnavailableError,
+                           match="process 1 of this server.s group of 2 is lost"):
+            np.asarray(client.pmap(model, **PMAP)(jnp.ones((8, 4))))  # synchronises
+        refused = httpx.post(f"{group.leader.url}/v1/sessions",
+                             headers={"authorization": f"Bearer {group.leader.token}"})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["type"] == "ClusterUnavailableError"
+
+    with running_group(tmp_path) as group, \
+            statehost.connect(group.leader.url, token=group.leader.token) as client:
+        back = _state_row(group, "acked.weight")
+        assert (back["version"], back["durable_version"], back["id"]) == \
+            (acked["version"], acked["version"], model.weight.id)
+        net = client.get("team/acked")
+        np.testing.assert_array_equal(net.weight.value, np.full((8, 4), 5.0))
+        assert _follower(group)["states"][model.weight.id] == {"shards": [FOLLOWER_DEVICES]}
