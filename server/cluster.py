@@ -67,9 +67,9 @@ with ``interval`` durability and 3.5 s with ``sync`` (the gather over gloo is mo
 2-3 s); a restart that reloads it starts in the same ~12 s as an empty one.
 
 **Not done (documented limits).** Jobs, loops, registered functions' invokes and the
-JSON value API are refused in a group (``MIRRORED`` lists what runs on every process);
-and a namespace's durability changed after the group started is not mirrored to the
-followers.
+JSON value API are refused in a group (``MIRRORED`` lists what runs on every process).
+A namespace's durability change is an operation (``durability``) run on the leader's one
+worker, so every process switches between the same two commits.
 """
 
 from __future__ import annotations
@@ -129,18 +129,6 @@ _MSG_NOT_MIRRORED = (
     "every process). Fix: run it on a single-process server, or use client.pmap/vmap/jit."
 )
 
-
-_MSG_DURABILITY = (
-    "{where}: a namespace's durability cannot change while the server spans several "
-    "processes (each process must make the same writes to disk in the same order, and "
-    "a change would reach them at different points). Fix: give every process of the group "
-    "the same STATEHOST_DURABILITY, or set the namespace's durability on a single-process "
-    "server on this data dir before starting the group (the group keeps it)."
-)
-
-
-def refuse_durability_change(where: str) -> None:
-    raise GroupUnsupportedError(_MSG_DURABILITY.format(where=where))
 
 
 def heartbeat_interval(settings: Settings) -> float:

@@ -195,6 +195,8 @@ class Follower:
                 path.write_bytes(data)
             rt.persistence.open()
             return rt.persistence.reload(rt.store)
+        if op.kind == "durability":  # between the same two operations as the leader's
+            return rt.persistence.set_durability(op.extra["namespace"], op.extra["durability"])
         if op.kind == "flush":
             return rt.persistence.flush(list(op.keys))
         if op.kind == "free":  # arrays a session kept (the call stream's outputs)

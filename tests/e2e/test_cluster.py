@@ -199,11 +199,31 @@ def test_work_no_follower_runs_is_refused_in_a_group(group, client):
     assert answer.json()["error"]["type"] == "GroupUnsupportedError"
     assert "not supported on a server spanning several processes" in \
         answer.json()["error"]["message"]
-    durability = httpx.put(f"{group.leader.url}/v1/namespaces/team", json={
-        "durability": "sync"}, headers={"authorization": f"Bearer {group.leader.token}"})
-    assert durability.status_code == 501
-    assert "durability cannot change while the server spans several processes" in \
-        durability.json()["error"]["message"]
+
+
+def test_a_durability_change_reaches_every_process_between_the_same_commits(group, client):
+    auth = {"authorization": f"Bearer {group.leader.token}"}
+    before = _follower(group)
+    answer = httpx.put(f"{group.leader.url}/v1/namespaces/durable", json={
+        "durability": "sync"}, headers=auth)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["durability"] == "sync"
+    # Commits gather for sync on every process: a follower that had not switched would
+    # send no shards, and these would fail.
+    model = Affine(8)
+    client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+    client.put("durable/net", model)
+    client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+    row = httpx.get(f"{group.leader.url}/v1/namespaces/durable/states/net.weight",
+                    headers=auth).json()
+    assert row["durable_version"] == row["version"] >= 2  # on disk at each commit
+    after = _follower(group)
+    assert after["failed"] == before["failed"]
+    assert after["ops"] >= before["ops"] + 4  # the switch, the call, the put, the call
+    back = httpx.put(f"{group.leader.url}/v1/namespaces/durable", json={
+        "durability": "interval"}, headers=auth)
+    assert back.status_code == 200, back.text
+    client.delete("durable/net")
 
 
 def test_a_pmap_on_some_devices_keeps_its_states_there(group, client):
