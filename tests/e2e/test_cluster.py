@@ -201,6 +201,28 @@ def test_work_no_follower_runs_is_refused_in_a_group(group, client):
         answer.json()["error"]["message"]
 
 
+def test_a_registered_function_is_invoked_with_json_on_every_process(group, client):
+    model = Affine(8)
+    client.put("fns/net", model)
+    client.register("fns/step", client.pmap(model, **PMAP))
+    before = _follower(group)
+    url = f"{group.leader.url}/v1/namespaces/fns/functions/step/invoke"
+    auth = {"authorization": f"Bearer {group.leader.token}"}
+
+    answers = [httpx.post(url, json={"args": [[[2.0] * 4] * 8]}, headers=auth)
+               for _ in range(2)]
+
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    assert answers[1].json()["versions"]["net.weight"] == \
+        answers[0].json()["versions"]["net.weight"] + 1
+    after = _follower(group)
+    assert (after["failed"], after["ops"]) == (before["failed"], before["ops"] + 2)
+    assert after["states"][model.weight.id] == {"shards": [FOLLOWER_DEVICES]}
+    net = client.get("fns/net")
+    np.testing.assert_array_equal(net.weight.value, np.full((8, 4), 5.0))
+    client.delete("fns/net")
+
+
 def test_a_durability_change_reaches_every_process_between_the_same_commits(group, client):
     auth = {"authorization": f"Bearer {group.leader.token}"}
     before = _follower(group)
