@@ -66,10 +66,11 @@ here (2 x 4 CPU devices, one loaded 2-core machine): putting a 128 MiB state tak
 with ``interval`` durability and 3.5 s with ``sync`` (the gather over gloo is most of it,
 2-3 s); a restart that reloads it starts in the same ~12 s as an empty one.
 
-**Not done (documented limits).** Jobs, loops and the JSON value API are refused in a
-group (``MIRRORED`` lists what runs on every process).
-A namespace's durability change is an operation (``durability``) run on the leader's one
-worker, so every process switches between the same two commits.
+**Not done (documented limits).** Jobs and loops are refused in a group (``MIRRORED``
+lists what runs on every process: registered functions' invokes and the JSON value API
+do, each process reading and writing the state the same way). A namespace's durability
+change is an operation (``durability``) run on the leader's one worker, so every process
+switches between the same two commits.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ log = logging.getLogger("statehost.server")
 
 #: The call kinds every process runs; the leader refuses others in a group.
 MIRRORED = frozenset({"call", "push", "pull", "put", "get", "fetch", "delete", "register",
-                      "invoke"})
+                      "invoke", "read", "write"})
 
 _KEY_ADDRESS = "statehost/cluster/address"
 _KEY_SECRET = "statehost/cluster/secret"
@@ -126,9 +127,9 @@ _MSG_STARTING = (
 )
 _MSG_NOT_MIRRORED = (
     "{where}: {kind} is not supported on a server spanning several processes yet (only "
-    "calls, pushes, pulls, puts, gets, fetches and deletes of named objects, and registered "
-    "functions, are run on every process). Fix: run it on a single-process server, or use "
-    "client.pmap/vmap/jit."
+    "calls, pushes, pulls, puts, gets, fetches and deletes of named objects, registered "
+    "functions and the JSON value API are run on every process). Fix: run it on a "
+    "single-process server, or use client.pmap/vmap/jit."
 )
 
 

@@ -244,6 +244,15 @@ class Follower:
             row = find(rt, op.extra["namespace"], op.extra["name"], where)
             return invoke_registered(call, row, op.extra["args"], op.extra["kwargs"], rt,
                                      where)
+        if op.kind in ("read", "write"):  # the JSON value API (server/routes/values.py)
+            from statehost.server.routes.values import read_value, write_value
+
+            state = rt.store.by_id(op.extra["state"])
+            if op.kind == "read":
+                return read_value(state, "GET .../value")
+            call.session = Session(op.session or "", time.monotonic(), time.monotonic(),
+                                   op.extra["principal"], client=op.extra["client"])
+            return write_value(call, state, op.extra["array"], rt, "PUT .../value")
         if op.kind == "fetch":
             return fetch_kept(call, message, rt, "fetch")
         raise ValueError(f"unknown operation {op.kind!r}")
