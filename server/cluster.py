@@ -66,10 +66,11 @@ here (2 x 4 CPU devices, one loaded 2-core machine): putting a 128 MiB state tak
 with ``interval`` durability and 3.5 s with ``sync`` (the gather over gloo is most of it,
 2-3 s); a restart that reloads it starts in the same ~12 s as an empty one.
 
-**Not done (documented limits).** Jobs, loops, registered functions' invokes and the
-JSON value API are refused in a group (``MIRRORED`` lists what runs on every process);
-and a namespace's durability changed after the group started is not mirrored to the
-followers.
+**Not done (documented limits).** Jobs and loops are refused in a group (``MIRRORED``
+lists what runs on every process: registered functions' invokes and the JSON value API
+do, each process reading and writing the state the same way). A namespace's durability
+change is an operation (``durability``) run on the leader's one worker, so every process
+switches between the same two commits.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ __all__ = ["MIRRORED", "ClusterOp", "Leader", "check_mirrored", "heartbeat_inter
 log = logging.getLogger("statehost.server")
 
 #: The call kinds every process runs; the leader refuses others in a group.
-MIRRORED = frozenset({"call", "push", "pull", "put", "get", "fetch", "delete"})
+MIRRORED = frozenset({"call", "push", "pull", "put", "get", "fetch", "delete", "register",
+                      "invoke", "read", "write"})
 
 _KEY_ADDRESS = "statehost/cluster/address"
 _KEY_SECRET = "statehost/cluster/secret"
@@ -125,22 +127,11 @@ _MSG_STARTING = (
 )
 _MSG_NOT_MIRRORED = (
     "{where}: {kind} is not supported on a server spanning several processes yet (only "
-    "calls, pushes, pulls, puts, gets, fetches and deletes of named objects are run on "
-    "every process). Fix: run it on a single-process server, or use client.pmap/vmap/jit."
+    "calls, pushes, pulls, puts, gets, fetches and deletes of named objects, registered "
+    "functions and the JSON value API are run on every process). Fix: run it on a "
+    "single-process server, or use client.pmap/vmap/jit."
 )
 
-
-_MSG_DURABILITY = (
-    "{where}: a namespace's durability cannot change while the server spans several "
-    "processes (each process must make the same writes to disk in the same order, and "
-    "a change would reach them at different points). Fix: give every process of the group "
-    "the same STATEHOST_DURABILITY, or set the namespace's durability on a single-process "
-    "server on this data dir before starting the group (the group keeps it)."
-)
-
-
-def refuse_durability_change(where: str) -> None:
-    raise GroupUnsupportedError(_MSG_DURABILITY.format(where=where))
 
 
 def heartbeat_interval(settings: Settings) -> float:

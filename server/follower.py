@@ -181,6 +181,7 @@ class Follower:
         from statehost.server.calls import Call
         from statehost.server.execution import run_call
         from statehost.server.named import get_object, put_object
+        from statehost.server.registered import find, invoke_registered, register
         from statehost.server.store import Session
         from statehost.server.transfer import fetch_kept, pull_states, push_states
 
@@ -195,6 +196,8 @@ class Follower:
                 path.write_bytes(data)
             rt.persistence.open()
             return rt.persistence.reload(rt.store)
+        if op.kind == "durability":  # between the same two operations as the leader's
+            return rt.persistence.set_durability(op.extra["namespace"], op.extra["durability"])
         if op.kind == "flush":
             return rt.persistence.flush(list(op.keys))
         if op.kind == "free":  # arrays a session kept (the call stream's outputs)
@@ -231,6 +234,25 @@ class Follower:
             deleted = rt.registry.delete(op.extra["namespace"], op.extra["name"])
             rt.functions.evict_states(deleted)
             return deleted
+        if op.kind == "register":
+            return register(call, message, rt)
+        if op.kind == "invoke":  # a JSON request's one-off session, as the leader had it
+            call.session = Session(op.session or "", time.monotonic(), time.monotonic(),
+                                   op.extra["principal"], client=op.extra["client"])
+            where = f"POST /v1/namespaces/{op.extra['namespace']}/functions/" \
+                    f"{op.extra['name']}/invoke"
+            row = find(rt, op.extra["namespace"], op.extra["name"], where)
+            return invoke_registered(call, row, op.extra["args"], op.extra["kwargs"], rt,
+                                     where)
+        if op.kind in ("read", "write"):  # the JSON value API (server/routes/values.py)
+            from statehost.server.routes.values import read_value, write_value
+
+            state = rt.store.by_id(op.extra["state"])
+            if op.kind == "read":
+                return read_value(state, "GET .../value")
+            call.session = Session(op.session or "", time.monotonic(), time.monotonic(),
+                                   op.extra["principal"], client=op.extra["client"])
+            return write_value(call, state, op.extra["array"], rt, "PUT .../value")
         if op.kind == "fetch":
             return fetch_kept(call, message, rt, "fetch")
         raise ValueError(f"unknown operation {op.kind!r}")

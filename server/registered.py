@@ -20,6 +20,7 @@ from statehost.server.errors import NotFoundError, ValidationError
 from statehost.server.execution import InvokeResult, invoke
 from statehost.server.names import split_name
 from statehost.server.persistence import FunctionRow
+from statehost.server.placement import global_arguments
 from statehost.wire import RegisterReply, RegisterRequest, StateRef, decode, encode
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ def register(call: Call, request: RegisterRequest, rt: Runtime) -> RegisterReply
             raise ValidationError(_MSG_NOT_NAMED.format(
                 where=_REGISTER, label=state_id[:8], id=state_id, namespace=namespace),
                 state=state_id)
+    rt.share(call, request, _REGISTER)  # a group's followers store it too (server/cluster.py)
     function = request.function
     payload = encode({}, {"function": type(function)(
         bytes(function.payload), [memoryview(bytes(b)) for b in function.buffers])}).to_bytes()
@@ -132,7 +134,12 @@ def find(rt: Runtime, namespace: str, name: str, where: str) -> FunctionRow:
 
 def invoke_registered(call: Call, row: FunctionRow, args: list[Any], kwargs: dict[str, Any],
                       rt: Runtime, where: str) -> InvokeResult:
-    """Runs the stored transform (from the cache, or unpickled again) on its named states."""
+    """Runs the stored transform (from the cache, or unpickled again) on its named states.
+    In a group every process runs it (the arguments are JSON, broadcast once); its
+    one-request session goes with it (no ``open`` announced it)."""
+    assert call.session is not None
+    rt.share(call, None, where, namespace=row.namespace, name=row.name, args=args,
+             kwargs=kwargs, principal=call.session.principal, client=call.session.client)
     key = f"fn:{row.namespace}:{row.name}:{row.digest}"
     hit = rt.functions.get(key)
     if hit is not None and all(rt.store.by_id(i) is not None for i in hit.state_ids):
@@ -140,4 +147,5 @@ def invoke_registered(call: Call, row: FunctionRow, args: list[Any], kwargs: dic
     else:
         transform, loaded = _load(rt, row.payload, row.namespace, None, where)
         rt.functions.put(key, CachedFunction(transform, frozenset(loaded)))
+    args, kwargs = global_arguments((args, kwargs))  # each process's copy, one global array
     return invoke(call, transform, args, kwargs, rt, where)

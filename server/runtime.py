@@ -9,7 +9,7 @@ from typing import Any
 from statehost.server.admission import Admission
 from statehost.server.auth import Principal, TokenTable
 from statehost.server.callable_cache import FunctionCache
-from statehost.server.cluster import Leader, check_mirrored, refuse_durability_change
+from statehost.server.cluster import Leader, check_mirrored
 from statehost.server.errors import SessionNotFoundError
 from statehost.server.metrics import Metrics
 from statehost.server.named import Registry
@@ -61,10 +61,24 @@ class Runtime:
                                  call.id, call.keys, message, where, **extra)
 
     def set_durability(self, namespace: str, durability: Any, where: str) -> None:
-        """A namespace's durability (refused in a group: ``server/cluster.py``)."""
-        if self.group is not None:
-            refuse_durability_change(where)
-        self.persistence.set_durability(namespace, durability)
+        """A namespace's durability. In a group it is an operation of the one order, run
+        on the worker (so between two calls' commits on every process: a commit gathers
+        for ``sync``, and every process must gather for the same ones); from a route's
+        worker thread (a sync route)."""
+        if self.group is None:
+            self.persistence.set_durability(namespace, durability)
+            return
+        group = self.group
+
+        def switch() -> None:
+            group.broadcast("durability", None, where=where, namespace=namespace,
+                            durability=str(durability))
+            self.persistence.set_durability(namespace, durability)
+
+        import anyio.from_thread
+
+        group.check(where)
+        anyio.from_thread.run(self.scheduler.run, (), switch)
 
     def free_handles(self, session: Session, names: Any) -> None:
         """Drops arrays ``session`` keeps (the call stream's outputs), on every process."""

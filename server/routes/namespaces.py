@@ -12,8 +12,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 
 from statehost.server.deps import PrincipalDep, RuntimeDep, require_token
 from statehost.server.errors import (
+    ClusterUnavailableError,
     ForbiddenError,
-    GroupUnsupportedError,
     NotFoundError,
     ValidationError,
 )
@@ -116,7 +116,7 @@ def list_namespaces(rt: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
 
 @router.put("/{namespace}", summary="Set a namespace's durability (scope admin) and quotas "
             "(a server token)", responses=errors(NotFoundError, ForbiddenError, ValidationError,
-                                                 GroupUnsupportedError))
+                                                 ClusterUnavailableError))
 def set_namespace(namespace: str, body: NamespaceBody, rt: RuntimeDep,
                   principal: PrincipalDep) -> dict[str, Any]:
     where = f"PUT /v1/namespaces/{namespace}"

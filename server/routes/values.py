@@ -211,6 +211,25 @@ def _npy_response(array: np.ndarray, headers: dict[str, str]) -> Response:
                              headers={**headers, "content-length": str(data.nbytes)})
 
 
+# -- the work (a server group's followers run it too: server/follower.py) ------------
+def read_value(state: Any, where: str) -> np.ndarray:
+    """The value of a single-array state, on the host."""
+    (leaf,) = jax.tree_util.tree_leaves(state.value)
+    return np.asarray(to_host(leaf, where))
+
+
+def write_value(call: Call, state: Any, array: np.ndarray, rt: Any, where: str) -> int:
+    """Commits ``array`` as the value of a single-array state, laid out as the old one;
+    returns the new version."""
+    (old,) = jax.tree_util.tree_leaves(state.value)
+    sharding = getattr(old, "sharding", None)
+    value = jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
+    tx = Transaction(rt, call.session, where)
+    tx.replace(state, jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(state.value), [value]))
+    return tx.commit().versions[state.id]
+
+
 # -- routes -----------------------------------------------------------------------
 @router.get("/{namespace}/states", summary="List the named states of a namespace (metadata)",
             responses=errors(NotFoundError, ValidationError))
@@ -256,8 +275,8 @@ async def get_value(namespace: str, name: str, request: Request, rt: RuntimeDep,
         )
 
     def work(call: Call) -> tuple[int, np.ndarray]:
-        current = _leaf(state, row, where)
-        return rt.store.meta(row.id).version, np.asarray(to_host(current, where))
+        rt.share(call, None, where, state=row.id)  # a group's followers read it too
+        return rt.store.meta(row.id).version, read_value(state, where)
 
     version, array = await rt.submit(
         Call("read", Session.for_request(principal), (row.id,), work), where)
@@ -303,14 +322,10 @@ async def put_value(namespace: str, name: str, request: Request, rt: RuntimeDep,
                 "nothing was written. Fix: read the value again and retry with its version.",
                 expected_version=expected, current_version=version,
             )
-        old = _leaf(state, row, where)
-        sharding = getattr(old, "sharding", None)
-        value = jax.device_put(array, sharding) if sharding is not None \
-            else jax.device_put(array)
-        tx = Transaction(rt, call.session, where)
-        tx.replace(state, jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(state.value), [value]))
-        return tx.commit().versions[row.id]
+        assert call.session is not None
+        rt.share(call, None, where, state=row.id, array=array,
+                 principal=call.session.principal, client=call.session.client)
+        return write_value(call, state, array, rt, where)
 
     version = await rt.submit(Call("write", session, (row.id,), work), where)
     return JSONResponse({"name": row.full_name, "version": version}, headers=_etag(version))

@@ -190,20 +190,89 @@ def test_put_and_get_from_two_clients(group, client):
     assert model.weight.id not in _follower(group)["states"]
 
 
-def test_work_no_follower_runs_is_refused_in_a_group(group, client):
-    client.put("team/counter", Affine(8))
-    answer = httpx.get(f"{group.leader.url}/v1/namespaces/team/states/counter.weight/value",
-                       headers={"authorization": f"Bearer {group.leader.token}"})
+def test_a_loop_is_refused_in_a_group(group, client):
+    weight = statehost.ParamState(jnp.zeros(2, jnp.float32))
 
-    assert answer.status_code == 501
-    assert answer.json()["error"]["type"] == "GroupUnsupportedError"
-    assert "not supported on a server spanning several processes" in \
-        answer.json()["error"]["message"]
-    durability = httpx.put(f"{group.leader.url}/v1/namespaces/team", json={
-        "durability": "sync"}, headers={"authorization": f"Bearer {group.leader.token}"})
-    assert durability.status_code == 501
-    assert "durability cannot change while the server spans several processes" in \
-        durability.json()["error"]["message"]
+    def step():
+        weight.value = weight.value + 1.0
+
+    with pytest.raises(statehost.client.GroupUnsupportedError,
+                       match="not supported on a server spanning several processes"):
+        client.loop(client.jit(step), 3)
+
+
+def test_the_json_value_api_reads_and_writes_on_every_process(group, client):
+    model = Affine(8)
+    client.put("team/counter", model)
+    url = f"{group.leader.url}/v1/namespaces/team/states/counter.weight/value"
+    auth = {"authorization": f"Bearer {group.leader.token}"}
+    before = _follower(group)
+
+    read = httpx.get(url, headers=auth)
+    written = httpx.put(url, json={"data": [[7.0] * 4] * 8}, headers=auth)
+    stale = httpx.put(url, json={"data": [[8.0] * 4] * 8},
+                      headers={**auth, "if-match": read.headers["etag"]})
+    again = httpx.get(url, headers=auth)
+
+    assert (read.status_code, written.status_code, stale.status_code, again.status_code) == \
+        (200, 200, 412, 200), (read.text, written.text)
+    assert read.json()["data"] == [[1.0] * 4] * 8
+    assert again.json()["data"] == [[7.0] * 4] * 8
+    assert again.json()["version"] == written.json()["version"] == read.json()["version"] + 1
+    # the read, the write and the read (the stale write is not sent); the fixture's other
+    # sessions may close meanwhile (one op each)
+    after = _follower(group)
+    assert after["failed"] == before["failed"] and after["ops"] >= before["ops"] + 3
+    assert after["states"][model.weight.id] == {"shards": [FOLLOWER_DEVICES]}
+    client.pmap(model, **PMAP)(jnp.ones((8, 4)))  # the new value, laid out on both
+    np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 8.0))
+
+
+def test_a_registered_function_is_invoked_with_json_on_every_process(group, client):
+    model = Affine(8)
+    client.put("fns/net", model)
+    client.register("fns/step", client.pmap(model, **PMAP))
+    before = _follower(group)
+    url = f"{group.leader.url}/v1/namespaces/fns/functions/step/invoke"
+    auth = {"authorization": f"Bearer {group.leader.token}"}
+
+    answers = [httpx.post(url, json={"args": [[[2.0] * 4] * 8]}, headers=auth)
+               for _ in range(2)]
+
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    assert answers[1].json()["versions"]["net.weight"] == \
+        answers[0].json()["versions"]["net.weight"] + 1
+    after = _follower(group)
+    assert after["failed"] == before["failed"] and after["ops"] >= before["ops"] + 2
+    assert after["states"][model.weight.id] == {"shards": [FOLLOWER_DEVICES]}
+    net = client.get("fns/net")
+    np.testing.assert_array_equal(net.weight.value, np.full((8, 4), 5.0))
+    client.delete("fns/net")
+
+
+def test_a_durability_change_reaches_every_process_between_the_same_commits(group, client):
+    auth = {"authorization": f"Bearer {group.leader.token}"}
+    before = _follower(group)
+    answer = httpx.put(f"{group.leader.url}/v1/namespaces/durable", json={
+        "durability": "sync"}, headers=auth)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["durability"] == "sync"
+    # Commits gather for sync on every process: a follower that had not switched would
+    # send no shards, and these would fail.
+    model = Affine(8)
+    client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+    client.put("durable/net", model)
+    client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+    row = httpx.get(f"{group.leader.url}/v1/namespaces/durable/states/net.weight",
+                    headers=auth).json()
+    assert row["durable_version"] == row["version"] >= 2  # on disk at each commit
+    after = _follower(group)
+    assert after["failed"] == before["failed"]
+    assert after["ops"] >= before["ops"] + 4  # the switch, the call, the put, the call
+    back = httpx.put(f"{group.leader.url}/v1/namespaces/durable", json={
+        "durability": "interval"}, headers=auth)
+    assert back.status_code == 200, back.text
+    client.delete("durable/net")
 
 
 def test_a_pmap_on_some_devices_keeps_its_states_there(group, client):
@@ -348,3 +417,43 @@ def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(restarted
     assert code == 1, out
     assert any(cell.startswith("lost") for cell in _process_rows(out)["1"])
     assert "PROBLEM  process(es) 1 of the server's group are not answering" in out
+
+
+# -- durability sync: nothing acknowledged is lost ------------------------------------------
+def _state_row(group, name):
+    answer = httpx.get(f"{group.leader.url}/v1/namespaces/team/states/{name}",
+                       headers={"authorization": f"Bearer {group.leader.token}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_a_sync_put_acknowledged_before_a_follower_dies_survives_a_group_restart(tmp_path):
+    model = Affine(8)
+    with running_group(tmp_path, env={"STATEHOST_DURABILITY": "sync"}) as group, \
+            statehost.connect(group.leader.url, token=group.leader.token) as client:
+        client.pmap(model, **PMAP)(jnp.full((8, 4), 3.0))
+        client.put("team/acked", model)  # acknowledged: on disk by now (sync)
+        client.pmap(model, **PMAP)(jnp.ones((8, 4)))  # the named state's next version
+        acked = _state_row(group, "acked.weight")
+        assert acked["durable_version"] == acked["version"]
+        os.kill(group.followers[0].process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while health(group.leader)[0] != 503:
+            assert time.monotonic() < deadline, "the leader did not notice the loss"
+            time.sleep(0.05)
+        with pytest.raises(statehost.client.ClusterUnavailableError,
+                           match="process 1 of this server.s group of 2 is lost"):
+            np.asarray(client.pmap(model, **PMAP)(jnp.ones((8, 4))))  # synchronises
+        refused = httpx.post(f"{group.leader.url}/v1/sessions",
+                             headers={"authorization": f"Bearer {group.leader.token}"})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["type"] == "ClusterUnavailableError"
+
+    with running_group(tmp_path) as group, \
+            statehost.connect(group.leader.url, token=group.leader.token) as client:
+        back = _state_row(group, "acked.weight")
+        assert (back["version"], back["durable_version"], back["id"]) == \
+            (acked["version"], acked["version"], model.weight.id)
+        net = client.get("team/acked")
+        np.testing.assert_array_equal(net.weight.value, np.full((8, 4), 5.0))
+        assert _follower(group)["states"][model.weight.id] == {"shards": [FOLLOWER_DEVICES]}
