@@ -255,8 +255,8 @@ class Client:
                 failure = exc
             try:  # the values calls wrote and nobody read yet: the last chance to fetch them
                 self._dispatcher.fetch_deferred()
-            except ClientError as exc:
-                failure = failure or exc
+            except ClientError as exc:  # the server went away: reading them says so
+                self._dispatcher.unfetched = str(exc)
             finally:
                 self._dispatcher.close()
                 self._dispatcher = None

@@ -166,6 +166,7 @@ class Dispatcher:
         # when it closes (fetch_deferred), since it cannot fetch them after.
         self._deferred: dict[str, tuple[weakref.ref[State], RemoteStateValue]] = {}
         self._closed = False
+        self.unfetched = "it was not fetched"  # why, when close() could not fetch them
         # The stream generation the session was last checked at (by a blocking call over
         # HTTP, which reopens a closed session); None: check again before going async.
         self._checked: tuple[Stream, int] | None = None
@@ -273,15 +274,23 @@ class Dispatcher:
         self._deferred.clear()
         if not unread:
             return
-        reply = PullReply.from_frame(self.roundtrip(PullRequest(
-            session=self.client._session, call_id=self.client.next_call_id(),
-            ids=tuple(unread))))
-        ledger = self.client._ledger
-        for state_id, value in reply.states.load():
+        for state_id, value in self._pull(tuple(unread)):
             state, deferred = unread[state_id]
-            deferred.fetched, deferred.call = jax.device_put(value), None
-            ledger.received(state, reply.state_versions.get(state_id))
+            deferred.fetched, deferred.call = value, None
             state.value  # noqa: B018  installs the fetched value in place of the deferred one
+
+    def _pull(self, ids: tuple[str, ...]) -> list[tuple[str, jax.Array]]:
+        """The server's current values of these states, in one pull; the ledger learns that
+        the local states hold them."""
+        reply = PullReply.from_frame(self.roundtrip(PullRequest(
+            session=self.client._session, call_id=self.client.next_call_id(), ids=ids)))
+        pulled = []
+        for state_id, value in reply.states.load():
+            state = self.client._ledger.tracked(state_id)
+            if state is not None:
+                self.client._ledger.received(state, reply.state_versions.get(state_id))
+            pulled.append((state_id, jax.device_put(value)))
+        return pulled
 
     @staticmethod
     def mirror(local: State, twin: State) -> None:
@@ -413,7 +422,7 @@ class Dispatcher:
             raise ClientClosedError(
                 f"reading state {deferred.state_id[:8]}...: its value was written on the "
                 "server by a call of a client that is closed now, and fetching it when the "
-                "client closed failed (see the error close() raised). Fix: read state "
+                f"client closed failed ({self.unfetched}). Fix: read state "
                 "values before client.close(), or pull them with a new client "
                 "(client.pull(state)) while the server keeps them (named states).")
         call, deferred.call = deferred.call, None
@@ -428,14 +437,7 @@ class Dispatcher:
             # The failure is raised once, here; read again, the state has the server's
             # value, which the failed call (and the calls not run behind it) left as it was.
             raise self._take_failure()
-        reply = PullReply.from_frame(self.roundtrip(PullRequest(
-            session=self.client._session, call_id=self.client.next_call_id(),
-            ids=(deferred.state_id,))))
-        ((_, value),) = reply.states.load()
-        state = self.client._ledger.tracked(deferred.state_id)
-        value = jax.device_put(value)
-        if state is not None:
-            self.client._ledger.received(state, reply.state_versions.get(deferred.state_id))
+        ((_, value),) = self._pull((deferred.state_id,))
         return value
 
     # -- freeing -------------------------------------------------------------------------
