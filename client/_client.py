@@ -38,7 +38,7 @@ from statehost.client._errors import (
 )
 from statehost.client._http import Http
 from statehost.client._ledger import SyncLedger
-from statehost.client._outputs import local_outputs
+from statehost.client._outputs import local_outputs, state_array
 from statehost.client._remote import RemoteDevice, RemotePlacement, localize_traceback
 from statehost.client._token import TokenSource, is_local_url
 from statehost.nn import Module
@@ -406,7 +406,7 @@ class Client:
             state = known.get(state_id) or self._ledger.tracked(state_id)
             if state is None:
                 continue
-            state.value = jax.device_put(value)
+            state.value = state_array(value)
             self._ledger.received(state, versions.get(state_id))
             pulled.add(state_id)
         return pulled
@@ -496,7 +496,7 @@ class Client:
         def load(ref: StateRef) -> State:
             if ref.id not in made:
                 state = self._ledger.tracked(ref.id)
-                value = jax.device_put(values[ref.id]) if ref.id in values else None
+                value = state_array(values[ref.id]) if ref.id in values else None
                 if state is None:
                     state = ref.cls.restore(value, id=ref.id, name=ref.name, tag=ref.tag)
                 elif ref.id in values:

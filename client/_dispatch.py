@@ -46,7 +46,7 @@ from statehost.client._errors import (
     StateNotFoundError,
 )
 from statehost.client._http import client_error
-from statehost.client._outputs import as_array
+from statehost.client._outputs import as_array, state_array
 from statehost.wire import (
     CallReply,
     ControlRequest,
@@ -289,7 +289,7 @@ class Dispatcher:
             state = self.client._ledger.tracked(state_id)
             if state is not None:
                 self.client._ledger.received(state, reply.state_versions.get(state_id))
-            pulled.append((state_id, jax.device_put(value)))
+            pulled.append((state_id, state_array(value)))
         return pulled
 
     @staticmethod

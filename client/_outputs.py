@@ -73,6 +73,14 @@ def as_array(value: Any, weak_type: bool = False) -> Any:
     return _weakly_typed(array) if weak_type else array
 
 
+def state_array(value: Any) -> Any:
+    """A state value that came back as a ``jax.Array`` on the default device, uncommitted,
+    as ``jax.device_put(value)`` makes it, by ``as_array``'s faster path where it applies
+    (a call that writes back 24 states spent 9 ms in ``jax.device_put`` alone)."""
+    array = as_array(value)
+    return jax.device_put(value) if array is value else array
+
+
 def _direct_put() -> Callable[[Any, bool], jax.Array | None] | None:
     """The fast way to make an output's ``jax.Array``, or ``None`` where JAX lacks it.
 

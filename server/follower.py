@@ -70,6 +70,7 @@ class Follower:
         self.rt = Runtime(mirror)  # its persistence opens with the leader's data ("load")
         self.sessions: dict[str, Any] = {}
         self.ops = 0
+        self.kinds: dict[str, int] = {}  # the operations applied, by kind
         self.failed = 0
         self.last: dict[str, Any] = {}
         self.applying: dict[str, Any] = {}  # the operation running now
@@ -87,8 +88,9 @@ class Follower:
         states = resident_shards(self.rt.store)
         return {"status": "ok" if self.leader == "following" else "unhealthy",
                 "role": "follower", "process_index": self.index, "process_count": self.count,
-                "leader": self.leader, "ops": self.ops, "failed": self.failed,
-                "last_op": self.last, "applying": self.applying, "sessions": len(self.sessions),
+                "leader": self.leader, "ops": self.ops, "kinds": dict(self.kinds),
+                "failed": self.failed, "last_op": self.last, "applying": self.applying,
+                "sessions": len(self.sessions),
                 "kept_arrays": sum(len(s.handles) for s in list(self.sessions.values())),
                 "devices": [d.id for d in jax.local_devices()], "states": states}
 
@@ -174,6 +176,7 @@ class Follower:
         else:
             self.last = {"seq": op.seq, "kind": op.kind}
         self.applying = {}
+        self.kinds[op.kind] = self.kinds.get(op.kind, 0) + 1
         self.ops += 1
 
     def _apply(self, op: ClusterOp, data: memoryview | None) -> Any:

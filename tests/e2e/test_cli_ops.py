@@ -18,6 +18,8 @@ import pytest
 import statehost
 from tests.serving import free_port, running_server
 
+pytestmark = pytest.mark.long(seconds=90)  # started first: tests/conftest.py
+
 INTERVAL = {"STATEHOST_DURABILITY": "interval", "STATEHOST_FLUSH_INTERVAL": "3600"}
 
 

@@ -34,6 +34,8 @@ from tests.examples.test_parallelisation_example import (
     run_example,
 )
 
+pytestmark = pytest.mark.long(seconds=120)  # started first: tests/conftest.py
+
 PMAP = dict(axis_name="i", in_axes=0, out_axes=0, state_in_axes={0: PARAM},
             state_out_axes={0: PARAM})
 # A printed jax.Array's numbers (as tests/examples/test_parallelisation_remote_example.py).
@@ -306,7 +308,10 @@ def test_bad_input_never_reaches_a_follower(group, client):
 
     assert (garbage.status_code, closed.status_code, no_token.status_code) == (400, 404, 401)
     after = _follower(group)
-    assert (after["ops"], after["last_op"]) == (before["ops"], before["last_op"])
+    # an interval flush of an earlier test's named state may run meanwhile; nothing else may
+    flushes = after["kinds"].get("flush", 0) - before["kinds"].get("flush", 0)
+    assert after["ops"] - flushes == before["ops"]
+    assert {**after["kinds"], "flush": 0} == {**before["kinds"], "flush": 0}
     assert health(group.leader)[0] == 200
     client.pull(model)  # and the states are as they were
     np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 2.0))

@@ -15,6 +15,8 @@ import pytest
 
 from tests.serving import running_server
 
+pytestmark = pytest.mark.long(seconds=55)  # started first: tests/conftest.py
+
 CLIENT = textwrap.dedent("""
     import json, sys, time
     import jax.numpy as jnp, numpy as np

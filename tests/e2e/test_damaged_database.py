@@ -15,6 +15,8 @@ import statehost.client
 from tests.core.models import Affine
 from tests.serving import free_port, running_server
 
+pytestmark = pytest.mark.long(seconds=90)  # started first: tests/conftest.py
+
 LANES = 8
 
 

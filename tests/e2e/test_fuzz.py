@@ -77,7 +77,7 @@ from statehost.wire import (
 )
 from tests.serving import Served, running_server
 
-pytestmark = pytest.mark.adversarial
+pytestmark = [pytest.mark.adversarial, pytest.mark.long(seconds=185)]
 
 PATHS = {
     "call": "/v1/call",
@@ -946,7 +946,7 @@ def test_valid_frames_are_accepted(target, data):
         assert target.last_job == "completed"
 
 
-@settings(FUZZ, max_examples=1500)
+@settings(FUZZ, max_examples=1000)
 @given(data=st.data())
 def test_mutated_frames(target, data):
     kind = data.draw(st.sampled_from(KINDS), label="kind")
@@ -974,7 +974,7 @@ _ODD_LOOP_FIELDS = {
 }
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=300)
 @given(data=st.data())
 def test_mutated_loop_fields(target, data):
     """``steps``, ``keep``, ``timeout``, ``call_id`` and ``over`` of a valid loop, changed."""

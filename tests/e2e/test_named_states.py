@@ -19,6 +19,8 @@ from statehost.client import StateConflictError, TransportError
 from tests.core.models import PARAM, Affine
 from tests.serving import running_server
 
+pytestmark = pytest.mark.long(seconds=165)  # started first: tests/conftest.py
+
 PMAP = dict(axis_name="i", in_axes=0, out_axes=0, state_in_axes={0: PARAM},
             state_out_axes={0: PARAM})
 LANES = 8

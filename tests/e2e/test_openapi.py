@@ -25,7 +25,7 @@ import pytest
 import statehost
 from tests.serving import Served, running_server
 
-pytestmark = pytest.mark.adversarial
+pytestmark = [pytest.mark.adversarial, pytest.mark.long(seconds=230)]
 
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_schema_conformance", "negative_data_rejection", "positive_data_acceptance",

@@ -21,6 +21,8 @@ import statehost.client
 from tests.core.models import PARAM, Affine
 from tests.serving import free_port, running_server
 
+pytestmark = pytest.mark.long(seconds=110)  # started first: tests/conftest.py
+
 PMAP = dict(axis_name="i", in_axes=0, out_axes=0, state_in_axes={0: PARAM},
             state_out_axes={0: PARAM})
 
