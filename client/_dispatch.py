@@ -29,6 +29,8 @@ round trip), as JAX dispatches locally and IFRT proxy does remotely:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import threading
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -151,6 +153,23 @@ class _Mirror(DeferredValue):
         return self.source.value
 
 
+_ONCE_OPEN = object()  # Dispatcher._checked: checked, by the stream being opened
+
+
+def _in_background(open_stream: Callable[[], Stream]) -> concurrent.futures.Future[Stream]:
+    """``open_stream()`` on a thread of its own; its stream or its error in the future."""
+    future: concurrent.futures.Future[Stream] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(open_stream())
+        except BaseException as exc:  # noqa: BLE001  raised where the stream is adopted
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="statehost-stream-open", daemon=True).start()
+    return future
+
+
 class Dispatcher:
     """A client's asynchronous calls on its stream (see the module docstring)."""
 
@@ -169,21 +188,31 @@ class Dispatcher:
         self.unfetched = "it was not fetched"  # why, when close() could not fetch them
         # The stream generation the session was last checked at (by a blocking call over
         # HTTP, which reopens a closed session); None: check again before going async.
-        self._checked: tuple[Stream, int] | None = None
+        self._checked: tuple[Stream, int] | None | object = None
+        # The stream being opened off the call path (see checked); adopted at first use.
+        self._opening: concurrent.futures.Future[Stream] | None = None
 
     @property
     def stream(self) -> Stream:
         """The call stream, opened on first use (a client that only makes blocking calls
         and reads their values never opens one)."""
         if self._stream is None:
-            self._stream = self._open_stream()
+            opening, self._opening = self._opening, None
+            stream = opening.result() if opening is not None else self._open_stream()
+            self._stream = stream
             # A client dropped without close(): its socket closes with it.
-            weakref.finalize(self.client, self._stream.close)
+            weakref.finalize(self.client, stream.close)
+            if self._checked is _ONCE_OPEN:
+                self._checked = (stream, stream.generation)
         return self._stream
 
     def close(self) -> None:
         self._closed = True
         self._deferred.clear()
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.add_done_callback(
+                lambda done: done.exception() is None and done.result().close())
         if self._stream is not None:
             self._stream.close()
 
@@ -191,6 +220,12 @@ class Dispatcher:
         """False after the connection was reopened or lost, or the server said the
         session is closed: the next call runs blocking (over HTTP), which reopens the
         session if it must (a restarted server) and says so if values were lost."""
+        if self._opening is not None:
+            try:
+                self.stream  # noqa: B018  adopts the stream opened off the call path
+            except ClientError:
+                self._checked = None  # the next blocking call tries again
+                return False
         stream = self._stream
         if stream is not None and stream.broken and not self._issued:
             stream.close()
@@ -201,7 +236,17 @@ class Dispatcher:
     def checked(self) -> None:
         """A blocking call just succeeded: the session is open; open the stream (for the
         asynchronous calls to come) and remember it as current. Never raises: the call
-        committed, and a stream that cannot open now is tried again at the next call."""
+        committed, and a stream that cannot open now is tried again at the next call.
+
+        The first stream opens on a thread of its own, and the first asynchronous call
+        adopts it (waiting for it if need be): the blocking call that checked the session
+        returns without waiting for a WebSocket handshake (5 ms of a second client's
+        first call, issue 13)."""
+        if self._stream is None:
+            if self._opening is None:
+                self._opening = _in_background(self._open_stream)
+            self._checked = _ONCE_OPEN
+            return
         try:
             stream = self.stream
         except ClientError:
