@@ -576,7 +576,13 @@ def main() -> None:
         http_parser = f"httptools {httptools.__version__}"
     except ImportError:
         http_parser = "h11 (httptools not installed)"
-    print(f"both servers: uvicorn, {http_parser}, log level {args.log_level}")
+    try:
+        import uvloop
+
+        event_loop = f"uvloop {uvloop.__version__}"
+    except ImportError:
+        event_loop = "asyncio (uvloop not installed)"
+    print(f"both servers: uvicorn, {http_parser}, {event_loop}, log level {args.log_level}")
     big_block = max(1, args.big_calls // 5)
     cases = [  # case, steps, timed calls, block, warm-up calls, bytes moved per call
         ("tiny", tiny_steps, args.calls, TINY_BLOCK, args.warmup, None),
