@@ -1,9 +1,9 @@
 """A server spanning a ``jax.distributed`` group: 2 real processes x 4 CPU devices (issue 14).
 
 One group (module-scoped) serves the seed example, the sharding, the repeat calls, the
-named objects and the bad input. A second one puts a named state, is restarted on the
-same data dirs, reloads and flushes it, and finally loses a follower to SIGKILL while a
-call runs in it.
+named objects, loops and jobs, and the bad input. A second one puts a named state, is
+restarted on the same data dirs, reloads and flushes it, and finally loses a follower to
+SIGKILL while a call runs in it; a third loses one while a loop runs.
 """
 
 import os
@@ -500,28 +500,7 @@ def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(restarted
     assert "PROBLEM  process(es) 1 of the server's group are not answering" in out
 
 
-def test_a_follower_lost_during_a_loop_fails_its_job_at_once(tmp_path):
-    with running_group(tmp_path) as group, \
-            statehost.connect(group.leader.url, token=group.leader.token) as client:
-        model = Affine(8)
-        job = client.loop(client.pmap(model, **PMAP), 1_000_000, jnp.ones((8, 4)),
-                          wait=False)
-        deadline = time.monotonic() + 60
-        while health(group.followers[0])[1]["kinds"].get("step", 0) < 3:  # it runs steps
-            assert time.monotonic() < deadline, health(group.followers[0])
-            time.sleep(0.02)
-        os.kill(group.followers[0].process.pid, signal.SIGKILL)
-
-        with pytest.raises(statehost.client.ClusterUnavailableError,
-                           match="process 1 of this server.s group of 2 is lost") as lost:
-            job.result(timeout=30)
-
-        assert lost.value.processes == [1]
-        assert job.status == "failed" and job.progress[0] < 1_000_000
-        assert health(group.leader)[0] == 503
-
-
-# -- durability sync: nothing acknowledged is lost ------------------------------------------
+# -- durability sync: nothing acknowledged is lost; a follower lost mid-loop ------------------
 def _state_row(group, name):
     answer = httpx.get(f"{group.leader.url}/v1/namespaces/team/states/{name}",
                        headers={"authorization": f"Bearer {group.leader.token}"})
@@ -529,7 +508,8 @@ def _state_row(group, name):
     return answer.json()
 
 
-def test_a_sync_put_acknowledged_before_a_follower_dies_survives_a_group_restart(tmp_path):
+def test_a_follower_lost_mid_loop_fails_its_job_and_a_sync_put_acked_before_survives(
+        tmp_path):
     model = Affine(8)
     with running_group(tmp_path, env={"STATEHOST_DURABILITY": "sync"}) as group, \
             statehost.connect(group.leader.url, token=group.leader.token) as client:
@@ -538,7 +518,19 @@ def test_a_sync_put_acknowledged_before_a_follower_dies_survives_a_group_restart
         client.pmap(model, **PMAP)(jnp.ones((8, 4)))  # the named state's next version
         acked = _state_row(group, "acked.weight")
         assert acked["durable_version"] == acked["version"]
+        # a job running when the follower dies (on a state of its own: not named)
+        job = client.loop(client.pmap(Affine(8), **PMAP), 1_000_000, jnp.ones((8, 4)),
+                          wait=False)
+        deadline = time.monotonic() + 60
+        while health(group.followers[0])[1]["kinds"].get("step", 0) < 3:  # it runs steps
+            assert time.monotonic() < deadline, health(group.followers[0])
+            time.sleep(0.02)
         os.kill(group.followers[0].process.pid, signal.SIGKILL)
+        with pytest.raises(statehost.client.ClusterUnavailableError,
+                           match="process 1 of this server.s group of 2 is lost") as lost:
+            job.result(timeout=30)  # at once, not after the million steps
+        assert lost.value.processes == [1]
+        assert job.status == "failed" and job.progress[0] < 1_000_000
         deadline = time.monotonic() + 30
         while health(group.leader)[0] != 503:
             assert time.monotonic() < deadline, "the leader did not notice the loss"
