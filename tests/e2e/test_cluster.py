@@ -198,6 +198,14 @@ def _loop_ops(before, after):
             for kind in ("loop", "step", "loop_end")}
 
 
+def _wait_for_steps(group, count, timeout=60.0):
+    """Until the follower has applied ``count`` loop steps since it started."""
+    deadline = time.monotonic() + timeout
+    while health(group.followers[0])[1]["kinds"].get("step", 0) < count:
+        assert time.monotonic() < deadline, health(group.followers[0])
+        time.sleep(0.02)
+
+
 def test_a_loop_gives_the_states_its_steps_as_calls_give_on_both_processes(group, client):
     looped, called = Affine(8), Affine(8)
     batches = np.arange(3 * 8 * 4, dtype=np.float32).reshape(3, 8, 4)
@@ -219,7 +227,7 @@ def test_a_loop_gives_the_states_its_steps_as_calls_give_on_both_processes(group
     assert after["states"][looped.weight.id] == {"shards": [FOLLOWER_DEVICES]}
 
 
-def test_a_loop_stopped_partway_leaves_as_many_steps_on_both_processes(group, client):
+def test_a_loop_cancelled_partway_leaves_as_many_steps_on_both_processes(group, client):
     weight = statehost.ParamState(jnp.zeros((8, 4)))
 
     def step(delta):
@@ -227,13 +235,15 @@ def test_a_loop_stopped_partway_leaves_as_many_steps_on_both_processes(group, cl
         return weight.value
 
     before = _follower(group)
-    with pytest.raises(statehost.client.JobCancelledError, match="stopped by its timeout") \
+    job = client.loop(client.pmap(step, **PMAP), 1_000_000, jnp.ones((8, 4)), wait=False)
+    _wait_for_steps(group, before["kinds"].get("step", 0) + 3)
+    job.cancel()
+    with pytest.raises(statehost.client.JobCancelledError, match="was cancelled after") \
             as stopped:
-        client.loop(client.pmap(step, **PMAP), 1_000_000, jnp.ones((8, 4)), timeout=1.0,
-                    progress=False)
+        job.result(timeout=30)
 
     done = stopped.value.body["completed"]
-    assert 0 < done < 1_000_000
+    assert 3 <= done < 1_000_000
     after = _follower(group)
     assert after["failed"] == before["failed"] and after["loops"] == 0
     assert _loop_ops(before, after) == {"loop": 1, "step": done, "loop_end": 1}
@@ -521,10 +531,7 @@ def test_a_follower_lost_mid_loop_fails_its_job_and_a_sync_put_acked_before_surv
         # a job running when the follower dies (on a state of its own: not named)
         job = client.loop(client.pmap(Affine(8), **PMAP), 1_000_000, jnp.ones((8, 4)),
                           wait=False)
-        deadline = time.monotonic() + 60
-        while health(group.followers[0])[1]["kinds"].get("step", 0) < 3:  # it runs steps
-            assert time.monotonic() < deadline, health(group.followers[0])
-            time.sleep(0.02)
+        _wait_for_steps(group, 3)
         os.kill(group.followers[0].process.pid, signal.SIGKILL)
         with pytest.raises(statehost.client.ClusterUnavailableError,
                            match="process 1 of this server.s group of 2 is lost") as lost:
