@@ -66,11 +66,31 @@ here (2 x 4 CPU devices, one loaded 2-core machine): putting a 128 MiB state tak
 with ``interval`` durability and 3.5 s with ``sync`` (the gather over gloo is most of it,
 2-3 s); a restart that reloads it starts in the same ~12 s as an empty one.
 
-**Not done (documented limits).** Jobs and loops are refused in a group (``MIRRORED``
-lists what runs on every process: registered functions' invokes and the JSON value API
-do, each process reading and writing the state the same way). A namespace's durability
-change is an operation (``durability``) run on the leader's one worker, so every process
-switches between the same two commits.
+**Loops and jobs: the leader decides every step.** A loop (``client.loop``, a job of
+``POST /v1/jobs``) is one call on the leader's worker, and only the leader knows when it
+stops: between two steps it reads the job's cancel flag and its deadline, and a step may
+fail (``server/loops.py``). So the loop is shared once, as a ``loop`` operation (its
+``LoopRequest``: each follower stages, resolves and unpickles it on a ``LoopRun`` of its
+own), then each step as a ``step`` operation (its index, no payload: ~250 bytes) that
+the leader sends just before it runs that step, and last a ``loop_end`` (with the reply's gather, or
+without: stopped, failed, or sent back to the queue by admission). A follower runs step
+``i`` only once the leader has decided to run it, and runs every step the leader runs:
+stopping is the leader not sending a next ``step``, so nothing needs to be agreed, and the
+ops of other sessions (a session opened or closed while the loop runs) fall in between
+in the same order. Rejected: each step as a ``call`` operation would send and stage the
+arguments and the callable again every step; a follower running the loop on its own,
+waiting on a "go on / stop" message per step, would have to read the stream inside an
+operation and set aside the other operations that come meanwhile. A follower lost during
+a loop fails its job at once with ``ClusterUnavailableError``, as a call
+(``Scheduler.fail_all``); the leader's next ``step`` is refused, so its worker stops there
+(unless the step holds a collective, which stays blocked as a call's would).
+
+**Not done (documented limits).** ``MIRRORED`` lists what runs on every process (every
+kind of call a client can queue today: calls, loops and jobs, transfers, named objects,
+registered functions' invokes and the JSON value API); a new kind is refused with
+``GroupUnsupportedError`` until it is mirrored. A namespace's durability change is an
+operation (``durability``) run on the leader's one worker, so every process switches
+between the same two commits.
 """
 
 from __future__ import annotations
@@ -105,7 +125,7 @@ log = logging.getLogger("statehost.server")
 
 #: The call kinds every process runs; the leader refuses others in a group.
 MIRRORED = frozenset({"call", "push", "pull", "put", "get", "fetch", "delete", "register",
-                      "invoke", "read", "write"})
+                      "invoke", "read", "write", "loop"})
 
 _KEY_ADDRESS = "statehost/cluster/address"
 _KEY_SECRET = "statehost/cluster/secret"
@@ -127,9 +147,9 @@ _MSG_STARTING = (
 )
 _MSG_NOT_MIRRORED = (
     "{where}: {kind} is not supported on a server spanning several processes yet (only "
-    "calls, pushes, pulls, puts, gets, fetches and deletes of named objects, registered "
-    "functions and the JSON value API are run on every process). Fix: run it on a "
-    "single-process server, or use client.pmap/vmap/jit."
+    "calls, loops and jobs, pushes, pulls, puts, gets, fetches and deletes of named "
+    "objects, registered functions and the JSON value API are run on every process). Fix: "
+    "run it on a single-process server, or use client.pmap/vmap/jit."
 )
 
 

@@ -7,6 +7,8 @@ resident state. It meets the leader through the coordination service
 (``cluster.meet_leader``), then applies each operation of the leader's stream in order, on
 one thread, through the same service functions the leader ran, with the leader's ids; the
 leader has checked them first, so an operation fails here only where it failed there.
+A loop comes as its start (``loop``), then one ``step`` per step the leader runs, then its
+end (``loop_end``): the leader alone decides how many steps run (``server/cluster.py``).
 
 Its mirror runtime keeps the sessions and states the leader's operations make. Its
 database (the named objects' names and versions) is a scratch copy in
@@ -78,6 +80,7 @@ class Follower:
         self._send_lock = threading.Lock()
         self.sock: socket.socket | None = None
         self.seq = 0  # the operation it applies (its shards carry it: cluster.py)
+        self.loops: dict[str, Any] = {}  # the loops it runs, by job id (server/loops.py)
 
     # -- what it reports ----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -90,7 +93,7 @@ class Follower:
                 "role": "follower", "process_index": self.index, "process_count": self.count,
                 "leader": self.leader, "ops": self.ops, "kinds": dict(self.kinds),
                 "failed": self.failed, "last_op": self.last, "applying": self.applying,
-                "sessions": len(self.sessions),
+                "sessions": len(self.sessions), "loops": len(self.loops),
                 "kept_arrays": sum(len(s.handles) for s in list(self.sessions.values())),
                 "devices": [d.id for d in jax.local_devices()], "states": states}
 
@@ -179,6 +182,25 @@ class Follower:
         self.kinds[op.kind] = self.kinds.get(op.kind, 0) + 1
         self.ops += 1
 
+    def _loop(self, op: ClusterOp, call: Any, message: Any) -> Any:
+        """A loop's operation: its start, one step, or its end, in the leader's order: the
+        leader alone decides how many steps run (server/loops.py)."""
+        from statehost.server.loops import LoopRun
+
+        if op.kind == "loop":
+            run = LoopRun(call, message, self.rt)
+            run.begin()
+            self.loops[call.id] = run
+            return None
+        run = self.loops.get(call.id) if op.kind == "step" else self.loops.pop(call.id, None)
+        if run is None:
+            if op.kind == "loop_end":
+                return None  # its start failed here as on the leader: nothing to end
+            raise RuntimeError(_MSG_NO_LOOP.format(seq=op.seq, kind=op.kind, job=call.id))
+        if op.kind == "step":
+            return run.step(op.extra["step"])
+        return run.reply() if op.extra["reply"] else run.end()
+
     def _apply(self, op: ClusterOp, data: memoryview | None) -> Any:
         from statehost import wire
         from statehost.server.calls import Call
@@ -225,6 +247,8 @@ class Follower:
         call.keys = op.keys  # the leader's, as it sent them (sorted there)
         if op.kind == "call":
             return run_call(call, message, rt)
+        if op.kind in ("loop", "step", "loop_end"):
+            return self._loop(op, call, message)
         if op.kind == "push":
             return push_states(call, message, rt)
         if op.kind == "pull":
@@ -259,6 +283,14 @@ class Follower:
         if op.kind == "fetch":
             return fetch_kept(call, message, rt, "fetch")
         raise ValueError(f"unknown operation {op.kind!r}")
+
+
+_MSG_NO_LOOP = (
+    "group follower: the leader's operation {seq} ({kind} of job {job}) is for a loop this "
+    "process is not running: its start (operation 'loop') failed here and not on the "
+    "leader, so the two diverged. Fix: restart the whole group; report it, with both "
+    "processes' logs."
+)
 
 
 def serve_follower(settings: Settings, index: int, count: int) -> int:

@@ -23,18 +23,22 @@ the runner waits for step ``i - _AHEAD``), so the device is never idle for want 
 dispatch, and a cancel stops it within a few steps. The arguments that are the same
 every step (``args``, ``kwargs``) are placed on the devices once, where the step's
 program reads them (:func:`_placed_once`), instead of being copied there every step.
+
+In a group of processes, :class:`LoopRun` runs the same steps on every process: the
+leader's job decides each one and sends it to the followers as an operation just before
+running it (``server/cluster.py``, "Loops and jobs"); the arguments are global arrays, as
+a call's (``server/placement.py``).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
-from statehost.random import RandomState, use_default_stream
+from statehost.random import RandomState
 from statehost.server.admission import NotAdmitted
 from statehost.server.callable_cache import unpickle
 from statehost.server.errors import (
@@ -48,6 +52,7 @@ from statehost.server.errors import (
 
 # The one call path's helpers, shared so a loop step runs exactly as a call does.
 from statehost.server.execution import _admit, _is_weak, _resolve, _run, _user_error, to_host
+from statehost.server.placement import global_arguments
 from statehost.server.staging import _MSG_MISSING_STATES, Transaction
 from statehost.transform import StatefulFunction, StatefulMapping
 from statehost.wire import CallReply, LoopRequest, pack
@@ -57,7 +62,7 @@ if TYPE_CHECKING:
     from statehost.server.jobs import Job
     from statehost.server.runtime import Runtime
 
-__all__ = ["check_over", "end_unstarted", "run_loop"]
+__all__ = ["LoopRun", "check_over", "end_unstarted", "run_loop"]
 
 _WHERE = "POST /v1/jobs"
 # How many dispatched steps the device may still be working on. One costs a wait on the
@@ -144,18 +149,18 @@ class _Progress:
 
 def run_loop(call: Call, request: LoopRequest, job: Job, rt: Runtime) -> None:
     """The work of a loop's ``Call``: runs the steps, and ends ``job`` however it ends."""
-    progress = _Progress()
+    run = LoopRun(call, request, rt)
     try:
-        _steps(call, request, job, rt, progress)
+        _steps(run, job)
     except NotAdmitted:  # its first step does not fit now: back to the queue, job queued
         raise
     except ApiError as exc:
-        _fail(job, exc, progress)
+        _fail(job, exc, run.progress)
         raise
     except BaseException as exc:
         _fail(job, ServerError(
             f"{_WHERE}: job {job.id} failed in the server ({type(exc).__name__}: {exc}).",
-            traceback=None), progress)
+            traceback=None), run.progress)
         raise
 
 
@@ -196,13 +201,13 @@ def _one_array(out: Any, tx: Transaction) -> jax.Array | None:
     return next((x for x in leaves if isinstance(x, jax.Array)), None)
 
 
-def _wait(array: jax.Array, step: int, job: Job) -> None:
+def _wait(array: jax.Array, step: int, job_id: str) -> None:
     """Waits for step ``step``'s program; an error it met on the device is the user's."""
     try:
         array.block_until_ready()
     except Exception as exc:
         # Device errors surface when a result is awaited, after the step was committed.
-        raise _user_error(exc, f"{_WHERE}: job {job.id}: step {step + 1}'s program failed on "
+        raise _user_error(exc, f"{_WHERE}: job {job_id}: step {step + 1}'s program failed on "
                                f"the device after the step was committed (the states written "
                                f"from it on may be unusable)") from exc
 
@@ -284,118 +289,197 @@ def end_unstarted(job: Job) -> None:
     _stopped(job, job.reason or "cancelled", _Progress())
 
 
-def _steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _Progress
-           ) -> None:
-    session = call.session
-    assert session is not None
-    steps = request.steps
-    reason = job.should_stop()
-    if reason is not None:
-        _stopped(job, reason, progress)
-        return
-    tx = Transaction(rt, session, _WHERE)
-    try:
-        tx.stage(request.states, request.uploads)
-        tx.require(request.refs)
-        stream = _stream(request, tx)
-        transform, _ = _resolve(request, tx, rt, session)
-        args, kwargs, over = _load_args(request, tx)
-        outside = tx.loaded - set(call.keys)
-        if outside:
-            raise ProtocolError(f"{_WHERE}: the payload uses states {sorted(outside)} that "
-                                "header.refs does not list.")
-        rows, rows_tree = (None, None) if over is None else check_over(over, steps)
-        # Admitted by device memory like a call: the first step's program is estimated
-        # (and compiled) here; its reservation holds until the loop's call ends.
-        misses = transform.cache_info().misses
-        first = args if rows is None else \
-            (*args, jax.tree_util.tree_unflatten(rows_tree, [x[0] for x in rows]))
-        try:
-            _admit(call, rt, tx, transform, first, kwargs, stream, _WHERE)
-        except NotAdmitted:  # what it compiled counts when it runs
-            call.compiled_before += transform.cache_info().misses - misses
-            raise
-    except BaseException:
-        tx.rollback()
-        raise
-    job.start()
-    args, kwargs = _placed_once(transform, args, kwargs, len(args) + (rows is not None))
-    with use_default_stream(stream) if stream is not None else contextlib.nullcontext():
-        _run_steps(call, request, job, rt, progress, tx, transform, args, kwargs, rows,
-                   rows_tree, misses)
+# -- one loop's steps, on every process --------------------------------------------
+class LoopRun:
+    """One loop's steps on this process, in the order its driver says.
 
+    On the leader (or one process) the driver is the job (:func:`_steps`): it alone decides
+    when the loop stops (completed, cancelled, timed out, a step failed). In a group, each
+    decision is an operation of the leader's one order, sent just before the leader acts
+    on it (``share``): ``loop`` (``begin``), ``step`` (``step(i)``) and ``loop_end`` (the
+    ``reply``, or the end without one); a follower replays them on a run of its own
+    (``server/follower.py``), so it never runs a step the leader does not, nor stops
+    before it (``server/cluster.py``).
+    """
 
-def _run_steps(call: Call, request: LoopRequest, job: Job, rt: Runtime, progress: _Progress,
-               tx: Transaction, transform: Any, args: tuple, kwargs: dict,
-               rows: list[Any] | None, rows_tree: Any, misses: int) -> None:
-    """The steps, inside the loop's default stream (entered once, not per step);
-    ``misses``: the transform's before admission compiled the first step's program."""
-    session = call.session
-    assert session is not None
-    steps = request.steps
-    loaded = frozenset(tx.loaded)
-    store = rt.store
-    keep_all = request.keep == "all"
-    kept: list[Any] = []
-    out: Any = None
-    behind: collections.deque[Any] = collections.deque()  # one array of each step in flight
-    for i in range(steps):
-        if i:
-            reason = job.should_stop()
-            if reason is not None:
-                _stopped(job, reason, progress)
-                return
-            _check_resident(job, loaded, store)
-            tx = Transaction(rt, session, _WHERE)
-            tx.loaded |= loaded
-        step_args = args if rows is None else \
-            (*args, jax.tree_util.tree_unflatten(rows_tree, [x[i] for x in rows]))
+    def __init__(self, call: Call, request: LoopRequest, rt: Runtime):
+        self.call, self.request, self.rt = call, request, rt
+        self.progress = _Progress()
+        self.loaded: frozenset[str] = frozenset()  # the states its callable and args load
+        self._shared = False  # the followers began it, and were not told it ended
+        self._tx: Transaction | None = None  # begin's until step 0 ran, then the last step's
+        self._staged = False  # begin's transaction holds uploads no step committed yet
+        # What begin resolved and unpickled once, for every step.
+        self._transform: Any = None
+        self._stream: RandomState | None = None
+        self._args: tuple = ()
+        self._kwargs: dict[str, Any] = {}
+        self._rows: list[Any] | None = None
+        self._rows_tree: Any = None
+        self._misses = 0  # the transform's cache misses before the first step compiled
+        self._out: Any = None
+        self._kept: list[Any] = []
+        self._behind: collections.deque[Any] = collections.deque()  # an array per step in flight
+
+    def share(self, kind: str, message: Any = None, **extra: Any) -> None:
+        """In a group, sends this loop's next operation to every follower (the leader's;
+        on one process, nothing)."""
+        self.rt.share(self.call, message, _WHERE, kind=kind, **extra)
+        self._shared = self.rt.group is not None and kind != "loop_end"
+
+    def begin(self) -> None:
+        """Stages the uploads, resolves the callable and unpickles the arguments, once;
+        admits the first step's program by device memory (``NotAdmitted``: not now)."""
+        call, request, rt = self.call, self.request, self.rt
+        session = call.session
+        assert session is not None
+        tx = Transaction(rt, session, _WHERE)
         try:
-            out = _run(tx, transform, step_args, kwargs, None, _WHERE)
-            behind.append(_one_array(out, tx))
-            done = tx.commit()
-        except BaseException as exc:
+            tx.stage(request.states, request.uploads)
+            tx.require(request.refs)
+            self._stream = _stream(request, tx)
+            self.share("loop", request)  # what only the leader checks is checked
+            transform, _ = _resolve(request, tx, rt, session)
+            args, kwargs, over = _load_args(request, tx)
+            outside = tx.loaded - set(call.keys)
+            if outside:
+                raise ProtocolError(f"{_WHERE}: the payload uses states {sorted(outside)} "
+                                    "that header.refs does not list.")
+            self._rows, self._rows_tree = (None, None) if over is None else \
+                check_over(over, request.steps)
+            if jax.process_count() > 1:  # global arrays, as a call's (server/placement.py)
+                args, kwargs = global_arguments((args, kwargs))
+            self._transform, self._args, self._kwargs = transform, args, kwargs
+            # Admitted by device memory like a call: the first step's program is estimated
+            # (and compiled) here; its reservation holds until the loop's call ends.
+            self._misses = transform.cache_info().misses
+            try:
+                _admit(call, rt, tx, transform, self._step_args(0), kwargs, self._stream,
+                       _WHERE)
+            except NotAdmitted:  # what it compiled counts when it runs
+                call.compiled_before += transform.cache_info().misses - self._misses
+                raise
+        except BaseException:
             tx.rollback()
-            reason = job.should_stop()
-            if reason is not None and _freed(loaded, store):
-                # Cancelled, and its named object deleted mid-step: the cancel is the story.
-                _stopped(job, reason, progress)
-                return
-            _check_resident(job, loaded, store, exc)  # freed during the step: say so
             raise
+        self._tx, self._staged, self.loaded = tx, True, frozenset(tx.loaded)
+        if jax.process_count() == 1:  # a group's are global arrays already
+            self._args, self._kwargs = _placed_once(transform, args, kwargs, len(args) + (
+                self._rows is not None))
+
+    def _step_args(self, i: int) -> tuple:
+        if self._rows is None:
+            return self._args
+        row = jax.tree_util.tree_unflatten(self._rows_tree, [x[i] for x in self._rows])
+        return (*self._args, global_arguments(row))
+
+    def step(self, i: int) -> None:
+        """Runs step ``i`` and commits it (a failure rolls it back, and is raised). The
+        device runs at most ``_AHEAD`` steps behind: this waits for step ``i - _AHEAD``."""
+        session = self.call.session
+        assert session is not None and self._tx is not None
+        if self._staged:
+            tx, self._staged = self._tx, False
+        else:
+            tx = Transaction(self.rt, session, _WHERE)
+            tx.loaded |= self.loaded
+        try:
+            out = _run(tx, self._transform, self._step_args(i), self._kwargs, self._stream,
+                       _WHERE)
+            self._behind.append(_one_array(out, tx))
+            done = tx.commit()
+        except BaseException:
+            tx.rollback()
+            raise
+        self._tx, self._out = tx, out
+        progress = self.progress
         if i == 0:
             progress.uploaded_versions = done.uploaded_versions
         progress.written.update(dict.fromkeys(done.written))
         progress.versions.update(done.versions)
-        progress.completed = job.done = i + 1
-        if keep_all:
-            kept.append(out)
-        if len(behind) > _AHEAD:
-            oldest = behind.popleft()
+        progress.completed = i + 1
+        if self.request.keep == "all":
+            self._kept.append(out)
+        if len(self._behind) > _AHEAD:
+            oldest = self._behind.popleft()
             if oldest is not None:
-                _wait(oldest, i - _AHEAD, job)
-    progress.compiled = transform.cache_info().misses - misses + call.compiled_before
-    job.complete(_reply(job, request, tx, out, kept if keep_all else None, progress))
+                _wait(oldest, i - _AHEAD, self.call.id)
+
+    def reply(self) -> CallReply:
+        """The result, once every step committed (a gather in a group: every process)."""
+        assert self._tx is not None
+        progress = self.progress
+        progress.compiled = self._transform.cache_info().misses - self._misses + \
+            self.call.compiled_before
+        return _reply(self.call.id, self.request, self._tx, self._out,
+                      self._kept if self.request.keep == "all" else None, progress)
+
+    def end(self) -> None:
+        """Ends the loop without a reply: rolls back what ``begin`` staged if no step ran;
+        the leader tells the followers to end theirs (unless the group is lost: then
+        nothing more is sent, and they go with it)."""
+        if self._staged:
+            assert self._tx is not None
+            self._tx.rollback()
+            self._staged = False
+        group = self.rt.group
+        if self._shared and group is not None and group.problem() is None:
+            self.share("loop_end", reply=False)
 
 
-def _reply(job: Job, request: LoopRequest, tx: Transaction, out: Any, kept: list[Any] | None,
-           progress: _Progress) -> CallReply:
+def _steps(run: LoopRun, job: Job) -> None:
+    """The leader's (or one process's) loop: decides each step, and how the job ends."""
+    reason = job.should_stop()
+    if reason is not None:
+        _stopped(job, reason, run.progress)
+        return
+    store = run.rt.store
+    try:
+        run.begin()
+        job.start()
+        for i in range(job.steps):
+            if i:
+                reason = job.should_stop()
+                if reason is not None:
+                    _stopped(job, reason, run.progress)
+                    return
+                _check_resident(job, run.loaded, store)
+            run.share("step", step=i)
+            try:
+                run.step(i)
+            except BaseException as exc:
+                reason = job.should_stop()
+                if reason is not None and _freed(run.loaded, store):
+                    # Cancelled, and its named object deleted mid-step: the cancel is the story.
+                    _stopped(job, reason, run.progress)
+                    return
+                _check_resident(job, run.loaded, store, exc)  # freed during the step: say so
+                raise
+            job.done = i + 1
+        run.share("loop_end", reply=True)
+        job.complete(run.reply())
+    finally:
+        run.end()
+
+
+def _reply(job_id: str, request: LoopRequest, tx: Transaction, out: Any,
+           kept: list[Any] | None, progress: _Progress) -> CallReply:
     """The outputs and pulled states, copied to the host in one ``device_get``."""
     weak_types = tuple(map(_is_weak, jax.tree_util.tree_leaves(out)))
     written = list(progress.written)
     wanted = list(dict.fromkeys(written + list(request.pull_ids))) if request.pull else []
     pulled = [(i, tx.current(s)) for i in wanted if (s := tx.lookup(i)) is not None]
     try:
-        outputs, values = to_host((out if kept is None else kept, pulled), f"job {job.id}")
+        outputs, values = to_host((out if kept is None else kept, pulled), f"job {job_id}")
     except ServerError as exc:  # to_host's text is a call's; here every step did commit
-        raise ServerError(f"job {job.id}: every step committed, but copying the outputs to "
+        raise ServerError(f"job {job_id}: every step committed, but copying the outputs to "
                           f"the host failed ({exc.__cause__}); the states are those of the "
                           "last step, and the job has no result.") from exc
     if kept is not None:
         outputs = jax.tree_util.tree_map(lambda *rows: np.stack(rows), *outputs)
     # The host copies come after every step committed: a failed copy loses no step.
     return CallReply(
-        call_id=job.id, written=tuple(written), compiled=progress.compiled,
+        call_id=job_id, written=tuple(written), compiled=progress.compiled,
         state_versions=progress.versions, uploaded_versions=progress.uploaded_versions,
         weak_types=weak_types, results=pack(outputs, refs=False, code=False),
         states=pack(values, refs=False, code=False) if request.pull else None)

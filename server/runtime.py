@@ -53,11 +53,14 @@ class Runtime:
         # on a follower's mirror runtime, which shares nothing further.
         self.group: Leader | None = None
 
-    def share(self, call: Any, message: Any = None, where: str = "", **extra: Any) -> None:
+    def share(self, call: Any, message: Any = None, where: str = "", *,
+              kind: str | None = None, **extra: Any) -> None:
         """In a group, sends ``call`` (decided and checked here) to every follower just
-        before it runs (``server/cluster.py``); on one process, nothing."""
+        before it runs (``server/cluster.py``); on one process, nothing. ``kind``: an
+        operation of the call other than its start (a loop's ``step``, ``server/loops.py``).
+        """
         if self.group is not None:
-            self.group.broadcast(call.kind, call.session.id if call.session else None,
+            self.group.broadcast(kind or call.kind, call.session.id if call.session else None,
                                  call.id, call.keys, message, where, **extra)
 
     def set_durability(self, namespace: str, durability: Any, where: str) -> None:

@@ -1,9 +1,9 @@
 """A server spanning a ``jax.distributed`` group: 2 real processes x 4 CPU devices (issue 14).
 
 One group (module-scoped) serves the seed example, the sharding, the repeat calls, the
-named objects and the bad input. A second one puts a named state, is restarted on the
-same data dirs, reloads and flushes it, and finally loses a follower to SIGKILL while a
-call runs in it.
+named objects, loops and jobs, and the bad input. A second one puts a named state, is
+restarted on the same data dirs, reloads and flushes it, and finally loses a follower to
+SIGKILL while a call runs in it; a third loses one while a loop runs.
 """
 
 import os
@@ -192,15 +192,98 @@ def test_put_and_get_from_two_clients(group, client):
     assert model.weight.id not in _follower(group)["states"]
 
 
-def test_a_loop_is_refused_in_a_group(group, client):
-    weight = statehost.ParamState(jnp.zeros(2, jnp.float32))
+def _loop_ops(before, after):
+    """How many of a loop's operations (its start, steps and end) the follower applied."""
+    return {kind: after["kinds"].get(kind, 0) - before["kinds"].get(kind, 0)
+            for kind in ("loop", "step", "loop_end")}
 
-    def step():
-        weight.value = weight.value + 1.0
 
-    with pytest.raises(statehost.client.GroupUnsupportedError,
-                       match="not supported on a server spanning several processes"):
-        client.loop(client.jit(step), 3)
+def _wait_for_steps(group, count, timeout=60.0):
+    """Until the follower has applied ``count`` loop steps since it started."""
+    deadline = time.monotonic() + timeout
+    while health(group.followers[0])[1]["kinds"].get("step", 0) < count:
+        assert time.monotonic() < deadline, health(group.followers[0])
+        time.sleep(0.02)
+
+
+def test_a_loop_gives_the_states_its_steps_as_calls_give_on_both_processes(group, client):
+    looped, called = Affine(8), Affine(8)
+    batches = np.arange(3 * 8 * 4, dtype=np.float32).reshape(3, 8, 4)
+    before = _follower(group)
+
+    out = client.loop(client.pmap(looped, **PMAP), 3, over=batches, keep="all",
+                      progress=False)
+
+    step = client.pmap(called, **PMAP)
+    expected = np.stack([np.asarray(step(batch)) for batch in batches])
+    np.testing.assert_array_equal(np.asarray(out), expected)
+    # lanes 4..7 are the follower's shards (the leader gathers them): it ran every step
+    np.testing.assert_array_equal(looped.weight.value, called.weight.value)
+    np.testing.assert_array_equal(looped.weight.value, 1.0 + batches.sum(axis=0))
+    after = _follower(group)
+    assert after["failed"] == before["failed"]
+    assert _loop_ops(before, after) == {"loop": 1, "step": 3, "loop_end": 1}
+    assert after["loops"] == 0
+    assert after["states"][looped.weight.id] == {"shards": [FOLLOWER_DEVICES]}
+
+
+def test_a_loop_cancelled_partway_leaves_as_many_steps_on_both_processes(group, client):
+    weight = statehost.ParamState(jnp.zeros((8, 4)))
+
+    def step(delta):
+        weight.value = weight.value + delta
+        return weight.value
+
+    before = _follower(group)
+    job = client.loop(client.pmap(step, **PMAP), 1_000_000, jnp.ones((8, 4)), wait=False)
+    _wait_for_steps(group, before["kinds"].get("step", 0) + 3)
+    job.cancel()
+    with pytest.raises(statehost.client.JobCancelledError, match="was cancelled after") \
+            as stopped:
+        job.result(timeout=30)
+
+    done = stopped.value.body["completed"]
+    assert 3 <= done < 1_000_000
+    after = _follower(group)
+    assert after["failed"] == before["failed"] and after["loops"] == 0
+    assert _loop_ops(before, after) == {"loop": 1, "step": done, "loop_end": 1}
+    # pulled after the stop: the leader's lanes and the follower's, each `done` steps on
+    np.testing.assert_array_equal(weight.value, np.full((8, 4), float(done)))
+
+
+def test_a_loop_whose_step_fails_fails_alike_and_ends_on_both_processes(group, client):
+    weight = statehost.ParamState(jnp.zeros((8, 4)))
+
+    def step(delta):
+        weight.value = weight.value + delta
+        raise ValueError("this step is broken")
+
+    before = _follower(group)
+    with pytest.raises(statehost.client.RemoteExecutionError, match="this step is broken"):
+        client.loop(client.pmap(step, **PMAP), 3, jnp.ones((8, 4)), progress=False)
+
+    after = _follower(group)
+    assert after["failed"] == before["failed"] + 1 and after["loops"] == 0
+    assert _loop_ops(before, after) == {"loop": 1, "step": 1, "loop_end": 1}
+    client.pull(weight)
+    np.testing.assert_array_equal(weight.value, np.zeros((8, 4)))
+
+
+def test_a_job_completes_in_a_group_and_another_client_reads_its_result(group, client):
+    model = Affine(8)
+    job = client.loop(client.pmap(model, **PMAP), 5, jnp.ones((8, 4)), wait=False)
+
+    out = job.result()
+
+    assert (job.status, job.progress) == ("completed", (5, 5))
+    np.testing.assert_array_equal(np.asarray(out), np.full((8, 4), 6.0))
+    np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 6.0))
+    with statehost.connect(group.leader.url, token=group.leader.token) as other:
+        np.testing.assert_array_equal(np.asarray(other.job(job.id).result()),
+                                      np.full((8, 4), 6.0))
+    follower = _follower(group)
+    assert follower["loops"] == 0
+    assert follower["states"][model.weight.id] == {"shards": [FOLLOWER_DEVICES]}
 
 
 def test_the_json_value_api_reads_and_writes_on_every_process(group, client):
@@ -265,12 +348,15 @@ def test_a_durability_change_reaches_every_process_between_the_same_commits(grou
     client.pmap(model, **PMAP)(jnp.ones((8, 4)))
     client.put("durable/net", model)
     client.pmap(model, **PMAP)(jnp.ones((8, 4)))
+    client.loop(client.pmap(model, **PMAP), 2, jnp.ones((8, 4)), progress=False)  # each step
     row = httpx.get(f"{group.leader.url}/v1/namespaces/durable/states/net.weight",
                     headers=auth).json()
-    assert row["durable_version"] == row["version"] >= 2  # on disk at each commit
+    assert row["durable_version"] == row["version"] >= 4  # on disk at each commit
+    np.testing.assert_array_equal(model.weight.value, np.full((8, 4), 5.0))
     after = _follower(group)
     assert after["failed"] == before["failed"]
-    assert after["ops"] >= before["ops"] + 4  # the switch, the call, the put, the call
+    # the switch, the call, the put, the call, the loop (its start, 2 steps, its end)
+    assert after["ops"] >= before["ops"] + 8
     back = httpx.put(f"{group.leader.url}/v1/namespaces/durable", json={
         "durability": "interval"}, headers=auth)
     assert back.status_code == 200, back.text
@@ -424,7 +510,7 @@ def test_a_killed_follower_fails_the_running_call_and_refuses_new_ones(restarted
     assert "PROBLEM  process(es) 1 of the server's group are not answering" in out
 
 
-# -- durability sync: nothing acknowledged is lost ------------------------------------------
+# -- durability sync: nothing acknowledged is lost; a follower lost mid-loop ------------------
 def _state_row(group, name):
     answer = httpx.get(f"{group.leader.url}/v1/namespaces/team/states/{name}",
                        headers={"authorization": f"Bearer {group.leader.token}"})
@@ -432,7 +518,8 @@ def _state_row(group, name):
     return answer.json()
 
 
-def test_a_sync_put_acknowledged_before_a_follower_dies_survives_a_group_restart(tmp_path):
+def test_a_follower_lost_mid_loop_fails_its_job_and_a_sync_put_acked_before_survives(
+        tmp_path):
     model = Affine(8)
     with running_group(tmp_path, env={"STATEHOST_DURABILITY": "sync"}) as group, \
             statehost.connect(group.leader.url, token=group.leader.token) as client:
@@ -441,7 +528,16 @@ def test_a_sync_put_acknowledged_before_a_follower_dies_survives_a_group_restart
         client.pmap(model, **PMAP)(jnp.ones((8, 4)))  # the named state's next version
         acked = _state_row(group, "acked.weight")
         assert acked["durable_version"] == acked["version"]
+        # a job running when the follower dies (on a state of its own: not named)
+        job = client.loop(client.pmap(Affine(8), **PMAP), 1_000_000, jnp.ones((8, 4)),
+                          wait=False)
+        _wait_for_steps(group, 3)
         os.kill(group.followers[0].process.pid, signal.SIGKILL)
+        with pytest.raises(statehost.client.ClusterUnavailableError,
+                           match="process 1 of this server.s group of 2 is lost") as lost:
+            job.result(timeout=30)  # at once, not after the million steps
+        assert lost.value.processes == [1]
+        assert job.status == "failed" and job.progress[0] < 1_000_000
         deadline = time.monotonic() + 30
         while health(group.leader)[0] != 503:
             assert time.monotonic() < deadline, "the leader did not notice the loss"

@@ -11,11 +11,12 @@ import pytest
 from statehost.server.cluster import (
     ClusterOp,
     Leader,
+    check_mirrored,
     encode_shards,
     read_message,
     send_message,
 )
-from statehost.server.errors import ClusterUnavailableError
+from statehost.server.errors import ClusterUnavailableError, GroupUnsupportedError
 from statehost.server.settings import Settings
 from statehost.wire import PullRequest
 
@@ -44,6 +45,14 @@ def test_a_group_is_read_from_the_environment_and_runs_one_worker(tmp_path):
 def test_bad_group_settings_say_what_to_pass(tmp_path, fields, match):
     with pytest.raises(ValueError, match=match):
         Settings(data_dir=tmp_path, **fields)
+
+
+def test_a_kind_of_call_not_run_on_every_process_is_refused_in_a_group():
+    check_mirrored("loop", "POST /v1/jobs")  # loops and jobs run on every process
+
+    with pytest.raises(GroupUnsupportedError,
+                       match="POST /v1/x: work is not supported on a server spanning several"):
+        check_mirrored("work", "POST /v1/x")
 
 
 def test_an_operation_travels_with_its_wire_message():
