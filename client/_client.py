@@ -710,12 +710,12 @@ class Client:
                       twin: _StreamTwin, refs: dict[str, State], *, keep: bool,
                       uploads: list[State] | None = None, returns: str = "values",
                       expect: str | None = None) -> CallRequest:
-        """The one place a ``CallRequest`` is spelled. A blocking call (``returns="values"``)
+        """The one place a ``CallRequest`` is spelled. A blocking call (no ``expect``)
         uploads ``uploads``, pulls with its mapping's ``pull`` and sends the function section
-        when the server may lack it; an asynchronous one (``returns="none"``, with
-        ``expect``) uploads nothing, pulls nothing (states are read lazily) and is only
-        issued once the server has the function."""
-        blocking = returns == "values"
+        when the server may lack it; an asynchronous one (``expect``: the outputs it
+        predicts; ``returns``: ``Signature.returns``) uploads nothing, pulls nothing (states
+        are read lazily) and is only issued once the server has the function."""
+        blocking = expect is None
         pull = placement.pull and blocking
         return CallRequest(
             session=self._session, call_id=self.next_call_id(), digest=packed.digest,
@@ -775,8 +775,8 @@ class Client:
                 or call_args.nbytes > min(_STREAM_ARGS_MAX, self._max_body):
             return self._call_blocking(transform, placement, packed, call_args, twin, refs, key)
         message = self._call_request(packed, placement, call_args, twin, refs, keep=True,
-                                     returns="none", expect=signature.expect)
-        call = dispatcher.issue(message, transform, packed.digest)
+                                     returns=signature.returns(), expect=signature.expect)
+        call = dispatcher.issue(message, transform, packed.digest, signature)
         if placement.pull:
             for state_id in signature.written:
                 state = refs.get(state_id) or self._ledger.tracked(state_id)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import math
 import threading
 import weakref
 from collections.abc import Callable
@@ -48,7 +49,7 @@ from statehost.client._errors import (
     StateNotFoundError,
 )
 from statehost.client._http import client_error
-from statehost.client._outputs import as_array, state_array
+from statehost.client._outputs import as_array, local_outputs, state_array
 from statehost.wire import (
     CallReply,
     ControlRequest,
@@ -72,18 +73,37 @@ __all__ = ["AsyncCall", "Dispatcher", "RemoteStateValue", "Signature"]
 WHERE = "statehost client (asynchronous call)"
 # Frees of dropped RemoteArrays are sent in batches of this many (and at every sync).
 _FREE_BATCH = 64
+# A signature's outputs up to this many bytes come with the reply once they are read each
+# call (Signature.read): reading one then waits for the reply and fetches nothing.
+_INLINE_OUTPUTS = 64 << 10
 
 
 class Signature:
-    """What the first call of a signature told the client about its outputs and writes."""
+    """What the first call of a signature told the client about its outputs and writes.
 
-    __slots__ = ("treedef", "skeleton", "expect", "written")
+    ``read``: an output of one of its calls was read since its last call was issued. A
+    loop that reads each step's output (``print(loss)``) keeps it true at every issue, and
+    its calls then ask for their outputs with the reply (``returns="values"``), when they
+    are small (``inline``): one round trip a step instead of the call's and a fetch's. A
+    loop that reads at the end keeps it false, and its calls copy nothing to the host.
+    """
+
+    __slots__ = ("treedef", "skeleton", "expect", "written", "inline", "read")
 
     def __init__(self, treedef: Any, skeleton: list[Any], written: tuple[str, ...]):
         self.treedef, self.skeleton, self.written = treedef, skeleton, written
         self.expect = outputs_signature(
             (tuple(x.shape), str(x.dtype), bool(x.weak_type))
             if isinstance(x, jax.ShapeDtypeStruct) else type(x).__name__ for x in skeleton)
+        self.inline = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                          for x in skeleton if isinstance(x, jax.ShapeDtypeStruct)
+                          ) <= _INLINE_OUTPUTS
+        self.read = False
+
+    def returns(self) -> str:
+        """What the next call of this signature asks its reply for (and forgets the read)."""
+        read, self.read = self.read, False
+        return "values" if read and self.inline else "none"
 
 
 class AsyncCall:
@@ -94,10 +114,10 @@ class AsyncCall:
     """
 
     __slots__ = ("id", "dispatcher", "pending", "status", "error", "transform", "digest",
-                 "__weakref__")
+                 "signature", "values", "__weakref__")
 
     def __init__(self, call_id: str, dispatcher: Dispatcher, pending: Pending | None,
-                 transform: Any = None, digest: str = ""):
+                 transform: Any = None, digest: str = "", signature: Signature | None = None):
         self.id = call_id
         self.dispatcher = dispatcher
         self.pending = pending
@@ -105,6 +125,8 @@ class AsyncCall:
         self.error: ClientError | None = None
         self.transform = transform
         self.digest = digest
+        self.signature = signature
+        self.values: list[Any] | None = None  # its outputs, when the reply brought them
 
     @property
     def finished(self) -> bool:
@@ -277,12 +299,13 @@ class Dispatcher:
         return tuple(parts)
 
     # -- issuing -----------------------------------------------------------------------
-    def issue(self, message: Any, transform: Any, digest: str) -> AsyncCall:
+    def issue(self, message: Any, transform: Any, digest: str,
+              signature: Signature | None = None) -> AsyncCall:
         """Sends an asynchronous call (a ``CallRequest``) and returns its handle at once."""
         self.drain()
         self._flush_frees(force=False)
         pending = self.stream.send(message.call_id, message.to_frame().to_bytes())
-        call = AsyncCall(message.call_id, self, pending, transform, digest)
+        call = AsyncCall(message.call_id, self, pending, transform, digest, signature)
         self._issued.append(call)
         return call
 
@@ -356,6 +379,8 @@ class Dispatcher:
         elif pending.frame is not None and pending.frame.header.get("kind") == CallReply.kind:
             reply = CallReply.from_frame(pending.frame)
             call.status = "committed"
+            if reply.results is not None:  # asked for (Signature.read): no fetch needed
+                call.values = jax.tree_util.tree_leaves(local_outputs(reply))
             ledger.function_sent(call.digest)
             ledger.rebase(reply.state_versions)
         else:
@@ -456,6 +481,15 @@ class Dispatcher:
 
     def fetch(self, call: AsyncCall, index: int) -> jax.Array:
         self.wait(call)
+        if call.signature is not None:
+            call.signature.read = True
+        if call.values is not None:
+            return call.values[index]
+        if self._closed:
+            raise ClientClosedError(
+                f"reading output {index} of call {call.id}: it stayed on the server, and "
+                "this client is closed now. Fix: read outputs before client.close(), or "
+                "return what you need from a call made before it.")
         reply = FetchReply.from_frame(self.roundtrip(FetchRequest(
             session=self.client._session, call_id=self.client.next_call_id(),
             handles=(handle_name(call.id, index),))))

@@ -508,3 +508,36 @@ def test_states_written_by_calls_are_read_after_the_client_closes(transport):
     assert not first.is_deferred and not second.is_deferred
     np.testing.assert_array_equal(first.value, np.full((LANES, 4), 2.0))
     np.testing.assert_array_equal(second.value, np.full(3, 4.0))
+
+
+def test_a_loop_that_reads_each_output_gets_it_with_the_reply(transport):
+    """Reading every step's output (``print(loss)`` in a loop) costs one round trip a step,
+    not two: once the client saw an output read before the next call of its signature, the
+    next call's reply brings its small outputs, and reading them fetches nothing (here:
+    they read after the client closed, when nothing can be fetched)."""
+    count, bump = _counter()
+    with statehost.connect(URL, token=TOKEN, transport=transport) as client:
+        step = client.jit(bump)
+        assert int(step()) == 1  # blocking (a new signature)
+        assert int(step()) == 2  # asynchronous, read: the next reply brings its output
+        read_each = step()
+        unread = [step(), step()]  # issued with no read between: fetched when read
+        unread[-1].block_until_ready()
+    assert int(read_each) == 3  # came with its reply
+    for out in unread:
+        with pytest.raises(statehost.client.ClientClosedError):
+            int(out)
+    np.testing.assert_array_equal(count.value, 5)
+
+
+def test_outputs_read_each_step_match_the_local_loop(async_client):
+    remote_model, local_model = Affine(LANES), Affine(LANES)
+    remote = async_client.pmap(remote_model, **_pmap_options())
+    local = pmap(local_model, **_pmap_options())
+    for k in range(6):
+        delta = np.full((LANES, 4), k + 1.0, np.float32)
+        out, expected = remote(delta), local(delta)
+        assert isinstance(out, RemoteArray)
+        assert (out.dtype, out.weak_type) == (expected.dtype, expected.weak_type)
+        np.testing.assert_array_equal(np.asarray(out), expected)
+    np.testing.assert_array_equal(remote_model.weight.value, local_model.weight.value)
