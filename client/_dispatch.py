@@ -76,6 +76,8 @@ _FREE_BATCH = 64
 # A signature's outputs up to this many bytes come with the reply once they are read each
 # call (Signature.read): reading one then waits for the reply and fetches nothing.
 _INLINE_OUTPUTS = 64 << 10
+# Reading one state an asynchronous call wrote also pulls the others it wrote, up to this.
+_SIBLING_BYTES = 64 << 20
 
 
 class Signature:
@@ -516,8 +518,31 @@ class Dispatcher:
             # The failure is raised once, here; read again, the state has the server's
             # value, which the failed call (and the calls not run behind it) left as it was.
             raise self._take_failure()
-        ((_, value),) = self._pull((deferred.state_id,))
+        siblings = self._written_with(deferred, call) if call is not None else {}
+        value = None
+        for state_id, pulled in self._pull((deferred.state_id, *siblings)):
+            if state_id == deferred.state_id:
+                value = pulled
+            else:
+                siblings[state_id].fetched, siblings[state_id].call = pulled, None
         return value
+
+    def _written_with(self, deferred: RemoteStateValue, call: AsyncCall
+                      ) -> dict[str, RemoteStateValue]:
+        """The other unread values ``call`` wrote (a model's states, read one after the
+        other), up to ``_SIBLING_BYTES`` of them: they come in the same pull as
+        ``deferred``'s, and their states install them when read."""
+        found, nbytes = {}, 0
+        for state_id, (ref, other) in self._deferred.items():
+            if other.call is not call or other is deferred or ref() is None \
+                    or other.fetched is not _NOT_FETCHED:
+                continue
+            nbytes += sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                          for x in jax.tree_util.tree_leaves(other.aval))
+            if nbytes > _SIBLING_BYTES:
+                break
+            found[state_id] = other
+        return found
 
     # -- freeing -------------------------------------------------------------------------
     def _freed(self, name: str) -> None:

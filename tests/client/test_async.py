@@ -541,3 +541,36 @@ def test_outputs_read_each_step_match_the_local_loop(async_client):
         assert (out.dtype, out.weak_type) == (expected.dtype, expected.weak_type)
         np.testing.assert_array_equal(np.asarray(out), expected)
     np.testing.assert_array_equal(remote_model.weight.value, local_model.weight.value)
+
+
+def _pulls(client):
+    calls = client._http.json("GET", "/v1/calls", params={"last": 1000})
+    return sum(1 for c in calls if c["kind"] == "pull")
+
+
+def test_reading_one_state_a_call_wrote_pulls_every_state_it_wrote_at_once(async_client):
+    """A model's states, read after an asynchronous step, come back in one pull, not one
+    round trip per state."""
+    a = statehost.ParamState(jnp.zeros(3))
+    b = statehost.ParamState(jnp.ones(2))
+    c = statehost.ParamState(jnp.zeros((2, 2), jnp.int32))
+
+    def step():
+        a.value = a.value + 1
+        b.value = b.value * 2
+        c.value = c.value - 1
+        return a.value[0]
+
+    f = async_client.jit(step)
+    f()  # blocking (a new signature)
+    f()  # asynchronous: the three are deferred
+    assert a.is_deferred and b.is_deferred and c.is_deferred
+    before = _pulls(async_client)
+    np.testing.assert_array_equal(a.value, np.full(3, 2.0))
+    np.testing.assert_array_equal(b.value, np.full(2, 4.0))
+    np.testing.assert_array_equal(c.value, np.full((2, 2), -2))
+    assert _pulls(async_client) == before + 1
+    f()  # and a later call defers them again: its values, not the pulled ones
+    np.testing.assert_array_equal(b.value, np.full(2, 8.0))
+    np.testing.assert_array_equal(a.value, np.full(3, 3.0))
+    assert _pulls(async_client) == before + 2
