@@ -194,6 +194,11 @@ def _in_background(open_stream: Callable[[], Stream]) -> concurrent.futures.Futu
     return future
 
 
+def _close_once_open(opening: concurrent.futures.Future[Stream]) -> None:
+    """Closes the stream ``opening`` opens (at once, if it is open already)."""
+    opening.add_done_callback(lambda done: done.exception() is None and done.result().close())
+
+
 class Dispatcher:
     """A client's asynchronous calls on its stream (see the module docstring)."""
 
@@ -220,23 +225,36 @@ class Dispatcher:
     def stream(self) -> Stream:
         """The call stream, opened on first use (a client that only makes blocking calls
         and reads their values never opens one)."""
+        if self._stream is None and self._opening is not None:
+            self._adopt()
         if self._stream is None:
-            opening, self._opening = self._opening, None
-            stream = opening.result() if opening is not None else self._open_stream()
-            self._stream = stream
+            self._stream = self._open_stream()
             # A client dropped without close(): its socket closes with it.
-            weakref.finalize(self.client, stream.close)
-            if self._checked is _ONCE_OPEN:
-                self._checked = (stream, stream.generation)
+            weakref.finalize(self.client, self._stream.close)
         return self._stream
+
+    def _adopt(self) -> None:
+        """Takes the stream opened off the call path (waiting for it if need be). If that
+        open failed, nothing is opened and the session counts as unchecked: the server it
+        checked may be gone (restarted), so the next call runs blocking and checks again."""
+        opening, self._opening = self._opening, None
+        assert opening is not None
+        try:
+            stream = opening.result()
+        except Exception:  # noqa: BLE001  an open that failed then says nothing of now
+            if self._checked is _ONCE_OPEN:
+                self._checked = None
+            return
+        self._stream = stream
+        if self._checked is _ONCE_OPEN:
+            self._checked = (stream, stream.generation)
 
     def close(self) -> None:
         self._closed = True
         self._deferred.clear()
         opening, self._opening = self._opening, None
         if opening is not None:
-            opening.add_done_callback(
-                lambda done: done.exception() is None and done.result().close())
+            _close_once_open(opening)
         if self._stream is not None:
             self._stream.close()
 
@@ -245,11 +263,7 @@ class Dispatcher:
         session is closed: the next call runs blocking (over HTTP), which reopens the
         session if it must (a restarted server) and says so if values were lost."""
         if self._opening is not None:
-            try:
-                self.stream  # noqa: B018  adopts the stream opened off the call path
-            except ClientError:
-                self._checked = None  # the next blocking call tries again
-                return False
+            self._adopt()
         stream = self._stream
         if stream is not None and stream.broken and not self._issued:
             stream.close()
@@ -269,6 +283,8 @@ class Dispatcher:
         if self._stream is None:
             if self._opening is None:
                 self._opening = _in_background(self._open_stream)
+                # A client dropped without close(): the stream closes with it, adopted or not.
+                weakref.finalize(self.client, _close_once_open, self._opening)
             self._checked = _ONCE_OPEN
             return
         try:
