@@ -19,9 +19,10 @@ serve: $(STAMP)
 
 # Two pytest workers (pytest-xdist), each with whole test files (--dist loadfile), so a
 # module's server is started once: most of a test's time is spent waiting on a server
-# subprocess or a compile, which the other worker fills. `make test PYTEST_ARGS=-n0` runs
-# the suite in one process.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# subprocess or a compile, which the other worker fills. Files go out in collection order
+# (--no-loadscope-reorder: xdist would order them by test count), which tests/conftest.py
+# makes longest first. `make test PYTEST_ARGS=-n0` runs the suite in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -41,9 +41,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The files marked ``long(seconds=...)`` first, longest first; each file's tests in
     their order.
 
-    ``make test`` hands whole files to two workers in collection order; a file of minutes
-    that starts last keeps one worker busy alone at the end (the suite took 16 min, one
-    worker idle for its last 4). Longest first keeps both busy to the end.
+    ``make test`` hands whole files to two workers in collection order (the Makefile's
+    ``--no-loadscope-reorder``); a file of minutes that starts last keeps one worker busy
+    alone at the end (the suite took 16 min, one worker idle for its last 4). Longest
+    first keeps both busy to the end.
     """
     def seconds(item: pytest.Item) -> float:
         mark = item.get_closest_marker("long")
