@@ -307,10 +307,13 @@ class Client:
         if self._dispatcher is None:
             from statehost.client._stream import Stream
 
-            self._http.client  # raises ClientClosedError after close()  # noqa: B018
+            http = self._http
+            http.client  # raises ClientClosedError after close()  # noqa: B018
+            where, max_in_flight = f"statehost client {self.url}", self._max_in_flight
+            # The stream refers to the transport, never to this client: the finalizer that
+            # closes it when the client is dropped holds it, and would keep the client alive.
             self._dispatcher = Dispatcher(self, lambda: Stream(
-                lambda: self._http.open_stream("/v1/stream"), self._max_in_flight,
-                f"statehost client {self.url}"))
+                lambda: http.open_stream("/v1/stream"), max_in_flight, where))
         return self._dispatcher
 
     def __repr__(self) -> str:

@@ -1,8 +1,10 @@
 """Asynchronous dispatch through the real client and app (the call stream, in process)."""
 
 import _thread
+import gc
 import threading
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -574,3 +576,21 @@ def test_reading_one_state_a_call_wrote_pulls_every_state_it_wrote_at_once(async
     np.testing.assert_array_equal(b.value, np.full(2, 8.0))
     np.testing.assert_array_equal(a.value, np.full(3, 3.0))
     assert _pulls(async_client) == before + 2
+
+
+def test_a_client_dropped_without_close_is_collected_and_closes_its_stream(transport):
+    """The finalizer that closes a dropped client's stream must not keep the client alive
+    (it did: the stream's reconnect function held the client, and the finalizer the
+    stream)."""
+    count, bump = _counter()
+    client = statehost.connect(URL, token=TOKEN, transport=transport)
+    step = client.jit(bump)
+    step()
+    assert int(step()) == 2  # asynchronous: the stream is open
+    int(count.value)  # a deferred value keeps the client (its fetcher) alive, by design
+    stream = client._dispatcher.stream
+    gone = weakref.ref(client)
+    del client, step
+    gc.collect()
+    assert gone() is None
+    assert stream.broken  # closed with it
