@@ -80,6 +80,12 @@ _INLINE_OUTPUTS = 64 << 10
 _SIBLING_BYTES = 64 << 20
 
 
+def _nbytes(avals: Any) -> int:
+    """The bytes of the arrays that the ``jax.ShapeDtypeStruct``s in ``avals`` describe."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(avals) if isinstance(x, jax.ShapeDtypeStruct))
+
+
 class Signature:
     """What the first call of a signature told the client about its outputs and writes.
 
@@ -97,9 +103,7 @@ class Signature:
         self.expect = outputs_signature(
             (tuple(x.shape), str(x.dtype), bool(x.weak_type))
             if isinstance(x, jax.ShapeDtypeStruct) else type(x).__name__ for x in skeleton)
-        self.inline = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                          for x in skeleton if isinstance(x, jax.ShapeDtypeStruct)
-                          ) <= _INLINE_OUTPUTS
+        self.inline = _nbytes(skeleton) <= _INLINE_OUTPUTS
         self.read = False
 
     def returns(self) -> str:
@@ -553,8 +557,7 @@ class Dispatcher:
             if other.call is not call or other is deferred or ref() is None \
                     or other.fetched is not _NOT_FETCHED:
                 continue
-            nbytes += sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                          for x in jax.tree_util.tree_leaves(other.aval))
+            nbytes += _nbytes(other.aval)
             if nbytes > _SIBLING_BYTES:
                 break
             found[state_id] = other
