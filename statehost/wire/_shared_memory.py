@@ -25,6 +25,18 @@ released arena again. Only the first use of an arena sends its descriptor; the
 receiver keeps its mapping, so later uses fault no page on either side. An arena the
 peer still leases is never written.
 
+Cost of an upload. On CPU devices an upload is two copies: into the client's arena, and
+out of it into the server's own memory (``jax.device_put`` aliases page-aligned host
+memory there, and a state must not live in pages the client can still write). On an
+accelerator it is one: the arena's view goes to ``device_put`` as it is. Where one copy
+already takes the host's whole memory bandwidth (2 cores: two copies side by side each
+ran at half the rate of one), two copies stay under half the host memcpy rate however
+they overlap. Measured and rejected as ways to one copy (128 MiB, 2 cores, memcpy 14
+GB/s): a fresh memory file per upload, sealed against writes (``F_SEAL_WRITE``) so the
+server could keep its pages, faults them in at 1.0-1.2 GB/s; ``vmsplice`` of the
+client's buffer into a pipe the server reads (the only copy is the read) ran at 6.4 GB/s
+(0.45x memcpy; the two copies: 5-6 GB/s), not worth a pipe and a thread per upload.
+
 Safety. The receiver refuses an arena that is smaller than announced or not sealed
 against shrinking (``F_SEAL_SHRINK``): a peer that truncated a mapped file would kill
 the receiver with SIGBUS on its next read.
