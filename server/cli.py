@@ -103,6 +103,10 @@ _SERVE_FLAGS = (
           "to stop at its next step (0: no default deadline)", type=float),
     _Flag("--session-workers", "session_workers", "the most workers one session's calls may "
           "hold at once; its other calls wait, holding no worker", type=int),
+    _Flag("--dispatch-window", "dispatch_window", "the most programs the devices may still "
+          "be running behind the server; the worker that dispatches one more waits for the "
+          "oldest (XLA's CPU devices abort when a few dozen collective programs queue up)",
+          type=int),
     _Flag("--device-memory", "device_memory", "memory per device that calls are admitted "
           "against where the platform reports none (CPU), as bytes or with a unit (8GiB)",
           type=parse_size),

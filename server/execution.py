@@ -30,6 +30,7 @@ from statehost.server.callable_cache import (
     share_programs,
     unpickle,
 )
+from statehost.server.dispatch_window import program_marker
 from statehost.server.errors import (
     FunctionNotCachedError,
     ProtocolError,
@@ -270,6 +271,7 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
             call.compiled_before += transform.cache_info().misses - misses
             raise
         out = _run(tx, transform, args[0], args[1], stream, _WHERE, demand)
+        marker = program_marker(out, list(tx.pending.values.values()))
         compiled = transform.cache_info().misses - misses + call.compiled_before
         written = [s.id for s in tx.pending.states]
         wanted = list(dict.fromkeys(written + list(request.pull_ids))) if request.pull else []
@@ -294,6 +296,7 @@ def run_call(call: Call, request: CallRequest, rt: Runtime) -> CallResult:
     call.notes.update(compiled=compiled, bytes_in=request.args.nbytes + (
         0 if request.states is None else request.states.nbytes), bytes_out=(
         0 if results is None else results.nbytes) + (0 if states is None else states.nbytes))
+    rt.window.dispatched(marker)  # committed: only when the devices lag behind, a wait
     if request.keep_outputs:  # only a committed call's outputs are kept
         session.handles.update(
             (handle_name(call.id, i), leaf) for i, leaf in enumerate(leaves))

@@ -41,6 +41,7 @@ import numpy as np
 from statehost.random import RandomState
 from statehost.server.admission import NotAdmitted
 from statehost.server.callable_cache import unpickle
+from statehost.server.dispatch_window import program_marker
 from statehost.server.errors import (
     ApiError,
     JobCancelledError,
@@ -187,18 +188,6 @@ def _stopped(job: Job, reason: str, progress: _Progress) -> None:
                             else ""),
         reason=reason, job=job.id, **progress.extra())
     job.stop(reason, exc.body(), exc.status)
-
-
-def _one_array(out: Any, tx: Transaction) -> jax.Array | None:
-    """An array the step computed: when it is ready, the step's program has run (one
-    program computes the outputs and the new state values together)."""
-    if isinstance(out, jax.Array):
-        return out
-    for value in tx.pending.values.values():
-        if isinstance(value, jax.Array):
-            return value
-    leaves = jax.tree_util.tree_leaves((out, list(tx.pending.values.values())))
-    return next((x for x in leaves if isinstance(x, jax.Array)), None)
 
 
 def _wait(array: jax.Array, step: int, job_id: str) -> None:
@@ -386,7 +375,8 @@ class LoopRun:
         try:
             out = _run(tx, self._transform, self._step_args(i), self._kwargs, self._stream,
                        _WHERE)
-            self._behind.append(_one_array(out, tx))
+            marker = program_marker(out, list(tx.pending.values.values()))
+            self._behind.append(marker)
             done = tx.commit()
         except BaseException:
             tx.rollback()
@@ -404,6 +394,7 @@ class LoopRun:
             oldest = self._behind.popleft()
             if oldest is not None:
                 _wait(oldest, i - _AHEAD, self.call.id)
+        self.rt.window.dispatched(marker)  # with every other call's and loop's programs
 
     def reply(self) -> CallReply:
         """The result, once every step committed (a gather in a group: every process)."""

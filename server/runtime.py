@@ -10,6 +10,7 @@ from statehost.server.admission import Admission
 from statehost.server.auth import Principal, TokenTable
 from statehost.server.callable_cache import FunctionCache
 from statehost.server.cluster import Leader, check_mirrored
+from statehost.server.dispatch_window import DispatchWindow
 from statehost.server.errors import SessionNotFoundError
 from statehost.server.metrics import Metrics
 from statehost.server.named import Registry
@@ -41,6 +42,7 @@ class Runtime:
             call_timeout=self.settings.call_timeout, metrics=self.metrics,
             weight=self.settings.weight_of,
             admission=self.admission if self.admission.enabled else None)
+        self.window = DispatchWindow(self.settings.dispatch_window)
         self.persistence = Persistence(
             self.settings.data_dir, self.store, self.settings.durability,
             failures=self.metrics.flush_failures,

@@ -131,6 +131,9 @@ class Settings:
             follower lost (followers send one every ``heartbeat_timeout / 4`` s, at most 0.5).
         cluster_port: the leader's port for its followers' operation stream (0: any free
             port; followers find it in the coordination service's key-value store).
+        dispatch_window: the most programs the server's devices may still be working on;
+            the next one waits for the oldest (``server/dispatch_window.py``: XLA's CPU
+            devices abort the process when a few dozen collective programs queue up).
     """
 
     host: str = "127.0.0.1"
@@ -168,6 +171,7 @@ class Settings:
     cluster: str = "off"
     heartbeat_timeout: float = 5.0
     cluster_port: int = 0
+    dispatch_window: int = 8
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -203,6 +207,10 @@ class Settings:
             raise ValueError(f"statehost settings: session_ttl={self.session_ttl} must be > 0.")
         if self.workers < 1:
             raise ValueError(f"statehost settings: workers={self.workers} must be >= 1.")
+        if self.dispatch_window < 1:
+            raise ValueError(f"statehost settings: dispatch_window={self.dispatch_window} "
+                             "must be >= 1 (the programs the devices may run behind the "
+                             "server; 8 by default).")
         if self.session_workers is None:
             object.__setattr__(self, "session_workers", max(1, self.workers // 2))
         elif self.session_workers < 1:
@@ -314,7 +322,7 @@ def _convert(name: str, raw: str) -> Any:
             return float(raw)
         if name in {"port", "cpu_devices", "workers", "function_cache_size",
                     "json_max_elements", "max_unflushed_commits", "session_workers",
-                    "namespace_weight"}:
+                    "namespace_weight", "dispatch_window"}:
             return int(raw)
         if name in {"session_ttl", "flush_interval", "shutdown_grace", "call_timeout",
                     "stuck_after"}:
