@@ -57,6 +57,12 @@ import jax
 # pmap needs 8 devices; on a CPU-only host this must be set before any backend starts.
 jax.config.update("jax_num_cpu_devices", 8)
 
+from statehost.server.allocator import limit_malloc_arenas  # noqa: E402
+
+# The local rows run the server's device work in this process: with the server's
+# allocator setting, or a step's fresh outputs page-fault here and not there.
+limit_malloc_arenas()
+
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import os  # noqa: E402

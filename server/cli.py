@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Any
 
 from statehost._cli import Command
 from statehost._config import token_path
+from statehost.server.allocator import limit_malloc_arenas
 from statehost.server.persistence.database import (
     SCOPES,
     DamagedDatabaseError,
@@ -335,24 +335,6 @@ def _write_token(token: str) -> Path:
     return path
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """Caps glibc's per-thread malloc arenas (as MALLOC_ARENA_MAX would).
-
-    Device work runs on several threads; with one arena per thread, each call's
-    fresh multi-MiB output lands in memory that must be page-faulted in again
-    instead of reusing what the previous call freed. A 128 MiB resident step took
-    about twice as long on the server as locally; with 2 arenas it matches. Must
-    run before the backend starts its threads; a no-op off glibc.
-    """
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX from malloc.h
-    except (OSError, AttributeError):
-        pass
-
-
 # -- serve ------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
     """Runs the server until SIGTERM/SIGINT; returns 0, or 2/3 when it cannot start.
@@ -376,7 +358,7 @@ def serve(args: argparse.Namespace) -> int:
         if refused:
             print(refused, file=sys.stderr)
             return 2
-    _limit_malloc_arenas()
+    limit_malloc_arenas()  # before the backend starts its threads (server/allocator.py)
     # Must happen before any JAX backend starts; it only affects the CPU backend, so a
     # machine with accelerators keeps using them.
     import jax

@@ -150,8 +150,8 @@ def test_bench_async_runs_end_to_end_through_the_proxy():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {tuple(c.strip() for c in line.split("|")[:2]): line
-            for line in done.stdout.splitlines() if line.startswith(("tiny ", "heavy "))}
-    for case in ("tiny", "heavy"):
+            for line in done.stdout.splitlines() if line.startswith(("tiny ", "heavy ", "wide "))}
+    for case in ("tiny", "heavy", "wide"):
         sync = rows[case, "remote sync (read each step)"]
         assert "n/a" not in sync and "failed" not in sync, sync
         for name in ("remote async (read at end)", "client.loop"):
