@@ -92,11 +92,15 @@ def _wait_quietly(array: jax.Array) -> None:
         pass
 
 
-def program_marker(out: Any, values: Any) -> jax.Array | None:
+def program_marker(out: Any, values: list[Any]) -> jax.Array | None:
     """An array a step's program computes, from its outputs ``out`` or its new state
     ``values``: one program computes them all, so when it is ready the program has run.
-    ``None`` when the step computed no array (nothing ran on a device)."""
+    ``None`` when the step computed no array (nothing ran on a device). Per call: an
+    array output or state value is taken as it is; only else are the trees flattened."""
     if isinstance(out, jax.Array):
         return out
+    for value in values:
+        if isinstance(value, jax.Array):
+            return value
     leaves = jax.tree_util.tree_leaves((out, values))
     return next((x for x in leaves if isinstance(x, jax.Array)), None)
