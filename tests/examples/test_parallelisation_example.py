@@ -20,7 +20,7 @@ EXAMPLE = REPO_ROOT / "examples" / "parallelisation.py"
 
 _NUMBER = re.compile(r"[-+]?(?:nan|inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 # A printed jax.Array: its numbers, then its keyword arguments (dtype=..., ...).
-_ARRAY = re.compile(r"^Array\((\[.*?\]), (dtype=[^)]*)\)$", re.MULTILINE | re.DOTALL)
+_ARRAY = re.compile(r"^Array\((\[.*?\]),\s+(dtype=[^)]*)\)$", re.MULTILINE | re.DOTALL)
 
 SAMPLE_SHARED = [
     1.6226422,

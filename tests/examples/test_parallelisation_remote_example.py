@@ -31,7 +31,7 @@ EXAMPLE = REPO_ROOT / "examples" / "parallelisation_remote.py"
 
 # A printed jax.Array, or a numpy array (what a call's output must not be): its class,
 # its numbers, then its keyword arguments (dtype=..., ...).
-_ARRAY = re.compile(r"^(array|Array)\((\[.*?\]), (dtype=[^)]*)\)$", re.MULTILINE | re.DOTALL)
+_ARRAY = re.compile(r"^(array|Array)\((\[.*?\]),\s+(dtype=[^)]*)\)$", re.MULTILINE | re.DOTALL)
 
 
 def _run_example(env):
