@@ -241,8 +241,9 @@ class Client:
         self._ledger.forget_server()
 
     def close(self) -> None:
-        """Waits for the calls in flight, fetches the state values they wrote that were not
-        read yet (in one pull, so ``state.value`` works after the client is gone), then
+        """Waits for the calls in flight, fetches the state values they wrote and the outputs
+        still held that were not read yet (in one pull and one fetch, so ``state.value``
+        and ``np.asarray(out)`` work after the client is gone), then
         closes the session (the server frees its states) and the connection. Raises an
         asynchronous call's failure not raised yet (after closing)."""
         if self._http.closed:
@@ -253,8 +254,9 @@ class Client:
                 self._dispatcher.sync()
             except ClientError as exc:
                 failure = exc
-            try:  # the values calls wrote and nobody read yet: the last chance to fetch them
-                self._dispatcher.fetch_deferred()
+            try:  # the values calls wrote or returned and nobody read yet: the last chance
+                self._dispatcher.fetch_deferred()  # to fetch them
+                self._dispatcher.fetch_unread()
             except ClientError as exc:  # the server went away: reading them says so
                 self._dispatcher.unfetched = str(exc)
             finally:

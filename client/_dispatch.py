@@ -217,6 +217,10 @@ class Dispatcher:
         # The states given deferred values, by id: the client fetches those still unread
         # when it closes (fetch_deferred), since it cannot fetch them after.
         self._deferred: dict[str, tuple[weakref.ref[State], RemoteStateValue]] = {}
+        # The outputs still on the server, by handle: fetch_unread brings those alive at
+        # close, as fetch_deferred does states, so they read after the client is gone.
+        self._unread: weakref.WeakValueDictionary[str, RemoteArray] = \
+            weakref.WeakValueDictionary()
         self._closed = False
         self.unfetched = "it was not fetched"  # why, when close() could not fetch them
         # The stream generation the session was last checked at (by a blocking call over
@@ -256,6 +260,7 @@ class Dispatcher:
     def close(self) -> None:
         self._closed = True
         self._deferred.clear()
+        self._unread.clear()
         opening, self._opening = self._opening, None
         if opening is not None:
             _close_once_open(opening)
@@ -339,9 +344,12 @@ class Dispatcher:
         for i, leaf in enumerate(signature.skeleton):
             if isinstance(leaf, jax.ShapeDtypeStruct):
                 array = RemoteArray(call, i, leaf.shape, leaf.dtype, bool(leaf.weak_type))
+                name = handle_name(call.id, i)
                 if values is not None:
                     array._value = values[i]
-                weakref.finalize(array, self._freed, handle_name(call.id, i))
+                else:
+                    self._unread[name] = array
+                weakref.finalize(array, self._freed, name)
                 leaves.append(array)
             else:
                 leaves.append(leaf)
@@ -368,6 +376,34 @@ class Dispatcher:
             state, deferred = unread[state_id]
             deferred.fetched, deferred.call = value, None
             state.value  # noqa: B018  installs the fetched value in place of the deferred one
+
+    def fetch_unread(self) -> None:
+        """Fetches the outputs still alive and not read of this client's committed calls
+        (the client is closing: after that nothing could fetch them), in fetches of at
+        most ``_SIBLING_BYTES`` each. Call after ``sync``."""
+        unread = [(name, array) for name, array in list(self._unread.items())
+                  if array._value is None and array._call.status == "committed"]
+        self._unread.clear()
+        batch: list[tuple[str, RemoteArray]] = []
+        nbytes = 0
+        for name, array in unread:
+            size = array.size * array.dtype.itemsize
+            if batch and nbytes + size > _SIBLING_BYTES:
+                self._fetch_into(batch)
+                batch, nbytes = [], 0
+            batch.append((name, array))
+            nbytes += size
+        if batch:
+            self._fetch_into(batch)
+
+    def _fetch_into(self, arrays: list[tuple[str, RemoteArray]]) -> None:
+        reply = FetchReply.from_frame(self.roundtrip(FetchRequest(
+            session=self.client._session, call_id=self.client.next_call_id(),
+            handles=tuple(name for name, _ in arrays))))
+        weak = reply.weak_types or (False,) * len(arrays)
+        for (_, array), value, weak_type in zip(arrays, reply.values.load(), weak,
+                                                strict=True):
+            array._value = as_array(value, weak_type)
 
     def _pull(self, ids: tuple[str, ...]) -> list[tuple[str, jax.Array]]:
         """The server's current values of these states, in one pull; the ledger learns that
@@ -510,8 +546,9 @@ class Dispatcher:
         if self._closed:
             raise ClientClosedError(
                 f"reading output {index} of call {call.id}: it stayed on the server, and "
-                "this client is closed now. Fix: read outputs before client.close(), or "
-                "return what you need from a call made before it.")
+                f"fetching it when the client closed failed ({self.unfetched}). Fix: read "
+                "outputs before client.close(), or return what you need from a call made "
+                "before it.")
         reply = FetchReply.from_frame(self.roundtrip(FetchRequest(
             session=self.client._session, call_id=self.client.next_call_id(),
             handles=(handle_name(call.id, index),))))

@@ -512,11 +512,15 @@ def test_states_written_by_calls_are_read_after_the_client_closes(transport):
     np.testing.assert_array_equal(second.value, np.full(3, 4.0))
 
 
+def _fetches(client):
+    calls = client._http.json("GET", "/v1/calls", params={"last": 1000})
+    return sum(1 for c in calls if c["kind"] == "fetch")
+
+
 def test_a_loop_that_reads_each_output_gets_it_with_the_reply(transport):
     """Reading every step's output (``print(loss)`` in a loop) costs one round trip a step,
     not two: once the client saw an output read before the next call of its signature, the
-    next call's reply brings its small outputs, and reading them fetches nothing (here:
-    they read after the client closed, when nothing can be fetched)."""
+    next call's reply brings its small outputs, and reading them fetches nothing."""
     count, bump = _counter()
     with statehost.connect(URL, token=TOKEN, transport=transport) as client:
         step = client.jit(bump)
@@ -525,11 +529,34 @@ def test_a_loop_that_reads_each_output_gets_it_with_the_reply(transport):
         read_each = step()
         unread = [step(), step()]  # issued with no read between: fetched when read
         unread[-1].block_until_ready()
-    assert int(read_each) == 3  # came with its reply
-    for out in unread:
-        with pytest.raises(statehost.client.ClientClosedError):
-            int(out)
+        before = _fetches(client)
+        assert int(read_each) == 3  # came with its reply
+        assert _fetches(client) == before
+        assert int(unread[0]) == 4 and _fetches(client) == before + 1
     np.testing.assert_array_equal(count.value, 5)
+
+
+def test_outputs_still_held_at_close_are_fetched_and_read_after_it(transport):
+    """``with connect(...) as client: out = step()`` then ``print(out)``: as the states the
+    calls wrote, the outputs still held and not read come back at close (in one fetch),
+    not a ClientClosedError; those dropped before close are not fetched."""
+    count, bump = _counter()
+    with statehost.connect(URL, token=TOKEN, transport=transport) as client:
+        step = client.jit(bump)
+        first = step()  # blocking (a new signature): its value came with the reply
+        kept = [step() for _ in range(3)]  # asynchronous, never read while open
+        for _ in range(5):
+            step()  # dropped at once: freed, never fetched
+        last = step()
+        last.block_until_ready()
+        assert _fetches(client) == 0
+        session = client._session
+    assert [int(x) for x in (first, *kept, last)] == [1, 2, 3, 4, 10]
+    np.testing.assert_array_equal(count.value, 10)
+    with statehost.connect(URL, token=TOKEN, transport=transport) as other:
+        calls = other._http.json("GET", "/v1/calls", params={"last": 1000})
+    fetched = [c for c in calls if c["kind"] == "fetch" and c["session"] == session[:8]]
+    assert len(fetched) == 1, fetched
 
 
 def test_outputs_read_each_step_match_the_local_loop(async_client):
