@@ -382,7 +382,8 @@ class Dispatcher:
         (the client is closing: after that nothing could fetch them), in fetches of at
         most ``_SIBLING_BYTES`` each. Call after ``sync``."""
         unread = [(name, array) for name, array in list(self._unread.items())
-                  if array._value is None and array._call.status == "committed"]
+                  if array._value is None and array._call.status == "committed"
+                  and array._call.values is None]  # a reply that brought them: read
         self._unread.clear()
         batch: list[tuple[str, RemoteArray]] = []
         nbytes = 0

@@ -533,7 +533,17 @@ def test_a_loop_that_reads_each_output_gets_it_with_the_reply(transport):
         assert int(read_each) == 3  # came with its reply
         assert _fetches(client) == before
         assert int(unread[0]) == 4 and _fetches(client) == before + 1
-    np.testing.assert_array_equal(count.value, 5)
+        assert int(unread[1]) == 5
+        read_each_again = step()  # read above: its reply brings it, so close fetches none
+        read_each_again.block_until_ready()
+        session = client._session
+    assert int(read_each_again) == 6
+    np.testing.assert_array_equal(count.value, 6)
+    with statehost.connect(URL, token=TOKEN, transport=transport) as other:
+        calls = other._http.json("GET", "/v1/calls", params={"last": 1000})
+    # after `before`: unread[0]'s and unread[1]'s, and none at close
+    assert sum(c["kind"] == "fetch" and c["session"] == session[:8] for c in calls) \
+        == before + 2
 
 
 def test_outputs_still_held_at_close_are_fetched_and_read_after_it(transport):
