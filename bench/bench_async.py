@@ -365,6 +365,7 @@ class Medians:
     def __init__(self, rows: list[Row], links: list[str]) -> None:
         self.values: dict[tuple[str, str, str], float] = {}
         self.problems: dict[tuple[str, str, str], str] = {}
+        self.times: dict[tuple[str, str, str], list[float]] = {}
         for row in rows:
             for link in [row.link] if row.link is not None else links:
                 key = (row.case, row.name, link)
@@ -372,6 +373,7 @@ class Medians:
                     self.problems[key] = row.problem or "n/a (not run)"
                 else:
                     self.values[key] = float(np.median(row.times))
+                    self.times[key] = row.times
 
     def get(self, case: str, name: str, link: str) -> float | str:
         """The median, or why there is none (``"n/a (...)"``)."""
@@ -379,6 +381,15 @@ class Medians:
         if key in self.values:
             return self.values[key]
         return self.problems.get(key, f"n/a ({name} not run at {link})")
+
+    def block_ratios(self, a: tuple[str, str, str], b: tuple[str, str, str]) -> list[float]:
+        """Row ``a``'s time over row ``b``'s, block by block: the rows take turns, so block
+        ``i`` of each ran within seconds of the other, under the same load. Empty when a
+        row failed in some block (its blocks no longer pair up)."""
+        ta, tb = self.times.get(a, []), self.times.get(b, [])
+        if not ta or len(ta) != len(tb):
+            return []
+        return [x / y for x, y in zip(ta, tb, strict=True)]
 
 
 def print_table(rows: list[Row], medians: Medians, links: list[str],
@@ -461,40 +472,46 @@ def ratio(a: float | str, b: float | str) -> float | str:
 
 
 def print_targets(medians: Medians, links: list[str], tiny_steps: int) -> None:
-    """Issue 12's targets, each with the measured ratio of this run's medians."""
+    """Issue 12's targets, each with the measured ratio of this run's medians, and the
+    range of the same ratio block by block: how firmly this run's verdict stands."""
     m = medians.get
     base, slow = "0 ms", "1 ms"
-    checks: list[tuple[str, float | str, str, float]] = []  # name, value, "<=" or ">=", bound
+    # name, (numerator row, denominator row) or why not, "<=" or ">=", bound
+    checks: list[tuple[str, tuple[Any, Any] | str, str, float]] = []
 
-    def need(link: str) -> str | None:
-        return None if link in links else f"n/a (the {link} link was not run)"
+    def need(*wanted: str) -> str | None:
+        missing = [link for link in wanted if link not in links]
+        return f"n/a (the {missing[0]} link was not run)" if missing else None
+
+    def pair(a: tuple[str, str, str], b: tuple[str, str, str]) -> tuple[Any, Any] | str:
+        return need(a[2], b[2]) or (a, b)
 
     for case in ("heavy", "wide"):
         for link, bound in ((base, 1.05), (slow, 1.10)):
-            value = need(link) or ratio(m(case, ASYNC, link), m(case, LOCAL, link))
-            checks.append((f"{case} async / local, {link} link", value, "<=", bound))
+            checks.append((f"{case} async / local, {link} link",
+                           pair((case, ASYNC, link), (case, LOCAL, link)), "<=", bound))
     checks.append((f"tiny async / local, {base} link",
-                   need(base) or ratio(m("tiny", ASYNC, base), m("tiny", LOCAL, base)),
-                   "<=", 2.0))
+                   pair(("tiny", ASYNC, base), ("tiny", LOCAL, base)), "<=", 2.0))
     checks.append((f"tiny async {slow} / async {base}",
-                   need(base) or need(slow) or ratio(m("tiny", ASYNC, slow),
-                                                     m("tiny", ASYNC, base)), "<=", 1.10))
+                   pair(("tiny", ASYNC, slow), ("tiny", ASYNC, base)), "<=", 1.10))
     for link in (base, slow):
         checks.append((f"tiny client.loop / local, {link} link ({tiny_steps} steps)",
-                       need(link) or ratio(m("tiny", LOOP, link), m("tiny", LOCAL, link)),
-                       "<=", 1.2))
+                       pair(("tiny", LOOP, link), ("tiny", LOCAL, link)), "<=", 1.2))
     checks.append((f"tiny async calls/s / sync calls/s, {base} link",
-                   need(base) or ratio(m("tiny", SYNC, base), m("tiny", ASYNC, base)),
-                   ">=", 4.0))
-    print("\ntargets (issue 12; ratios of this run's medians):")
+                   pair(("tiny", SYNC, base), ("tiny", ASYNC, base)), ">=", 4.0))
+    print("\ntargets (issue 12; ratios of this run's medians; in brackets the same ratio "
+          "block by block, lowest to highest):")
     width = max(len(c[0]) for c in checks)
-    for name, value, op, bound in checks:
+    for name, rows, op, bound in checks:
+        value = rows if isinstance(rows, str) else ratio(m(*rows[0]), m(*rows[1]))
         if isinstance(value, str):
             print(f"  {name:{width}s} {'':8s} target {op} {bound:.2f}x: {value}")
             continue
         met = value <= bound if op == "<=" else value >= bound
+        blocks = medians.block_ratios(*rows)
+        spread = f" [{min(blocks):.2f}-{max(blocks):.2f}]" if blocks else ""
         print(f"  {name:{width}s} {value:7.2f}x target {op} {bound:.2f}x: "
-              f"{'met' if met else 'NOT MET'}")
+              f"{'met' if met else 'NOT MET'}{spread}")
     if tiny_steps != 1000:
         print(f"  (the client.loop target is for 1000 steps; this run used {tiny_steps})")
 

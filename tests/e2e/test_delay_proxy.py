@@ -4,6 +4,7 @@ arrive intact and in order, and chunks are delayed side by side, not one after a
 
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def test_bench_async_runs_end_to_end_through_the_proxy():
     bench = Path(__file__).resolve().parents[2] / "bench" / "bench_async.py"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STATEHOST_", "BENCH_"))}
     done = subprocess.run(
-        [sys.executable, str(bench), "--quick", "--blocks", "1", "--links", "0,1",
+        [sys.executable, str(bench), "--quick", "--blocks", "2", "--links", "0,1",
          "--log-level", "warning"],
         capture_output=True, text=True, timeout=300, env=env,
     )
@@ -157,3 +158,11 @@ def test_bench_async_runs_end_to_end_through_the_proxy():
         for name in ("remote async (read at end)", "client.loop"):
             assert "failed" not in rows[case, name], rows[case, name]
     assert "targets (issue 12" in done.stdout
+    # Each target's ratio of medians comes with the same ratio block by block; with two
+    # blocks, (a1 + a2) / (b1 + b2) lies between a1 / b1 and a2 / b2, so a range that does
+    # not hold the ratio pairs the wrong blocks or rows (rounded to 2 decimals: 0.01).
+    targets = re.findall(r"^  (.+?)\s+([0-9.]+)x target [<>]= [0-9.]+x: (?:met|NOT MET) "
+                         r"\[([0-9.]+)-([0-9.]+)\]$", done.stdout, re.MULTILINE)
+    assert len(targets) == 9, done.stdout[-3000:]
+    for name, value, low, high in targets:
+        assert float(low) - 0.01 <= float(value) <= float(high) + 0.01, (name, value, low, high)
