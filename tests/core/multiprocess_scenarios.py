@@ -89,8 +89,55 @@ def global_states(lanes: slice) -> dict[str, np.ndarray]:
             "total": _gathered(total)}
 
 
-SCENARIOS = {"affine_pmap": affine_pmap, "global_states": global_states,
-             "replicated_jit_and_vmap": replicated_jit_and_vmap}
+def global_mixed_axes(lanes: slice) -> dict[str, np.ndarray]:
+    """Global arrays through a pmap of every kind of axis: a dict argument mapped on axis
+    0 beside a replicated one (``in_axes=None``), an output mapped on axis 1 and one not
+    mapped (``out_axes=None``), a state mapped on its axis 0. In a group, no call after
+    the first compiles (the state keeps its layout; one process's ``jax.pmap`` compiles
+    the second call again, for the layout the first gave the state)."""
+    import jax
+
+    from statehost.transform import pmap
+    from tests.core.models import PARAM, Affine
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("lanes",))
+
+    def put(value, spec):
+        sharding = jax.sharding.NamedSharding(mesh, spec)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    model = Affine(LANES)
+    model.weight.value = put(np.ones((LANES, 4), np.float32), jax.sharding.PartitionSpec("lanes"))
+
+    def step(batch, scale):
+        out = model(batch["x"] * scale)
+        return {"row": out.sum(axis=-1), "total": jax.lax.psum(out.sum(), "i")}, out * 2
+
+    mapped = pmap(step, axis_name="i", in_axes=({"x": 0}, None),
+                  out_axes=({"row": 0, "total": None}, 1), state_in_axes={0: PARAM},
+                  state_out_axes={0: PARAM})
+    batch = {"x": put(DELTA, jax.sharding.PartitionSpec("lanes"))}
+    scale = put(np.asarray(0.5, np.float32), jax.sharding.PartitionSpec())
+    compiles: list[str] = []
+    counting = [False]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: compiles.append(event) if counting[0]
+        and event == "/jax/core/compile/backend_compile_duration" else None)
+    mapped(batch, scale)  # the first call compiles
+    counting[0] = True
+    for _ in range(2):
+        named, doubled = mapped(batch, scale)
+    counting[0] = False
+    group = jax.process_count() > 1
+    assert not group or not compiles, f"later calls compiled {len(compiles)} program(s)"
+    assert not group or not any(x.is_fully_addressable for x in jax.tree_util.tree_leaves(
+        (named, doubled, model.weight.value))), "an output is not a global array"
+    return {"weight": _gathered(model.weight.value), "row": _gathered(named["row"]),
+            "total": _gathered(named["total"]), "doubled": _gathered(doubled)}
+
+
+SCENARIOS = {"affine_pmap": affine_pmap, "global_mixed_axes": global_mixed_axes,
+             "global_states": global_states, "replicated_jit_and_vmap": replicated_jit_and_vmap}
 
 
 def _gathered(value):
