@@ -21,7 +21,11 @@ time is what it cost, not how long its thread waited for a core); ``--client-pro
 does the same for this process's main thread.
 Profiling slows both sides: the CPU table of a profiled run is not comparable.
 
-Run: ``python bench/_profile_stream.py [--calls 2000] [--repeats 5] [--profile DIR]``.
+``--read-each`` reads every call's output (``np.asarray``): one round trip a call, as a
+loop that prints each step's loss, instead of calls pipelined and one ``client.sync()``.
+
+Run: ``python bench/_profile_stream.py [--calls 2000] [--repeats 5] [--read-each]
+[--profile DIR]``.
 To compare with another commit, unpack its ``statehost``, ``client`` and ``server`` as
 one package tree (``pkg/statehost``, ``pkg/statehost/client``, ``pkg/statehost/server``)
 and run this from ``bench/`` with ``PYTHONPATH=pkg`` (the server inherits it), turn about
@@ -161,8 +165,8 @@ def _serve_profiled(out: Path, argv: list[str]) -> int:
                 .print_stats(60)
 
 
-def measure(client, calls: int, repeats: int, server_pid: int, client_profile: Path | None
-            ) -> list[dict[str, float]]:
+def measure(client, calls: int, repeats: int, server_pid: int, client_profile: Path | None,
+            read_each: bool = False) -> list[dict[str, float]]:
     fun = client.pmap(Affine(), **MAPPING, pull=False)
     delta = np.full((8, 4), 0.5, np.float32)
     for _ in range(200):  # the first call is synchronous; the rest warm the path
@@ -179,6 +183,8 @@ def measure(client, calls: int, repeats: int, server_pid: int, client_profile: P
             profile.enable()
         for _ in range(calls):
             out = fun(delta)
+            if read_each:  # one round trip a call: the reply brings the output
+                np.asarray(out)
         client.sync()
         if profile is not None:
             profile.disable()
@@ -232,6 +238,9 @@ def main() -> None:
                         help="run the server under cProfile; write its stats here")
     parser.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
                         help="what --profile times: wall time, or each thread's CPU time")
+    parser.add_argument("--read-each", action="store_true",
+                        help="read every call's output: one round trip a call, as a loop "
+                        "that prints each step's loss")
     parser.add_argument("--client-profile", type=Path, default=None,
                         help="profile this process's calls; write the stats here")
     args = parser.parse_args()
@@ -244,7 +253,7 @@ def main() -> None:
                      "warning") as served:
             with statehost.connect(served.url, token=token, timeout=300.0) as client:
                 results = measure(client, args.calls, args.repeats, served.process.pid,
-                                  args.client_profile)
+                                  args.client_profile, args.read_each)
     print(report(results))
     if args.profile is not None:
         print(f"server profile: {args.profile / 'server.txt'}")
