@@ -133,7 +133,7 @@ def _gather_by_peers(leaves: list[Any], ways: list[str], peers: PeerShards) -> l
         if way == "placeholder" or (way in ("gather", "replica") and not leader):
             leaf = np.zeros(leaf.shape, leaf.dtype)
         elif way == "replica":
-            leaf = np.asarray(leaf.addressable_shards[0].data)
+            leaf = np.asarray(leaf.addressable_data(0))
         elif way == "gather":
             host = np.empty(leaf.shape, leaf.dtype)
             assert parts is not None
