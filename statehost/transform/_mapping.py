@@ -420,8 +420,10 @@ class StatefulMapping(StatefulCall):
         )
         # Tuples, not lists: in a jax.distributed group (several processes), jax.pmap
         # caches on the out_axes tree and fails on a list with "unhashable type: 'list'"
-        # (jax 0.10.2, pmap.global_array_to_host_local_array). The pure function returns
-        # its new state values as a tuple to match (tests/core/test_multiprocess.py).
+        # (jax 0.10.2, pmap.global_array_to_host_local_array; a user's dict out_axes fails
+        # there alike, "unhashable type: 'dict'", and runs only on the direct path of
+        # global inputs, _GroupPmapWrapper._program). The pure function returns its new
+        # state values as a tuple to match (tests/core/test_multiprocess.py).
         out_axes = (self.out_axes, tuple(plan.out_axes))
         mapped = self.mapping_fn(
             pure, in_axes=in_axes, out_axes=out_axes, axis_name=self.axis_name,
